@@ -1,0 +1,163 @@
+"""The synchronous engine core: add/abort requests, and step() = schedule → forward → sample → detokenize.
+
+Not thread-safe by itself: AsyncEngine runs it on one thread and funnels add/abort through there.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from hybridserve.engine.cache_pools import CachePools
+from hybridserve.engine.config import EngineConfig, EngineStats, StateGroupStats
+from hybridserve.engine.detokenizer import IncrementalDetokenizer
+from hybridserve.engine.model_runner import ModelRunner, SeqChunk
+from hybridserve.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from hybridserve.engine.sampler import Sampler, make_generator
+from hybridserve.engine.scheduler import Scheduler
+from hybridserve.engine.sequence import Sequence, SeqStatus
+
+log = logging.getLogger("hybridserve.engine")
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, pools: CachePools, config: EngineConfig, max_model_len: int):
+        self.model, self.tokenizer, self.pools, self.config = model, tokenizer, pools, config
+        self.max_model_len = max_model_len
+        self.runner = ModelRunner(model, pools)
+        self.scheduler = Scheduler(pools, pools.plan.max_concurrency, config.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.seqs: dict[str, Sequence] = {}
+        self.eos_ids = frozenset(tokenizer.eos_token_ids if tokenizer else [])
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request the engine cannot serve. Pure: safe from any thread."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab})")
+        if params.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {total} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} in the "
+                f"completion).")
+        pages = self.pools.pages
+        if self.pools.layout.kv and pages.pages_for(total) > pages.capacity:
+            raise ValueError(f"the request needs {total} tokens of KV cache; the pool holds "
+                             f"{pages.capacity * pages.page_size}")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.validate(prompt_ids, params)
+        if request_id in self.seqs:
+            raise ValueError(f"duplicate request id {request_id}")
+        seq = Sequence(request_id, list(prompt_ids), params)
+        seq.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        if params.seed is not None:
+            seq.generator = make_generator(params.seed, self.model.device)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        chunks = []
+        for seq, n in zip(batch.seqs, batch.num_new):
+            done_prefill = seq.num_computed + n == seq.num_tokens
+            chunks.append(SeqChunk(seq.token_slice(seq.num_computed, seq.num_computed + n),
+                                   seq.num_computed, seq.pages, seq.slot, done_prefill))
+        try:
+            logits = self.runner.run(chunks)
+            sampling = [s for s, c in zip(batch.seqs, chunks) if c.want_logits]
+            out = self.sampler(
+                logits, [s.params for s in sampling], [s.output_ids for s in sampling],
+                [s.prompt_ids for s in sampling], [s.generator for s in sampling],
+                stop_ids_per_row=[s.stop_ids for s in sampling],
+            ) if sampling else None
+        except Exception as e:  # a failed step fails its requests, never the engine
+            log.exception("engine step failed")
+            return [self._fail(seq, f"engine error: {type(e).__name__}: {e}") for seq in batch.seqs]
+        for seq, n in zip(batch.seqs, batch.num_new):
+            seq.num_computed += n
+        outputs = []
+        for row, seq in enumerate(sampling):
+            lp = None
+            if seq.params.logprobs or seq.params.top_logprobs:
+                lp = self._logprob(out, row)
+            outputs.append(self._append(seq, out.token_ids[row], lp))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> RequestOutput:
+        p = seq.params
+        seq.output_ids.append(token)
+        reason, stop_reason = None, None
+        if token in seq.stop_ids and len(seq.output_ids) >= p.min_tokens:
+            reason, stop_reason = FinishReason.STOP, token
+            text, matched = "", None
+        else:
+            text, matched = seq.detokenizer.step([token])
+            if matched is not None:
+                reason, stop_reason = FinishReason.STOP, matched
+        if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = FinishReason.LENGTH
+        if reason is not None and matched is None:
+            text += seq.detokenizer.flush()
+        out = RequestOutput(
+            seq.request_id, [token], text, finished=reason is not None, finish_reason=reason,
+            stop_reason=stop_reason, logprobs=[lp] if lp else [], num_prompt_tokens=len(seq.prompt_ids),
+            num_output_tokens=len(seq.output_ids), state_bytes=self._state_bytes(seq),
+            kv_bytes=len(seq.pages) * self.pools.plan.kv_page_bytes,
+        )
+        if out.finished:
+            self.seqs.pop(seq.request_id, None)
+            self.scheduler.finish(seq)
+        return out
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        self.seqs.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        return RequestOutput(seq.request_id, [], "", finished=True, finish_reason=FinishReason.ERROR,
+                             num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
+                             error=message)
+
+    def _logprob(self, out, row: int) -> TokenLogprob:
+        tok = out.token_ids[row]
+        conv = self.tokenizer.decode
+        top = [(i, conv([i], skip_special_tokens=False), v) for i, v in (out.top_logprobs[row] if out.top_logprobs else [])]
+        return TokenLogprob(tok, conv([tok], skip_special_tokens=False), out.logprobs[row], top)
+
+    def _state_bytes(self, seq: Sequence) -> int:
+        return self.pools.state_bytes_per_request() if self.pools.has_state else 0
+
+    # -- observability --------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        pools, plan = self.pools, self.pools.plan
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_pages_used=pools.pages.num_used if pools.layout.kv else 0,
+            kv_pages_total=pools.pages.capacity if pools.layout.kv else 0,
+            kv_page_bytes=plan.kv_page_bytes,
+            state_groups={g: StateGroupStats(pools.slots.num_used, pools.slots.num_slots, b)
+                          for g, b in plan.state_slot_bytes.items()},
+            weights_bytes=self.model.weights_bytes(), num_preemptions=self.scheduler.num_preemptions,
+            max_concurrency=plan.max_concurrency,
+        )

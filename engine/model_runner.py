@@ -1,0 +1,67 @@
+"""Turns a scheduled batch into model inputs (packed tokens, block tables, slot ids) and runs the model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hybridserve.engine.cache_pools import CachePools
+from hybridserve.models.batch import BatchMeta
+
+
+@dataclass
+class SeqChunk:
+    """What one sequence feeds a forward: tokens [start, start + len(tokens)) of its context."""
+
+    tokens: list[int]
+    start: int
+    pages: list[int]
+    slot: int
+    want_logits: bool
+
+
+def build_meta(chunks: list[SeqChunk], page_size: int, device: torch.device,
+               all_logits: bool = False) -> BatchMeta:
+    ids, pos, slot_map, cu, seq_lens, qlens, logits_idx = [], [], [], [0], [], [], []
+    max_pages = max((len(c.pages) for c in chunks), default=0) or 1
+    tables = []
+    for c in chunks:
+        n = len(c.tokens)
+        first = len(ids)
+        ids.extend(c.tokens)
+        p = range(c.start, c.start + n)
+        pos.extend(p)
+        if c.pages:
+            slot_map.extend(c.pages[t // page_size] * page_size + t % page_size for t in p)
+        else:
+            slot_map.extend([0] * n)
+        tables.append(c.pages + [0] * (max_pages - len(c.pages)))
+        cu.append(len(ids))
+        seq_lens.append(c.start + n)
+        qlens.append(n)
+        if all_logits:
+            logits_idx.extend(range(first, first + n))
+        elif c.want_logits:
+            logits_idx.append(first + n - 1)
+
+    def t(x, dtype):
+        return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
+
+    return BatchMeta(
+        input_ids=t(ids, torch.long), positions=t(pos, torch.long), cu_seqlens=t(cu, torch.int32),
+        seq_lens=t(seq_lens, torch.int32), block_tables=t(tables, torch.int32),
+        slot_mapping=t(slot_map, torch.long), slot_ids=t([c.slot for c in chunks], torch.long),
+        logits_indices=t(logits_idx, torch.long), query_lens_cpu=qlens, seq_lens_cpu=seq_lens,
+        is_decode=all(q == 1 for q in qlens),
+    )
+
+
+class ModelRunner:
+    def __init__(self, model, pools: CachePools):
+        self.model, self.pools = model, pools
+        self.device = model.device
+
+    @torch.inference_mode()
+    def run(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
+        meta = build_meta(chunks, self.pools.page_size, self.device, all_logits)
+        return self.model.forward(meta, self.pools.view)

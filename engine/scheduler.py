@@ -1,0 +1,121 @@
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Each step: running requests first, in admission order (decodes take one token, unfinished prefills
+take the next chunk), then waiting requests are admitted while the budget, a free state slot and KV
+pages for the whole prompt are available. When a decode needs a page and none is free, the newest
+running request is preempted: its pages and slot are released and it is recomputed from scratch later.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from hybridserve.engine.cache_pools import CachePools
+from hybridserve.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new: list[int]         # tokens each sequence feeds this step
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, pools: CachePools, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pools = pools
+        self.max_num_seqs = max_num_seqs
+        self.budget = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.budget
+        seqs, counts = [], []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_pending, budget)
+            if not self._reserve_pages(seq, seq.num_computed + n):
+                continue  # seq itself was preempted
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self._admit(seq):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            n = min(seq.num_pending, budget)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+        return ScheduledBatch(seqs, counts)
+
+    def finish(self, seq: Sequence) -> None:
+        """Release everything the request holds; safe to call in any state, more than once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+
+    # -- resources ------------------------------------------------------------------------------
+
+    def _admit(self, seq: Sequence) -> bool:
+        pools = self.pools
+        if pools.has_state and pools.slots.num_free == 0:
+            return False
+        need = pools.pages.pages_for(seq.num_tokens) if pools.layout.kv else 0
+        if need > pools.pages.num_free:
+            return False
+        if need:
+            seq.pages = pools.pages.allocate(need)
+        if pools.has_state:
+            seq.slot = pools.slots.allocate()
+        seq.status = SeqStatus.RUNNING
+        return True
+
+    def _reserve_pages(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make sure seq owns pages for num_tokens, preempting newer requests if needed."""
+        pages = self.pools.pages
+        if self.pools.layout.kv is None:
+            return True
+        need = pages.pages_for(num_tokens) - len(seq.pages)
+        while need > pages.num_free:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        if need > 0:
+            seq.pages.extend(pages.allocate(need))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.pages:
+            self.pools.pages.free(seq.pages)
+            seq.pages = []
+        if seq.slot:
+            self.pools.slots.free(seq.slot)
+            seq.slot = 0

@@ -1,0 +1,203 @@
+"""Llama family: SmolLM2 / Llama / Kotodama (QK-norm, Block Attention Residuals, tied embeddings).
+
+One module serves all of them (specs/kotodama.md §12): plain Llama is Kotodama with `qk_norm` and
+`attn_res` off. Per-request memory is paged KV only.
+
+Canonical tensor names are the Kotodama module names (`layers.{i}.attn.q_proj.weight`, ...); the
+checkpoint name maps in weights/ translate HF / GGUF / training-checkpoint names into them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hybridserve.kernels import paged_attention
+from hybridserve.models.batch import BatchMeta
+from hybridserve.models.cache import CacheLayout, CacheView, KVSpec
+from hybridserve.models.layers import (apply_rope, causal_attention, rms_norm, rope_cos_sin,
+                                       rope_inv_freq, swiglu)
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    rope_scaling: dict | None = None
+    qk_norm: bool = False
+    attn_res: bool = False
+    attn_res_boundaries: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "LlamaConfig":
+        heads = c["num_attention_heads"]
+        attn_res = bool(c.get("attn_res", False))
+        layers = c["num_hidden_layers"]
+        bounds = c.get("attn_res_boundaries")
+        if attn_res and not bounds:
+            n = c.get("attn_res_n_blocks", 7)
+            size = -(-layers // n)
+            bounds = list(range(0, layers, size))
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads", heads),
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            rope_theta=float(c.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
+            max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
+            rope_scaling=c.get("rope_scaling"),
+            qk_norm=bool(c.get("qk_norm", False)),
+            attn_res=attn_res,
+            attn_res_boundaries=list(bounds or []),
+        )
+
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def route(sources: list[torch.Tensor], query: torch.Tensor, norm_w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Block AttnRes routing: softmax over depth of q·RMSNorm_w(src), mixing the raw sources (fp32)."""
+    if len(sources) == 1:
+        return sources[0]
+    qw = (query.float() * norm_w.float())
+    src = torch.stack([s.float() for s in sources])                     # [S, T, D]
+    r = torch.rsqrt(src.pow(2).mean(-1) + eps)                          # [S, T]
+    alpha = torch.softmax(r * (src @ qw), dim=0)                        # [S, T]
+    return (alpha[..., None] * src).sum(0).to(sources[0].dtype)
+
+
+class LlamaModel:
+    """A pure function of (weights, batch metadata, cache view); it holds weights, never cache memory."""
+
+    arch = "llama"
+
+    @staticmethod
+    def config_class():
+        return LlamaConfig
+
+    def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.config, self.dtype, self.device = config, dtype, torch.device(device)
+        c = config
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=self.device, dtype=dtype)
+
+        self.embed = w("embed_tokens.weight")
+        self.lm_head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
+        self.norm = w("norm.weight")
+        self.layers = []
+        for i in range(c.num_layers):
+            p = f"layers.{i}."
+            lw = {
+                "attn_norm": w(p + "attn_norm.weight"),
+                "qkv": torch.cat([w(p + f"attn.{x}_proj.weight") for x in "qkv"]),
+                "o": w(p + "attn.o_proj.weight"),
+                "ffn_norm": w(p + "ffn_norm.weight"),
+                "gate_up": torch.cat([w(p + "ffn.gate_proj.weight"), w(p + "ffn.up_proj.weight")]),
+                "down": w(p + "ffn.down_proj.weight"),
+            }
+            if c.qk_norm:
+                lw["q_norm"], lw["k_norm"] = w(p + "attn.q_norm.weight"), w(p + "attn.k_norm.weight")
+            if c.attn_res:
+                for r in ("attn_res", "mlp_res"):
+                    lw[r + "_query"] = w(p + r + "_query")
+                    lw[r + "_norm"] = w(p + r + "_norm.weight")
+            self.layers.append(lw)
+        if c.attn_res:
+            self.final_res_query = w("final_res_query")
+            self.final_res_norm = w("final_res_norm.weight")
+        self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        self.scale = c.head_dim ** -0.5
+
+    def cache_layout(self) -> CacheLayout:
+        c = self.config
+        return CacheLayout(kv=KVSpec(c.num_layers, c.num_kv_heads, c.head_dim))
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_position_embeddings
+
+    def weights_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in [self.embed, self.lm_head, self.norm] + [x for lw in self.layers for x in lw.values()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    # -- the two entry points -------------------------------------------------------------------
+
+    def reference_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Plain full-sequence forward of one sequence, no cache: logits [T, V]."""
+        positions = torch.arange(input_ids.shape[0], device=self.device)
+        h = self._hidden(input_ids.to(self.device), positions,
+                         lambda i, q, k, v: causal_attention(q, k, v, self.scale))
+        return self._logits(h)
+
+    def forward(self, meta: BatchMeta, cache: CacheView) -> torch.Tensor:
+        """Engine forward over a packed batch with paged KV: logits [len(logits_indices), V]."""
+        def attend(i, q, k, v):
+            k_cache, v_cache = cache.kv[i]
+            paged_attention.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            return paged_attention.reference(q, k_cache, v_cache, meta, self.scale)
+
+        h = self._hidden(meta.input_ids, meta.positions, attend)
+        return self._logits(h[meta.logits_indices])
+
+    # -- shared body ----------------------------------------------------------------------------
+
+    def _attention(self, i: int, lw: dict, x: torch.Tensor, cos, sin, attend: Attend) -> torch.Tensor:
+        c = self.config
+        T = x.shape[0]
+        q, k, v = F.linear(x, lw["qkv"]).split(
+            [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
+        q = q.view(T, c.num_heads, c.head_dim)
+        k = k.view(T, c.num_kv_heads, c.head_dim)
+        v = v.view(T, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q = rms_norm(q, lw["q_norm"], c.rms_norm_eps)
+            k = rms_norm(k, lw["k_norm"], c.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = attend(i, q, k, v)
+        return F.linear(o.reshape(T, -1), lw["o"])
+
+    def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        c = self.config
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)
+        h = self.embed[input_ids]
+        if not c.attn_res:
+            for i, lw in enumerate(self.layers):
+                h = h + self._attention(i, lw, rms_norm(h, lw["attn_norm"], c.rms_norm_eps), cos, sin, attend)
+                h = h + swiglu(rms_norm(h, lw["ffn_norm"], c.rms_norm_eps), lw["gate_up"], lw["down"])
+            return h
+        eps = c.rms_norm_eps
+        committed, partial = [], h
+        for i, lw in enumerate(self.layers):
+            x = route(committed + [partial], lw["attn_res_query"], lw["attn_res_norm"], eps)
+            if i in c.attn_res_boundaries:
+                committed.append(partial)
+                partial = torch.zeros_like(partial)
+            partial = partial + self._attention(i, lw, rms_norm(x, lw["attn_norm"], eps), cos, sin, attend)
+            x = route(committed + [partial], lw["mlp_res_query"], lw["mlp_res_norm"], eps)
+            partial = partial + swiglu(rms_norm(x, lw["ffn_norm"], eps), lw["gate_up"], lw["down"])
+        return route(committed + [partial], self.final_res_query, self.final_res_norm, eps)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head).float()
