@@ -24,7 +24,7 @@ class LLMEngine:
     def __init__(self, model, tokenizer, pools: CachePools, config: EngineConfig, max_model_len: int):
         self.model, self.tokenizer, self.pools, self.config = model, tokenizer, pools, config
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(model, pools)
+        self.runner = ModelRunner(model, pools, max_model_len, pools.plan.max_concurrency, config.enforce_eager)
         self.scheduler = Scheduler(pools, pools.plan.max_concurrency, config.max_num_batched_tokens)
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}

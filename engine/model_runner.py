@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from hybridserve.engine.cache_pools import CachePools
+from hybridserve.engine.cuda_graphs import DecodeGraphs
 from hybridserve.models.batch import BatchMeta
 
 
@@ -57,11 +58,22 @@ def build_meta(chunks: list[SeqChunk], page_size: int, device: torch.device,
 
 
 class ModelRunner:
-    def __init__(self, model, pools: CachePools):
+    """Eager forward for prefill and mixed steps; CUDA-graph replay for decode steps on GPU."""
+
+    def __init__(self, model, pools: CachePools, max_model_len: int, max_num_seqs: int,
+                 enforce_eager: bool = False):
         self.model, self.pools = model, pools
         self.device = model.device
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not enforce_eager:
+            max_blocks = -(-max_model_len // pools.page_size)
+            self.graphs = DecodeGraphs(model, pools.view, max(1, max_num_seqs), max_blocks)
+            self.graphs.capture()
 
     @torch.inference_mode()
     def run(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
         meta = build_meta(chunks, self.pools.page_size, self.device, all_logits)
+        if self.graphs is not None and meta.is_decode and not all_logits \
+                and self.graphs.padded_size(meta.num_seqs) is not None:
+            return self.graphs.run(meta)
         return self.model.forward(meta, self.pools.view)

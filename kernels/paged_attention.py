@@ -36,7 +36,7 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
     if meta.is_decode and not return_lse:
-        return _decode_batched(q, k_cache, v_cache, meta, scale)
+        return decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
     start = 0
     for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if qlen == 0:
@@ -60,19 +60,19 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     return (out, lse) if return_lse else out
 
 
-def _decode_batched(q, k_cache, v_cache, meta: BatchMeta, scale: float) -> torch.Tensor:
-    """One query per sequence: gather all contexts padded to the longest and mask the tail."""
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence q [B, H, D] over its first seq_lens[b] tokens. No host sync: the context
+    is gathered over the full block-table width and the tail masked, so it is also graph-capturable."""
     page = k_cache.shape[1]
-    max_len = max(meta.seq_lens_cpu)
-    n_pages = (max_len + page - 1) // page
-    bt = meta.block_tables[:, :n_pages].long()
-    B = bt.shape[0]
+    B, n_pages = block_tables.shape
+    bt = block_tables.long()
     k = k_cache[bt].reshape(B, n_pages * page, *k_cache.shape[2:])
     v = v_cache[bt].reshape(B, n_pages * page, *v_cache.shape[2:])
     rep = q.shape[1] // k.shape[2]
     k = k.repeat_interleave(rep, dim=2).transpose(1, 2)  # [B, H, L, D]
     v = v.repeat_interleave(rep, dim=2).transpose(1, 2)
-    mask = torch.arange(n_pages * page, device=q.device)[None, :] < meta.seq_lens.to(q.device)[:, None]
+    mask = torch.arange(n_pages * page, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]
     o = F.scaled_dot_product_attention(
         q[:, :, None, :].to(k.dtype), k, v, attn_mask=mask[:, None, None, :], scale=scale
     )

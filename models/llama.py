@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridserve.kernels import paged_attention
+from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec
 from hybridserve.models.layers import (apply_rope, causal_attention, rms_norm, rope_cos_sin,
@@ -123,7 +124,7 @@ class LlamaModel:
         if c.attn_res:
             self.final_res_query = w("final_res_query")
             self.final_res_norm = w("final_res_norm.weight")
-        self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(self.device)
         self.scale = c.head_dim ** -0.5
 
     def cache_layout(self) -> CacheLayout:
@@ -155,7 +156,10 @@ class LlamaModel:
         """Engine forward over a packed batch with paged KV: logits [len(logits_indices), V]."""
         def attend(i, q, k, v):
             k_cache, v_cache = cache.kv[i]
-            paged_attention.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            attn = pick("paged_attention", q.device)
+            attn.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            if meta.is_decode:
+                return attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale)
             return paged_attention.reference(q, k_cache, v_cache, meta, self.scale)
 
         h = self._hidden(meta.input_ids, meta.positions, attend)
