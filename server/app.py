@@ -1,0 +1,481 @@
+"""The OpenAI-compatible HTTP front end: validate, template, tokenize, submit to the engine, stream back.
+
+The app never touches tensors. One prompt with n choices becomes n engine requests (`<id>-<index>`) whose
+outputs are merged; every path out of a handler (finish, error, client disconnect) closes the engine
+streams, which aborts the unfinished requests and frees their state slots and KV pages.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field, replace
+from importlib.metadata import version
+from typing import TYPE_CHECKING, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from hybridserve.engine.request import RequestOutput, SamplingParams, TokenLogprob
+from hybridserve.server.errors import (
+    APIError,
+    context_length_exceeded,
+    engine_error,
+    install_error_handlers,
+    invalid_request,
+    model_not_found,
+    not_ready,
+    unauthorized,
+)
+from hybridserve.server.metrics import ServerMetrics
+from hybridserve.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    Usage,
+    UsageMemory,
+    SamplingRequest,
+)
+
+if TYPE_CHECKING:
+    from hybridserve.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_FINGERPRINT = f"hybridserve-{version('hybridserve')}"
+SSE_DONE = "data: [DONE]\n\n"
+MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
+T = TypeVar("T")
+
+
+class EngineFailure(Exception):
+    """The engine failed a request (an error output or an exception from its stream). The engine raises
+    ValueError for a request it cannot serve (e.g. more KV than the whole pool): that is the client's error."""
+
+    def __init__(self, message: str, client_error: bool = False) -> None:
+        super().__init__(message)
+        self.client_error = client_error
+
+    def api_error(self) -> APIError:
+        return invalid_request(str(self)) if self.client_error else engine_error(str(self))
+
+
+@dataclass
+class _Job:
+    """One engine request: one choice of one prompt."""
+
+    index: int            # the choice index in the response
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class _Choice:
+    """What one engine request has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    text_len: int = 0
+    num_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    state_bytes: int = 0
+    kv_bytes: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.text.append(out.new_text)
+        self.text_len += len(out.new_text)
+        self.num_tokens += len(out.new_token_ids)
+        self.logprobs.extend(out.logprobs)
+        # KV grows with the sequence and may be reported as 0 once pages are freed: keep the peak.
+        self.state_bytes = max(self.state_bytes, out.state_bytes)
+        self.kv_bytes = max(self.kv_bytes, out.kv_bytes)
+        if out.finished:
+            self.finish_reason = _finish_reason(out)
+            self.stop_reason = out.stop_reason
+
+
+def _finish_reason(out: RequestOutput) -> str | None:
+    if not out.finished:
+        return None
+    return out.finish_reason.value if out.finish_reason is not None else "stop"
+
+
+Render = Callable[[_Job, RequestOutput, _Choice], "str | None"]
+
+
+def _sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
+def _chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(
+            token=t.token, logprob=_finite(t.logprob), bytes=list(t.token.encode()),
+            top_logprobs=[TopLogprob(token=s, logprob=_finite(lp), bytes=list(s.encode())) for _, s, lp in t.top],
+        )
+        for t in items
+    ])
+
+
+def _completion_logprobs(items: list[TokenLogprob], text_offset: int) -> CompletionLogprobs:
+    """Legacy format. As in OpenAI's, each top_logprobs entry also holds the sampled token."""
+    result = CompletionLogprobs()
+    for t in items:
+        result.tokens.append(t.token)
+        result.token_logprobs.append(_finite(t.logprob))
+        result.top_logprobs.append({t.token: _finite(t.logprob)} | {s: _finite(lp) for _, s, lp in t.top})
+        result.text_offset.append(text_offset)
+        text_offset += len(t.token)
+    return result
+
+
+def _usage(prompt_lens: list[int], choices: list[_Choice]) -> Usage:
+    prompt, completion = sum(prompt_lens), sum(c.num_tokens for c in choices)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+        memory=UsageMemory(state_bytes=sum(c.state_bytes for c in choices), kv_bytes=sum(c.kv_bytes for c in choices)),
+    )
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Run a non-streaming handler's work, cancelling it (and so aborting its engine requests) if the client
+    goes away first. Listening for `http.disconnect` is what vLLM does; `is_disconnected()` polling can miss it."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return None if task.cancelled() else task.result()
+
+
+class _SSEResponse(StreamingResponse):
+    """Closes its generator on every exit path, so a disconnect aborts the engine requests at once rather
+    than whenever the abandoned generator is garbage-collected."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[union-attr]
+
+
+class _Serving:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.metrics = ServerMetrics(engine)
+        self.created = int(time.time())
+
+    # ---- shared steps ------------------------------------------------------------------------------------
+
+    def _check(self, req: SamplingRequest) -> None:
+        if req.model != self.engine.model_name:
+            raise model_not_found(req.model)
+        if not self.engine.ready:
+            raise not_ready()
+        if req.model_extra:
+            logger.warning("ignoring unsupported request fields: %s", ", ".join(sorted(req.model_extra)))
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.engine.tokenizer.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise invalid_request(f"{param}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param)
+
+    def _jobs(self, rid: str, prompts: list[list[int]], req: SamplingRequest, where: str) -> list[_Job]:
+        """Validate lengths against the context window (the engine does not) and fan out the n choices."""
+        max_len = self.engine.max_model_len
+        if req.stop_token_ids:
+            self._check_token_ids(req.stop_token_ids, "stop_token_ids")
+        n = req.num_choices
+        jobs = []
+        for p, ids in enumerate(prompts):
+            if not ids:
+                raise invalid_request(f"The {where} is empty.", where)
+            requested = req.requested_max_tokens
+            room = max_len - len(ids)
+            if (requested or 1) > room:
+                raise context_length_exceeded(max_len, len(ids), requested or 1, where)
+            params = req.sampling_params(requested or room)
+            if params.min_tokens > params.max_tokens:
+                raise invalid_request(
+                    f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({params.max_tokens})", "min_tokens")
+            for i in range(n):
+                seed = None if params.seed is None else params.seed + i
+                index = p * n + i
+                jobs.append(_Job(index, f"{rid}-{index}", ids, replace(params, seed=seed)))
+        return jobs
+
+    async def _outputs(self, jobs: list[_Job]) -> AsyncIterator[tuple[_Job, RequestOutput]]:
+        """Merge the engine streams of all jobs. Closing this generator cancels the pumps, which closes the
+        engine streams and so aborts whatever has not finished."""
+        queue: asyncio.Queue[tuple[_Job, RequestOutput | Exception | None]] = asyncio.Queue()
+        trackers = {job.index: self.metrics.track(len(job.prompt_ids)) for job in jobs}
+
+        async def pump(job: _Job) -> None:
+            stream = self.engine.generate(job.request_id, job.prompt_ids, job.params)
+            try:
+                async for out in stream:
+                    queue.put_nowait((job, out))
+            except Exception as exc:  # handed to the consumer, which reports it to the client
+                queue.put_nowait((job, exc))
+            finally:
+                await stream.aclose()
+                queue.put_nowait((job, None))
+
+        tasks = [asyncio.create_task(pump(job)) for job in jobs]
+        try:
+            running = len(jobs)
+            while running:
+                job, item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, ValueError):
+                    raise EngineFailure(str(item), client_error=True) from item
+                if isinstance(item, Exception):
+                    logger.error("engine request %s failed", job.request_id, exc_info=item)
+                    raise EngineFailure(f"The engine failed: {type(item).__name__}: {item}") from item
+                trackers[job.index].observe(item)
+                if item.error is not None:
+                    raise EngineFailure(item.error)
+                yield job, item
+        finally:
+            # Nothing before the await may be skipped: inside Starlette's cancelled task group (a streaming
+            # client that disconnected) every await raises CancelledError again at once. The pumps run the
+            # engine aborts on their own once cancelled; awaiting them only makes the normal path tidy.
+            for tracker in trackers.values():
+                tracker.finish("abort")  # no-op for the ones that finished
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _collect(self, jobs: list[_Job]) -> dict[int, _Choice]:
+        choices = {job.index: _Choice() for job in jobs}
+        try:
+            async with aclosing(self._outputs(jobs)) as outputs:
+                async for job, out in outputs:
+                    choices[job.index].add(out)
+        except EngineFailure as exc:
+            raise exc.api_error() from exc
+        return choices
+
+    async def _stream(self, jobs: list[_Job], render: Render, first: list[str],
+                      usage_event: Callable[[list[_Choice]], str] | None) -> AsyncIterator[str]:
+        """SSE body: `first` events, one event per engine output (`render(job, out, choice so far)` returns an
+        event or None to skip), the usage event if asked for, then `[DONE]`. After the 200 has gone out,
+        errors can only be reported in-band."""
+        choices = {job.index: _Choice() for job in jobs}
+        try:
+            for event in first:
+                yield event
+            async with aclosing(self._outputs(jobs)) as outputs:
+                async for job, out in outputs:
+                    event = render(job, out, choices[job.index])
+                    choices[job.index].add(out)
+                    if event is not None:
+                        yield event
+            if usage_event is not None:
+                yield usage_event(list(choices.values()))
+        except EngineFailure as exc:
+            yield _sse(json.dumps(exc.api_error().body()))
+        except Exception as exc:
+            logger.exception("streaming response failed")
+            yield _sse(json.dumps(engine_error(f"Internal server error: {type(exc).__name__}: {exc}").body()))
+        yield SSE_DONE
+
+    # ---- endpoints ---------------------------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        self._check(req)
+        messages = [
+            {"role": m.role, "content": m.text} | ({"name": m.name} if m.name else {}) for m in req.messages
+        ]
+        try:
+            # Templates and tokenization of long prompts are CPU work: keep them off the event loop.
+            ids = await asyncio.to_thread(self.engine.tokenizer.apply_chat_template, messages,
+                                          add_generation_prompt=True)
+        except ValueError as exc:
+            raise invalid_request(str(exc), "messages") from exc
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        jobs = self._jobs(rid, [ids], req, "messages")
+        created = int(time.time())
+        model = self.engine.model_name
+        want_logprobs = bool(req.logprobs)
+
+        if req.stream:
+            def chunk(choices: list[ChatStreamChoice], usage: Usage | None = None) -> str:
+                return _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage,
+                                                system_fingerprint=SYSTEM_FINGERPRINT).model_dump_json())
+
+            def render(job: _Job, out: RequestOutput, _: _Choice) -> str | None:
+                if not (out.new_text or out.finished or (want_logprobs and out.logprobs)):
+                    return None  # e.g. a token that ends mid-character: its text comes with the next one
+                return chunk([ChatStreamChoice(
+                    index=job.index, delta=DeltaMessage(content=out.new_text or None),
+                    logprobs=_chat_logprobs(out.logprobs) if want_logprobs else None,
+                    finish_reason=_finish_reason(out), stop_reason=out.stop_reason,
+                )])
+
+            first = [chunk([ChatStreamChoice(index=j.index, delta=DeltaMessage(role="assistant", content=""))])
+                     for j in jobs]
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            usage = (lambda done: chunk([], _usage([len(ids)], done))) if include_usage else None
+            return _SSEResponse(self._stream(jobs, render, first, usage), media_type="text/event-stream")
+
+        choices = await _unless_disconnected(request, self._collect(jobs))
+        if choices is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        body = ChatCompletionResponse(
+            id=rid, created=created, model=model, system_fingerprint=SYSTEM_FINGERPRINT,
+            choices=[
+                ChatChoice(index=i, message=AssistantMessage(content="".join(c.text)),
+                           logprobs=_chat_logprobs(c.logprobs) if want_logprobs else None,
+                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                for i, c in sorted(choices.items())
+            ],
+            usage=_usage([len(ids)], list(choices.values())),
+        )
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    async def completions(self, req: CompletionRequest, request: Request) -> Response:
+        self._check(req)
+        prompts: list[list[int]] = []
+        for prompt in req.prompt:
+            if isinstance(prompt, str):
+                prompts.append(await asyncio.to_thread(self.engine.tokenizer.encode, prompt,
+                                                       add_special_tokens=True, allow_special=True))
+            else:
+                self._check_token_ids(prompt, "prompt")
+                prompts.append(prompt)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        jobs = self._jobs(rid, prompts, req, "prompt")
+        created = int(time.time())
+        model = self.engine.model_name
+        want_logprobs = req.logprobs is not None
+        prompt_lens = [len(p) for p in prompts]
+
+        if req.stream:
+            def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+                return _sse(CompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage,
+                                            system_fingerprint=SYSTEM_FINGERPRINT).model_dump_json())
+
+            def render(job: _Job, out: RequestOutput, so_far: _Choice) -> str | None:
+                if not (out.new_text or out.finished or (want_logprobs and out.logprobs)):
+                    return None
+                return chunk([CompletionChoice(
+                    index=job.index, text=out.new_text,
+                    logprobs=_completion_logprobs(out.logprobs, so_far.text_len) if want_logprobs else None,
+                    finish_reason=_finish_reason(out), stop_reason=out.stop_reason,
+                )])
+
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            usage = (lambda done: chunk([], _usage(prompt_lens, done))) if include_usage else None
+            return _SSEResponse(self._stream(jobs, render, [], usage), media_type="text/event-stream")
+
+        choices = await _unless_disconnected(request, self._collect(jobs))
+        if choices is None:
+            return Response(status_code=499)
+        body = CompletionResponse(
+            id=rid, created=created, model=model, system_fingerprint=SYSTEM_FINGERPRINT,
+            choices=[
+                CompletionChoice(index=i, text="".join(c.text),
+                                 logprobs=_completion_logprobs(c.logprobs, 0) if want_logprobs else None,
+                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                for i, c in sorted(choices.items())
+            ],
+            usage=_usage(prompt_lens, list(choices.values())),
+        )
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.engine.model_name, created=self.created,
+                                         max_model_len=self.engine.max_model_len)])
+
+
+def create_app(engine: AsyncEngine, *, api_key: str | None = None) -> FastAPI:
+    """The app owns the engine's lifetime: started when the server starts (it needs the running event loop),
+    shut down when it stops."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="hybridserve", version=version("hybridserve"), lifespan=lifespan)
+    install_error_handlers(app)
+    serving = _Serving(engine)
+
+    dependencies = []
+    if api_key is not None:
+        expected = f"Bearer {api_key}".encode()
+
+        async def require_api_key(request: Request) -> None:
+            if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+                raise unauthorized()
+
+        dependencies.append(Depends(require_api_key))
+    v1 = APIRouter(prefix="/v1", dependencies=dependencies)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        return await serving.chat(req, request)
+
+    @v1.post("/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        return await serving.completions(req, request)
+
+    @v1.get("/models")
+    async def models() -> ModelList:
+        return serving.models()
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not engine.ready:
+            return not_ready().response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

@@ -1,0 +1,120 @@
+"""`hybridserve` command line. Each subcommand is one `add_<name>_command(subparsers)` function that registers
+its arguments and sets `func`; `main` only dispatches."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+
+from hybridserve.engine.config import EngineConfig, EngineStats
+
+logger = logging.getLogger("hybridserve")
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '2GiB', '512MB', '1.5G': SI suffixes are powers of 1000, `i` suffixes powers of 1024."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1073741824, 2GiB, 512MB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def memory_summary(stats: EngineStats) -> list[str]:
+    """The engine's memory by component, for the startup log: what each request costs and why concurrency is
+    what it is."""
+    kv_total = stats.kv_pages_total * stats.kv_page_bytes
+    lines = [
+        f"weights: {human_bytes(stats.weights_bytes)}",
+        f"KV cache: {stats.kv_pages_total} pages x {human_bytes(stats.kv_page_bytes)} = {human_bytes(kv_total)}",
+    ]
+    for group, g in stats.state_groups.items():
+        lines.append(f"state '{group}': {g.total} slots x {human_bytes(g.bytes_per_slot)} = "
+                     f"{human_bytes(g.total * g.bytes_per_slot)}")
+    lines.append(f"max concurrency: {stats.max_concurrency} requests")
+    return lines
+
+
+# ---- serve ---------------------------------------------------------------------------------------------------
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
+    defaults = EngineConfig()
+    p = subparsers.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    p.add_argument("--model", default=defaults.model,
+                   help="checkpoint path, or 'embedded' for the packaged SmolLM2-135M-Instruct (default)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: from the checkpoint)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
+                   help="upper bound on concurrent requests (the memory budget may lower it)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
+                   help="token budget per engine step (the chunked-prefill size)")
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="bytes for KV pages + state slots, e.g. 2GiB or 512MB (default: from device memory)")
+    p.add_argument("--page-size", type=int, default=defaults.page_size, help="tokens per KV page")
+    p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="engine seed for unseeded requests")
+    # The default comes from the environment so the key need not appear in `ps`; never echo it in --help.
+    p.add_argument("--api-key", default=os.environ.get("HYBRIDSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer <key>' on /v1/* (also env HYBRIDSERVE_API_KEY)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from hybridserve.engine.build import build_engine
+    from hybridserve.server.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = EngineConfig(
+        model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
+        page_size=args.page_size, enforce_eager=args.enforce_eager, seed=args.seed,
+    )
+    engine = build_engine(config)
+    logger.info("serving %r (max_model_len %d)", engine.model_name, engine.max_model_len)
+    for line in memory_summary(engine.stats()):
+        logger.info("  %s", line)
+    app = create_app(engine, api_key=args.api_key or None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+# ---- entry point ---------------------------------------------------------------------------------------------
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_serve_command]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hybridserve", description="Inference server for recurrent and hybrid LMs")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

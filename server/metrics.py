@@ -1,0 +1,172 @@
+"""Prometheus metrics with vLLM's names under a `hybridserve:` prefix, so vLLM dashboards work unchanged, plus
+separate gauges for the recurrent-state slot pools (vLLM folds those into `kv_cache_usage_perc`).
+
+Latency and token metrics are observed here in the API layer; pool and scheduler gauges are read from
+`engine.stats()` at scrape time, so they are never stale and cost nothing between scrapes.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from hybridserve.engine.request import RequestOutput
+
+if TYPE_CHECKING:
+    from hybridserve.engine.async_engine import AsyncEngine
+
+PREFIX = "hybridserve:"
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py), so percentiles line up across servers.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0)
+
+
+def token_buckets(max_value: int) -> list[float]:
+    """1-2-5 steps up to max_value (vLLM's build_1_2_5_buckets)."""
+    buckets: list[float] = []
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_value:
+                return buckets
+            buckets.append(value)
+        exponent += 1
+
+
+class _EngineStatsCollector(Collector):
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.engine.stats()
+        m = self.model_name
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            family.add_metric([m], value)
+            return family
+
+        yield gauge("num_requests_running", "Requests in the running batch.", s.num_running)
+        yield gauge("num_requests_waiting", "Requests waiting for admission.", s.num_waiting)
+        yield gauge("kv_cache_usage_perc", "Fraction of KV pages in use (0-1); state slots are separate.",
+                    s.kv_pages_used / s.kv_pages_total if s.kv_pages_total else 0.0)
+        yield gauge("kv_pages_used", "KV pages in use.", s.kv_pages_used)
+        yield gauge("kv_pages_total", "KV pages in the pool.", s.kv_pages_total)
+        yield gauge("max_concurrency", "Most requests the memory budget admits at once.", s.max_concurrency)
+
+        preemptions = CounterMetricFamily(PREFIX + "num_preemptions", "Requests preempted by the scheduler.",
+                                          labels=["model_name"])
+        preemptions.add_metric([m], s.num_preemptions)
+        yield preemptions
+
+        groups = s.state_groups.items()
+        memory = GaugeMetricFamily(PREFIX + "memory_bytes", "Engine memory by component, in bytes.",
+                                   labels=["model_name", "component"])
+        for component, value in (
+            ("weights", s.weights_bytes),
+            ("kv_total", s.kv_pages_total * s.kv_page_bytes),
+            ("kv_used", s.kv_pages_used * s.kv_page_bytes),
+            ("state_total", sum(g.total * g.bytes_per_slot for _, g in groups)),
+            ("state_used", sum(g.used * g.bytes_per_slot for _, g in groups)),
+        ):
+            memory.add_metric([m, component], value)
+        yield memory
+
+        per_group = {
+            "state_slots_used": ("State slots in use, per state group.", lambda g: g.used),
+            "state_slots_total": ("State slots in the pool, per state group.", lambda g: g.total),
+            "state_bytes_per_slot": ("Bytes of one state slot, per state group.", lambda g: g.bytes_per_slot),
+            "state_usage_perc": ("Fraction of state slots in use (0-1), per state group.",
+                                 lambda g: g.used / g.total if g.total else 0.0),
+        }
+        for name, (doc, value_of) in per_group.items():
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name", "group"])
+            for group, g in groups:
+                family.add_metric([m, group], value_of(g))
+            yield family
+
+
+class ServerMetrics:
+    """One registry per app (not prometheus' global one), so several apps can live in one process."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.registry = CollectorRegistry()
+        name = engine.model_name
+        labels = ["model_name"]
+
+        def counter(metric: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + metric, doc, labels + list(extra), registry=self.registry)
+
+        def histogram(metric: str, doc: str, buckets: tuple[float, ...] | list[float]) -> Histogram:
+            return Histogram(PREFIX + metric, doc, labels, buckets=buckets, registry=self.registry).labels(name)
+
+        # prometheus-client appends `_total` to counters: these expose `hybridserve:prompt_tokens_total`, etc.
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens submitted.").labels(name)
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.").labels(name)
+        self._success = counter("request_success", "Finished requests by finish reason.", ("finished_reason",))
+        self.success = {r: self._success.labels(name, r) for r in ("stop", "length", "abort")}
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between successive token outputs.", ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
+        token_bins = token_buckets(engine.max_model_len)
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt length per request.", token_bins)
+        self.request_generation_tokens = histogram("request_generation_tokens", "Generated tokens per request.",
+                                                   token_bins)
+        self.registry.register(_EngineStatsCollector(engine, name))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def track(self, num_prompt_tokens: int) -> RequestTracker:
+        return RequestTracker(self, num_prompt_tokens)
+
+
+class RequestTracker:
+    """Timing of one engine request, from submission to finish or abort; times use the monotonic clock."""
+
+    def __init__(self, metrics: ServerMetrics, num_prompt_tokens: int) -> None:
+        self.metrics = metrics
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_output_tokens = 0
+        self.start = time.monotonic()
+        self.last_token_time: float | None = None
+        self.done = False
+        metrics.prompt_tokens.inc(num_prompt_tokens)
+
+    def observe(self, out: RequestOutput) -> None:
+        n = len(out.new_token_ids)
+        if n:
+            now = time.monotonic()
+            if self.last_token_time is None:
+                self.metrics.ttft.observe(now - self.start)
+            else:
+                self.metrics.itl.observe(now - self.last_token_time)
+            self.last_token_time = now
+            self.num_output_tokens += n
+            self.metrics.generation_tokens.inc(n)
+        if out.finished:
+            reason = out.finish_reason.value if out.finish_reason is not None else None
+            self.finish(reason)
+
+    def finish(self, reason: str | None) -> None:
+        """Counted once; `reason` outside stop/length/abort (an engine error) is not a success."""
+        if self.done:
+            return
+        self.done = True
+        m = self.metrics
+        m.e2e.observe(time.monotonic() - self.start)
+        m.request_prompt_tokens.observe(self.num_prompt_tokens)
+        m.request_generation_tokens.observe(self.num_output_tokens)
+        if reason in m.success:
+            m.success[reason].inc()
