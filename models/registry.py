@@ -1,4 +1,8 @@
-"""Architecture name → (config parser, model class, checkpoint name map)."""
+"""Architecture name → (model class, checkpoint name map).
+
+A weights module may define `resolve_variant(config, tensors) -> config`: variant switches read from
+tensor shapes (gate widths, norm widths, optional sublayers) before the name map is built.
+"""
 from __future__ import annotations
 
 import importlib
@@ -11,6 +15,10 @@ from hybridserve.weights.checkpoint import Checkpoint
 ARCHITECTURES: dict[str, tuple[str, str, str, str]] = {
     "llama": ("hybridserve.models.llama", "LlamaModel", "hybridserve.weights.name_map", "llama_rules"),
     "kotodama": ("hybridserve.models.llama", "LlamaModel", "hybridserve.weights.name_map", "llama_rules"),
+    "neollm": ("hybridserve.models.neollm", "NeoLLMModel", "hybridserve.weights.neollm_map", "neollm_rules"),
+    "nanohammer": ("hybridserve.models.nanohammer", "NanoHammerModel", "hybridserve.weights.nanohammer_map",
+                   "nanohammer_rules"),
+    "spartacus": ("hybridserve.models.spartacus", "SpartacusModel", "hybridserve.weights.spartacus_map", "spartacus_rules"),
 }
 
 
@@ -28,8 +36,10 @@ def bind_checkpoint(ckpt: Checkpoint, strict: bool = True):
     from hybridserve.weights.name_map import bind
 
     model_cls, rules_fn = resolve(ckpt.arch)
-    config = model_cls.config_class().from_hf(ckpt.config)
-    tensors, report = bind(ckpt.tensors, rules_fn(ckpt.config), config.num_layers, ckpt.config, strict=strict)
+    variant = getattr(importlib.import_module(ARCHITECTURES[ckpt.arch][2]), "resolve_variant", None)
+    hf_config = variant(dict(ckpt.config), ckpt.tensors) if variant else ckpt.config
+    config = model_cls.config_class().from_hf(hf_config)
+    tensors, report = bind(ckpt.tensors, rules_fn(hf_config), config.num_layers, hf_config, strict=strict)
     return config, tensors, report
 
 

@@ -1,0 +1,193 @@
+"""Spartacus (NoesisLab/Spartacus-1B-Instruct): a Llama-style pre-norm decoder whose attention is a
+monoid / gated-linear-attention recurrence with a per-key-dimension decay (specs/spartacus.md §1, §7).
+
+No positions, no mask, no KV: each request keeps one fp32 state [H, d, d] per layer in a slot, so its
+memory is fixed whatever the context length.
+
+Canonical tensor names: `embed_tokens.weight`, `norm.weight`, `lm_head.weight` (absent = tied), and per
+layer `layers.{i}.attn_norm.weight`, `layers.{i}.attn.{q,k,v,o,decay}_proj.weight`,
+`layers.{i}.attn.decay_proj.bias` (optional), `layers.{i}.attn.{q,k}_norm.weight` ([d] per head or
+[H*d] full width; the shape decides), `layers.{i}.ffn_norm.weight`, `layers.{i}.ffn.{gate,up,down}_proj.weight`.
+weights/spartacus_map.py maps checkpoint names onto them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hybridserve.kernels import monoid
+from hybridserve.models.batch import BatchMeta
+from hybridserve.models.cache import CacheLayout, CacheView, StateSpec
+from hybridserve.models.layers import rms_norm, swiglu
+
+DECAY_GATES = ("sigmoid", "neg_softplus", "scalar_sigmoid")
+
+
+@dataclass
+class SpartacusConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    decay_gate: str = "sigmoid"
+    max_position_embeddings: int = 1 << 20   # no positions: only a serving limit
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "SpartacusConfig":
+        heads = c["num_attention_heads"]
+        gate = c.get("decay_gate", "sigmoid")
+        if gate not in DECAY_GATES:
+            raise ValueError(f"decay_gate {gate!r} is not one of {DECAY_GATES}")
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
+            decay_gate=gate,
+            max_position_embeddings=int(c.get("max_position_embeddings") or 1 << 20),
+        )
+
+
+def log_decay(z: torch.Tensor, decay_gate: str) -> torch.Tensor:
+    """log α ≤ 0 in fp32 from the decay logits z [T, H, d] (or [T, H, 1] for scalar_sigmoid)."""
+    if decay_gate == "neg_softplus":
+        return -F.softplus(z.float())
+    return F.logsigmoid(z.float())
+
+
+# (layer index, q, k, v, log_a) -> o: the recurrence, from the reference loop or over the slot pool.
+Mix = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class SpartacusModel:
+    """A pure function of (weights, batch metadata, cache view); it holds weights, never cache memory."""
+
+    arch = "spartacus"
+
+    @staticmethod
+    def config_class():
+        return SpartacusConfig
+
+    def __init__(self, config: SpartacusConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.config, self.dtype, self.device = config, dtype, torch.device(device)
+        c = config
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=self.device, dtype=dtype)
+
+        self.embed = w("embed_tokens.weight")
+        self.lm_head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
+        self.norm = w("norm.weight")
+        width = c.num_heads * c.head_dim
+        gate_width = c.num_heads if c.decay_gate == "scalar_sigmoid" else width
+        self.layers = []
+        for i in range(c.num_layers):
+            p = f"layers.{i}."
+            decay = weights[p + "attn.decay_proj.weight"]
+            if decay.shape[0] != gate_width:
+                raise ValueError(f"{p}attn.decay_proj.weight has {decay.shape[0]} outputs, but decay_gate="
+                                 f"{c.decay_gate!r} needs {gate_width}")
+            bias = weights.get(p + "attn.decay_proj.bias")
+            self.layers.append({
+                "attn_norm": w(p + "attn_norm.weight"),
+                # q, k, v and the decay logits come out of one matmul
+                "qkvz": torch.cat([w(p + f"attn.{x}_proj.weight") for x in ("q", "k", "v", "decay")]),
+                "decay_bias": None if bias is None else bias.to(device=self.device, dtype=torch.float32),
+                "q_norm": w(p + "attn.q_norm.weight"),
+                "k_norm": w(p + "attn.k_norm.weight"),
+                "o": w(p + "attn.o_proj.weight"),
+                "ffn_norm": w(p + "ffn_norm.weight"),
+                "gate_up": torch.cat([w(p + "ffn.gate_proj.weight"), w(p + "ffn.up_proj.weight")]),
+                "down": w(p + "ffn.down_proj.weight"),
+            })
+        self.qkvz_sizes = [width, width, width, gate_width]
+        self.scale = c.head_dim ** -0.5
+
+    def cache_layout(self) -> CacheLayout:
+        c = self.config
+        return CacheLayout(states={"monoid": StateSpec(c.num_layers, (c.num_heads, c.head_dim, c.head_dim),
+                                                       torch.float32)})
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_position_embeddings
+
+    def weights_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in [self.embed, self.lm_head, self.norm] + [x for lw in self.layers for x in lw.values()]:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    # -- the two entry points -------------------------------------------------------------------
+
+    def reference_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Plain full-sequence forward of one sequence from the zero state: logits [T, V]."""
+        h = self._hidden(input_ids.to(self.device), lambda _, q, k, v, a: monoid.naive(q, k, v, a)[0])
+        return self._logits(h)
+
+    def forward(self, meta: BatchMeta, cache: CacheView) -> torch.Tensor:
+        """Engine forward over a packed batch; each sequence continues from, and updates, its slot."""
+        pools = cache.states["monoid"]
+
+        def mix(i, q, k, v, log_a):
+            if meta.is_decode:
+                return monoid.decode_step(q, k, v, log_a, pools[i], meta.slot_ids)
+            return monoid.varlen_prefill(q, k, v, log_a, meta.cu_seqlens, pools[i], meta.slot_ids)
+
+        h = self._hidden(meta.input_ids, mix)
+        return self._logits(h[meta.logits_indices])
+
+    def reference_attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer i's monoid attention sublayer on normed input x [T, hidden], one sequence from the zero
+        state; the unit the layer-level anchor test checks against the card's element equation."""
+        return self._attention(i, x, lambda _, q, k, v, a: monoid.naive(q, k, v, a)[0])
+
+    # -- shared body ----------------------------------------------------------------------------
+
+    def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """q/k RMSNorm per head ([d] weight) or over the full width ([H*d] weight); x [T, H*d] -> [T, H, d]."""
+        c = self.config
+        T = x.shape[0]
+        if weight.numel() == c.head_dim:
+            return rms_norm(x.view(T, c.num_heads, c.head_dim), weight, c.rms_norm_eps)
+        return rms_norm(x, weight, c.rms_norm_eps).view(T, c.num_heads, c.head_dim)
+
+    def _attention(self, i: int, x: torch.Tensor, mix: Mix) -> torch.Tensor:
+        c, lw = self.config, self.layers[i]
+        T = x.shape[0]
+        q, k, v, z = F.linear(x, lw["qkvz"]).split(self.qkvz_sizes, dim=-1)
+        q = self._head_norm(q, lw["q_norm"]) * self.scale
+        k = F.silu(self._head_norm(k, lw["k_norm"]))
+        v = v.view(T, c.num_heads, c.head_dim)
+        z = z.float().view(T, c.num_heads, self.qkvz_sizes[3] // c.num_heads)
+        if lw["decay_bias"] is not None:
+            z = z + lw["decay_bias"].view(c.num_heads, -1)
+        # a per-head gate (scalar_sigmoid) is the same decay on every key dim
+        log_a = log_decay(z, c.decay_gate).expand(T, c.num_heads, c.head_dim).contiguous()
+        o = mix(i, q, k, v, log_a)
+        return F.linear(o.reshape(T, -1), lw["o"])
+
+    def _hidden(self, input_ids: torch.Tensor, mix: Mix) -> torch.Tensor:
+        c = self.config
+        h = self.embed[input_ids]
+        for i, lw in enumerate(self.layers):
+            h = h + self._attention(i, rms_norm(h, lw["attn_norm"], c.rms_norm_eps), mix)
+            h = h + swiglu(rms_norm(h, lw["ffn_norm"], c.rms_norm_eps), lw["gate_up"], lw["down"])
+        return h
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head).float()
