@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import re
 from collections.abc import Callable, Sequence
 
@@ -102,9 +103,50 @@ def run_serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
+# ---- inspect / synth -----------------------------------------------------------------------------------------
+
+
+def add_inspect_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("inspect", help="check a checkpoint against its architecture's tensor table")
+    p.add_argument("path", help="checkpoint directory or file, or 'embedded'")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    from hybridserve.server.inspect_cmd import inspect_checkpoint
+    from hybridserve.weights.checkpoint import CheckpointError
+
+    try:
+        ok, text = inspect_checkpoint(args.path)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    print(text)
+    raise SystemExit(0 if ok else 1)
+
+
+def add_synth_command(subparsers: argparse._SubParsersAction) -> None:
+    from hybridserve.weights.synth import GENERATORS
+
+    p = subparsers.add_parser("synth", help="write a random-weight checkpoint of an architecture in its real format")
+    p.add_argument("--arch", required=True, choices=sorted(GENERATORS))
+    p.add_argument("--size", default="tiny", choices=["tiny", "full"])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_synth)
+
+
+def run_synth(args: argparse.Namespace) -> None:
+    from hybridserve.weights.synth import write_synthetic
+
+    out = write_synthetic(args.arch, args.size, args.out, args.seed)
+    print(f"wrote {args.arch} ({args.size}) to {out}")
+
+
 # ---- entry point ---------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_serve_command]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_serve_command, add_inspect_command,
+                                                                 add_synth_command]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
