@@ -2,8 +2,9 @@
 
 Each step: running requests first, in admission order (decodes take one token, unfinished prefills
 take the next chunk), then waiting requests are admitted while the budget, a free state slot and KV
-pages for the whole prompt are available. When a decode needs a page and none is free, the newest
-running request is preempted: its pages and slot are released and it is recomputed from scratch later.
+pages for the whole prompt are available. When a request needs a page and none is free, the newest
+running request is preempted: its KV pages and state slot are swapped to host memory and released, and
+it resumes first, from exactly where it stopped, when memory frees up (engine/swap.py).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from hybridserve.engine.cache_pools import CachePools
 from hybridserve.engine.sequence import Sequence, SeqStatus
+from hybridserve.engine.swap import swap_in, swap_out
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self._release(seq)
+        seq.swapped = None
         seq.status = SeqStatus.FINISHED
 
     # -- resources ------------------------------------------------------------------------------
@@ -86,6 +89,9 @@ class Scheduler:
             seq.pages = pools.pages.allocate(need)
         if pools.has_state:
             seq.slot = pools.slots.allocate()
+        if seq.swapped is not None:
+            swap_in(pools, seq.swapped, seq.pages, seq.slot)
+            seq.swapped = None
         seq.status = SeqStatus.RUNNING
         return True
 
@@ -106,8 +112,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.swapped = swap_out(self.pools, seq.pages, seq.slot)
         self._release(seq)
-        seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
