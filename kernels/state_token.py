@@ -1,0 +1,107 @@
+"""NanoHammer's integral state path and the per-query state entry (specs/nanohammer.md §1, §7.2–7.3).
+
+The only per-request state is I, a running sum of position-rotated ("holographic") token vectors:
+u_t = HoloRoPE(w_t, t), I_t = I_{t-1} + u_t. Rotating by e^{iθ_j t} before summing and by e^{-iθ_j t}
+after reading makes the readout a relative-position summary, so the absolute position counter needs no
+storage beyond the request's own position.
+
+`integral_reference` is the plain sequential definition; `varlen_integral` (packed prefill chunks) and
+`decode_integral` (one token per sequence) start from and write back state_pool[slot_ids[b]] in place.
+Slot 0 is the pad slot: padding rows read and write only there.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+HOLO_BASE = 10000.0
+
+
+def holo_theta(dim: int, base: float = HOLO_BASE, device: torch.device | str | None = None) -> torch.Tensor:
+    """θ_j = base^(−2j/dim), j = 0 … dim/2 − 1, in fp64."""
+    return base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+
+
+def _holo_rotate(x: torch.Tensor, positions: torch.Tensor, base: float, sign: float) -> torch.Tensor:
+    """Multiply each complex pair (x_{2j}, x_{2j+1}) by e^{sign·iθ_j t}.
+
+    Angles reach ~1.3e5 rad at t ≈ 131K; fp32 angle arithmetic would lose ~1e-2 rad there, so they are
+    formed and range-reduced in fp64 before cos/sin (§7.2 numerics).
+    """
+    theta = holo_theta(x.shape[-1], base, x.device)
+    ang = torch.remainder(positions.to(torch.float64)[:, None] * theta[None, :], 2 * math.pi)
+    cos, sin = ang.cos().to(x.dtype), (sign * ang.sin()).to(x.dtype)
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+def holo_rope(x: torch.Tensor, positions: torch.Tensor, base: float = HOLO_BASE) -> torch.Tensor:
+    """HoloRoPE(x [T, S], t [T]): rotate pair j by e^{iθ_j t}."""
+    return _holo_rotate(x, positions, base, 1.0)
+
+
+def holo_rope_inv(x: torch.Tensor, positions: torch.Tensor, base: float = HOLO_BASE) -> torch.Tensor:
+    """HoloRoPE^{-1}(x [T, S], t [T]): rotate pair j by e^{−iθ_j t}."""
+    return _holo_rotate(x, positions, base, -1.0)
+
+
+def integral_reference(u: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
+    """I_t = I_{t-1} + u_t for one sequence u [T, S], from `initial` (zero when None); fp32 loop."""
+    acc = torch.zeros(u.shape[-1], dtype=torch.float32, device=u.device) if initial is None else initial.float()
+    out = torch.empty(u.shape, dtype=torch.float32, device=u.device)
+    for t in range(u.shape[0]):
+        acc = acc + u[t].float()
+        out[t] = acc
+    return out
+
+
+def varlen_integral(u: torch.Tensor, cu_seqlens: torch.Tensor, state_pool: torch.Tensor,
+                    slot_ids: torch.Tensor) -> torch.Tensor:
+    """Per-sequence cumulative sum of packed u [T, S] plus each sequence's carried I; returns I [T, S] fp32.
+
+    One cumsum over the whole packed batch, in fp64 so that subtracting the sums of earlier sequences
+    cancels without loss and needs no host sync. The last I of each sequence is written back to
+    state_pool[slot_ids[b]] ([num_slots + 1, S] fp32) in place.
+    """
+    T = u.shape[0]
+    cu = cu_seqlens.long()
+    seq_of_token = torch.searchsorted(cu[1:], torch.arange(T, device=u.device), right=True)
+    csum = torch.cumsum(u.to(torch.float64), dim=0)
+    before = torch.cat([csum.new_zeros(1, u.shape[1]), csum])[cu[:-1]]         # sum of earlier sequences' u
+    carried = state_pool[slot_ids].to(torch.float64)                           # [B, S]
+    integral = (csum - before[seq_of_token] + carried[seq_of_token]).to(torch.float32)
+    has_tokens = (cu[1:] > cu[:-1])[:, None]
+    last = integral[(cu[1:] - 1).clamp_min(0)]
+    state_pool[slot_ids] = torch.where(has_tokens, last, state_pool[slot_ids])
+    return integral
+
+
+def decode_integral(u: torch.Tensor, state_pool: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+    """One token per sequence: I ← I + u for u [B, S]; updates state_pool in place and returns I [B, S]."""
+    integral = state_pool[slot_ids] + u.float()
+    state_pool[slot_ids] = integral
+    return integral
+
+
+def state_logit(q: torch.Tensor, k_s: torch.Tensor, scale: float) -> torch.Tensor:
+    """ℓ^s = q · k^s · scale [T, H] for q [T, H, D] and each query's state key k_s [T, Hkv, D].
+
+    Query head h reads kv head h // (H / Hkv) (GQA)."""
+    rep = q.shape[1] // k_s.shape[1]
+    return (q.float() * k_s.float().repeat_interleave(rep, dim=1)).sum(-1) * scale
+
+
+def merge_state_entry(o_c: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_s: torch.Tensor,
+                      v_s: torch.Tensor, scale: float) -> torch.Tensor:
+    """Add one extra key/value per query to an attention result exactly, via its log-sum-exp (§7.3).
+
+    o_c [T, H, D], lse [T, H] (fp32) come from causal attention over the real tokens; k_s, v_s [T, Hkv, D]
+    are each query's own state entry. Returns softmax over {state} ∪ {tokens} applied to the values.
+    """
+    rep = q.shape[1] // v_s.shape[1]
+    logit = state_logit(q, k_s, scale)
+    m = torch.maximum(lse, logit)
+    w_c, w_s = torch.exp(lse - m)[..., None], torch.exp(logit - m)[..., None]
+    v = v_s.float().repeat_interleave(rep, dim=1)
+    return ((w_c * o_c.float() + w_s * v) / (w_c + w_s)).to(o_c.dtype)
