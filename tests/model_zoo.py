@@ -1,18 +1,23 @@
 """Tiny random-weight models of every architecture, built through the real checkpoint name maps."""
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-from hybridserve.models.llama import LlamaModel
+from hybridserve.models.registry import build_model
+from hybridserve.weights.checkpoint import Checkpoint
+from hybridserve.weights.synth import GENERATORS
 
 
-def _llama(kotodama: bool):
+def _build(arch: str):
     def build(device, dtype):
-        from test_llama_engine import tiny_config, tiny_weights
-        c = tiny_config(kotodama)
-        return LlamaModel(c, tiny_weights(c), dtype, device)
+        mod, fn = GENERATORS[arch].split(":")
+        config, tensors = getattr(importlib.import_module(mod), fn)("tiny", 0)
+        ckpt = Checkpoint(arch=arch, config=config, tensors=tensors, source=f"synth:{arch}")
+        return build_model(ckpt, dtype, torch.device(device))
     return build
 
 
 def tiny_models() -> dict:
-    return {"llama": _llama(False), "kotodama": _llama(True)}
+    return {arch: _build(arch) for arch in GENERATORS}
