@@ -1,0 +1,271 @@
+"""NeoLLM 110M (KitsuVp/NeoLLM @ 04da2a7b): Gated DeltaNet : attention = 3 : 1, FAN, PolyNorm, LNS, GPAS.
+
+Per layer l (specs/neollm.md §5), with LNS factor s_l = 1/√(l+1) and GPAS gate(s) γ:
+    h = RMSNorm_in(x)·s_l;    x = (x + Mixer_l(FAN?(h)))·(1 − silu(γ_attn))
+    h = RMSNorm_post(x)·s_l;  x = (x + MLP(h))·(1 − silu(γ_mlp))
+Mixer is GQA attention with q/k-norm and partial RoPE on `full_attention` layers, else a Gated DeltaNet
+layer (models/gated_deltanet.py). Then a final RMSNorm and the tied head.
+
+The checkpoint variant (attention output gate, FAN placement, MLP width, GPAS gate count, RMSNorm form,
+LNS form) is decided by the loader from tensor shapes and values (weights/neollm_map.py) and arrives here
+as config fields. Canonical tensor names are the HF names without the `model.` prefix, except the FAN
+linear (`layers.{i}.fan.*`), PolyNorm (`layers.{i}.mlp.poly_norm.*`) and the GPAS gates
+(`layers.{i}.gpas_attn`, `layers.{i}.gpas_mlp`; one shared checkpoint gate binds to both).
+
+Per-request memory: paged KV for the attention layers, and per GDN layer a recurrent state (fp32) and a
+conv window (model dtype) in the "gdn" and "conv" slot groups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hybridserve.kernels import paged_attention
+from hybridserve.kernels.backend import pick
+from hybridserve.models import gated_deltanet as gdn
+from hybridserve.models.batch import BatchMeta
+from hybridserve.models.cache import CacheLayout, CacheView, KVSpec, StateSpec
+from hybridserve.models.layers import apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq
+
+FULL, LINEAR = "full_attention", "linear_attention"
+POLYNORM_EPS = 1e-6  # Motif's PolyNorm (neollm.md §5.5)
+
+
+@dataclass
+class NeoLLMConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layer_types: list[str]
+    linear_num_key_heads: int = 8
+    linear_num_value_heads: int = 16
+    linear_key_head_dim: int = 32
+    linear_value_head_dim: int = 32
+    linear_conv_kernel_dim: int = 4
+    partial_rotary_factor: float = 0.25
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+    fan_ratio: float = 0.125
+    # variant switches, filled by weights/neollm_map.infer_neollm_variant; defaults = the spec's best fit
+    attn_output_gate: bool = False
+    fan_placement: str = "all"            # "none" | "full_attention" | "linear_attention" | "all"
+    zero_centered_norm: bool = True       # RMSNorm weights used as (1 + w), Qwen3-Next style (not GDN's gated norm)
+    lns_forward: bool = True              # False when the norm weights already hold 1/√(l+1)
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "NeoLLMConfig":
+        layers = c["num_hidden_layers"]
+        heads = c["num_attention_heads"]
+        types = c.get("layer_types") or [FULL if (i + 1) % 4 == 0 else LINEAR for i in range(layers)]
+        if len(types) != layers or set(types) - {FULL, LINEAR}:
+            raise ValueError(f"layer_types must be {layers} of {FULL!r}/{LINEAR!r}, got {types}")
+        fields = {k: c[k] for k in (
+            "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+            "linear_conv_kernel_dim", "partial_rotary_factor", "rope_theta", "rms_norm_eps",
+            "max_position_embeddings", "tie_word_embeddings", "fan_ratio", "attn_output_gate", "fan_placement",
+            "zero_centered_norm", "lns_forward") if k in c}
+        return cls(
+            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+            intermediate_size=c.get("intermediate_size", 1024), num_layers=layers, num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads", heads),
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads, layer_types=list(types), **fields)
+
+    @property
+    def gdn_dims(self) -> gdn.GDNDims:
+        return gdn.GDNDims(self.hidden_size, self.linear_num_key_heads, self.linear_num_value_heads,
+                           self.linear_key_head_dim, self.linear_value_head_dim, self.linear_conv_kernel_dim,
+                           self.rms_norm_eps)
+
+    @property
+    def fan_sizes(self) -> tuple[int, int]:
+        """(p, g): FAN's periodic width and plain width; the FAN output cat(cos P, sin P, G) is hidden wide."""
+        p = int(self.hidden_size * self.fan_ratio)
+        return p, self.hidden_size - 2 * p
+
+    def has_fan(self, layer: int) -> bool:
+        return self.fan_placement in ("all", self.layer_types[layer])
+
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Recur = Callable[[int, torch.Tensor, gdn.GDNWeights], torch.Tensor]
+
+
+def fan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: int) -> torch.Tensor:
+    """FANformer input transform: [P | G] = W h + b → cat(cos P, sin P, G) (no activation on G)."""
+    pg = F.linear(h, weight, bias)
+    P = pg[..., :p].float()
+    return torch.cat([P.cos().to(h.dtype), P.sin().to(h.dtype), pg[..., p:]], dim=-1)
+
+
+def poly_norm(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """PolyNorm: w0·N(u³) + w1·N(u²) + w2·N(u) + b, N(v) = v·rsqrt(mean(v²) + eps), all in fp32."""
+    uf = u.float()
+
+    def n(v):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + POLYNORM_EPS)
+
+    w = weight.float()
+    return (w[0] * n(uf ** 3) + w[1] * n(uf ** 2) + w[2] * n(uf) + bias.float()).to(u.dtype)
+
+
+class NeoLLMModel:
+    """A pure function of (weights, batch metadata, cache view); it holds weights, never cache memory."""
+
+    arch = "neollm"
+
+    @staticmethod
+    def config_class():
+        return NeoLLMConfig
+
+    def __init__(self, config: NeoLLMConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.config, self.dtype, self.device = config, dtype, torch.device(device)
+        c = config
+        self.gdn_dims = c.gdn_dims
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=self.device, dtype=dtype)
+
+        def norm_weight(name: str, lns: float = 1.0) -> torch.Tensor:
+            """The effective RMSNorm weight in fp32: the (1 + w) form and the LNS factor folded in once."""
+            base = weights[name].to(device=self.device, dtype=torch.float32)
+            return ((1.0 + base) if c.zero_centered_norm else base) * lns
+
+        def gpas(name: str) -> float:
+            """GPAS at inference: x ← x − silu(γ)·x, i.e. a fixed scale 1 − silu(γ)."""
+            return 1.0 - F.silu(weights[name].float()).item()
+
+        self.embed = w("embed_tokens.weight")
+        self.lm_head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
+        self.norm = norm_weight("norm.weight")
+        self.layers = []
+        for i, kind in enumerate(c.layer_types):
+            p = f"layers.{i}."
+            lns = (i + 1) ** -0.5 if c.lns_forward else 1.0
+            lw = {
+                "in_norm": norm_weight(p + "input_layernorm.weight", lns),
+                "post_norm": norm_weight(p + "post_attention_layernorm.weight", lns),
+                "gate_up": torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                "down": w(p + "mlp.down_proj.weight"),
+                "poly_w": w(p + "mlp.poly_norm.weight"), "poly_b": w(p + "mlp.poly_norm.bias"),
+                "gpas_attn": gpas(p + "gpas_attn"), "gpas_mlp": gpas(p + "gpas_mlp"),
+            }
+            if c.has_fan(i):
+                lw["fan_w"], lw["fan_b"] = w(p + "fan.weight"), w(p + "fan.bias")
+            if kind == FULL:
+                lw["qkv"] = torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+                lw["o"] = w(p + "self_attn.o_proj.weight")
+                lw["q_norm"] = norm_weight(p + "self_attn.q_norm.weight")
+                lw["k_norm"] = norm_weight(p + "self_attn.k_norm.weight")
+            else:
+                lw["gdn"] = gdn.load_weights(weights, p + "linear_attn.", self.gdn_dims, dtype, self.device)
+            self.layers.append(lw)
+        self.attn_index = {i: j for j, i in enumerate(i for i, t in enumerate(c.layer_types) if t == FULL)}
+        self.gdn_index = {i: j for j, i in enumerate(i for i, t in enumerate(c.layer_types) if t == LINEAR)}
+        self.inv_freq = rope_inv_freq(int(c.head_dim * c.partial_rotary_factor), c.rope_theta)
+        self.scale = c.head_dim ** -0.5
+
+    def cache_layout(self) -> CacheLayout:
+        c, d = self.config, self.gdn_dims
+        n_gdn = len(self.gdn_index)
+        return CacheLayout(
+            kv=KVSpec(len(self.attn_index), c.num_kv_heads, c.head_dim) if self.attn_index else None,
+            states={"gdn": StateSpec(n_gdn, d.state_shape, torch.float32), "conv": StateSpec(n_gdn, d.window_shape)}
+            if n_gdn else {},
+        )
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_position_embeddings
+
+    def weights_bytes(self) -> int:
+        tensors = [self.embed, self.lm_head, self.norm]
+        for lw in self.layers:
+            for v in lw.values():
+                if isinstance(v, torch.Tensor):
+                    tensors.append(v)
+                elif isinstance(v, gdn.GDNWeights):
+                    tensors += v.tensors()
+        unique = {id(t): t for t in tensors}
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+    # -- the two entry points -------------------------------------------------------------------
+
+    def reference_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Plain full-sequence forward of one sequence, no cache: logits [T, V]."""
+        positions = torch.arange(input_ids.shape[0], device=self.device)
+        h = self._hidden(input_ids.to(self.device), positions,
+                         lambda j, q, k, v: causal_attention(q, k, v, self.scale),
+                         lambda m, x, w: gdn.reference(x, w, self.gdn_dims))
+        return self._logits(h)
+
+    def forward(self, meta: BatchMeta, cache: CacheView) -> torch.Tensor:
+        """Engine forward over a packed batch: paged KV for attention, state slots for GDN layers."""
+        def attend(j, q, k, v):
+            k_cache, v_cache = cache.kv[j]
+            attn = pick("paged_attention", q.device)
+            attn.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            if meta.is_decode:
+                return attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale)
+            return paged_attention.reference(q, k_cache, v_cache, meta, self.scale)
+
+        def recur(m, x, w):
+            return gdn.forward(x, w, self.gdn_dims, meta, cache.states["conv"][m], cache.states["gdn"][m])
+
+        h = self._hidden(meta.input_ids, meta.positions, attend, recur)
+        return self._logits(h[meta.logits_indices])
+
+    # -- shared body ----------------------------------------------------------------------------
+
+    def _attention(self, j: int, lw: dict, x: torch.Tensor, cos, sin, attend: Attend) -> torch.Tensor:
+        c = self.config
+        T = x.shape[0]
+        q_width = c.num_heads * c.head_dim * (2 if c.attn_output_gate else 1)
+        kv_width = c.num_kv_heads * c.head_dim
+        q, k, v = F.linear(x, lw["qkv"]).split([q_width, kv_width, kv_width], dim=-1)
+        q = q.view(T, c.num_heads, -1)
+        gate = None
+        if c.attn_output_gate:   # per head [query | gate] (Qwen3-Next)
+            q, gate = q.split(c.head_dim, dim=-1)
+        q = rms_norm(q, lw["q_norm"], c.rms_norm_eps)
+        k = rms_norm(k.view(T, c.num_kv_heads, c.head_dim), lw["k_norm"], c.rms_norm_eps)
+        v = v.view(T, c.num_kv_heads, c.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = attend(j, q, k, v)
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
+        return F.linear(o.reshape(T, -1), lw["o"])
+
+    def _mlp(self, lw: dict, h: torch.Tensor) -> torch.Tensor:
+        g, u = F.linear(h, lw["gate_up"]).chunk(2, dim=-1)
+        return F.linear(poly_norm(g, lw["poly_w"], lw["poly_b"]) * u, lw["down"])
+
+    def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend, recur: Recur):
+        c = self.config
+        eps = c.rms_norm_eps
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)
+        p, _ = c.fan_sizes
+        x = self.embed[input_ids]
+        for i, lw in enumerate(self.layers):
+            h = rms_norm(x, lw["in_norm"], eps)               # LNS is folded into in_norm
+            if "fan_w" in lw:
+                h = fan(h, lw["fan_w"], lw["fan_b"], p)
+            if c.layer_types[i] == FULL:
+                mixed = self._attention(self.attn_index[i], lw, h, cos, sin, attend)
+            else:
+                mixed = recur(self.gdn_index[i], h, lw["gdn"])
+            x = (x + mixed) * lw["gpas_attn"]
+            x = (x + self._mlp(lw, rms_norm(x, lw["post_norm"], eps))) * lw["gpas_mlp"]
+        return x
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head).float()
