@@ -50,7 +50,8 @@ def build_llm_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
     max_len = min(config.max_model_len or model.max_model_len, model.max_model_len)
     budget = config.kv_cache_memory or default_budget(device)
     layout = model.cache_layout()
-    plan = plan_memory(layout, dtype, budget, config.page_size, config.max_num_seqs, max_len)
+    plan = plan_memory(layout, dtype, budget, config.page_size, config.max_num_seqs, max_len,
+                       config.num_kv_pages)
     pools = CachePools(layout, plan, config.page_size, dtype, device)
     name = config.served_model_name or _default_name(config.model, ckpt)
     return LLMEngine(model, ckpt.tokenizer, pools, config, max_len), name

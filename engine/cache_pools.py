@@ -28,7 +28,7 @@ class MemoryPlan:
 
 
 def plan_memory(layout: CacheLayout, dtype: torch.dtype, budget: int, page_size: int,
-                max_num_seqs: int, max_model_len: int) -> MemoryPlan:
+                max_num_seqs: int, max_model_len: int, num_pages: int | None = None) -> MemoryPlan:
     """Split `budget` bytes between state slots and KV pages; concurrency follows, never a failure.
 
     State slots are fixed per request, so they are sized first (at most max_num_seqs, at most half the
@@ -49,6 +49,8 @@ def plan_memory(layout: CacheLayout, dtype: torch.dtype, budget: int, page_size:
         pages = min(pages, max_num_seqs * -(-max_model_len // page_size) + 1)
     else:
         pages = 1
+    if num_pages and page_bytes:
+        pages = num_pages + 1  # plus the reserved page
     conc = slots if per_slot else max_num_seqs
     if page_bytes:
         conc = min(conc, max_num_seqs, max(1, pages - 1))

@@ -15,8 +15,14 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048   # token budget per engine step (chunked prefill size)
     kv_cache_memory: int | None = None   # bytes for KV pages + state slots; default: derived from device memory
     page_size: int = 16                  # tokens per KV page
+    num_kv_pages: int | None = None      # fixed KV page count instead of the budget split (tests, tuning)
     enforce_eager: bool = False          # disable CUDA graphs
     seed: int = 0
+    # Admission and liveness, enforced by AsyncEngine (the engine core never sees them).
+    max_queued_requests: int = 256       # submitted but not yet running; beyond this new requests get 503
+    max_queued_tokens: int = 65536       # prompt tokens of those queued requests; same
+    request_timeout: float = 0.0         # seconds from submission to the last token; 0 = none
+    watchdog_timeout: float = 120.0      # an engine step longer than this marks the engine unhealthy; 0 = off
 
 
 @dataclass
