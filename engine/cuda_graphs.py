@@ -24,7 +24,7 @@ def capture_sizes(max_bs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, cache: CacheView, max_bs: int, max_blocks: int):
+    def __init__(self, model, cache: CacheView, max_bs: int, max_blocks: int, sizes: list[int] | None = None):
         self.model, self.cache = model, cache
         self.max_bs, self.max_blocks = max_bs, max_blocks
         dev = model.device
@@ -36,7 +36,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev)
         self.cu_seqlens = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         self.rows = torch.arange(max_bs, dtype=torch.long, device=dev)
-        self.sizes = capture_sizes(max_bs)
+        self.sizes = sorted(sizes) if sizes else capture_sizes(max_bs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -71,6 +71,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, meta: BatchMeta) -> torch.Tensor:
+        """Logits [B, V]; a view of the graph's output buffer, valid until the next replay."""
         B = meta.num_seqs
         bs = self.padded_size(B)
         w = meta.block_tables.shape[1]

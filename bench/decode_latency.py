@@ -1,0 +1,248 @@
+"""GPU decode latency, context flatness and prefill time of full-size synthetic checkpoints, against the
+memory-bandwidth / FLOP floor and a plain-PyTorch baseline measured in the same run.
+
+- floor: bytes a decode step must move (weights once + each request's state read and written + the KV it
+  reads) over the copy bandwidth measured here; prefill: 2 * params * tokens over the measured bf16
+  matmul rate.
+- ours: the engine's CUDA-graph decode step (Triton kernels, in-place slots, one replay per step).
+- baseline: the same model, eager PyTorch with the reference kernels (per-op launches, no graph).
+
+Usage (on the GPU machine): python bench/decode_latency.py [--archs spartacus,...] [--batches 1,8,...]
+Writes $OUT/decode_latency.json (or bench/results/decode_latency.json).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from hybridserve.engine.cache_pools import CachePools, MemoryPlan
+from hybridserve.engine.cuda_graphs import DecodeGraphs
+from hybridserve.engine.model_runner import SeqChunk, build_meta
+from hybridserve.models.registry import build_model
+from hybridserve.weights.checkpoint import Checkpoint
+from hybridserve.weights.synth import GENERATORS
+
+PAGE = 16
+
+
+def measure_copy_bandwidth() -> float:
+    """Bytes read + written per second for a large device-to-device copy."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    n = 20
+    for _ in range(n):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * a.numel() * n / (time.perf_counter() - t)
+
+
+def measure_matmul_rate() -> float:
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ y
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        x @ y
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t)
+
+
+def load_full(arch: str):
+    mod, fn = GENERATORS[arch].split(":")
+    torch.manual_seed(0)
+    config, tensors = getattr(importlib.import_module(mod), fn)("full", 0)
+    ckpt = Checkpoint(arch=arch, config=config, tensors=tensors, source=f"synth:{arch}:full")
+    model = build_model(ckpt, torch.bfloat16, torch.device("cuda"))
+    del tensors, ckpt
+    return model
+
+
+def time_fn(fn, iters: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+class Setup:
+    """B requests, each with `context` tokens already in its KV pages / state slot (random contents:
+    decode time does not depend on the values), ready for one decode step."""
+
+    def __init__(self, model, batch: int, context: int):
+        layout = model.cache_layout()
+        pages_per_seq = -(-(context + 1) // PAGE)
+        plan = MemoryPlan(batch * pages_per_seq + 1 if layout.kv else 1, batch if layout.states else 0, batch,
+                          layout.kv_bytes_per_token(model.dtype) * PAGE, layout.state_bytes_per_slot(model.dtype))
+        self.pools = CachePools(layout, plan, PAGE, model.dtype, model.device)
+        for k, v in self.pools.view.kv:
+            k.normal_(0, 1)
+            v.normal_(0, 1)
+        for t in self.pools.view.states.values():
+            t.normal_(0, 0.1)
+        chunks = []
+        for b in range(batch):
+            pages = self.pools.pages.allocate(pages_per_seq) if layout.kv else []
+            slot = self.pools.slots.allocate() if layout.states else 0
+            if layout.states:
+                for t in self.pools.view.states.values():
+                    t[:, slot].normal_(0, 0.1)
+            chunks.append(SeqChunk([b % 1000 + 1], context, pages, slot, True))
+        self.meta = build_meta(chunks, PAGE, model.device)
+        self.pages_per_seq = pages_per_seq
+        self.state_bytes = sum(plan.state_slot_bytes.values())
+        self.kv_read = layout.kv_bytes_per_token(model.dtype) * (context + 1)
+
+
+def decode_rows(model, arch, batches, bw, baseline_max_batch):
+    rows = []
+    weights = model.weights_bytes()
+    for B in batches:
+        s = Setup(model, B, 128)
+        graphs = DecodeGraphs(model, s.pools.view, B, s.pages_per_seq, sizes=[B])
+        graphs.capture()
+        ms = time_fn(lambda: graphs.run(s.meta))
+        floor_bytes = weights + B * (2 * s.state_bytes + s.kv_read)
+        floor_ms = 1e3 * floor_bytes / bw
+        row = {"arch": arch, "batch": B, "context": 128, "ms_per_step": ms, "tok_per_s": 1e3 * B / ms,
+               "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms, "weights_bytes": weights,
+               "state_bytes_per_request": s.state_bytes}
+        if B <= baseline_max_batch:
+            os.environ["HYBRIDSERVE_KERNELS"] = "reference"
+            try:
+                with torch.inference_mode():
+                    base = time_fn(lambda: model.forward(s.meta, s.pools.view), iters=10)
+            finally:
+                os.environ.pop("HYBRIDSERVE_KERNELS")
+            row["baseline_eager_reference_ms"] = base
+            row["speedup_vs_baseline"] = base / ms
+        rows.append(row)
+        print(f"{arch:11} B={B:4} {ms:8.3f} ms  floor {floor_ms:7.3f} ms  x{ms / floor_ms:5.2f}  "
+              f"{row['tok_per_s']:9.0f} tok/s" + (f"  baseline {row['baseline_eager_reference_ms']:8.2f} ms"
+                                                  if "baseline_eager_reference_ms" in row else ""), flush=True)
+        del graphs, s
+        torch.cuda.empty_cache()
+    return rows
+
+
+def flatness_rows(model, arch, contexts, bw):
+    rows = []
+    for ctx in contexts:
+        s = Setup(model, 1, ctx)
+        graphs = DecodeGraphs(model, s.pools.view, 1, s.pages_per_seq, sizes=[1])
+        graphs.capture()
+        ms = time_fn(lambda: graphs.run(s.meta))
+        floor_ms = 1e3 * (model.weights_bytes() + 2 * s.state_bytes + s.kv_read) / bw
+        rows.append({"arch": arch, "context": ctx, "ms_per_step": ms, "floor_ms": floor_ms})
+        print(f"{arch:11} ctx={ctx:6} {ms:8.3f} ms  floor {floor_ms:7.3f} ms", flush=True)
+        del graphs, s
+        torch.cuda.empty_cache()
+    base = rows[0]["ms_per_step"]
+    for r in rows:
+        r["ratio_to_shortest"] = r["ms_per_step"] / base
+    return rows
+
+
+def prefill_rows(model, arch, lengths, flops):
+    rows = []
+    params = model.weights_bytes() // 2
+    for n in lengths:
+        s = Setup(model, 1, 0)
+        slot = s.meta.slot_ids.tolist()[0]
+        pages = s.pools.pages.allocate(-(-n // PAGE) - s.pages_per_seq) if s.pools.layout.kv else []
+        all_pages = (s.meta.block_tables[0, :s.pages_per_seq].tolist() + pages) if s.pools.layout.kv else []
+        ids = [(7 * i) % 30000 + 1 for i in range(n)]
+        meta = build_meta([SeqChunk(ids, 0, all_pages, slot, True)], PAGE, model.device)
+
+        def run():
+            with torch.inference_mode():
+                model.forward(meta, s.pools.view)
+        ms = time_fn(run, iters=5)
+        floor_ms = 1e3 * 2 * params * n / flops
+        rows.append({"arch": arch, "prompt_tokens": n, "ttft_ms": ms, "flop_floor_ms": floor_ms,
+                     "ratio_to_floor": ms / floor_ms})
+        print(f"{arch:11} prefill {n:6} tokens {ms:8.2f} ms  floor {floor_ms:7.2f} ms", flush=True)
+        del s
+        torch.cuda.empty_cache()
+    return rows
+
+
+def kernel_breakdown(model, arch, batch=1):
+    """Where one eager decode step's GPU time goes, by kernel (top 12)."""
+    s = Setup(model, batch, 128)
+    with torch.inference_mode():
+        for _ in range(3):
+            model.forward(s.meta, s.pools.view)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                model.forward(s.meta, s.pools.view)
+            torch.cuda.synchronize()
+    ev = [e for e in prof.key_averages() if e.device_time_total > 0]
+    ev.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in ev) / 5
+    out = {"arch": arch, "batch": batch, "gpu_us_per_step": total,
+           "kernels": [{"name": e.key[:80], "us_per_step": e.device_time_total / 5, "calls_per_step": e.count / 5}
+                       for e in ev[:12]]}
+    print(f"{arch}: {total:.0f} us of GPU work per eager step; top: "
+          + ", ".join(f"{k['name'][:40]} {k['us_per_step']:.0f}us" for k in out["kernels"][:4]), flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--archs", default="spartacus,nanohammer,kotodama,neollm")
+    ap.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
+    ap.add_argument("--contexts", default="1024,8192,32768,65536")
+    ap.add_argument("--prefill", default="128,512,1024,2048,4096,8192")
+    ap.add_argument("--baseline-max-batch", type=int, default=8)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: decode,flat,prefill,profile")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    bw, flops = measure_copy_bandwidth(), measure_matmul_rate()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": importlib.import_module("triton").__version__, "copy_bandwidth_Bps": bw,
+              "matmul_flops": flops, "decode": [], "flatness": [], "prefill": [], "profile": []}
+    for arch in args.archs.split(","):
+        t = time.perf_counter()
+        model = load_full(arch)
+        print(f"{arch}: built in {time.perf_counter() - t:.1f}s, weights {model.weights_bytes() / 1e9:.2f} GB",
+              flush=True)
+        if "decode" not in skip:
+            result["decode"] += decode_rows(model, arch, [int(b) for b in args.batches.split(",")], bw,
+                                            args.baseline_max_batch)
+        if "flat" not in skip and arch in ("spartacus", "nanohammer", "neollm"):
+            result["flatness"] += flatness_rows(model, arch, [int(c) for c in args.contexts.split(",")], bw)
+        if "prefill" not in skip and arch == "spartacus":
+            result["prefill"] += prefill_rows(model, arch, [int(n) for n in args.prefill.split(",")], flops)
+        if "profile" not in skip:
+            result["profile"].append(kernel_breakdown(model, arch))
+        del model
+        torch.cuda.empty_cache()
+        (out_dir / "decode_latency.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
