@@ -140,7 +140,6 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch):
         print(f"{arch:11} B={B:4} {ms:8.3f} ms  floor {floor_ms:7.3f} ms  x{ms / floor_ms:5.2f}  "
               f"{row['tok_per_s']:9.0f} tok/s" + (f"  baseline {row['baseline_eager_reference_ms']:8.2f} ms"
                                                   if "baseline_eager_reference_ms" in row else ""), flush=True)
-        del graphs, s
         torch.cuda.empty_cache()
     return rows
 
@@ -155,7 +154,6 @@ def flatness_rows(model, arch, contexts, bw):
         floor_ms = 1e3 * (model.weights_bytes() + 2 * s.state_bytes + s.kv_read) / bw
         rows.append({"arch": arch, "context": ctx, "ms_per_step": ms, "floor_ms": floor_ms})
         print(f"{arch:11} ctx={ctx:6} {ms:8.3f} ms  floor {floor_ms:7.3f} ms", flush=True)
-        del graphs, s
         torch.cuda.empty_cache()
     base = rows[0]["ms_per_step"]
     for r in rows:
@@ -182,7 +180,6 @@ def prefill_rows(model, arch, lengths, flops):
         rows.append({"arch": arch, "prompt_tokens": n, "ttft_ms": ms, "flop_floor_ms": floor_ms,
                      "ratio_to_floor": ms / floor_ms})
         print(f"{arch:11} prefill {n:6} tokens {ms:8.2f} ms  floor {floor_ms:7.2f} ms", flush=True)
-        del s
         torch.cuda.empty_cache()
     return rows
 

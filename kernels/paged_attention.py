@@ -28,21 +28,31 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
 
 def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: BatchMeta,
               scale: float, return_lse: bool = False):
-    """Varlen causal attention of packed queries q [T, H, D] over each sequence's pages.
+    """Varlen causal attention of packed queries q [T, H, D] over each sequence's pages (the metadata
+    form of `varlen_prefill`)."""
+    return _varlen(q, k_cache, v_cache, meta.query_lens_cpu, meta.seq_lens_cpu, meta.block_tables, scale,
+                   return_lse)
 
-    Returns out [T, H, D] (and the log-sum-exp [T, H] in fp32 when return_lse, for merging an extra
-    key into the softmax exactly).
-    """
+
+def varlen_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens: torch.Tensor,
+                   seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_query_len: int,
+                   return_lse: bool = False):
+    """Sequence b's queries q[cu_seqlens[b]:cu_seqlens[b+1]] attend causally to its first seq_lens[b]
+    cached tokens. Returns out [T, H, D] (and the fp32 log-sum-exp [T, H] when return_lse)."""
+    cu = cu_seqlens.tolist()
+    qlens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    return _varlen(q, k_cache, v_cache, qlens, seq_lens.tolist(), block_tables, scale, return_lse)
+
+
+def _varlen(q, k_cache, v_cache, query_lens, seq_lens, block_tables, scale, return_lse):
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
-    if meta.is_decode and not return_lse:
-        return decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
     start = 0
-    for b, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+    for b, (qlen, slen) in enumerate(zip(query_lens, seq_lens)):
         if qlen == 0:
             continue
-        k = gather_kv(k_cache, meta.block_tables[b], slen)
-        v = gather_kv(v_cache, meta.block_tables[b], slen)
+        k = gather_kv(k_cache, block_tables[b], slen)
+        v = gather_kv(v_cache, block_tables[b], slen)
         qs = q[start:start + qlen]
         rep = qs.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1).transpose(0, 1).float()
@@ -61,7 +71,7 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+           seq_lens: torch.Tensor, scale: float, return_lse: bool = False):
     """One query per sequence q [B, H, D] over its first seq_lens[b] tokens. No host sync: the context
     is gathered over the full block-table width and the tail masked, so it is also graph-capturable."""
     page = k_cache.shape[1]
@@ -70,10 +80,11 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     k = k_cache[bt].reshape(B, n_pages * page, *k_cache.shape[2:])
     v = v_cache[bt].reshape(B, n_pages * page, *v_cache.shape[2:])
     rep = q.shape[1] // k.shape[2]
-    k = k.repeat_interleave(rep, dim=2).transpose(1, 2)  # [B, H, L, D]
-    v = v.repeat_interleave(rep, dim=2).transpose(1, 2)
+    k = k.repeat_interleave(rep, dim=2).transpose(1, 2).float()  # [B, H, L, D]
+    v = v.repeat_interleave(rep, dim=2).transpose(1, 2).float()
     mask = torch.arange(n_pages * page, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]
-    o = F.scaled_dot_product_attention(
-        q[:, :, None, :].to(k.dtype), k, v, attn_mask=mask[:, None, None, :], scale=scale
-    )
-    return o[:, :, 0, :].to(q.dtype)
+    s = torch.matmul(k, q.float()[:, :, :, None])[..., 0] * scale        # [B, H, L]
+    s = s.masked_fill(~mask[:, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                                     # [B, H]
+    o = torch.matmul(torch.exp(s - lse[..., None])[:, :, None, :], v)[:, :, 0, :].to(q.dtype)
+    return (o, lse) if return_lse else o

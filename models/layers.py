@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from hybridserve.kernels.backend import pick
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in fp32 and cast back to the input dtype."""
@@ -64,3 +66,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale
     )
     return o.transpose(0, 1)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                    meta, scale: float, return_lse: bool = False):
+    """Write this step's k/v [T, Hkv, D] into the sequence pages, then attend causally over them: the
+    decode kernel when every row has one token (graph-capturable), the varlen prefill kernel otherwise."""
+    attn = pick("paged_attention", q.device)
+    k_cache, v_cache = kv
+    attn.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if meta.is_decode:
+        return attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, return_lse=return_lse)
+    return attn.varlen_prefill(q, k_cache, v_cache, meta.cu_seqlens, meta.seq_lens, meta.block_tables, scale,
+                               max(meta.query_lens_cpu), return_lse=return_lse)

@@ -14,11 +14,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from hybridserve.kernels import paged_attention
-from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec
-from hybridserve.models.layers import (apply_rope, causal_attention, rms_norm, rope_cos_sin,
+from hybridserve.models.layers import (apply_rope, causal_attention, paged_attention, rms_norm, rope_cos_sin,
                                        rope_inv_freq, swiglu)
 
 
@@ -154,15 +152,8 @@ class LlamaModel:
 
     def forward(self, meta: BatchMeta, cache: CacheView) -> torch.Tensor:
         """Engine forward over a packed batch with paged KV: logits [len(logits_indices), V]."""
-        def attend(i, q, k, v):
-            k_cache, v_cache = cache.kv[i]
-            attn = pick("paged_attention", q.device)
-            attn.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-            if meta.is_decode:
-                return attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale)
-            return paged_attention.reference(q, k_cache, v_cache, meta, self.scale)
-
-        h = self._hidden(meta.input_ids, meta.positions, attend)
+        h = self._hidden(meta.input_ids, meta.positions,
+                         lambda i, q, k, v: paged_attention(q, k, v, cache.kv[i], meta, self.scale))
         return self._logits(h[meta.logits_indices])
 
     # -- shared body ----------------------------------------------------------------------------

@@ -25,14 +25,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from hybridserve.kernels import paged_attention
-from hybridserve.kernels.backend import pick
 from hybridserve.kernels.state_token import (HOLO_BASE, decode_integral, holo_rope, holo_rope_inv,
                                              integral_reference, merge_state_entry, state_logit,
                                              varlen_integral)
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, StateSpec
-from hybridserve.models.layers import apply_rope, rms_norm, rope_cos_sin
+from hybridserve.models.layers import apply_rope, paged_attention, rms_norm, rope_cos_sin
 from hybridserve.models.llama import LlamaConfig, LlamaModel
 
 
@@ -140,15 +138,7 @@ class NanoHammerModel(LlamaModel):
         cos, sin = rope_cos_sin(meta.positions, self.inv_freq, self.dtype)
 
         def attend(i, q, k, v):
-            k_cache, v_cache = cache.kv[i]
-            attn = pick("paged_attention", q.device)
-            attn.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-            if meta.is_decode and q.is_cuda:
-                # graph-captured decode: the reference's per-sequence host loop would freeze the lengths
-                o_c, lse = attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                       return_lse=True)
-            else:
-                o_c, lse = paged_attention.reference(q, k_cache, v_cache, meta, self.scale, return_lse=True)
+            o_c, lse = paged_attention(q, k, v, cache.kv[i], meta, self.scale, return_lse=True)
             k_s, v_s = self._state_kv(i, state_tokens[i], cos, sin)
             return merge_state_entry(o_c, lse, q, k_s, v_s, self.scale)
 

@@ -23,12 +23,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from hybridserve.kernels import paged_attention
-from hybridserve.kernels.backend import pick
 from hybridserve.models import gated_deltanet as gdn
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec, StateSpec
-from hybridserve.models.layers import apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq
+from hybridserve.models.layers import (apply_rope, causal_attention, paged_attention, rms_norm, rope_cos_sin,
+                                       rope_inv_freq)
 
 FULL, LINEAR = "full_attention", "linear_attention"
 POLYNORM_EPS = 1e-6  # Motif's PolyNorm (neollm.md §5.5)
@@ -211,12 +210,7 @@ class NeoLLMModel:
     def forward(self, meta: BatchMeta, cache: CacheView) -> torch.Tensor:
         """Engine forward over a packed batch: paged KV for attention, state slots for GDN layers."""
         def attend(j, q, k, v):
-            k_cache, v_cache = cache.kv[j]
-            attn = pick("paged_attention", q.device)
-            attn.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-            if meta.is_decode:
-                return attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale)
-            return paged_attention.reference(q, k_cache, v_cache, meta, self.scale)
+            return paged_attention(q, k, v, cache.kv[j], meta, self.scale)
 
         def recur(m, x, w):
             return gdn.forward(x, w, self.gdn_dims, meta, cache.states["conv"][m], cache.states["gdn"][m])
