@@ -10,18 +10,13 @@ from hybridserve.kernels.backend import pick
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim, computed in fp32 and cast back to the input dtype."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.float()
-    return y.to(x.dtype)
+    """RMSNorm over the last dim in fp32, cast back to the input dtype (one fused kernel on GPU)."""
+    return pick("fused", x.device).rms_norm(x, weight, eps)
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) with gate and up fused into one [2I, D] matrix."""
-    g, u = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(g) * u, down)
+    return F.linear(pick("fused", x.device).silu_mul(F.linear(x, gate_up)), down)
 
 
 def rope_inv_freq(rot_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -49,12 +44,7 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on the first cos.shape[-1] dims of x [T, H, D]; the rest pass through."""
-    rot = cos.shape[-1]
-    xr, xp = x[..., :rot], x[..., rot:]
-    half = rot // 2
-    rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
-    out = xr * cos[:, None, :] + rotated * sin[:, None, :]
-    return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
+    return pick("fused", x.device).rope(x, cos, sin)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

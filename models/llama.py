@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec
 from hybridserve.models.layers import (apply_rope, causal_attention, paged_attention, rms_norm, rope_cos_sin,
@@ -71,14 +72,8 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def route(sources: list[torch.Tensor], query: torch.Tensor, norm_w: torch.Tensor, eps: float) -> torch.Tensor:
-    """Block AttnRes routing: softmax over depth of q·RMSNorm_w(src), mixing the raw sources (fp32)."""
-    if len(sources) == 1:
-        return sources[0]
-    qw = (query.float() * norm_w.float())
-    src = torch.stack([s.float() for s in sources])                     # [S, T, D]
-    r = torch.rsqrt(src.pow(2).mean(-1) + eps)                          # [S, T]
-    alpha = torch.softmax(r * (src @ qw), dim=0)                        # [S, T]
-    return (alpha[..., None] * src).sum(0).to(sources[0].dtype)
+    """Block AttnRes routing (kernels/attn_res.py): softmax over depth of q·RMSNorm_w(src), in fp32."""
+    return pick("attn_res", sources[0].device).route(sources, query, norm_w, eps)
 
 
 class LlamaModel:

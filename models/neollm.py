@@ -170,7 +170,7 @@ class NeoLLMModel:
             self.layers.append(lw)
         self.attn_index = {i: j for j, i in enumerate(i for i, t in enumerate(c.layer_types) if t == FULL)}
         self.gdn_index = {i: j for j, i in enumerate(i for i, t in enumerate(c.layer_types) if t == LINEAR)}
-        self.inv_freq = rope_inv_freq(int(c.head_dim * c.partial_rotary_factor), c.rope_theta)
+        self.inv_freq = rope_inv_freq(int(c.head_dim * c.partial_rotary_factor), c.rope_theta).to(self.device)
         self.scale = c.head_dim ** -0.5
 
     def cache_layout(self) -> CacheLayout:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridserve.kernels import monoid
+from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, StateSpec
 from hybridserve.models.layers import rms_norm, swiglu
@@ -144,9 +145,10 @@ class SpartacusModel:
         pools = cache.states["monoid"]
 
         def mix(i, q, k, v, log_a):
+            ops = pick("monoid", q.device)
             if meta.is_decode:
-                return monoid.decode_step(q, k, v, log_a, pools[i], meta.slot_ids)
-            return monoid.varlen_prefill(q, k, v, log_a, meta.cu_seqlens, pools[i], meta.slot_ids)
+                return ops.decode_step(q, k, v, log_a, pools[i], meta.slot_ids)
+            return ops.varlen_prefill(q, k, v, log_a, meta.cu_seqlens, pools[i], meta.slot_ids)
 
         h = self._hidden(meta.input_ids, mix)
         return self._logits(h[meta.logits_indices])

@@ -330,3 +330,56 @@ def test_decode_kernels_replay_in_cuda_graph():
         assert torch.equal(a, b)
     for a, b in zip(got_pools, pools):
         assert torch.equal(a, b)
+
+
+# -- fused per-layer glue ------------------------------------------------------------------------
+
+from hybridserve.kernels import fused as fused_ref  # noqa: E402
+from hybridserve.kernels import fused_triton as fused_tr  # noqa: E402
+
+
+def _close(a, b, dtype):
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    err = (a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)
+    assert err < tol, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_rms_norm(device, dtype):
+    x = torch.randn(5, 3, 48, device=device, dtype=dtype)
+    w = torch.randn(48, device=device, dtype=dtype)
+    _close(fused_tr.rms_norm(x, w, 1e-6), fused_ref.rms_norm(x, w, 1e-6), dtype)
+    view = torch.randn(7, 200, device=device, dtype=dtype)[:, 8:56].view(7, 3, 16)  # a strided split view
+    _close(fused_tr.rms_norm(view, w[:16], 1e-5), fused_ref.rms_norm(view, w[:16], 1e-5), dtype)
+    flat = torch.randn(4, 40, device=device, dtype=dtype)
+    _close(fused_tr.rms_norm(flat, None, 1e-5), fused_ref.rms_norm(flat, None, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_silu_mul(device, dtype):
+    gu = torch.randn(6, 2 * 40, device=device, dtype=dtype)
+    _close(fused_tr.silu_mul(gu), fused_ref.silu_mul(gu), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rot", [16, 8])
+def test_fused_rope(device, rot):
+    x = torch.randn(5, 100, device=device)[:, 4:84].view(5, 5, 16)  # strided, 5 heads of 16
+    ang = torch.rand(5, rot // 2, device=device) * 50
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    _close(fused_tr.rope(x, cos, sin), fused_ref.rope(x, cos, sin), torch.float32)
+
+
+from hybridserve.kernels import attn_res as route_ref  # noqa: E402
+from hybridserve.kernels import attn_res_triton as route_tr  # noqa: E402
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_sources", [2, 5, 7])
+def test_attn_res_route(device, dtype, n_sources):
+    sources = [torch.randn(4, 40, device=device, dtype=dtype) * (1 + i) for i in range(n_sources)]
+    q, w = torch.randn(40, device=device, dtype=dtype), torch.rand(40, device=device, dtype=dtype) + 0.5
+    _close(route_tr.route(sources, q, w, 1e-5), route_ref.route(sources, q, w, 1e-5), dtype)

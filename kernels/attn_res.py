@@ -1,0 +1,17 @@
+"""Block Attention Residual routing (specs/kotodama.md §7.1), plain PyTorch reference for
+kernels/attn_res_triton.py: softmax over depth of q·RMSNorm_w(src), mixing the raw sources, in fp32."""
+from __future__ import annotations
+
+import torch
+
+MAX_SOURCES = 8
+
+
+def route(sources: list[torch.Tensor], query: torch.Tensor, norm_w: torch.Tensor, eps: float) -> torch.Tensor:
+    if len(sources) == 1:
+        return sources[0]
+    qw = query.float() * norm_w.float()
+    src = torch.stack([s.float() for s in sources])                     # [S, T, D]
+    r = torch.rsqrt(src.pow(2).mean(-1) + eps)                          # [S, T]
+    alpha = torch.softmax(r * (src @ qw), dim=0)                        # [S, T]
+    return (alpha[..., None] * src).sum(0).to(sources[0].dtype)
