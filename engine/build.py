@@ -41,6 +41,7 @@ def default_budget(device: torch.device) -> int:
 
 
 def build_llm_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
+    torch.manual_seed(config.seed)  # unseeded requests draw from the global generator
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     ckpt = load_checkpoint(config.model)

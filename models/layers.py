@@ -19,6 +19,18 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
     return F.linear(pick("fused", x.device).silu_mul(F.linear(x, gate_up)), down)
 
 
+def rope_params(c: dict, default_theta: float = 10000.0) -> tuple[float, dict | None, float | None]:
+    """(theta, scaling, partial_rotary_factor) from a config.json in either layout: top-level
+    rope_theta / rope_scaling / partial_rotary_factor, or the newer nested `rope_parameters`."""
+    nested = c.get("rope_parameters") or {}
+    theta = float(c.get("rope_theta", nested.get("rope_theta", default_theta)))
+    scaling = c.get("rope_scaling")
+    if scaling is None and nested.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in nested.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    partial = c.get("partial_rotary_factor", nested.get("partial_rotary_factor"))
+    return theta, scaling, partial
+
+
 def rope_inv_freq(rot_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
     """Inverse frequencies for rotate-half RoPE over `rot_dim` dims, with optional llama3 scaling."""
     inv = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))

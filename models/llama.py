@@ -18,7 +18,7 @@ from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec
 from hybridserve.models.layers import (apply_rope, causal_attention, paged_attention, rms_norm, rope_cos_sin,
-                                       rope_inv_freq, swiglu)
+                                       rope_inv_freq, rope_params, swiglu)
 
 
 @dataclass
@@ -57,11 +57,11 @@ class LlamaConfig:
             num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads", heads),
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-            rope_theta=float(c.get("rope_theta", 10000.0)),
+            rope_theta=rope_params(c)[0],
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
             max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
-            rope_scaling=c.get("rope_scaling"),
+            rope_scaling=rope_params(c)[1],
             qk_norm=bool(c.get("qk_norm", False)),
             attn_res=attn_res,
             attn_res_boundaries=list(bounds or []),

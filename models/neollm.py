@@ -27,7 +27,7 @@ from hybridserve.models import gated_deltanet as gdn
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec, StateSpec
 from hybridserve.models.layers import (apply_rope, causal_attention, paged_attention, rms_norm, rope_cos_sin,
-                                       rope_inv_freq)
+                                       rope_inv_freq, rope_params)
 
 FULL, LINEAR = "full_attention", "linear_attention"
 POLYNORM_EPS = 1e-6  # Motif's PolyNorm (neollm.md §5.5)
@@ -72,6 +72,10 @@ class NeoLLMConfig:
             "linear_conv_kernel_dim", "partial_rotary_factor", "rope_theta", "rms_norm_eps",
             "max_position_embeddings", "tie_word_embeddings", "fan_ratio", "attn_output_gate", "fan_placement",
             "zero_centered_norm", "lns_forward") if k in c}
+        theta, _, partial = rope_params(c)
+        fields["rope_theta"] = theta
+        if partial is not None:
+            fields["partial_rotary_factor"] = partial
         return cls(
             vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             intermediate_size=c.get("intermediate_size", 1024), num_layers=layers, num_heads=heads,
