@@ -1,7 +1,12 @@
 """Runs the engine loop on its own thread and hands outputs to asyncio consumers.
 
-The HTTP layer awaits per-request queues; the engine thread never blocks on a client. add/abort are
-posted to the engine thread, so the engine core is only ever touched from one thread.
+The HTTP layer reads per-request streams; the engine thread never blocks on a client. add/abort are posted
+to the engine thread, so the engine core is only ever touched from one thread.
+
+Everything that decides whether a request may run, and for how long, lives here on the event-loop side:
+admission (bounded queue), deadlines, the step watchdog and draining. Those decisions are synchronous on the
+one event-loop thread, so they stay exact however many clients race; the engine thread only reports back
+which requests left the waiting queue.
 """
 from __future__ import annotations
 
@@ -9,13 +14,109 @@ import asyncio
 import logging
 import queue
 import threading
-from typing import AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hybridserve.engine.config import EngineStats
-from hybridserve.engine.llm_engine import LLMEngine
 from hybridserve.engine.request import FinishReason, RequestOutput, SamplingParams
+from hybridserve.engine.sequence import SeqStatus
+
+if TYPE_CHECKING:
+    from hybridserve.engine.llm_engine import LLMEngine
 
 log = logging.getLogger("hybridserve.engine")
+
+
+# ---- why a request was refused or ended from outside the engine core ----------------------------------------
+
+
+class EngineRejected(Exception):
+    """The engine does not take this request now; the same request may succeed later (HTTP 503)."""
+
+    retry_after = 1
+
+
+class QueueFull(EngineRejected):
+    """The admission queue is at its request or prompt-token bound."""
+
+
+class NotAccepting(EngineRejected):
+    """Loading, warming up, draining for shutdown, or unhealthy."""
+
+    retry_after = 5
+
+
+class RequestEnded(Exception):
+    """Raised from a request's stream when it was ended from outside the engine core."""
+
+
+class RequestTimedOut(RequestEnded):
+    pass
+
+
+class EngineUnhealthy(RequestEnded):
+    pass
+
+
+class ShuttingDown(RequestEnded):
+    pass
+
+
+def step_overdue(step_started: float | None, now: float, timeout: float) -> bool:
+    """The watchdog's decision: a step is running (started is set) and has run longer than `timeout`
+    (0 = watchdog off)."""
+    return timeout > 0 and step_started is not None and now - step_started > timeout
+
+
+def effective_timeout(requested: float | None, server_default: float) -> float | None:
+    """A request may ask for a shorter deadline than the server's, never a longer one; 0 means none."""
+    limits = [t for t in (requested, server_default) if t]
+    return min(limits) if limits else None
+
+
+# ---- per-request state -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    """Event-loop side bookkeeping of one submitted request."""
+
+    queue: asyncio.Queue
+    prompt_tokens: int
+    queued: bool = True          # counted against the admission bounds (not yet seen running)
+    done: bool = False           # its last item (final output or an exception) is in the queue
+    timer: asyncio.TimerHandle | None = None
+
+
+class RequestStream:
+    """The outputs of one submitted request, in order. Iteration raises a RequestEnded subclass when the
+    request is ended from outside (deadline, watchdog, shutdown). close() aborts an unfinished request and
+    must always be called: it is what frees the request's admission share, slot and pages."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, q: asyncio.Queue) -> None:
+        self._engine = engine
+        self.request_id = request_id
+        self._queue = q
+        self._ended = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        self._ended = item.finished
+        return item
+
+    def close(self) -> None:
+        self._engine._close(self.request_id)
 
 
 class AsyncEngine:
@@ -24,106 +125,323 @@ class AsyncEngine:
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
-        self.ready = False
+        config = engine.config
+        self.max_queued_requests = max(1, config.max_queued_requests)
+        self.max_queued_tokens = config.max_queued_tokens
+        self.request_timeout = config.request_timeout
+        self.watchdog_timeout = config.watchdog_timeout
+        self.ready = False                # warm-up done, accepting requests
+        self.draining = False             # shutting down: finishing in-flight requests, refusing new ones
+        self.unhealthy: str | None = None  # why the engine can no longer serve (sticky until restart)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._requests: dict[str, _Entry] = {}
+        self._queued_requests = 0
+        self._queued_tokens = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._watchdog: asyncio.Task | None = None
         self._stop = False
         self._stats = engine.stats()
+        self._step_started: float | None = None   # written by the engine thread, read by the watchdog
+        self._engine_waiting: set[str] = set()    # engine thread only: added, not yet seen running
 
-    async def start(self) -> None:
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+
+    async def start(self, warm_up: bool = True) -> None:
+        """Start the engine thread, run one real generation, then arm the watchdog and turn ready.
+
+        The warm-up runs unwatched: a first step may legitimately be slow (kernel JIT and autotuning), and a
+        start that hangs is the readiness probe's to catch, not the step watchdog's."""
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
         self._stop = False
+        self.draining = False
+        self._engine_waiting = set()
         self._thread = threading.Thread(target=self._run, name="hybridserve-engine", daemon=True)
         self._thread.start()
+        if warm_up:
+            await self._warm_up()
+        if self.watchdog_timeout > 0:
+            self._watchdog = asyncio.create_task(self._watch())
         self.ready = True
+
+    async def _warm_up(self) -> None:
+        """A 1-token prompt, 1 generated token, through schedule → forward → sample → detokenize: the first
+        step pays one-off costs (lazy init, allocator growth), and an engine that cannot generate must never
+        report ready."""
+        ids = self.tokenizer.encode("Hello", add_special_tokens=False)[:1] or [0]
+        stream = self._register(f"warmup-{uuid.uuid4().hex}", ids, SamplingParams(max_tokens=1, temperature=0),
+                                timeout=None, queued=False)
+        try:
+            async for out in stream:
+                if out.error is not None:
+                    raise RuntimeError(f"warm-up generation failed: {out.error}")
+        finally:
+            stream.close()
+
+    async def drain(self, timeout: float, cut_short: asyncio.Event | None = None, grace: float = 5.0) -> int:
+        """Graceful shutdown: refuse new requests, let in-flight ones finish for up to `timeout` seconds (or
+        until `cut_short` is set), end the rest with ShuttingDown, then give their consumers `grace` seconds
+        to write their final error and close. Returns how many requests were cut off."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self._requests and time.monotonic() < deadline and not (cut_short and cut_short.is_set()):
+            await asyncio.sleep(0.02)
+        cut = sum(not e.done for e in self._requests.values())
+        self._end_all(lambda: ShuttingDown("The server is shutting down; this request did not finish within "
+                                           f"the shutdown timeout ({timeout:g} s)."))
+        deadline = time.monotonic() + grace
+        while self._requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return cut
 
     async def shutdown(self) -> None:
         self.ready = False
         self._stop = True
         self._wake.set()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._end_all(lambda: ShuttingDown("The server is shutting down."))
+        self._requests.clear()
+        self._queued_requests = self._queued_tokens = 0
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
+            # A hung step never returns: do not let it hold the process past a short wait.
+            await asyncio.to_thread(self._thread.join, 2 if self.unhealthy else 30)
             self._thread = None
+
+    def health(self) -> str | None:
+        """None when serving; otherwise why not (for /health and 503 bodies)."""
+        if self.unhealthy:
+            return self.unhealthy
+        if self.draining:
+            return "The server is shutting down."
+        if not self.ready:
+            return "The engine is not ready yet (starting or warming up)."
+        return None
 
     def stats(self) -> EngineStats:
         return self._stats
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Yield incremental outputs; closing the generator early aborts the request."""
-        self.engine.validate(prompt_token_ids, params)
-        if request_id in self._queues:
-            raise ValueError(f"duplicate request id {request_id}")
-        q: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = q
-        self._post(("add", request_id, list(prompt_token_ids), params))
-        finished = False
+    @property
+    def num_inflight(self) -> int:
+        """Submitted requests whose streams are still open."""
+        return len(self._requests)
+
+    @property
+    def num_queued(self) -> tuple[int, int]:
+        """(requests, prompt tokens) counted against the admission bounds."""
+        return self._queued_requests, self._queued_tokens
+
+    # ---- requests ------------------------------------------------------------------------------------------
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request the engine can never serve. Pure: call it before committing to a
+        response (e.g. before an SSE stream starts), so refusals are real 400s."""
+        self.engine.validate(prompt_ids, params)
+
+    def submit(self, requests: Sequence[tuple[str, list[int], SamplingParams]],
+               timeout: float | None = None) -> list[RequestStream]:
+        """Admit all of `requests` or none of them (the n choices of one HTTP request). Callers validate
+        first; the engine core re-checks on add and fails the request with an error output.
+
+        Raises NotAccepting or QueueFull (retry later), ValueError (the batch can never be admitted).
+        Synchronous on purpose: check-and-count cannot interleave with another submit."""
+        reason = self.health()
+        if reason is not None:
+            raise NotAccepting(reason)
+        if self._loop is None:
+            raise NotAccepting("The engine is not started.")
+        n, tokens = len(requests), sum(len(ids) for _, ids, _ in requests)
+        if n > self.max_queued_requests:
+            raise ValueError(f"This request starts {n} generations; the server queues at most "
+                             f"{self.max_queued_requests}.")
+        if self._queued_requests + n > self.max_queued_requests:
+            raise QueueFull(f"The server is overloaded: {self._queued_requests} requests are waiting "
+                            f"(limit {self.max_queued_requests}). Retry shortly.")
+        if self._queued_requests and self._queued_tokens + tokens > self.max_queued_tokens:
+            # An empty queue always admits, so one long prompt is never refused forever.
+            raise QueueFull(f"The server is overloaded: {self._queued_tokens} prompt tokens are waiting "
+                            f"(limit {self.max_queued_tokens}). Retry shortly.")
+        ids_seen = {rid for rid, _, _ in requests}
+        if len(ids_seen) != n or any(rid in self._requests for rid in ids_seen):
+            raise ValueError("duplicate request id")
+        deadline = effective_timeout(timeout, self.request_timeout)
+        return [self._register(rid, ids, params, deadline) for rid, ids, params in requests]
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       timeout: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Validate, submit one request and yield its outputs; closing the generator early aborts it."""
+        self.validate(prompt_token_ids, params)
+        stream = self.submit([(request_id, list(prompt_token_ids), params)], timeout)[0]
         try:
-            while True:
-                out: RequestOutput = await q.get()
-                finished = out.finished
+            async for out in stream:
                 yield out
-                if finished:
-                    return
         finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self._post(("abort", request_id))
+            stream.close()
 
     async def abort(self, request_id: str) -> None:
-        self._post(("abort", request_id))
+        """End a request from outside its consumer: it gets a final ABORT output."""
+        entry = self._requests.get(request_id)
+        if entry is not None and not entry.done:
+            self._end(request_id, entry, RequestOutput(request_id, [], "", finished=True,
+                                                       finish_reason=FinishReason.ABORT))
 
-    # -- engine thread --------------------------------------------------------------------------
+    # ---- event-loop side bookkeeping -----------------------------------------------------------------------
+
+    def _register(self, rid: str, ids: list[int], params: SamplingParams, timeout: float | None,
+                  queued: bool = True) -> RequestStream:
+        entry = _Entry(asyncio.Queue(), len(ids), queued=queued)
+        self._requests[rid] = entry
+        if queued:
+            self._queued_requests += 1
+            self._queued_tokens += len(ids)
+        if timeout is not None:
+            entry.timer = self._loop.call_later(timeout, self._expire, rid, timeout)
+        self._post(("add", rid, list(ids), params))
+        return RequestStream(self, rid, entry.queue)
+
+    def _unqueue(self, entry: _Entry) -> None:
+        if entry.queued:
+            entry.queued = False
+            self._queued_requests -= 1
+            self._queued_tokens -= entry.prompt_tokens
+
+    def _end(self, rid: str, entry: _Entry, last: RequestOutput | BaseException) -> None:
+        """Give the consumer its last item now and abort the request in the engine."""
+        entry.done = True
+        if entry.timer is not None:
+            entry.timer.cancel()
+        self._unqueue(entry)
+        entry.queue.put_nowait(last)
+        self._post(("abort", rid))
+
+    def _end_all(self, make_error: Callable[[], BaseException]) -> None:
+        for rid, entry in list(self._requests.items()):
+            if not entry.done:
+                self._end(rid, entry, make_error())
+
+    def _close(self, rid: str) -> None:
+        entry = self._requests.pop(rid, None)
+        if entry is None:
+            return
+        if entry.timer is not None:
+            entry.timer.cancel()
+        self._unqueue(entry)
+        if not entry.done:
+            self._post(("abort", rid))
+
+    def _expire(self, rid: str, timeout: float) -> None:
+        entry = self._requests.get(rid)
+        if entry is not None and not entry.done:
+            self._end(rid, entry, RequestTimedOut(f"The request did not finish within its timeout ({timeout:g} s)."))
+
+    def _on_engine_update(self, outs: list[RequestOutput], started: list[str]) -> None:
+        for out in outs:
+            entry = self._requests.get(out.request_id)
+            if entry is None or entry.done:
+                continue  # closed, timed out or failed meanwhile: the engine abort is already posted
+            entry.queue.put_nowait(out)
+            if out.finished:
+                entry.done = True
+                if entry.timer is not None:
+                    entry.timer.cancel()
+                self._unqueue(entry)
+        for rid in started:
+            entry = self._requests.get(rid)
+            if entry is not None:
+                self._unqueue(entry)
+
+    async def _watch(self) -> None:
+        """The step watchdog. Runs on the event loop, so it still fires while the engine thread is stuck
+        inside a step (the GIL is released by torch ops and by a hung device wait)."""
+        interval = min(1.0, self.watchdog_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            started, now = self._step_started, time.monotonic()
+            if step_overdue(started, now, self.watchdog_timeout):
+                self._mark_unhealthy(f"An engine step has run for {now - started:.1f} s, longer than the watchdog "
+                                     f"timeout ({self.watchdog_timeout:g} s); the server must be restarted.")
+                return
+
+    def _mark_unhealthy(self, reason: str) -> None:
+        """Sticky: /health stays 503 so an orchestrator restarts the process. In-flight requests get the error
+        now, from this side, because the engine thread may never come back to deliver anything."""
+        if self.unhealthy:
+            return
+        log.error("engine unhealthy: %s", reason)
+        self.unhealthy = reason
+        self.ready = False
+        self._stop = True
+        self._wake.set()
+        self._end_all(lambda: EngineUnhealthy(reason))
+
+    # ---- engine thread -------------------------------------------------------------------------------------
 
     def _post(self, cmd) -> None:
         self._commands.put(cmd)
         self._wake.set()
 
-    def _deliver(self, out: RequestOutput) -> None:
-        q = self._queues.get(out.request_id)
-        if q is not None:
-            q.put_nowait(out)
+    def _emit(self, outs: list[RequestOutput], started: list[str]) -> None:
+        if (outs or started) and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._on_engine_update, outs, started)
+            except RuntimeError:  # the event loop is closed: nobody is left to read these
+                pass
 
-    def _emit(self, outs: list[RequestOutput]) -> None:
-        if outs and self._loop is not None:
-            self._loop.call_soon_threadsafe(lambda: [self._deliver(o) for o in outs])
+    def _left_waiting(self) -> list[str]:
+        """Requests that were waiting in the engine and no longer are (running, finished or aborted)."""
+        seqs = self.engine.seqs
+        gone = [rid for rid in self._engine_waiting
+                if (seq := seqs.get(rid)) is None or seq.status is not SeqStatus.WAITING]
+        self._engine_waiting.difference_update(gone)
+        return gone
 
     def _run(self) -> None:
         eng = self.engine
-        while not self._stop:
-            failed = []
-            while True:
-                try:
-                    cmd = self._commands.get_nowait()
-                except queue.Empty:
-                    break
-                if cmd[0] == "add":
-                    _, rid, ids, params = cmd
+        try:
+            while not self._stop:
+                outs: list[RequestOutput] = []
+                while True:
                     try:
-                        eng.add_request(rid, ids, params)
-                    except Exception as e:
-                        failed.append(RequestOutput(rid, [], "", finished=True, finish_reason=FinishReason.ERROR,
-                                                    error=str(e)))
-                else:
-                    eng.abort(cmd[1])
-            self._emit(failed)
-            if eng.has_work():
+                        cmd = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    if cmd[0] == "add":
+                        _, rid, ids, params = cmd
+                        try:
+                            eng.add_request(rid, ids, params)
+                            self._engine_waiting.add(rid)
+                        except Exception as e:
+                            outs.append(RequestOutput(rid, [], "", finished=True, finish_reason=FinishReason.ERROR,
+                                                      num_prompt_tokens=len(ids), error=str(e)))
+                    else:
+                        eng.abort(cmd[1])
+                if eng.has_work():
+                    self._step_started = time.monotonic()
+                    try:
+                        outs += eng.step()
+                    except Exception:  # step() already contains model errors; this is a bug guard
+                        log.exception("engine loop error")
+                    finally:
+                        self._step_started = None
+                self._stats = eng.stats()
+                self._emit(outs, self._left_waiting())
+                if not self._stop and not eng.has_work():
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+        except BaseException as exc:
+            log.exception("engine thread died")
+            if self._loop is not None:
                 try:
-                    self._emit(eng.step())
-                except Exception:  # step() already contains model errors; this is a bug guard
-                    log.exception("engine loop error")
+                    self._loop.call_soon_threadsafe(self._mark_unhealthy, f"The engine thread died: {exc!r}")
+                except RuntimeError:
+                    pass
+        finally:
+            # Stopped (shutdown or watchdog): release everything still held; consumers were already told.
+            for rid in list(eng.seqs):
+                eng.abort(rid)
+            self._engine_waiting.clear()
             self._stats = eng.stats()
-            if not eng.has_work():
-                self._wake.wait(0.05)
-                self._wake.clear()
-        # shutting down: end everything still in flight
-        for rid in list(eng.seqs):
-            eng.abort(rid)
-            self._emit([RequestOutput(rid, [], "", finished=True, finish_reason=FinishReason.ABORT,
-                                      error="server shutting down")])
-        self._stats = eng.stats()

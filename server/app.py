@@ -1,27 +1,38 @@
 """The OpenAI-compatible HTTP front end: validate, template, tokenize, submit to the engine, stream back.
 
 The app never touches tensors. One prompt with n choices becomes n engine requests (`<id>-<index>`) whose
-outputs are merged; every path out of a handler (finish, error, client disconnect) closes the engine
-streams, which aborts the unfinished requests and frees their state slots and KV pages.
+outputs are merged; every path out of a handler (finish, error, deadline, shutdown, client disconnect)
+closes the engine streams, which aborts the unfinished requests and frees their state slots and KV pages.
+Everything that can refuse a request (validation, admission, readiness) runs before a response starts, so a
+refusal is a real status code; only failures after a stream's 200 are reported in-band.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from importlib.metadata import version
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from hybridserve.engine.async_engine import (
+    AsyncEngine,
+    EngineUnhealthy,
+    NotAccepting,
+    QueueFull,
+    RequestStream,
+    RequestTimedOut,
+    ShuttingDown,
+)
 from hybridserve.engine.request import RequestOutput, SamplingParams, TokenLogprob
 from hybridserve.server.errors import (
     APIError,
@@ -31,8 +42,11 @@ from hybridserve.server.errors import (
     invalid_request,
     model_not_found,
     not_ready,
-    unauthorized,
+    overloaded,
+    request_timeout,
+    shutting_down,
 )
+from hybridserve.server.guard import RequestGuard
 from hybridserve.server.metrics import ServerMetrics
 from hybridserve.server.protocol import (
     AssistantMessage,
@@ -51,33 +65,44 @@ from hybridserve.server.protocol import (
     DeltaMessage,
     ModelCard,
     ModelList,
+    SamplingRequest,
     TopLogprob,
     Usage,
     UsageMemory,
-    SamplingRequest,
 )
-
-if TYPE_CHECKING:
-    from hybridserve.engine.async_engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
 
 SYSTEM_FINGERPRINT = f"hybridserve-{version('hybridserve')}"
 SSE_DONE = "data: [DONE]\n\n"
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+MAX_GENERATIONS = 64    # prompts x n in one request: each is an engine request holding a slot and pages
 T = TypeVar("T")
 
 
 class EngineFailure(Exception):
-    """The engine failed a request (an error output or an exception from its stream). The engine raises
-    ValueError for a request it cannot serve (e.g. more KV than the whole pool): that is the client's error."""
+    """An accepted request failed after submission; carries what the client is told (as the HTTP response,
+    or in-band once a stream's 200 has gone out)."""
 
-    def __init__(self, message: str, client_error: bool = False) -> None:
-        super().__init__(message)
-        self.client_error = client_error
+    def __init__(self, error: APIError, reason: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.reason = reason  # for the failure metric
 
-    def api_error(self) -> APIError:
-        return invalid_request(str(self)) if self.client_error else engine_error(str(self))
+
+def _failure(job_id: str, item: Exception) -> EngineFailure:
+    """Map what a request stream raised to the client's error."""
+    if isinstance(item, RequestTimedOut):
+        return EngineFailure(request_timeout(str(item)), "timeout")
+    if isinstance(item, ShuttingDown):
+        return EngineFailure(shutting_down(str(item)), "shutdown")
+    if isinstance(item, EngineUnhealthy):
+        return EngineFailure(engine_error(str(item)), "unhealthy")
+    if isinstance(item, ValueError):  # the engine refused it on add: the client's error
+        return EngineFailure(invalid_request(str(item)), "invalid")
+    logger.error("engine request %s failed", job_id, exc_info=item)
+    return EngineFailure(engine_error(f"The engine failed: {type(item).__name__}: {item}"), "engine_error")
 
 
 @dataclass
@@ -183,14 +208,25 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None
     return None if task.cancelled() else task.result()
 
 
+def _close_all(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        stream.close()
+
+
 class _SSEResponse(StreamingResponse):
-    """Closes its generator on every exit path, so a disconnect aborts the engine requests at once rather
-    than whenever the abandoned generator is garbage-collected."""
+    """Closes its generator and the engine streams on every exit path, so a disconnect aborts the engine
+    requests at once rather than whenever the abandoned generator is garbage-collected (and a generator that
+    never started, whose own `finally` never runs, still releases them)."""
+
+    def __init__(self, content: AsyncIterator[str], streams: list[RequestStream]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.streams = streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            _close_all(self.streams)
             await self.body_iterator.aclose()  # type: ignore[union-attr]
 
 
@@ -205,8 +241,10 @@ class _Serving:
     def _check(self, req: SamplingRequest) -> None:
         if req.model != self.engine.model_name:
             raise model_not_found(req.model)
-        if not self.engine.ready:
-            raise not_ready()
+        reason = self.engine.health()
+        if reason is not None:
+            self.metrics.rejected("not_serving")
+            raise not_ready(reason, retry_after=1 if self.engine.draining else 5)
         if req.model_extra:
             logger.warning("ignoring unsupported request fields: %s", ", ".join(sorted(req.model_extra)))
 
@@ -234,30 +272,47 @@ class _Serving:
             if params.min_tokens > params.max_tokens:
                 raise invalid_request(
                     f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({params.max_tokens})", "min_tokens")
+            try:
+                self.engine.validate(ids, params)
+            except ValueError as exc:
+                raise invalid_request(str(exc), where) from exc
             for i in range(n):
                 seed = None if params.seed is None else params.seed + i
                 index = p * n + i
                 jobs.append(_Job(index, f"{rid}-{index}", ids, replace(params, seed=seed)))
         return jobs
 
-    async def _outputs(self, jobs: list[_Job]) -> AsyncIterator[tuple[_Job, RequestOutput]]:
-        """Merge the engine streams of all jobs. Closing this generator cancels the pumps, which closes the
-        engine streams and so aborts whatever has not finished."""
+    def _submit(self, jobs: list[_Job], timeout: float | None) -> list[RequestStream]:
+        """Admission happens here, before any response starts: a full queue or a draining server is a real
+        503 with Retry-After, never an in-band stream error."""
+        try:
+            return self.engine.submit([(j.request_id, j.prompt_ids, j.params) for j in jobs], timeout=timeout)
+        except QueueFull as exc:
+            self.metrics.rejected("queue_full")
+            raise overloaded(str(exc), exc.retry_after) from exc
+        except NotAccepting as exc:
+            self.metrics.rejected("not_serving")
+            raise not_ready(str(exc), 1 if self.engine.draining else exc.retry_after) from exc
+        except ValueError as exc:
+            raise invalid_request(str(exc)) from exc
+
+    async def _outputs(self, jobs: list[_Job], streams: list[RequestStream]
+                       ) -> AsyncIterator[tuple[_Job, RequestOutput]]:
+        """Merge the engine streams of all jobs. Closing this generator closes the engine streams, which
+        aborts whatever has not finished."""
         queue: asyncio.Queue[tuple[_Job, RequestOutput | Exception | None]] = asyncio.Queue()
         trackers = {job.index: self.metrics.track(len(job.prompt_ids)) for job in jobs}
 
-        async def pump(job: _Job) -> None:
-            stream = self.engine.generate(job.request_id, job.prompt_ids, job.params)
+        async def pump(job: _Job, stream: RequestStream) -> None:
             try:
                 async for out in stream:
                     queue.put_nowait((job, out))
             except Exception as exc:  # handed to the consumer, which reports it to the client
                 queue.put_nowait((job, exc))
             finally:
-                await stream.aclose()
                 queue.put_nowait((job, None))
 
-        tasks = [asyncio.create_task(pump(job)) for job in jobs]
+        tasks = [asyncio.create_task(pump(job, stream)) for job, stream in zip(jobs, streams)]
         try:
             running = len(jobs)
             while running:
@@ -265,36 +320,45 @@ class _Serving:
                 if item is None:
                     running -= 1
                     continue
-                if isinstance(item, ValueError):
-                    raise EngineFailure(str(item), client_error=True) from item
                 if isinstance(item, Exception):
-                    logger.error("engine request %s failed", job.request_id, exc_info=item)
-                    raise EngineFailure(f"The engine failed: {type(item).__name__}: {item}") from item
+                    failure = _failure(job.request_id, item)
+                    self.metrics.failed(failure.reason)
+                    raise failure from item
                 trackers[job.index].observe(item)
                 if item.error is not None:
-                    raise EngineFailure(item.error)
+                    self.metrics.failed("engine_error")
+                    raise EngineFailure(engine_error(item.error), "engine_error")
                 yield job, item
         finally:
             # Nothing before the await may be skipped: inside Starlette's cancelled task group (a streaming
-            # client that disconnected) every await raises CancelledError again at once. The pumps run the
-            # engine aborts on their own once cancelled; awaiting them only makes the normal path tidy.
+            # client that disconnected) every await raises CancelledError again at once. Closing the streams
+            # is synchronous and aborts the engine requests; awaiting the pumps only makes the normal path tidy.
+            _close_all(streams)
             for tracker in trackers.values():
                 tracker.finish("abort")  # no-op for the ones that finished
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _collect(self, jobs: list[_Job]) -> dict[int, _Choice]:
+    async def _collect(self, jobs: list[_Job], streams: list[RequestStream]) -> dict[int, _Choice]:
         choices = {job.index: _Choice() for job in jobs}
         try:
-            async with aclosing(self._outputs(jobs)) as outputs:
+            async with aclosing(self._outputs(jobs, streams)) as outputs:
                 async for job, out in outputs:
                     choices[job.index].add(out)
         except EngineFailure as exc:
-            raise exc.api_error() from exc
+            raise exc.error from exc
         return choices
 
-    async def _stream(self, jobs: list[_Job], render: Render, first: list[str],
+    async def _complete(self, request: Request, jobs: list[_Job], streams: list[RequestStream]
+                        ) -> dict[int, _Choice] | None:
+        """A non-streaming response's choices, or None if the client went away first."""
+        try:
+            return await _unless_disconnected(request, self._collect(jobs, streams))
+        finally:
+            _close_all(streams)  # also when the collecting task was cancelled before it ever ran
+
+    async def _stream(self, jobs: list[_Job], streams: list[RequestStream], render: Render, first: list[str],
                       usage_event: Callable[[list[_Choice]], str] | None) -> AsyncIterator[str]:
         """SSE body: `first` events, one event per engine output (`render(job, out, choice so far)` returns an
         event or None to skip), the usage event if asked for, then `[DONE]`. After the 200 has gone out,
@@ -303,7 +367,7 @@ class _Serving:
         try:
             for event in first:
                 yield event
-            async with aclosing(self._outputs(jobs)) as outputs:
+            async with aclosing(self._outputs(jobs, streams)) as outputs:
                 async for job, out in outputs:
                     event = render(job, out, choices[job.index])
                     choices[job.index].add(out)
@@ -312,7 +376,7 @@ class _Serving:
             if usage_event is not None:
                 yield usage_event(list(choices.values()))
         except EngineFailure as exc:
-            yield _sse(json.dumps(exc.api_error().body()))
+            yield _sse(json.dumps(exc.error.body()))
         except Exception as exc:
             logger.exception("streaming response failed")
             yield _sse(json.dumps(engine_error(f"Internal server error: {type(exc).__name__}: {exc}").body()))
@@ -333,6 +397,7 @@ class _Serving:
             raise invalid_request(str(exc), "messages") from exc
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         jobs = self._jobs(rid, [ids], req, "messages")
+        streams = self._submit(jobs, req.timeout)
         created = int(time.time())
         model = self.engine.model_name
         want_logprobs = bool(req.logprobs)
@@ -355,9 +420,9 @@ class _Serving:
                      for j in jobs]
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             usage = (lambda done: chunk([], _usage([len(ids)], done))) if include_usage else None
-            return _SSEResponse(self._stream(jobs, render, first, usage), media_type="text/event-stream")
+            return _SSEResponse(self._stream(jobs, streams, render, first, usage), streams)
 
-        choices = await _unless_disconnected(request, self._collect(jobs))
+        choices = await self._complete(request, jobs, streams)
         if choices is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
         body = ChatCompletionResponse(
@@ -374,6 +439,10 @@ class _Serving:
 
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
         self._check(req)
+        generations = len(req.prompt) * req.num_choices
+        if generations > MAX_GENERATIONS:
+            raise invalid_request(f"This request asks for {generations} generations ({len(req.prompt)} prompts x "
+                                  f"n={req.num_choices}); the limit is {MAX_GENERATIONS}.", "prompt")
         prompts: list[list[int]] = []
         for prompt in req.prompt:
             if isinstance(prompt, str):
@@ -384,6 +453,7 @@ class _Serving:
                 prompts.append(prompt)
         rid = f"cmpl-{uuid.uuid4().hex}"
         jobs = self._jobs(rid, prompts, req, "prompt")
+        streams = self._submit(jobs, req.timeout)
         created = int(time.time())
         model = self.engine.model_name
         want_logprobs = req.logprobs is not None
@@ -405,9 +475,9 @@ class _Serving:
 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             usage = (lambda done: chunk([], _usage(prompt_lens, done))) if include_usage else None
-            return _SSEResponse(self._stream(jobs, render, [], usage), media_type="text/event-stream")
+            return _SSEResponse(self._stream(jobs, streams, render, [], usage), streams)
 
-        choices = await _unless_disconnected(request, self._collect(jobs))
+        choices = await self._complete(request, jobs, streams)
         if choices is None:
             return Response(status_code=499)
         body = CompletionResponse(
@@ -427,55 +497,135 @@ class _Serving:
                                          max_model_len=self.engine.max_model_len)])
 
 
-def create_app(engine: AsyncEngine, *, api_key: str | None = None) -> FastAPI:
-    """The app owns the engine's lifetime: started when the server starts (it needs the running event loop),
-    shut down when it stops."""
+class ServerState:
+    """What the routes and the process runner share. The port opens before the weights load, so /health can
+    say 503 (loading, warming up) instead of refusing connections; routes find the engine here once built."""
+
+    def __init__(self) -> None:
+        self.engine: AsyncEngine | None = None
+        self.serving: _Serving | None = None
+        self.status = "The model is loading."   # why not serving, before the engine exists
+        self.on_fatal: Callable[[BaseException], None] | None = None  # set by the process runner
+
+    def health(self) -> str | None:
+        if self.engine is None:
+            return self.status
+        return self.engine.health()
+
+    def require_serving(self) -> _Serving:
+        if self.serving is None:
+            raise not_ready(self.status)
+        return self.serving
+
+    async def drain(self, timeout: float, cut_short: asyncio.Event | None = None) -> None:
+        """SIGTERM: /health turns 503 and admission stops at once; in-flight requests get `timeout` seconds,
+        then the rest end with an error (in-band for streams) so no connection stays open for uvicorn."""
+        if self.engine is None:
+            self.status = "The server is shutting down."
+            return
+        logger.info("draining %d in-flight requests for up to %g s", self.engine.num_inflight, timeout)
+        cut = await self.engine.drain(timeout, cut_short)
+        if cut:
+            logger.warning("shutdown timeout: ended %d unfinished requests", cut)
+
+
+async def _in_daemon_thread(fn: Callable[[], T]) -> T:
+    """Like asyncio.to_thread, but a daemon thread: the default executor's threads are joined at exit, so a
+    SIGTERM during a long weight load would otherwise wait for the load to finish."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(setter: Callable, value) -> None:
+        if not future.done():
+            setter(value)
+
+    def work() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            outcome = (future.set_exception, exc)
+        else:
+            outcome = (future.set_result, result)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is gone (shutting down)
+            pass
+
+    threading.Thread(target=work, name="hybridserve-load", daemon=True).start()
+    return await future
+
+
+def create_app(engine: AsyncEngine | None = None, *, load: Callable[[], AsyncEngine] | None = None,
+               api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    """Serve `engine`, or the one `load()` builds (on a thread, after the port is open).
+
+    The app owns the engine's lifetime: started in the background when the server starts (it needs the running
+    event loop; /health is 503 until the warm-up generation is done), shut down when it stops."""
+    if (engine is None) == (load is None):
+        raise ValueError("pass exactly one of engine and load")
+    state = ServerState()
+    if engine is not None:
+        state.engine, state.serving = engine, _Serving(engine)
+
+    async def boot() -> None:
+        try:
+            eng = engine if engine is not None else await _in_daemon_thread(load)
+            state.serving = _Serving(eng)
+            state.engine = eng
+            await eng.start()
+            logger.info("ready: serving %r", eng.model_name)
+        except Exception as exc:
+            if state.engine is not None and state.engine.draining:
+                return  # a SIGTERM during warm-up ended it: a shutdown, not a failed start
+            logger.exception("startup failed")
+            state.status = f"Startup failed: {type(exc).__name__}: {exc}"
+            state.engine = None
+            if state.on_fatal is not None:
+                state.on_fatal(exc)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await engine.start()
+        task = asyncio.create_task(boot())
         try:
             yield
         finally:
-            await engine.shutdown()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if state.engine is not None:
+                await state.engine.shutdown()
 
     app = FastAPI(title="hybridserve", version=version("hybridserve"), lifespan=lifespan)
+    app.state.hybridserve = state
     install_error_handlers(app)
-    serving = _Serving(engine)
-
-    dependencies = []
-    if api_key is not None:
-        expected = f"Bearer {api_key}".encode()
-
-        async def require_api_key(request: Request) -> None:
-            if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
-                raise unauthorized()
-
-        dependencies.append(Depends(require_api_key))
-    v1 = APIRouter(prefix="/v1", dependencies=dependencies)
+    app.add_middleware(RequestGuard, api_key=api_key, max_request_bytes=max_request_bytes)
+    v1 = APIRouter(prefix="/v1")
 
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        return await serving.chat(req, request)
+        return await state.require_serving().chat(req, request)
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        return await serving.completions(req, request)
+        return await state.require_serving().completions(req, request)
 
     @v1.get("/models")
     async def models() -> ModelList:
-        return serving.models()
+        return state.require_serving().models()
 
     app.include_router(v1)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if not engine.ready:
-            return not_ready().response()
+        """Readiness and liveness in one: 503 while loading or warming up, while draining for shutdown, and
+        for good once the watchdog has seen a stuck engine step."""
+        reason = state.health()
+        if reason is not None:
+            return not_ready(reason).response()
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        serving = state.require_serving()
         return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

@@ -79,14 +79,43 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("HYBRIDSERVE_API_KEY"),
                    help="require 'Authorization: Bearer <key>' on /v1/* (also env HYBRIDSERVE_API_KEY)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g = p.add_argument_group("admission, limits and lifecycle")
+    g.add_argument("--max-queued-requests", type=_positive_int, default=defaults.max_queued_requests,
+                   help="requests submitted but not yet running; beyond this, 503 with Retry-After")
+    g.add_argument("--max-queued-tokens", type=_positive_int, default=defaults.max_queued_tokens,
+                   help="prompt tokens of those queued requests; beyond this, 503 with Retry-After")
+    g.add_argument("--max-request-bytes", type=parse_bytes, default=1 << 20,
+                   help="largest request body, e.g. 1MiB (default); larger ones get 413")
+    g.add_argument("--request-timeout", type=_non_negative_float, default=defaults.request_timeout,
+                   help="seconds a request may take from arrival to its last token (0 = no limit); a request's "
+                        "own 'timeout' field may only shorten it. Non-streaming: 504; streaming: in-band error")
+    g.add_argument("--watchdog-timeout", type=_non_negative_float, default=defaults.watchdog_timeout,
+                   help="an engine step running longer than this many seconds fails its requests and turns "
+                        "/health to 503 for good, so the orchestrator restarts the server (0 = off)")
+    g.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0,
+                   help="on SIGTERM: seconds in-flight requests may finish before they are ended with an error")
     p.set_defaults(func=run_serve)
 
 
-def run_serve(args: argparse.Namespace) -> None:
-    import uvicorn
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from hybridserve.engine.async_engine import AsyncEngine
     from hybridserve.engine.build import build_engine
     from hybridserve.server.app import create_app
+    from hybridserve.server.runtime import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = EngineConfig(
@@ -94,13 +123,20 @@ def run_serve(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
         page_size=args.page_size, enforce_eager=args.enforce_eager, seed=args.seed,
+        max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
+        request_timeout=args.request_timeout, watchdog_timeout=args.watchdog_timeout,
     )
-    engine = build_engine(config)
-    logger.info("serving %r (max_model_len %d)", engine.model_name, engine.max_model_len)
-    for line in memory_summary(engine.stats()):
-        logger.info("  %s", line)
-    app = create_app(engine, api_key=args.api_key or None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+    def load() -> AsyncEngine:
+        engine = build_engine(config)
+        logger.info("loaded %r (max_model_len %d)", engine.model_name, engine.max_model_len)
+        for line in memory_summary(engine.stats()):
+            logger.info("  %s", line)
+        return engine
+
+    # The port opens first and the weights load behind it: /health answers 503 until the warm-up is done.
+    app = create_app(load=load, api_key=args.api_key or None, max_request_bytes=args.max_request_bytes)
+    raise SystemExit(serve(app, args.host, args.port, args.log_level, args.shutdown_timeout))
 
 
 # ---- inspect / synth -----------------------------------------------------------------------------------------

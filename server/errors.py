@@ -69,18 +69,40 @@ def model_not_found(model: str) -> APIError:
                     code="model_not_found")
 
 
-def not_ready() -> APIError:
-    return APIError(503, "The server is not ready yet (the engine is loading or shutting down); retry shortly.",
-                    type="ServiceUnavailableError", code="service_unavailable", headers={"Retry-After": "5"})
+def not_ready(reason: str | None = None, retry_after: int = 5) -> APIError:
+    """503 for a server that is loading, warming up, draining or unhealthy: retry here later, or elsewhere."""
+    return APIError(503, reason or "The server is not ready yet (the engine is loading or shutting down); retry "
+                    "shortly.", type="ServiceUnavailableError", code="service_unavailable",
+                    headers={"Retry-After": str(retry_after)})
+
+
+def overloaded(message: str, retry_after: int = 1) -> APIError:
+    """503 + Retry-After when the admission queue is full (vLLM and Dynamo also answer 503; TGI uses 429)."""
+    return APIError(503, message, type="server_overloaded", code="queue_full",
+                    headers={"Retry-After": str(retry_after)})
+
+
+def shutting_down(message: str) -> APIError:
+    """An accepted request cut off by the shutdown timeout: the client may retry on another replica."""
+    return APIError(503, message, type="ServiceUnavailableError", code="shutting_down", headers={"Retry-After": "1"})
+
+
+def request_timeout(message: str) -> APIError:
+    return APIError(504, message, type="timeout", code="request_timeout")
+
+
+def request_too_large(limit: int, size: int | None = None) -> APIError:
+    got = f" ({size} bytes)" if size is not None else ""
+    return APIError(413, f"The request body is too large{got}; the limit is {limit} bytes.",
+                    code="request_too_large")
 
 
 def engine_error(message: str) -> APIError:
     return APIError(500, message, type="InternalServerError", code="internal_error")
 
 
-def unauthorized() -> APIError:
-    return APIError(401, "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
-                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+def unauthorized(message: str = "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.") -> APIError:
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def describe_validation_errors(errors: Sequence[Any]) -> tuple[str, str | None]:

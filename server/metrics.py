@@ -57,6 +57,8 @@ class _EngineStatsCollector(Collector):
             family.add_metric([m], value)
             return family
 
+        yield gauge("num_requests_inflight", "Submitted requests whose output streams are still open.",
+                    self.engine.num_inflight)
         yield gauge("num_requests_running", "Requests in the running batch.", s.num_running)
         yield gauge("num_requests_waiting", "Requests waiting for admission.", s.num_waiting)
         yield gauge("kv_cache_usage_perc", "Fraction of KV pages in use (0-1); state slots are separate.",
@@ -102,7 +104,7 @@ class ServerMetrics:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.registry = CollectorRegistry()
-        name = engine.model_name
+        name = self.model_name = engine.model_name
         labels = ["model_name"]
 
         def counter(metric: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
@@ -116,6 +118,10 @@ class ServerMetrics:
         self.generation_tokens = counter("generation_tokens", "Tokens generated.").labels(name)
         self._success = counter("request_success", "Finished requests by finish reason.", ("finished_reason",))
         self.success = {r: self._success.labels(name, r) for r in ("stop", "length", "abort")}
+        self._rejected = counter("request_rejected", "Requests refused with 503 before submission, by reason.",
+                                 ("reason",))
+        self._failed = counter("request_failure", "Accepted requests that ended with an error, by reason.",
+                               ("reason",))
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between successive token outputs.", ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
@@ -124,6 +130,14 @@ class ServerMetrics:
         self.request_generation_tokens = histogram("request_generation_tokens", "Generated tokens per request.",
                                                    token_bins)
         self.registry.register(_EngineStatsCollector(engine, name))
+
+    def rejected(self, reason: str) -> None:
+        """reason: queue_full | not_serving (loading, draining or unhealthy)."""
+        self._rejected.labels(self.model_name, reason).inc()
+
+    def failed(self, reason: str) -> None:
+        """reason: timeout | shutdown | unhealthy | engine_error | invalid."""
+        self._failed.labels(self.model_name, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_serializer, model_validator
 
 from hybridserve.engine.request import SamplingParams
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_CHOICES = 16
 MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256  # characters; the detokenizer holds back this much text to match stops across tokens
 
 
 class _Request(BaseModel):
@@ -39,9 +40,21 @@ class TextPart(_Request):
     text: str
 
 
+def _one_or_list(item: dict[str, Any]) -> dict[str, Any]:
+    """What the wire accepts where a before-validator normalises to a list (the published schema would
+    otherwise only show the normalised form)."""
+    return {"anyOf": [item, {"type": "array", "items": item, "minItems": 1}]}
+
+
+_TEXT_PART_SCHEMA = {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                     "required": ["type", "text"]}
+_TOKEN_IDS_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+
+
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool"]
-    content: Annotated[list[TextPart] | None, BeforeValidator(_text_to_parts)] = None
+    content: Annotated[list[TextPart] | None, BeforeValidator(_text_to_parts), WithJsonSchema(
+        {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART_SCHEMA}, {"type": "null"}]})] = None
     name: str | None = None
 
     @model_validator(mode="after")
@@ -60,10 +73,15 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+# The count bound sits on the list itself, not on the optional: on `... | None` it would be applied to null.
 StopStrings = Annotated[
-    list[Annotated[str, Field(min_length=1)]] | None,
+    Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]],
+              Field(max_length=MAX_STOP_STRINGS)] | None,
     BeforeValidator(_str_to_list),
-    Field(max_length=MAX_STOP_STRINGS),
+    WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_LENGTH},
+                              {"type": "array", "maxItems": MAX_STOP_STRINGS,
+                               "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LENGTH}},
+                              {"type": "null"}]}),
 ]
 
 
@@ -92,6 +110,8 @@ class SamplingRequest(_Request):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
+    # hybridserve extension: seconds from arrival to the last token; capped by the server's --request-timeout
+    timeout: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingRequest:
@@ -182,7 +202,8 @@ def _normalize_prompt(value: Any) -> Any:
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Annotated[list[str | list[int]], BeforeValidator(_normalize_prompt)]
+    prompt: Annotated[list[str | list[int]], BeforeValidator(_normalize_prompt), WithJsonSchema(
+        {"anyOf": [*_one_or_list({"type": "string"})["anyOf"], *_one_or_list(_TOKEN_IDS_SCHEMA)["anyOf"]]})]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=5)

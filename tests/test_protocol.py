@@ -1,5 +1,8 @@
-"""Request validation and error mapping, without a model: pydantic models directly, and the app over a tiny
-scripted engine (ASGI in-process) for the HTTP status codes, error bodies, auth and in-band stream errors."""
+"""Request validation and error mapping: pydantic models directly, then the app in-process (ASGI) over a real
+AsyncEngine and a tiny random-weight model for the HTTP status codes, error bodies, limits and auth.
+
+No scripted engine: every failure here is a real one. The engine faults that cannot be produced on demand
+(a stuck step) are covered with a real slow step in test_async_engine.py."""
 from __future__ import annotations
 
 import asyncio
@@ -9,11 +12,12 @@ import httpx
 import pytest
 
 from hybridserve.engine.config import EngineStats, StateGroupStats
-from hybridserve.engine.request import FinishReason, RequestOutput
 from hybridserve.server.app import create_app
 from hybridserve.server.cli import memory_summary, parse_bytes
 from hybridserve.server.errors import describe_validation_errors
 from hybridserve.server.protocol import ChatCompletionRequest, CompletionRequest
+
+from tiny import async_engine, prompt_ids, synth, wait_until
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -67,6 +71,8 @@ def test_content_parts_are_joined():
     ({"top_logprobs": 21, "logprobs": True}, "top_logprobs: Input should be less than or equal to 20"),
     ({"top_logprobs": 2}, "top_logprobs requires logprobs to be true"),
     ({"stop": ["x"] * 17}, "stop: "),
+    ({"stop": ["x" * 257]}, "stop.0: String should have at most 256 characters"),
+    ({"timeout": 0}, "timeout: Input should be greater than 0"),
     ({"stop": 3}, "stop: must be a string or a list of strings"),
     ({"seed": 2**63}, "seed: Input should be less than or equal to"),
     ({"presence_penalty": -2.5}, "presence_penalty: Input should be greater than or equal to -2"),
@@ -125,81 +131,42 @@ def test_memory_summary_lists_every_component():
     assert "max concurrency: 8" in text
 
 
-# ---- the app over a scripted engine ------------------------------------------------------------------------
+# ---- the app in-process over a real engine ------------------------------------------------------------------
+
+MAX_LEN = 64
 
 
-class _Tokenizer:
-    """One token per character (ids = code points), enough to exercise the app."""
-
-    vocab_size = 256
-    eos_token_ids = [0]
-
-    def encode(self, text, add_special_tokens=False, allow_special=True):
-        return [ord(c) % 256 for c in text]
-
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        return self.encode("".join(m["content"] for m in messages))
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return synth("llama", tmp_path_factory.mktemp("synth"))
 
 
-class ScriptedEngine:
-    """Echoes the prompt back one character per step. After `fail_after` steps it reports an engine error;
-    with `reject` it refuses every request the way the engine's validation does (ValueError)."""
-
-    model_name = "scripted"
-    max_model_len = 64
-
-    def __init__(self, fail_after: int | None = None, reject: str | None = None):
-        self.tokenizer = _Tokenizer()
-        self.ready = False
-        self.fail_after = fail_after
-        self.reject = reject
-        self.live: set[str] = set()
-
-    async def start(self):
-        self.ready = True
-
-    async def shutdown(self):
-        self.ready = False
-
-    async def generate(self, request_id, prompt_token_ids, params):
-        if self.reject:
-            raise ValueError(self.reject)
-        self.live.add(request_id)
-        try:
-            for step in range(params.max_tokens):
-                await asyncio.sleep(0)
-                if self.fail_after is not None and step == self.fail_after:
-                    yield RequestOutput(request_id, [], "", finished=True, finish_reason=FinishReason.ERROR,
-                                        error="device fault")
-                    return
-                tok = prompt_token_ids[step % len(prompt_token_ids)]
-                last = step == params.max_tokens - 1
-                yield RequestOutput(request_id, [tok], chr(tok), finished=last,
-                                    finish_reason=FinishReason.LENGTH if last else None,
-                                    num_prompt_tokens=len(prompt_token_ids), num_output_tokens=step + 1,
-                                    state_bytes=10, kv_bytes=100)
-        finally:
-            self.live.discard(request_id)
-
-    async def abort(self, request_id):
-        self.live.discard(request_id)
-
-    def stats(self):
-        return EngineStats(num_running=len(self.live), num_waiting=0, kv_pages_used=0, kv_pages_total=4,
-                           kv_page_bytes=1024, state_groups={}, weights_bytes=1, num_preemptions=0,
-                           max_concurrency=4)
+@pytest.fixture(scope="module")
+def engine(model):
+    return async_engine(model, max_model_len=MAX_LEN)
 
 
-async def _call(engine, method, path, api_key=None, **kwargs):
-    app = create_app(engine, api_key=api_key)
+@pytest.fixture(scope="module")
+def small_pool(model):
+    """KV for a few pages of 16 tokens under a 2,048-token context: some requests can never fit."""
+    return async_engine(model, kv_cache_memory=32 << 10)
+
+
+async def _call(engine, method, path, *, app_options=None, **kwargs):
+    app = create_app(engine, **(app_options or {}))
     async with app.router.lifespan_context(app):
+        await wait_until(lambda: engine.health() is None)
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as client:
             return await client.request(method, path, **kwargs)
 
 
-def call(method, path, engine=None, **kwargs):
-    return asyncio.run(_call(engine or ScriptedEngine(), method, path, **kwargs))
+def call(engine, method, path, **kwargs):
+    return asyncio.run(_call(engine, method, path, **kwargs))
+
+
+def post(engine, path, body, **kwargs):
+    return call(engine, "POST", path, json={"model": engine.model_name} | body, **kwargs)
 
 
 def assert_error(response, status, code=None, contains=""):
@@ -212,60 +179,62 @@ def assert_error(response, status, code=None, contains=""):
     return err
 
 
-def test_malformed_json_is_400():
-    r = call("POST", "/v1/chat/completions", content=b'{"model": "scripted", "messages": [',
+def sse_events(response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [e.removeprefix("data: ") for e in response.text.split("\n\n") if e]
+
+
+def test_malformed_json_is_400(engine):
+    r = call(engine, "POST", "/v1/chat/completions", content=b'{"model": "llama", "messages": [',
              headers={"content-type": "application/json"})
     assert_error(r, 400, contains="not valid JSON")
 
 
-def test_missing_body_and_wrong_type_are_400():
-    assert_error(call("POST", "/v1/chat/completions"), 400, contains="body is missing")
-    assert_error(call("POST", "/v1/completions", json=[1, 2]), 400)
+def test_missing_body_and_wrong_type_are_400(engine):
+    assert_error(call(engine, "POST", "/v1/chat/completions"), 400, contains="body is missing")
+    assert_error(call(engine, "POST", "/v1/completions", json=[1, 2]), 400)
 
 
-def test_nan_in_raw_json_is_400():
-    r = call("POST", "/v1/chat/completions", headers={"content-type": "application/json"},
-             content=b'{"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}')
+def test_nan_in_raw_json_is_400(engine):
+    r = call(engine, "POST", "/v1/chat/completions", headers={"content-type": "application/json"},
+             content=b'{"model": "llama", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}')
     err = assert_error(r, 400, contains="temperature: Input should be a finite number")
     assert err["type"] == "invalid_request_error" and err["param"] == "temperature"
 
 
-def test_unknown_model_is_404():
-    r = call("POST", "/v1/chat/completions", json={"model": "gpt-9", "messages": MSGS})
+def test_unknown_model_is_404(engine):
+    r = call(engine, "POST", "/v1/chat/completions", json={"model": "gpt-9", "messages": MSGS})
     err = assert_error(r, 404, code="model_not_found", contains="gpt-9")
     assert err["type"] == "NotFoundError"
 
 
-def test_unknown_route_is_openai_404():
-    assert_error(call("GET", "/v1/nothing"), 404, contains="Invalid URL")
+def test_unknown_route_is_openai_404(engine):
+    assert_error(call(engine, "GET", "/v1/nothing"), 404, contains="Invalid URL")
 
 
-def test_context_length_message_has_the_numbers():
-    r = call("POST", "/v1/completions", json={"model": "scripted", "prompt": "x" * 60, "max_tokens": 10})
+def test_context_length_message_has_the_numbers(engine):
+    r = post(engine, "/v1/completions", {"prompt": prompt_ids(60), "max_tokens": 10})
     assert_error(r, 400, code="context_length_exceeded",
                  contains="maximum context length is 64 tokens. However, you requested 70 tokens (60 in the prompt, "
                           "10 in the completion)")
 
 
-def test_token_ids_outside_vocab_are_400():
-    r = call("POST", "/v1/completions", json={"model": "scripted", "prompt": [1, 999]})
-    assert_error(r, 400, contains="token id 999")
+def test_token_ids_outside_vocab_are_400(engine):
+    assert_error(post(engine, "/v1/completions", {"prompt": [1, 99999]}), 400, contains="token id 99999")
 
 
-def test_default_max_tokens_fills_the_context():
-    r = call("POST", "/v1/chat/completions", json={"model": "scripted", "messages": [{"role": "user", "content": "a" * 60}]})
-    assert r.status_code == 200
+def test_default_max_tokens_fills_the_context(engine):
+    r = post(engine, "/v1/completions", {"prompt": prompt_ids(60), "max_tokens": None, "ignore_eos": True})
+    assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 4
 
 
-def test_not_ready_is_503():
-    engine = ScriptedEngine()
-
+def test_not_ready_is_503(engine):
     async def run():
         app = create_app(engine)  # lifespan not run: the engine never started
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             return (await client.get("/health"),
-                    await client.post("/v1/completions", json={"model": "scripted", "prompt": "x"}))
+                    await client.post("/v1/completions", json={"model": engine.model_name, "prompt": "x"}))
 
     health, completion = asyncio.run(run())
     assert_error(health, 503)
@@ -273,54 +242,75 @@ def test_not_ready_is_503():
     assert completion.headers["retry-after"]
 
 
-def test_api_key():
-    body = {"model": "scripted", "prompt": "ab", "max_tokens": 2}
-    assert_error(call("POST", "/v1/completions", api_key="k", json=body), 401, code="invalid_api_key")
-    assert_error(call("GET", "/v1/models", api_key="k", headers={"authorization": "Bearer nope"}), 401)
-    ok = call("POST", "/v1/completions", api_key="k", json=body, headers={"authorization": "Bearer k"})
-    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "ab"
-    assert call("GET", "/health", api_key="k").status_code == 200
+def test_api_key(engine):
+    opts = {"app_options": {"api_key": "k"}}
+    body = {"model": engine.model_name, "prompt": "ab", "max_tokens": 2}
+    assert_error(call(engine, "POST", "/v1/completions", json=body, **opts), 401, code="invalid_api_key")
+    assert_error(call(engine, "GET", "/v1/models", headers={"authorization": "Bearer nope"}, **opts), 401)
+    assert_error(call(engine, "GET", "/v1/nothing", **opts), 401)   # unknown /v1 routes too
+    ok = call(engine, "POST", "/v1/completions", json=body, headers={"authorization": "bearer k"}, **opts)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+    assert call(engine, "GET", "/health", **opts).status_code == 200
 
 
-def test_n_choices_and_usage_memory_sum():
-    r = call("POST", "/v1/completions", json={"model": "scripted", "prompt": ["ab", "cd"], "n": 2, "max_tokens": 3})
+def test_body_size_limit_is_413(engine):
+    opts = {"app_options": {"max_request_bytes": 1000}}
+    big = {"model": engine.model_name, "prompt": "x" * 2000}
+    err = assert_error(call(engine, "POST", "/v1/completions", json=big, **opts), 413, code="request_too_large")
+    assert "1000 bytes" in err["message"]
+
+    async def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"prompt": "'
+        for _ in range(20):
+            yield b"x" * 100
+        yield b'"}'
+
+    r = call(engine, "POST", "/v1/completions", content=chunks(), headers={"content-type": "application/json"},
+             **opts)
+    assert_error(r, 413, code="request_too_large")
+    ok = call(engine, "POST", "/v1/completions", json={"model": engine.model_name, "prompt": "hi", "max_tokens": 1},
+              **opts)
+    assert ok.status_code == 200
+
+
+def test_too_many_generations_is_400(engine):
+    r = post(engine, "/v1/completions", {"prompt": ["a"] * 5, "n": 16})
+    assert_error(r, 400, contains="80 generations")
+
+
+def test_n_choices_and_usage_memory_sum(engine):
+    r = post(engine, "/v1/completions", {"prompt": [prompt_ids(2), prompt_ids(2, 1)], "n": 2, "max_tokens": 3,
+                                         "ignore_eos": True})
     body = r.json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
-    assert [c["text"] for c in body["choices"]] == ["aba", "aba", "cdc", "cdc"]
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 12, "total_tokens": 16,
-                             "memory": {"state_bytes": 40, "kv_bytes": 400}}
+    assert all(c["finish_reason"] == "length" for c in body["choices"])
+    usage = body["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (4, 12, 16)
+    page_bytes = engine.stats().kv_page_bytes
+    assert usage["memory"] == {"state_bytes": 0, "kv_bytes": 4 * page_bytes}   # 5 tokens: one page per choice
 
 
-def test_engine_error_is_500_without_traceback():
-    r = call("POST", "/v1/completions", engine=ScriptedEngine(fail_after=1), json={"model": "scripted", "prompt": "ab"})
-    err = assert_error(r, 500, contains="device fault")
-    assert "Traceback" not in err["message"]
+def test_engine_refusal_is_400_also_for_streams(small_pool):
+    """The engine's own validation (KV for the whole request exceeds the pool) runs before any response
+    starts, so a stream is refused with a real 400, not a 200 with an in-band error."""
+    body = {"prompt": prompt_ids(100), "max_tokens": 10}
+    assert_error(post(small_pool, "/v1/completions", body), 400, contains="tokens of KV cache; the pool holds")
+    assert_error(post(small_pool, "/v1/completions", body | {"stream": True}), 400, contains="tokens of KV cache; the pool holds")
 
 
-def test_engine_error_mid_stream_is_in_band():
-    engine = ScriptedEngine(fail_after=2)
-    r = call("POST", "/v1/chat/completions", engine=engine,
-             json={"model": "scripted", "messages": MSGS, "stream": True, "max_tokens": 5})
-    assert r.status_code == 200
-    events = [line.removeprefix("data: ") for line in r.text.split("\n\n") if line]
+def test_request_timeout_is_504_or_in_band(engine):
+    body = {"prompt": prompt_ids(4), "max_tokens": 60, "ignore_eos": True, "timeout": 0.05}
+    err = assert_error(post(engine, "/v1/completions", body), 504, code="request_timeout")
+    assert err["type"] == "timeout"
+    events = sse_events(post(engine, "/v1/completions", body | {"stream": True}))
     assert events[-1] == "[DONE]"
-    assert json.loads(events[-2])["error"]["message"] == "device fault"
-    assert engine.live == set()
+    assert json.loads(events[-2])["error"]["type"] == "timeout"
 
 
-def test_engine_refusal_is_400():
-    engine = ScriptedEngine(reject="the request needs 60 tokens of KV cache; the pool holds 32")
-    body = {"model": "scripted", "prompt": "ab", "max_tokens": 2}
-    assert_error(call("POST", "/v1/completions", engine=engine, json=body), 400, contains="pool holds 32")
-    r = call("POST", "/v1/completions", engine=engine, json=body | {"stream": True})
-    events = [line.removeprefix("data: ") for line in r.text.split("\n\n") if line]
-    assert events[-1] == "[DONE]"
-    assert json.loads(events[-2])["error"]["type"] == "invalid_request_error"
-
-
-def test_metrics_exposition_names():
-    r = call("GET", "/metrics")
-    for name in ("hybridserve:num_requests_running", "hybridserve:kv_cache_usage_perc",
-                 "hybridserve:num_preemptions_total", "hybridserve:prompt_tokens_total",
-                 "hybridserve:request_success_total", 'hybridserve:memory_bytes{component="kv_total"'):
+def test_metrics_exposition_names(engine):
+    r = call(engine, "GET", "/metrics")
+    for name in ("hybridserve:num_requests_running", "hybridserve:num_requests_inflight",
+                 "hybridserve:kv_cache_usage_perc", "hybridserve:num_preemptions_total",
+                 "hybridserve:prompt_tokens_total", "hybridserve:request_success_total",
+                 'hybridserve:memory_bytes{component="kv_total"'):
         assert name in r.text
