@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 from hybridserve.engine.config import EngineStats
 from hybridserve.engine.request import FinishReason, RequestOutput, SamplingParams
-from hybridserve.engine.sequence import SeqStatus
 
 if TYPE_CHECKING:
     from hybridserve.engine.llm_engine import LLMEngine
@@ -393,9 +392,7 @@ class AsyncEngine:
 
     def _left_waiting(self) -> list[str]:
         """Requests that were waiting in the engine and no longer are (running, finished or aborted)."""
-        seqs = self.engine.seqs
-        gone = [rid for rid in self._engine_waiting
-                if (seq := seqs.get(rid)) is None or seq.status is not SeqStatus.WAITING]
+        gone = [rid for rid in self._engine_waiting if not self.engine.is_waiting(rid)]
         self._engine_waiting.difference_update(gone)
         return gone
 

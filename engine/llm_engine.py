@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 from hybridserve.engine.cache_pools import CachePools
 from hybridserve.engine.config import EngineConfig, EngineStats, StateGroupStats
@@ -72,6 +71,11 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def is_waiting(self, request_id: str) -> bool:
+        """Still queued for its first admission (or back in the queue after a preemption)."""
+        seq = self.seqs.get(request_id)
+        return seq is not None and seq.status is SeqStatus.WAITING
 
     # -- one step -------------------------------------------------------------------------------
 

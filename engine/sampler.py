@@ -84,7 +84,6 @@ class SamplingTensors:
         """`stop_ids_per_row[i]` are the ids min_tokens must block for row i (EOS unless ignore_eos); the row's
         `params.stop_token_ids` are added here. Token histories are only walked for rows with penalties."""
         device = torch.device(device)
-        n = len(params)
         greedy = [p.greedy for p in params]
 
         temperature = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
