@@ -7,7 +7,6 @@ to all tokens of its sequence up to its own position.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from hybridserve.models.batch import BatchMeta
 
