@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 import os
 import sys
 import time
@@ -188,16 +189,7 @@ def bench_monoid(batches, sweep: bool):
 
     print("\n[monoid prefill]", flush=True)
     cases = [[4096], [512] * 8, [1, 100, 1000, 333, 17]]
-    if sweep:
-        lens = [4096]
-        pool = torch.randn(2, H, d, d, device=DEV)
-        ids = torch.tensor([1], device=DEV)
-        cu = torch.tensor([0, 4096], dtype=torch.int32, device=DEV)
-        inp = monoid_inputs(4096, H, d)
-        for BT, BV, w in ((16, 16, 4), (16, 32, 4), (16, 16, 8), (16, 32, 8), (16, 64, 8), (16, 16, 16)):
-            t = bench_us(lambda: monoid_tr.prefill_launch(*inp, cu, pool, ids, BT, BV, w), 60)
-            SWEEPS.append(dict(kernel="monoid.prefill", T=4096, BT=BT, BV=BV, num_warps=w, us=round(t, 2)))
-            print(f"  sweep T=4096 BT={BT} BV={BV} warps={w}: {t:.1f} us", flush=True)
+    # the prefill tile sweep lives in bench/prefill.py
     for lens in cases:
         N, T = len(lens), sum(lens)
         pool = torch.randn(N + 1, H, d, d, device=DEV) * 0.1
@@ -440,9 +432,7 @@ def main() -> int:
                   triton=triton.__version__, copy_gbps=round(COPY_GBPS, 1), rows=ROWS, sweeps=SWEEPS,
                   failures=FAILURES, wall_s=round(time.time() - t0, 1),
                   defaults=dict(monoid=dict(decode_bv=monoid_tr.DECODE_BV, decode_warps=monoid_tr.DECODE_WARPS,
-                                            prefill_bt=monoid_tr.PREFILL_BT,
-                                            prefill_small_grid=monoid_tr.PREFILL_SMALL_GRID,
-                                            prefill_large_grid=monoid_tr.PREFILL_LARGE_GRID),
+                                            prefill=asdict(monoid_tr.PrefillConfig())),
                                 gdn=dict(decode_bv=gdn_tr.DECODE_BV, decode_warps=gdn_tr.DECODE_WARPS,
                                          prefill_bv=gdn_tr.PREFILL_BV, prefill_warps=gdn_tr.PREFILL_WARPS),
                                 attn=dict(block_n=attn_tr.BLOCK_N, num_warps=attn_tr.NUM_WARPS,

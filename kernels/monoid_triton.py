@@ -2,13 +2,21 @@
 
 Same functions and contract as `kernels/monoid.py`:
     S_t = diag(α_t) S_{t−1} + k_t v_tᵀ,   o_t = q_tᵀ S_t   (inclusive readout, q pre-scaled)
-State rows are key dims, columns value dims. Value columns evolve independently, so each program owns
-a [dk, BV] column tile of one head's state: it reads the tile once, keeps it in registers, and writes it
-back once. Decode is therefore bound by the state traffic (2 × 4·dk·dv bytes per head).
+State rows are key dims, columns value dims. The decay is per key dim, so rows and columns of a state
+evolve independently and a program can own any [BK, BV] tile of one head's state.
+
+Decode: each program reads its tile once, keeps it in registers, and writes it back once, so a step is
+bound by the state traffic (2 × 4·dk·dv bytes per head).
+
+Prefill is the chunked (GLA) form in three launches over chunks of 64 tokens: (1) every chunk's own
+contribution to the state, in parallel (one matmul each); (2) the only sequential part, an element-wise
+scan per sequence that turns those into the state entering each chunk and writes the final state back;
+(3) every chunk's outputs, in parallel, from its entering state. Matmuls run on the tensor cores; the
+intra-sub-chunk term falls back to an exact pairwise form only where a gate decays too fast to factorise.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -17,12 +25,30 @@ import triton.language as tl
 # From the sweeps in bench/kernels.py (H100, H 32, d 64; bench/results/kernels-h100.json).
 DECODE_BV = 64
 DECODE_WARPS = 2
-PREFILL_BT = 16      # the [BT, BT, dk] intra-chunk tensor must stay in registers
-# Prefill recomputes the intra-chunk scores in every dv block, so narrow blocks only pay while the grid
-# is too small to fill the GPU: T=4096 in one sequence ran 1.58 ms at (BV 16, 8 warps) vs 2.39 ms at
-# (32, 4); 8×512 tokens ran 0.78 ms at (32, 4) vs 1.60 ms at (16, 8) (H100).
-PREFILL_SMALL_GRID = (16, 8)   # (BV, num_warps) when N·H·dv/32 < 2 × SMs
-PREFILL_LARGE_GRID = (32, 4)
+
+LOG2E = tl.constexpr(1.4426950408889634)   # decays are carried in log2 units so every factor is one exp2
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tiles of the three prefill passes (bench/prefill.py sweeps them; H100 figures in
+    bench/results/prefill-h100.json: chunks of 64 beat 128 at T=4096, 227 vs 251 us per layer, because
+    pass 1 is slower on 128-row tiles while the scan costs ~14 us either way)."""
+    chunk: int = 64         # tokens per chunk: one stored entering state per chunk; chunks run in parallel
+    sub: int = 16           # pass 3 sub-chunk: the span of the intra term (and of the exact pairwise form)
+    factor_span: float = 64.0   # pass 3 factorises the intra term while a sub-chunk decays <= 2^-64 per dim
+    local_bk: int = 64      # pass 1: [local_bk, local_bv] tile of a chunk's ΔS per program
+    local_bv: int = 64
+    local_warps: int = 4
+    scan_rows: int = 8      # pass 2: state rows per program
+    scan_warps: int = 2
+    scan_stages: int = 1    # the scan prefetches two chunks ahead itself
+    out_bv: int = 64        # pass 3: value columns per program (the intra term is recomputed per block)
+    out_warps: int = 4
+    out_stages: int = 2
+
+
+PREFILL = PrefillConfig()
 
 
 @triton.jit
@@ -53,58 +79,174 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, la_ptr, s_ptr, slot_ptr, o_ptr,
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, la_ptr, s_ptr, slot_ptr, cu_ptr, o_ptr,
-                    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sa_t, sa_h, so_t, so_h,
-                    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
-    """Chunked scan: per chunk of BT tokens, inter-chunk term through the carried state (one matmul),
-    intra-chunk term as a masked BT×BT decay-weighted score matrix, then one matmul to advance the state.
-    Chunks of one sequence run in order inside the program, so parallelism is N·H·(dv/BV) programs.
+def _chunk_span(s, cu_ptr, N, n_search, C: tl.constexpr):
+    """Tokens [t0, t1) of chunk key s (t0 >= t1: no chunk has this key).
 
-    Decay ratios are always formed as exp(b_t − b_s) with t ≥ s (exponent ≤ 0), so no factor can
-    overflow however fast a gate decays.
+    Chunk j of sequence n has key cu[n] // C + n + j. Keys never collide and stay below T // C + N, so
+    every pass finds its chunk by a binary search over cu, without a host-side chunk table (no sync).
     """
-    n = tl.program_id(0)
+    lo = s * 0
+    hi = lo + N
+    for _ in range(n_search):            # the last n with cu[n] // C + n <= s (keys increase with n)
+        mid = (lo + hi) // 2
+        go = tl.load(cu_ptr + mid) // C + mid <= s
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    bos = tl.load(cu_ptr + lo)
+    eos = tl.load(cu_ptr + lo + 1)
+    t0 = bos + (s - bos // C - lo) * C
+    return t0, tl.minimum(t0 + C, eos)
+
+
+@triton.jit
+def _chunk_local_kernel(k_ptr, v_ptr, la_ptr, cu_ptr, h_ptr, g_ptr,
+                        sk_t, sk_h, sv_t, sv_h, sa_t, sa_h, N, n_search,
+                        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+    """Prefill pass 1, every chunk in parallel: what the chunk alone adds to the state,
+    ΔS = Σ_j diag(exp(b_C − b_j)) k_j v_jᵀ (one matmul), into h[chunk], and its total log2-decay b_C
+    into g[chunk]. b is the inclusive cumulative log-decay from the chunk start, so b_C − b_j <= 0."""
+    s = tl.program_id(0)
     h = tl.program_id(1)
-    rk = tl.arange(0, BK)
-    rv = tl.program_id(2) * BV + tl.arange(0, BV)
-    rt = tl.arange(0, BT)
+    t0, t1 = _chunk_span(s, cu_ptr, N, n_search, C)
+    if t0 >= t1:
+        return
+    NV: tl.constexpr = (DV + BV - 1) // BV
+    iv = tl.program_id(2) % NV
+    rk = (tl.program_id(2) // NV) * BK + tl.arange(0, BK)
+    rv = iv * BV + tl.arange(0, BV)
     mk = rk < DK
     mv = rv < DV
+    tok = (t0 + tl.arange(0, C)).to(tl.int64)
+    mt = tok < t1
+    mtk = mt[:, None] & mk[None, :]
+    k = tl.load(k_ptr + tok[:, None] * sk_t + h * sk_h + rk[None, :], mask=mtk, other=0.).to(tl.float32)
+    la = tl.load(la_ptr + tok[:, None] * sa_t + h * sa_h + rk[None, :], mask=mtk, other=0.).to(tl.float32)
+    v = tl.load(v_ptr + tok[:, None] * sv_t + h * sv_h + rv[None, :], mask=mt[:, None] & mv[None, :],
+                other=0.).to(tl.float32)
+    la = la * LOG2E
+    b = tl.cumsum(la, axis=0)                # padded rows add 0, so the chunk total is the column sum
+    g = tl.sum(la, axis=0)
+    dS = tl.dot(tl.trans(k * tl.exp2(g[None, :] - b)), v, input_precision=PREC)
+    head = s.to(tl.int64) * H + h
+    tl.store(h_ptr + head * (DK * DV) + rk[:, None] * DV + rv[None, :], dS, mask=mk[:, None] & mv[None, :])
+    if iv == 0:
+        tl.store(g_ptr + head * DK + rk, g, mask=mk)
+
+
+@triton.jit
+def _chunk_scan_kernel(s_ptr, slot_ptr, cu_ptr, h_ptr, g_ptr,
+                       H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                       BR: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
+    """Prefill pass 2, the only sequential part: per sequence, S_next = diag(exp(b_C)) S + ΔS over its
+    chunks in order, replacing each ΔS in h by the state entering that chunk; the final state goes back
+    to the slot. Element-wise on [BR, dv] row tiles (rows are independent). The carried state is one
+    FMA per step, so the step time is the load latency: the ΔS of the next two chunks are always in
+    flight while the current one is applied."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    rr = tl.program_id(2) * BR + tl.arange(0, BR)
+    rv = tl.arange(0, BV)
+    mr = rr < DK
+    mv = rv < DV
+    tile = rr[:, None] * DV + rv[None, :]
     slot = tl.load(slot_ptr + n).to(tl.int64)
     bos = tl.load(cu_ptr + n)
     eos = tl.load(cu_ptr + n + 1)
+    s_off = (slot * H + h) * (DK * DV) + tile
+    S = tl.load(s_ptr + s_off, mask=mr[:, None] & mv[None, :], other=0.)
+    c0 = bos // C + n
+    c1 = c0 + tl.cdiv(eos - bos, C)
+    head = c0.to(tl.int64) * H + h
+    m1 = rr < tl.where(c0 < c1, DK, 0)          # chunk c0 exists
+    dS1 = tl.load(h_ptr + head * (DK * DV) + tile, mask=m1[:, None] & mv[None, :], other=0.)
+    g1 = tl.load(g_ptr + head * DK + rr, mask=m1, other=0.)
+    m2 = rr < tl.where(c0 + 1 < c1, DK, 0)
+    dS2 = tl.load(h_ptr + (head + H) * (DK * DV) + tile, mask=m2[:, None] & mv[None, :], other=0.)
+    g2 = tl.load(g_ptr + (head + H) * DK + rr, mask=m2, other=0.)
+    for c in range(c0, c1):
+        head = tl.cast(c, tl.int64) * H + h
+        m3 = rr < tl.where(c + 2 < c1, DK, 0)
+        dS3 = tl.load(h_ptr + (head + 2 * H) * (DK * DV) + tile, mask=m3[:, None] & mv[None, :], other=0.)
+        g3 = tl.load(g_ptr + (head + 2 * H) * DK + rr, mask=m3, other=0.)
+        tl.store(h_ptr + head * (DK * DV) + tile, S, mask=mr[:, None] & mv[None, :])
+        S = S * tl.exp2(g1)[:, None] + dS1
+        dS1, g1, dS2, g2 = dS2, g2, dS3, g3
+    tl.store(s_ptr + s_off, S, mask=mr[:, None] & mv[None, :])
 
-    s_off = ((slot * H + h) * DK + rk[:, None]) * DV + rv[None, :]
-    ms = mk[:, None] & mv[None, :]
-    S = tl.load(s_ptr + s_off, mask=ms, other=0.)
-    causal = rt[:, None] >= rt[None, :]
 
-    for t0 in range(bos, eos, BT):
-        tok = (t0 + rt).to(tl.int64)
-        mt = tok < eos
+@triton.jit
+def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, la_ptr, h_ptr, cu_ptr, o_ptr,
+                         sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sa_t, sa_h, so_t, so_h, N, n_search,
+                         H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
+                         SPAN: tl.constexpr, PREC: tl.constexpr):
+    """Prefill pass 3, every chunk in parallel: from the chunk's entering state h[chunk], run the chunk
+    as sub-chunks of BC tokens. Per sub-chunk: the carried state through q·exp(b) (one matmul), the
+    intra-sub-chunk term, then one matmul to advance the local state to the next sub-chunk.
+
+    The intra term needs exp(b_i − b_j) for j <= i per key dim. While the sub-chunk's total decay stays
+    within SPAN (log2 units) on every key dim, it factorises as (q·exp(b)) (k·exp(−b))ᵀ: two matmuls,
+    k·exp(−b) <= 2^SPAN cannot overflow, and the masked pairs j > i are finite and dropped. A faster
+    decay takes the exact pairwise form instead, one key row j at a time, where every factor is
+    exp(b_i − b_j) <= 1: nothing overflows however fast a gate decays.
+    """
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    t0, t1 = _chunk_span(s, cu_ptr, N, n_search, C)
+    if t0 >= t1:
+        return
+    rk = tl.arange(0, BK)
+    rv = tl.program_id(2) * BV + tl.arange(0, BV)
+    rt = tl.arange(0, BC)
+    mk = rk < DK
+    mv = rv < DV
+    S = tl.load(h_ptr + (s.to(tl.int64) * H + h) * (DK * DV) + rk[:, None] * DV + rv[None, :],
+                mask=mk[:, None] & mv[None, :], other=0.)
+    for u0 in range(t0, t1, BC):
+        tok = (u0 + rt).to(tl.int64)
+        mt = tok < t1
         mtk = mt[:, None] & mk[None, :]
         mtv = mt[:, None] & mv[None, :]
         q = tl.load(q_ptr + tok[:, None] * sq_t + h * sq_h + rk[None, :], mask=mtk, other=0.).to(tl.float32)
         k = tl.load(k_ptr + tok[:, None] * sk_t + h * sk_h + rk[None, :], mask=mtk, other=0.).to(tl.float32)
         la = tl.load(la_ptr + tok[:, None] * sa_t + h * sa_h + rk[None, :], mask=mtk, other=0.).to(tl.float32)
         v = tl.load(v_ptr + tok[:, None] * sv_t + h * sv_h + rv[None, :], mask=mtv, other=0.).to(tl.float32)
-        b = tl.cumsum(la, axis=0)  # inclusive log-decay from the chunk start; padded rows add 0
+        la = la * LOG2E
+        b = tl.cumsum(la, axis=0)            # inclusive, from the sub-chunk start
 
-        o = tl.dot(q * tl.exp(b), S, input_precision="ieee")
-        # Intra-chunk scores with the exact pairwise decay, as one [BT, BT, BK] broadcast: no row
-        # extraction or per-column loop, which cost ~2.5x more on H100 (bench/results/kernels-h100.json).
-        w = tl.exp(tl.minimum(b[:, None, :] - b[None, :, :], 0.))
-        A = tl.sum(q[:, None, :] * k[None, :, :] * w, axis=2)
-        A = tl.where(causal, A, 0.)
-        o += tl.dot(A, v, input_precision="ieee")
+        qg = q * tl.exp2(b)
+        o = tl.dot(qg, S, input_precision=PREC)
+        if -tl.min(b) <= SPAN:
+            A = tl.dot(qg, tl.trans(k * tl.exp2(-b)), input_precision=PREC)
+            o += tl.dot(tl.where(rt[:, None] >= rt[None, :], A, 0.), v, input_precision=PREC)
+        else:
+            o += _pairwise_intra(q, b, k_ptr, v_ptr, la_ptr, u0, t1, h, sk_t, sk_h, sv_t, sv_h, sa_t, sa_h,
+                                 rk, rv, rt, DK, DV, BK, BV, BC)
         tl.store(o_ptr + tok[:, None] * so_t + h * so_h + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=mtv)
 
-        b_last = tl.sum(tl.where((rt == BT - 1)[:, None], b, 0.), axis=0)
-        kd = k * tl.exp(b_last[None, :] - b)
-        S = S * tl.exp(b_last)[:, None] + tl.dot(tl.trans(kd), v, input_precision="ieee")
+        b_last = tl.sum(la, axis=0)
+        kd = k * tl.exp2(b_last[None, :] - b)
+        S = S * tl.exp2(b_last)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
 
-    tl.store(s_ptr + s_off, S, mask=ms)
+
+@triton.jit
+def _pairwise_intra(q, b, k_ptr, v_ptr, la_ptr, u0, t1, h, sk_t, sk_h, sv_t, sv_h, sa_t, sa_h, rk, rv, rt,
+                    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr):
+    """Σ_{j<=i} (Σ_d q_id k_jd exp(b_id − b_jd)) v_j for the sub-chunk at u0, one key row j at a time;
+    b_j is re-accumulated from the rows (it matches the cumsum b to rounding)."""
+    intra = tl.zeros([BC, BV], dtype=tl.float32)
+    b_j = tl.zeros([BK], dtype=tl.float32)
+    for j in tl.static_range(BC):
+        tj = tl.cast(u0, tl.int64) + j
+        mkj = rk < tl.where(tj < t1, DK, 0)         # row j past the chunk: nothing loaded
+        k_j = tl.load(k_ptr + tj * sk_t + h * sk_h + rk, mask=mkj, other=0.).to(tl.float32)
+        b_j += tl.load(la_ptr + tj * sa_t + h * sa_h + rk, mask=mkj, other=0.).to(tl.float32) * LOG2E
+        v_j = tl.load(v_ptr + tj * sv_t + h * sv_h + rv, mask=rv < tl.where(tj < t1, DV, 0),
+                      other=0.).to(tl.float32)
+        a_j = tl.sum(q * k_j[None, :] * tl.exp2(tl.minimum(b - b_j[None, :], 0.)), axis=1)
+        intra += tl.where(rt >= j, a_j, 0.)[:, None] * v_j[None, :]
+    return intra
 
 
 def _check_pool(state_pool: torch.Tensor, H: int, dk: int, dv: int) -> None:
@@ -141,34 +283,64 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_a: torch.
     return decode_launch(q, k, v, log_a, state_pool, slot_ids, DECODE_BV, DECODE_WARPS)
 
 
-def prefill_launch(q, k, v, log_a, cu_seqlens, state_pool, slot_ids, BT: int, BV: int,
-                   num_warps: int) -> torch.Tensor:
-    """varlen_prefill with an explicit tile config (the benchmark sweeps it)."""
-    q, k, v, log_a = _last_contig(q, k, v, log_a)
+def prefill_states(k, v, log_a, cu_seqlens, state_pool, slot_ids, cfg: PrefillConfig) -> torch.Tensor:
+    """Passes 1 and 2: returns h [T // chunk + N, H, dk, dv] fp32, the state entering each chunk (keyed
+    as in `_chunk_span`), and leaves each sequence's final state in its slot."""
+    T, H, dk = k.shape
+    dv = v.shape[-1]
+    N = slot_ids.shape[0]
+    keys = T // cfg.chunk + N
+    h = torch.empty(keys, H, dk, dv, dtype=torch.float32, device=k.device)
+    g = torch.empty(keys, H, dk, dtype=torch.float32, device=k.device)
+    BK = max(16, min(cfg.local_bk, triton.next_power_of_2(dk)))     # tl.dot needs every dim >= 16
+    BV = max(16, min(cfg.local_bv, triton.next_power_of_2(dv)))
+    # tf32x3: ΔS feeds the final state and every later token, so it keeps fp32 accuracy
+    _chunk_local_kernel[(keys, H, triton.cdiv(dk, BK) * triton.cdiv(dv, BV))](
+        k, v, log_a, cu_seqlens, h, g,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), log_a.stride(0), log_a.stride(1), N, N.bit_length(),
+        H=H, DK=dk, DV=dv, BK=BK, BV=BV, C=cfg.chunk, PREC="tf32x3", num_warps=cfg.local_warps)
+    BR = min(cfg.scan_rows, triton.next_power_of_2(dk))
+    _chunk_scan_kernel[(N, H, triton.cdiv(dk, BR))](
+        state_pool, slot_ids, cu_seqlens, h, g, H=H, DK=dk, DV=dv, BR=BR, BV=triton.next_power_of_2(dv),
+        C=cfg.chunk, num_warps=cfg.scan_warps, num_stages=cfg.scan_stages)
+    return h
+
+
+def prefill_outputs(q, k, v, log_a, cu_seqlens, h, cfg: PrefillConfig) -> torch.Tensor:
+    """Pass 3: the outputs [T, H, dv] from the chunk entering states h of `prefill_states`."""
     T, H, dk = q.shape
     dv = v.shape[-1]
-    _check_pool(state_pool, H, dk, dv)
-    N = slot_ids.shape[0]
+    N = cu_seqlens.shape[0] - 1
     o = torch.empty(T, H, dv, dtype=q.dtype, device=q.device)
-    BK = max(16, triton.next_power_of_2(dk))      # tl.dot needs every dim >= 16
-    BV = max(16, min(BV, triton.next_power_of_2(dv)))
-    grid = (N, H, triton.cdiv(dv, BV))
-    _prefill_kernel[grid](q, k, v, log_a, state_pool, slot_ids, cu_seqlens, o,
-                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                          log_a.stride(0), log_a.stride(1), o.stride(0), o.stride(1),
-                          H=H, DK=dk, DV=dv, BK=BK, BV=BV, BT=BT, num_warps=num_warps)
+    BV = max(16, min(cfg.out_bv, triton.next_power_of_2(dv)))
+    # bf16/fp16 outputs round far above tf32's error; fp32 outputs keep fp32 accuracy with tf32x3
+    prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
+    _chunk_output_kernel[(T // cfg.chunk + N, H, triton.cdiv(dv, BV))](
+        q, k, v, log_a, h, cu_seqlens, o,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        log_a.stride(0), log_a.stride(1), o.stride(0), o.stride(1), N, N.bit_length(),
+        H=H, DK=dk, DV=dv, BK=max(16, triton.next_power_of_2(dk)), BV=BV, C=cfg.chunk, BC=cfg.sub,
+        SPAN=cfg.factor_span, PREC=prec, num_warps=cfg.out_warps, num_stages=cfg.out_stages)
     return o
 
 
-@lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+def prefill_launch(q, k, v, log_a, cu_seqlens, state_pool, slot_ids, cfg: PrefillConfig) -> torch.Tensor:
+    """varlen_prefill with an explicit tile config (the benchmark sweeps it)."""
+    q, k, v, log_a = _last_contig(q, k, v, log_a)
+    T, H, dk = q.shape
+    _check_pool(state_pool, H, dk, v.shape[-1])
+    assert cfg.chunk % cfg.sub == 0 and cfg.sub >= 16, "chunk must be a multiple of sub >= 16"
+    if slot_ids.shape[0] == 0:
+        return torch.empty(T, H, v.shape[-1], dtype=q.dtype, device=q.device)
+    h = prefill_states(k, v, log_a, cu_seqlens, state_pool, slot_ids, cfg)
+    return prefill_outputs(q, k, v, log_a, cu_seqlens, h, cfg)
 
 
 def varlen_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_a: torch.Tensor,
                    cu_seqlens: torch.Tensor, state_pool: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
     """Packed tokens [T, H, ·]; sequence n spans cu_seqlens[n]:cu_seqlens[n+1], starts from
-    state_pool[slot_ids[n]] and writes its final state back there. Tile choice uses shapes only."""
-    wide = slot_ids.shape[0] * q.shape[1] * triton.cdiv(v.shape[-1], 32) >= 2 * _sm_count(q.device)
-    BV, warps = PREFILL_LARGE_GRID if wide else PREFILL_SMALL_GRID
-    return prefill_launch(q, k, v, log_a, cu_seqlens, state_pool, slot_ids, PREFILL_BT, BV, warps)
+    state_pool[slot_ids[n]] and writes its final state back there.
+
+    Chunked form in three launches (see the module docstring); no host sync.
+    """
+    return prefill_launch(q, k, v, log_a, cu_seqlens, state_pool, slot_ids, PREFILL)
