@@ -1,7 +1,7 @@
 """Decode speed of the embedded default (SmolLM2-135M) on this CPU, against transformers in the same run.
 
 Ours: the engine (scheduler + paged KV + sampler + detokenizer) greedy-decoding N tokens at batch 1 and 8.
-Baseline: transformers' LlamaForCausalLM loaded from the same GGUF, `generate` with its KV cache.
+Baseline: transformers' LlamaForCausalLM holding the same dequantized weights, `generate` with its KV cache.
 Decode rate excludes prefill on both sides. Prints a table and writes bench/results/cpu_decode.json.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from hybridserve.engine.build import build_llm_engine
 from hybridserve.engine.config import EngineConfig
 from hybridserve.engine.request import SamplingParams
-from hybridserve.weights.embedded import embedded_gguf_path
+from hybridserve.weights.loader import load_checkpoint
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
@@ -40,15 +40,21 @@ def ours(dtype: str, batch: int, new_tokens: int) -> dict:
 
 
 def baseline(dtype: str, new_tokens: int) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """transformers' LlamaForCausalLM holding the same dequantized GGUF weights, greedy `generate`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = embedded_gguf_path()
-    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=tdt).eval()
-    ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt")
-    if not isinstance(ids, torch.Tensor):
-        ids = ids["input_ids"]
+    ckpt = load_checkpoint("embedded", progress=False)
+    c = ckpt.config
+    cfg = LlamaConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+                      intermediate_size=c["intermediate_size"], num_hidden_layers=c["num_hidden_layers"],
+                      num_attention_heads=c["num_attention_heads"], num_key_value_heads=c["num_key_value_heads"],
+                      max_position_embeddings=c["max_position_embeddings"], rope_theta=c["rope_theta"],
+                      rms_norm_eps=c["rms_norm_eps"], tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.load_state_dict(ckpt.tensors, strict=False)
+    model.tie_weights()
+    model = model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]).eval()
+    ids = torch.tensor([ckpt.tokenizer.apply_chat_template(PROMPT)])
 
     def gen(n):
         t = time.perf_counter()

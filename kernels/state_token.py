@@ -14,6 +14,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+
+from hybridserve.kernels.fused import rms_norm
 
 HOLO_BASE = 10000.0
 
@@ -23,13 +26,12 @@ def holo_theta(dim: int, base: float = HOLO_BASE, device: torch.device | str | N
     return base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
 
 
-def _holo_rotate(x: torch.Tensor, positions: torch.Tensor, base: float, sign: float) -> torch.Tensor:
+def _holo_rotate(x: torch.Tensor, positions: torch.Tensor, theta: torch.Tensor, sign: float) -> torch.Tensor:
     """Multiply each complex pair (x_{2j}, x_{2j+1}) by e^{sign·iθ_j t}.
 
     Angles reach ~1.3e5 rad at t ≈ 131K; fp32 angle arithmetic would lose ~1e-2 rad there, so they are
     formed and range-reduced in fp64 before cos/sin (§7.2 numerics).
     """
-    theta = holo_theta(x.shape[-1], base, x.device)
     ang = torch.remainder(positions.to(torch.float64)[:, None] * theta[None, :], 2 * math.pi)
     cos, sin = ang.cos().to(x.dtype), (sign * ang.sin()).to(x.dtype)
     a, b = x[..., 0::2], x[..., 1::2]
@@ -38,12 +40,12 @@ def _holo_rotate(x: torch.Tensor, positions: torch.Tensor, base: float, sign: fl
 
 def holo_rope(x: torch.Tensor, positions: torch.Tensor, base: float = HOLO_BASE) -> torch.Tensor:
     """HoloRoPE(x [T, S], t [T]): rotate pair j by e^{iθ_j t}."""
-    return _holo_rotate(x, positions, base, 1.0)
+    return _holo_rotate(x, positions, holo_theta(x.shape[-1], base, x.device), 1.0)
 
 
 def holo_rope_inv(x: torch.Tensor, positions: torch.Tensor, base: float = HOLO_BASE) -> torch.Tensor:
     """HoloRoPE^{-1}(x [T, S], t [T]): rotate pair j by e^{−iθ_j t}."""
-    return _holo_rotate(x, positions, base, -1.0)
+    return _holo_rotate(x, positions, holo_theta(x.shape[-1], base, x.device), -1.0)
 
 
 def integral_reference(u: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,6 +84,48 @@ def decode_integral(u: torch.Tensor, state_pool: torch.Tensor, slot_ids: torch.T
     integral = state_pool[slot_ids] + u.float()
     state_pool[slot_ids] = integral
     return integral
+
+
+def decode_readout(w: torch.Tensor, positions: torch.Tensor, theta: torch.Tensor, state_pool: torch.Tensor,
+                   slot_ids: torch.Tensor) -> torch.Tensor:
+    """The whole integral step of one decode token per sequence: I ← I + HoloRoPE(w, t) in slot_ids[b]
+    (in place), then the readout s^0 = HoloRoPE^{-1}(I, t) [B, S] fp32. theta = holo_theta(S) (fp64)."""
+    u = _holo_rotate(w.float(), positions, theta, 1.0)
+    return _holo_rotate(decode_integral(u, state_pool, slot_ids), positions, theta, -1.0)
+
+
+def state_cells(s0: torch.Tensor, pre_norm: torch.Tensor, fc1: torch.Tensor, fc1_bias: torch.Tensor | None,
+                fc2: torch.Tensor, fc2_bias: torch.Tensor | None, alpha: torch.Tensor, post_norm: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    """The chain of Euler cells, l = 1 … L, from s^0 [T, S] fp32, weights stacked over layers:
+
+        s^l = PostNorm^l(s^{l-1} + α^l ⊙_head fc2^l(SiLU(fc1^l(PreNorm^l(s^{l-1})))))
+
+    The state stream stays fp32; the MLP runs in the weights' dtype. Returns every s^l as [L, T, S] in
+    that dtype, the input of the state projections."""
+    L, T = fc1.shape[0], s0.shape[0]
+    out = torch.empty(L, *s0.shape, dtype=fc1.dtype, device=s0.device)
+    s = s0.float()
+    for i in range(L):
+        x = rms_norm(s, pre_norm[i], eps).to(fc1.dtype)
+        hidden = F.silu(F.linear(x, fc1[i], None if fc1_bias is None else fc1_bias[i]))
+        u = F.linear(hidden, fc2[i], None if fc2_bias is None else fc2_bias[i]).float()
+        u = (alpha[i].float()[:, None] * u.view(T, alpha.shape[1], -1)).flatten(1)
+        s = rms_norm(s + u, post_norm[i], eps)
+        out[i] = s
+    return out
+
+
+def attn_inputs(h: torch.Tensor, delta: torch.Tensor | None, r: torch.Tensor, r_bias: torch.Tensor | None,
+                weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's attention input for its tokens and their state entries, stacked so that a single
+    q/k/v matmul serves both: returns (h', X [2T, D]) with h' = h + delta (h when delta is None),
+    X[:T] = RMSNorm(h'), X[T:] = RMSNorm(r + r_bias), both with the layer's input norm `weight`."""
+    if delta is not None:
+        h = h + delta
+    if r_bias is not None:
+        r = r + r_bias
+    return h, rms_norm(torch.cat([h, r]), weight, eps)
 
 
 def state_logit(q: torch.Tensor, k_s: torch.Tensor, scale: float) -> torch.Tensor:

@@ -20,17 +20,16 @@ backbone's eps; α is used as stored.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from hybridserve.kernels.state_token import (HOLO_BASE, decode_integral, holo_rope, holo_rope_inv,
-                                             integral_reference, merge_state_entry, state_logit,
-                                             varlen_integral)
+from hybridserve.kernels.backend import pick
+from hybridserve.kernels.state_token import (HOLO_BASE, holo_rope, holo_rope_inv, holo_theta, integral_reference,
+                                             state_logit, varlen_integral)
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, StateSpec
-from hybridserve.models.layers import apply_rope, paged_attention, rms_norm, rope_cos_sin
+from hybridserve.models.layers import apply_rope, rms_norm, rope_cos_sin
 from hybridserve.models.llama import LlamaConfig, LlamaModel
 
 
@@ -74,18 +73,28 @@ class NanoHammerModel(LlamaModel):
         def w(name: str) -> torch.Tensor | None:
             return weights[name].to(device=self.device, dtype=dtype) if name in weights else None
 
+        if config.qk_norm or config.attn_res:
+            raise ValueError("NanoHammer's backbone is plain Llama: qk_norm and attn_res are not supported")
         self.token_to_state = (w("token_to_state.weight"), w("token_to_state.bias"))
-        self.state_layers = []
-        for i in range(config.num_layers):
-            p = f"layers.{i}."
-            self.state_layers.append({
-                "pre_norm": w(p + "state_cell.pre_norm.weight"),
-                "fc1": w(p + "state_cell.mlp.fc1.weight"), "fc1_bias": w(p + "state_cell.mlp.fc1.bias"),
-                "fc2": w(p + "state_cell.mlp.fc2.weight"), "fc2_bias": w(p + "state_cell.mlp.fc2.bias"),
-                "alpha": w(p + "state_cell.alpha"),
-                "post_norm": w(p + "state_cell.post_norm.weight"),
-                "proj": w(p + "state_projection.weight"), "proj_bias": w(p + "state_projection.bias"),
-            })
+        names = {"pre_norm": "state_cell.pre_norm.weight", "fc1": "state_cell.mlp.fc1.weight",
+                 "fc1_bias": "state_cell.mlp.fc1.bias", "fc2": "state_cell.mlp.fc2.weight",
+                 "fc2_bias": "state_cell.mlp.fc2.bias", "alpha": "state_cell.alpha",
+                 "post_norm": "state_cell.post_norm.weight", "proj": "state_projection.weight",
+                 "proj_bias": "state_projection.bias"}
+        # Each state weight is stored once, stacked over layers, so the engine path can run all state
+        # projections as one batched matmul and the cells from one set of pointers; the per-layer dicts
+        # the reference path reads are views into the stacks.
+        self.state_stack = {}
+        for key, name in names.items():
+            per_layer = [w(f"layers.{i}.{name}") for i in range(config.num_layers)]
+            if all(t is None for t in per_layer):
+                self.state_stack[key] = None
+            else:
+                like = next(t for t in per_layer if t is not None)
+                self.state_stack[key] = torch.stack([torch.zeros_like(like) if t is None else t for t in per_layer])
+        self.state_layers = [{key: None if t is None else t[i] for key, t in self.state_stack.items()}
+                             for i in range(config.num_layers)]
+        self.holo_theta = holo_theta(config.state_hidden_size, config.holo_base, self.device)
 
     def cache_layout(self) -> CacheLayout:
         """Backbone paged KV plus I; the position counter is the request's own position, so nothing else."""
@@ -127,23 +136,52 @@ class NanoHammerModel(LlamaModel):
 
     def forward(self, meta: BatchMeta, cache: CacheView) -> torch.Tensor:
         """Engine forward: state prologue from the carried I, then paged attention merged with each
-        query's state entry. Logits [len(logits_indices), V]."""
+        query's state entry. Logits [len(logits_indices), V].
+
+        The math of `reference_forward`, arranged for few launches: the cells run as two fused kernels
+        each, the 16 state projections as one batched matmul, and in every layer the state entries ride
+        along with the tokens as T extra rows of the q/k/v matmul (their q is computed and ignored) and
+        of the RoPE kernel, which also writes the tokens' k/v into their pages."""
+        c, eps = self.config, self.config.rms_norm_eps
+        ops, fused, attn = (pick(k, self.device) for k in ("state_token", "fused", "paged_attention"))
+        T = meta.input_ids.shape[0]
+        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         pool = cache.states["integral"][0]
+        h = self.embed[meta.input_ids]
+        w = F.linear(h, *self.token_to_state)
         if meta.is_decode:
-            integrate = partial(decode_integral, state_pool=pool, slot_ids=meta.slot_ids)
+            s0 = ops.decode_readout(w, meta.positions, self.holo_theta, pool, meta.slot_ids)
         else:
-            integrate = partial(varlen_integral, cu_seqlens=meta.cu_seqlens, state_pool=pool,
-                                slot_ids=meta.slot_ids)
-        state_tokens = self._state_tokens(meta.input_ids, meta.positions, integrate)
-        cos, sin = rope_cos_sin(meta.positions, self.inv_freq, self.dtype)
-
-        def attend(i, q, k, v):
-            o_c, lse = paged_attention(q, k, v, cache.kv[i], meta, self.scale, return_lse=True)
-            k_s, v_s = self._state_kv(i, state_tokens[i], cos, sin)
-            return merge_state_entry(o_c, lse, q, k_s, v_s, self.scale)
-
-        h = self._hidden(meta.input_ids, meta.positions, attend)
-        return self._logits(h[meta.logits_indices])
+            u = holo_rope(w.float(), meta.positions, c.holo_base)
+            s0 = holo_rope_inv(varlen_integral(u, meta.cu_seqlens, pool, meta.slot_ids), meta.positions, c.holo_base)
+        st = self.state_stack
+        cells = ops.state_cells(s0, st["pre_norm"], st["fc1"], st["fc1_bias"], st["fc2"], st["fc2_bias"],
+                                st["alpha"], st["post_norm"], eps)
+        r = torch.bmm(cells, st["proj"].transpose(1, 2))                      # [L, T, hidden]; bias below
+        # the state entry's key is rotated at its query's position: the same tables for both row halves
+        cos, sin = rope_cos_sin(meta.positions.repeat(2), self.inv_freq, self.dtype)
+        delta = None                                                       # pending sublayer output
+        for i, lw in enumerate(self.layers):
+            h, x = ops.attn_inputs(h, delta, r[i], None if st["proj_bias"] is None else st["proj_bias"][i],
+                                   lw["attn_norm"], eps)
+            qkv = F.linear(x, lw["qkv"]).view(2 * T, H + 2 * Hkv, D)
+            k_cache, v_cache = cache.kv[i]
+            qk = fused.rope_write_kv(qkv, cos, sin, H, k_cache, v_cache, meta.slot_mapping)  # caches rows < T
+            q = qk[:T, :H]
+            if meta.is_decode:
+                o_c, lse = attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
+                                       return_lse=True)
+            else:
+                o_c, lse = attn.varlen_prefill(q, k_cache, v_cache, meta.cu_seqlens, meta.seq_lens,
+                                               meta.block_tables, self.scale, max(meta.query_lens_cpu),
+                                               return_lse=True)
+            o = ops.merge_state_entry(o_c, lse, q, qk[T:, H:], qkv[T:, H + Hkv:], self.scale)
+            h, g = fused.add_norm_linear_silu_mul(h, fused.linear(o.reshape(T, -1), lw["o"]), lw["ffn_norm"],
+                                                  lw["gate_up"], eps)
+            delta = fused.linear(g, lw["down"])
+        if not (meta.is_decode and meta.logits_indices.shape[0] == T):   # decode: every row, in order
+            h, delta = h[meta.logits_indices], delta[meta.logits_indices]
+        return fused.add_norm_linear(h, delta, self.norm, self.lm_head, eps, out_dtype=torch.float32)[1]
 
     # -- state path -----------------------------------------------------------------------------
 

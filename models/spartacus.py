@@ -92,6 +92,7 @@ class SpartacusModel:
         self.lm_head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
         self.norm = w("norm.weight")
         width = c.num_heads * c.head_dim
+        self.scale = c.head_dim ** -0.5
         gate_width = c.num_heads if c.decay_gate == "scalar_sigmoid" else width
         self.layers = []
         for i in range(c.num_layers):
@@ -107,6 +108,8 @@ class SpartacusModel:
                 "qkvz": torch.cat([w(p + f"attn.{x}_proj.weight") for x in ("q", "k", "v", "decay")]),
                 "decay_bias": None if bias is None else bias.to(device=self.device, dtype=torch.float32),
                 "q_norm": w(p + "attn.q_norm.weight"),
+                # the engine path folds the q scale d^-1/2 into the norm weight (fp32: no extra rounding)
+                "q_norm_scaled": w(p + "attn.q_norm.weight").float() * self.scale,
                 "k_norm": w(p + "attn.k_norm.weight"),
                 "o": w(p + "attn.o_proj.weight"),
                 "ffn_norm": w(p + "ffn_norm.weight"),
@@ -114,7 +117,6 @@ class SpartacusModel:
                 "down": w(p + "ffn.down_proj.weight"),
             })
         self.qkvz_sizes = [width, width, width, gate_width]
-        self.scale = c.head_dim ** -0.5
 
     def cache_layout(self) -> CacheLayout:
         c = self.config
@@ -141,17 +143,30 @@ class SpartacusModel:
         return self._logits(h)
 
     def forward(self, meta: BatchMeta, cache: CacheView) -> torch.Tensor:
-        """Engine forward over a packed batch; each sequence continues from, and updates, its slot."""
+        """Engine forward over a packed batch; each sequence continues from, and updates, its slot.
+
+        The same math as `_hidden` + `_logits`, with the per-layer glue fused for the decode step's
+        launch count: each residual add and RMSNorm go with the matmul after them (one GEMV kernel at
+        batch 1, kernels/fused_triton.py), and q/k norms, SiLU, the q scale and the decay gate are one
+        kernel that reads the qkvz row and leaves v in place."""
+        c, eps = self.config, self.config.rms_norm_eps
+        fused, ops = pick("fused", self.device), pick("monoid", self.device)
         pools = cache.states["monoid"]
-
-        def mix(i, q, k, v, log_a):
-            ops = pick("monoid", q.device)
+        h, delta = self.embed[meta.input_ids], None    # the residual stream and the pending sublayer output
+        for i, lw in enumerate(self.layers):
+            h, qkvz = fused.add_norm_linear(h, delta, lw["attn_norm"], lw["qkvz"], eps)
+            q, k, v, log_a = fused.monoid_prep(qkvz, lw["q_norm_scaled"], lw["k_norm"], lw["decay_bias"],
+                                               c.num_heads, c.head_dim, eps, c.decay_gate)
             if meta.is_decode:
-                return ops.decode_step(q, k, v, log_a, pools[i], meta.slot_ids)
-            return ops.varlen_prefill(q, k, v, log_a, meta.cu_seqlens, pools[i], meta.slot_ids)
-
-        h = self._hidden(meta.input_ids, mix)
-        return self._logits(h[meta.logits_indices])
+                o = ops.decode_step(q, k, v, log_a, pools[i], meta.slot_ids)
+            else:
+                o = ops.varlen_prefill(q, k, v, log_a, meta.cu_seqlens, pools[i], meta.slot_ids)
+            h, g = fused.add_norm_linear_silu_mul(h, fused.linear(o.reshape(o.shape[0], -1), lw["o"]),
+                                                  lw["ffn_norm"], lw["gate_up"], eps)
+            delta = fused.linear(g, lw["down"])
+        if not (meta.is_decode and meta.logits_indices.shape[0] == h.shape[0]):  # decode: every row, in order
+            h, delta = h[meta.logits_indices], delta[meta.logits_indices]
+        return fused.add_norm_linear(h, delta, self.norm, self.lm_head, eps, out_dtype=torch.float32)[1]
 
     def reference_attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Layer i's monoid attention sublayer on normed input x [T, hidden], one sequence from the zero

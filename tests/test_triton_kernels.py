@@ -383,3 +383,223 @@ def test_attn_res_route(device, dtype, n_sources):
     sources = [torch.randn(4, 40, device=device, dtype=dtype) * (1 + i) for i in range(n_sources)]
     q, w = torch.randn(40, device=device, dtype=dtype), torch.rand(40, device=device, dtype=dtype) + 0.5
     _close(route_tr.route(sources, q, w, 1e-5), route_ref.route(sources, q, w, 1e-5), dtype)
+
+
+# -- monoid chunked prefill: chunk boundaries, state tiles, both intra-chunk forms ---------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", [monoid_tr.PrefillConfig(),
+                                 monoid_tr.PrefillConfig(chunk=128, factor_span=-1.),  # pairwise form only
+                                 monoid_tr.PrefillConfig(chunk=32, local_bk=16, local_bv=16, scan_rows=4)])
+@pytest.mark.parametrize("strong", [False, True])
+def test_monoid_prefill_chunks(device, dtype, cfg, strong):
+    """Sequences over several chunks and just around their boundaries, with empty and one-token
+    sequences between them (chunk keys with no chunk), dk != dv, state split into tiles. Mild gates
+    take the factorised intra-chunk form; strong ones (down to log α = −30 per step) the pairwise one."""
+    H, dk, dv = 2, 16, 32
+    lens = [130, 0, 64, 65, 1, 63, 2]
+    slots = torch.tensor([3, 0, 1, 5, 2, 8, 4], device=device)       # slots 6 and 7 stay unaddressed
+    pool = torch.randn(9, H, dk, dv, device=device)
+    q, k, v, log_a = monoid_inputs(sum(lens), H, dk, dv, dtype, device)
+    if strong:
+        log_a[::5, :, ::3] = -30.
+    else:
+        log_a = F.logsigmoid(torch.randn_like(log_a) + 3)
+    cu = cu_from(lens, device)
+    ref_pool, new_pool = pool.clone(), pool.clone()
+    ref = monoid_ref.varlen_prefill(q, k, v, log_a, cu, ref_pool, slots)
+    out = monoid_tr.prefill_launch(q, k, v, log_a, cu, new_pool, slots, cfg)
+    assert out.dtype == dtype and torch.isfinite(out).all() and rel_err(out, ref) < tol(dtype)
+    check_pools(new_pool, ref_pool, pool, slots, 1e-4)
+
+
+# -- fused decode glue: one-row GEMV with its residual add / norm / SiLU·mul, Spartacus's monoid inputs,
+#    RoPE + KV write, NanoHammer's state path ---------------------------------------------------------
+
+from hybridserve.kernels import state_token as state_ref  # noqa: E402
+from hybridserve.kernels import state_token_triton as state_tr  # noqa: E402
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3])          # 1 row: the Triton GEMV; more: cuBLAS beside fused glue
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_fused_linears(device, dtype, rows, with_delta):
+    K, N = 600, 40                                  # K not a multiple of the GEMV's K block
+    h = torch.randn(rows, K, device=device, dtype=dtype)
+    delta = torch.randn(rows, K, device=device, dtype=dtype) if with_delta else None
+    nw = (torch.rand(K, device=device) + 0.5).to(dtype)
+    w = (torch.randn(N, K, device=device) * K ** -0.5).to(dtype)
+    gate_up = (torch.randn(2 * N, K, device=device) * K ** -0.5).to(dtype)
+    got = fused_tr.add_norm_linear(h, delta, nw, w, 1e-5, out_dtype=torch.float32)
+    want = fused_ref.add_norm_linear(h, delta, nw, w, 1e-5, out_dtype=torch.float32)
+    assert got[1].dtype == torch.float32 and got[0].dtype == dtype
+    for a, b in zip(got, want):
+        _close(a, b, dtype)
+    for a, b in zip(fused_tr.add_norm_linear_silu_mul(h, delta, nw, gate_up, 1e-5),
+                    fused_ref.add_norm_linear_silu_mul(h, delta, nw, gate_up, 1e-5)):
+        _close(a, b, dtype)
+    _close(fused_tr.linear(h, w), fused_ref.linear(h, w), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm(device, dtype):
+    x, r = torch.randn(5, 48, device=device, dtype=dtype), torch.randn(5, 48, device=device, dtype=dtype)
+    w = torch.rand(48, device=device, dtype=dtype) + 0.5
+    for got, want in zip(fused_tr.add_rms_norm(x, r, w, 1e-5), fused_ref.add_rms_norm(x, r, w, 1e-5)):
+        assert got.dtype == dtype
+        _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate,full_q,bias", [("sigmoid", False, True), ("neg_softplus", True, False),
+                                              ("scalar_sigmoid", False, True), ("sigmoid", True, False)])
+def test_fused_monoid_prep(device, dtype, gate, full_q, bias):
+    """q/k norms per head or full width, every gate, with and without bias; gate logits up to ±60 so the
+    log1p of tiny exp(−|z|) must stay exact; 20 heads span two head blocks when the norms are per head."""
+    H, D, T = 20, 16, 3
+    W = H * D
+    G = H if gate == "scalar_sigmoid" else W
+    x = torch.randn(T, 3 * W + G, device=device, dtype=dtype) * 2
+    x[:, 3 * W:] *= 20
+    q_norm = (torch.rand(W if full_q else D, device=device) + 0.5) * D ** -0.5          # fp32, scale folded in
+    k_norm = (torch.rand(D if full_q else W, device=device) + 0.5).to(dtype)
+    zb = torch.randn(G, device=device) if bias else None
+    got = fused_tr.monoid_prep(x, q_norm, k_norm, zb, H, D, 1e-5, gate)
+    want = fused_ref.monoid_prep(x, q_norm, k_norm, zb, H, D, 1e-5, gate)
+    for a, b in zip(got[:3], want[:3]):
+        assert a.shape == (T, H, D) and a.dtype == dtype
+        _close(a, b, dtype)
+    assert got[2].data_ptr() == x[:, 2 * W:].data_ptr()                              # v stays a view
+    assert got[3].dtype == torch.float32 and got[3].is_contiguous() and (got[3] <= 0).all()
+    assert torch.allclose(got[3], want[3], rtol=1e-5, atol=1e-30)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rot", [16, 8])
+def test_fused_rope_write_kv(device, dtype, rot):
+    """Packed q|k|v heads of 5 rows, the first 3 cached (the rest are uncached state rows); partial
+    rotary dims; cache positions nobody writes stay untouched."""
+    T, H, Hkv, D, page = 5, 4, 2, 16, 4
+    x = torch.randn(T, H + 2 * Hkv, D, device=device, dtype=dtype)
+    ang = torch.rand(T, rot // 2, device=device) * 50
+    cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
+    slots = torch.tensor([9, 2, 14], device=device)
+    caches = [torch.randn(4, page, Hkv, D, device=device, dtype=dtype) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    got = fused_tr.rope_write_kv(x, cos, sin, H, *caches, slots)
+    want = fused_ref.rope_write_kv(x, cos, sin, H, *ref_caches, slots)
+    assert got.shape == (T, H + Hkv, D)
+    _close(got, want, dtype)
+    written = torch.zeros(4 * page, dtype=torch.bool, device=device)
+    written[slots] = True
+    for c, r in zip(caches, ref_caches):
+        flat, ref_flat = c.view(-1, Hkv, D), r.view(-1, Hkv, D)
+        _close(flat[written], ref_flat[written], dtype)
+        assert torch.equal(flat[~written], ref_flat[~written])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_decode_readout(device):
+    S = 32
+    w = torch.randn(4, S, device=device, dtype=torch.bfloat16)
+    pos = torch.tensor([0, 7, 131071, 65536], device=device)
+    slots = decode_slots(4, device)
+    pool = torch.randn(NUM_SLOTS, S, device=device)
+    theta = state_ref.holo_theta(S, device=device)
+    ref_pool, new_pool = pool.clone(), pool.clone()
+    got = state_tr.decode_readout(w, pos, theta, new_pool, slots)
+    want = state_ref.decode_readout(w, pos, theta, ref_pool, slots)
+    live = live_rows(slots)
+    assert rel_err(got[live], want[live]) < 1e-5
+    check_pools(new_pool, ref_pool, pool, slots, 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("T", [1, 18])             # the one-row GEMV tiles; several tensor-core row blocks
+def test_state_cells(device, dtype, bias, T):
+    L, S, I, heads = 3, 32, 48, 4                                # I not a power of two
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device=device, dtype=dtype)
+    s0 = torch.randn(T, S, generator=g).to(device) * 3
+    weights = (rnd(L, S, scale=0.1, shift=1), rnd(L, I, S, scale=S ** -0.5), rnd(L, I, scale=0.1) if bias else None,
+               rnd(L, S, I, scale=I ** -0.5), rnd(L, S, scale=0.1) if bias else None, rnd(L, heads, scale=0.1, shift=0.5),
+               rnd(L, S, scale=0.1, shift=1))
+    got = state_tr.state_cells(s0, *weights, 1e-5)
+    assert got.shape == (L, T, S) and got.dtype == dtype
+    _close(got, state_ref.state_cells(s0, *weights, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("first", [True, False])
+def test_state_attn_inputs(device, dtype, first):
+    T, N = 3, 40
+    h, delta = torch.randn(T, N, device=device, dtype=dtype), torch.randn(T, N, device=device, dtype=dtype)
+    r = torch.randn(2, T, N, device=device, dtype=dtype)[1]
+    rb, w = torch.randn(N, device=device, dtype=dtype), torch.rand(N, device=device, dtype=dtype) + 0.5
+    args = (h, None, r, None, w, 1e-5) if first else (h, delta, r, rb, w, 1e-5)
+    got, want = state_tr.attn_inputs(*args), state_ref.attn_inputs(*args)
+    assert got[1].shape == (2 * T, N)
+    for a, b in zip(got, want):
+        _close(a, b, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_state_merge_entry(device, dtype):
+    """Strided q / state k, v (views of a stacked projection, as the model passes them); a row with no
+    tokens (lse = −inf) takes the state value alone."""
+    T, H, Hkv, D = 4, 8, 2, 16
+    qk = torch.randn(2 * T, H + Hkv, D, device=device, dtype=dtype)
+    v_s = torch.randn(T, 3, Hkv, D, device=device, dtype=dtype)[:, 1]
+    o_c = torch.randn(T, H, D, device=device, dtype=dtype)
+    lse = torch.randn(T, H, device=device)
+    lse[1] = float("-inf")
+    args = (o_c, lse, qk[:T, :H], qk[T:, H:], v_s, D ** -0.5)
+    got = state_tr.merge_state_entry(*args)
+    _close(got, state_ref.merge_state_entry(*args), dtype)
+    _close(got[1], v_s[1].repeat_interleave(H // Hkv, dim=0), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs CUDA, compiled Triton")
+def test_state_path_replays_in_cuda_graph():
+    """The NanoHammer state kernels captured once and replayed on new inputs equal an eager run."""
+    dev, dt = "cuda", torch.bfloat16
+    L, B, S, I, heads = 3, 4, 64, 96, 4
+    slots = decode_slots(B, dev)
+    w = torch.randn(B, S, device=dev, dtype=dt)
+    pos = torch.tensor([3, 0, 9000, 17], device=dev)
+    theta = state_ref.holo_theta(S, device=dev)
+    pool = torch.randn(NUM_SLOTS, S, device=dev)
+    cells = (torch.rand(L, S, device=dev, dtype=dt) + 0.5, torch.randn(L, I, S, device=dev, dtype=dt) * S ** -0.5,
+             None, torch.randn(L, S, I, device=dev, dtype=dt) * I ** -0.5, torch.randn(L, S, device=dev, dtype=dt),
+             torch.rand(L, heads, device=dev, dtype=dt), torch.rand(L, S, device=dev, dtype=dt) + 0.5)
+
+    def step():
+        s = state_tr.state_cells(state_tr.decode_readout(w, pos, theta, pool, slots), *cells, 1e-5)
+        return state_tr.attn_inputs(s[0], s[1], s[2], cells[4][0], cells[0][0], 1e-5)[1]
+
+    saved = pool.clone()
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    pool.copy_(saved)
+    w.copy_(torch.randn_like(w))
+    pos.copy_(torch.tensor([5, 0, 131000, 2], device=dev))
+    graph.replay()
+    torch.cuda.synchronize()
+    got, got_pool = out.clone(), pool.clone()
+    pool.copy_(saved)
+    assert torch.equal(got, step()) and torch.equal(got_pool, pool)

@@ -1,0 +1,253 @@
+"""Triton kernels for NanoHammer's per-step state path, beside `kernels/state_token.py`.
+
+A decode step of NanoHammer rebuilds every layer's state entry from I, so in plain PyTorch its prologue
+alone is ~200 tiny kernels (rotations, 16 Euler cells, norms) and each layer adds ~15 more for the state
+entry's norm, projection and log-sum-exp merge. Here:
+
+- `decode_readout`: rotate, integrate in the slot and read back, one kernel;
+- `state_cells`: two kernels per cell. Kernel A finishes cell l−1 (residual, α already applied, PostNorm)
+  in its prologue, then runs PreNorm → fc1 → SiLU of cell l; kernel B is fc2 with α in its epilogue.
+  The prologue needs whole state rows (512 wide), which every program recomputes; that is cheaper than
+  a launch;
+- `attn_inputs`: a layer's residual add and input norm for its tokens and the norm of their state
+  entries, written as one stacked [2T, D] matrix for a single q/k/v matmul;
+- `merge_state_entry`: the state entry's logit and the log-sum-exp merge, one kernel.
+
+The integral for packed prefill chunks and the holographic rotations themselves stay the references.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridserve.kernels.state_token import (HOLO_BASE, decode_integral, holo_rope, holo_rope_inv,  # noqa: F401
+                                             holo_theta, integral_reference, state_logit, varlen_integral)
+
+# (rows, fc1 outputs, fc2 outputs, fc2 K block) per program. Many rows: tensor-core tiles (tl.dot needs
+# >= 16 per dim). One row (a decode step of batch 1): a GEMV with narrow tiles, so that 128 programs
+# share each weight instead of 32 latency-bound ones.
+CELL_TILES = (16, 32, 16, 128)
+CELL_GEMV_TILES = (1, 8, 4, 512)
+
+
+@triton.jit
+def _readout_kernel(w_ptr, pos_ptr, theta_ptr, pool_ptr, slot_ptr, s_ptr, sw,
+                    S: tl.constexpr, J: tl.constexpr, BJ: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BJ)
+    m = j < J
+    # angle formed and range-reduced in fp64 (t·θ reaches ~1.3e5 rad), then cos/sin in fp32
+    two_pi = tl.full((), 6.283185307179586, tl.float64)
+    ang = tl.load(pos_ptr + b).to(tl.float64) * tl.load(theta_ptr + j, mask=m, other=0.0)
+    ang = (ang - (ang / two_pi).to(tl.int64).to(tl.float64) * two_pi).to(tl.float32)   # t, θ >= 0
+    c, sn = tl.cos(ang), tl.sin(ang)
+    wa = tl.load(w_ptr + b * sw + 2 * j, mask=m, other=0.0).to(tl.float32)
+    wb = tl.load(w_ptr + b * sw + 2 * j + 1, mask=m, other=0.0).to(tl.float32)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    ia = tl.load(pool_ptr + slot * S + 2 * j, mask=m, other=0.0) + (wa * c - wb * sn)
+    ib = tl.load(pool_ptr + slot * S + 2 * j + 1, mask=m, other=0.0) + (wa * sn + wb * c)
+    tl.store(pool_ptr + slot * S + 2 * j, ia, mask=m)
+    tl.store(pool_ptr + slot * S + 2 * j + 1, ib, mask=m)
+    tl.store(s_ptr + b * S + 2 * j, ia * c + ib * sn, mask=m)
+    tl.store(s_ptr + b * S + 2 * j + 1, ib * c - ia * sn, mask=m)
+
+
+def decode_readout(w: torch.Tensor, positions: torch.Tensor, theta: torch.Tensor, state_pool: torch.Tensor,
+                   slot_ids: torch.Tensor) -> torch.Tensor:
+    B, S = w.shape
+    assert state_pool.is_contiguous() and state_pool.dtype == torch.float32
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    s = torch.empty(B, S, dtype=torch.float32, device=w.device)
+    if B:
+        _readout_kernel[(B,)](w, positions, theta, state_pool, slot_ids, s, w.stride(0), S=S, J=S // 2,
+                              BJ=triton.next_power_of_2(S // 2), num_warps=1 if S <= 1024 else 4)
+    return s
+
+
+@triton.jit
+def _cell_in_kernel(s_ptr, u_ptr, post_ptr, pre_ptr, w1_ptr, b1_ptr, chain_ptr, out_ptr, h1_ptr, T, eps,
+                    S: tl.constexpr, I: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    HAS_PREV: tl.constexpr, HAS_MLP: tl.constexpr, HAS_B1: tl.constexpr,
+                    F32_DOT: tl.constexpr, PREC: tl.constexpr):
+    """Finish the previous cell (s = PostNorm(s + u), stored once by the programs of column block 0),
+    then h1 = SiLU(fc1(PreNorm(s)) + b1) for this program's BN hidden units."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    pn = tl.program_id(1)
+    cols = tl.arange(0, BS)
+    mr = rows < T
+    mc = cols < S
+    m = mr[:, None] & mc[None, :]
+    off = rows[:, None].to(tl.int64) * S + cols[None, :]
+    s = tl.load(s_ptr + off, mask=m, other=0.0)
+    if HAS_PREV:
+        s += tl.load(u_ptr + off, mask=m, other=0.0)
+        s = s * tl.rsqrt(tl.sum(s * s, axis=1) / S + eps)[:, None] \
+            * tl.load(post_ptr + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
+        if pn == 0:
+            tl.store(chain_ptr + off, s, mask=m)
+            tl.store(out_ptr + off, s.to(out_ptr.dtype.element_ty), mask=m)
+    if HAS_MLP:
+        x = s * tl.rsqrt(tl.sum(s * s, axis=1) / S + eps)[:, None] \
+            * tl.load(pre_ptr + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
+        x = x.to(w1_ptr.dtype.element_ty)
+        n = pn * BN + tl.arange(0, BN)
+        mn = n < I
+        w = tl.load(w1_ptr + n[None, :] * S + cols[:, None], mask=mc[:, None] & mn[None, :], other=0.0)
+        if BM == 1:
+            acc = tl.sum(tl.trans(x).to(tl.float32) * w.to(tl.float32), axis=0)[None, :]
+        else:
+            if F32_DOT:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, w, input_precision=PREC)
+        if HAS_B1:
+            acc += tl.load(b1_ptr + n, mask=mn, other=0.0).to(tl.float32)[None, :]
+        acc = acc.to(h1_ptr.dtype.element_ty).to(tl.float32)     # the projection's stored output, as the reference
+        acc = acc / (1.0 + tl.exp(-acc))
+        tl.store(h1_ptr + rows[:, None] * I + n[None, :], acc.to(h1_ptr.dtype.element_ty),
+                 mask=mr[:, None] & mn[None, :])
+
+
+@triton.jit
+def _cell_out_kernel(h1_ptr, w2_ptr, b2_ptr, a_ptr, u_ptr, T,
+                     S: tl.constexpr, I: tl.constexpr, HS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr, HAS_B2: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr):
+    """u = α[head] · (fc2(h1) + b2) for this program's BN state dims (fp32)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    mr = rows < T
+    mn = n < S
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, I, BK):
+        kk = k0 + tl.arange(0, BK)
+        mk = kk < I
+        a = tl.load(h1_ptr + rows[:, None].to(tl.int64) * I + kk[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+        w = tl.load(w2_ptr + n[None, :] * I + kk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
+        if BM == 1:
+            acc += tl.sum(tl.trans(a).to(tl.float32) * w.to(tl.float32), axis=0)[None, :]
+        else:
+            if F32_DOT:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc += tl.dot(a, w, input_precision=PREC)
+    if HAS_B2:
+        acc += tl.load(b2_ptr + n, mask=mn, other=0.0).to(tl.float32)[None, :]
+    acc = acc.to(h1_ptr.dtype.element_ty).to(tl.float32) \
+        * tl.load(a_ptr + n // HS, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(u_ptr + rows[:, None].to(tl.int64) * S + n[None, :], acc, mask=mr[:, None] & mn[None, :])
+
+
+# Triton's CPU interpreter mis-computes tl.dot on bf16 operands: upcast there (as paged_attention_triton).
+INTERPRETED = type(_cell_out_kernel).__name__ == "InterpretedFunction"
+
+
+def state_cells(s0: torch.Tensor, pre_norm: torch.Tensor, fc1: torch.Tensor, fc1_bias: torch.Tensor | None,
+                fc2: torch.Tensor, fc2_bias: torch.Tensor | None, alpha: torch.Tensor, post_norm: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    L, I, S = fc1.shape
+    T = s0.shape[0]
+    dev = s0.device
+    out = torch.empty(L, T, S, dtype=fc1.dtype, device=dev)
+    if T == 0:
+        return out
+    s0 = s0.float().contiguous()
+    chain = torch.empty(2, T, S, dtype=torch.float32, device=dev)    # s^l, alternating (read l-1, write l)
+    u = torch.empty(T, S, dtype=torch.float32, device=dev)
+    h1 = torch.empty(T, I, dtype=fc1.dtype, device=dev)
+    f32 = INTERPRETED or fc1.dtype == torch.float32
+    common = dict(F32_DOT=INTERPRETED, PREC="ieee" if f32 else "tf32", num_warps=4)
+    BM, BN1, BN2, BK2 = CELL_GEMV_TILES if T == 1 else CELL_TILES
+    BK2 = min(BK2, max(16, triton.next_power_of_2(I)))
+    grid_m = triton.cdiv(T, BM)
+    for i in range(L + 1):        # step i finishes cell i (1-based) and starts cell i + 1
+        has_mlp = i < L
+        _cell_in_kernel[(grid_m, triton.cdiv(I, BN1) if has_mlp else 1)](
+            s0 if i <= 1 else chain[(i - 1) % 2], u, post_norm[max(i - 1, 0)], pre_norm[min(i, L - 1)], fc1[min(i, L - 1)],
+            fc1_bias[min(i, L - 1)] if fc1_bias is not None else u, chain[i % 2], out[max(i - 1, 0)], h1, T, eps,
+            S=S, I=I, BS=triton.next_power_of_2(S), BM=BM, BN=BN1, HAS_PREV=i > 0, HAS_MLP=has_mlp,
+            HAS_B1=fc1_bias is not None, **common)
+        if has_mlp:
+            _cell_out_kernel[(grid_m, triton.cdiv(S, BN2))](
+                h1, fc2[i], fc2_bias[i] if fc2_bias is not None else u, alpha[i], u, T,
+                S=S, I=I, HS=S // alpha.shape[1], BM=BM, BN=BN2, BK=BK2,
+                HAS_B2=fc2_bias is not None, **common)
+    return out
+
+
+@triton.jit
+def _attn_inputs_kernel(h_ptr, d_ptr, r_ptr, rb_ptr, w_ptr, hout_ptr, x_ptr, T, sh, sd, sr, eps,
+                        N: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_RB: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BN)
+    m = offs < N
+    if row < T:
+        v = tl.load(h_ptr + row * sh + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_D:   # the residual stream as stored (rounded), then normalised
+            hv = (v + tl.load(d_ptr + row * sd + offs, mask=m, other=0.0).to(tl.float32)).to(hout_ptr.dtype.element_ty)
+            tl.store(hout_ptr + row * N + offs, hv, mask=m)
+            v = hv.to(tl.float32)
+    else:
+        v = tl.load(r_ptr + (row - T) * sr + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_RB:  # r + bias is stored in the model dtype before the norm, as the reference
+            v = (v + tl.load(rb_ptr + offs, mask=m, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    y = v * tl.rsqrt(tl.sum(v * v, axis=0) / N + eps) * tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(x_ptr + row * N + offs, y.to(x_ptr.dtype.element_ty), mask=m)
+
+
+def attn_inputs(h: torch.Tensor, delta: torch.Tensor | None, r: torch.Tensor, r_bias: torch.Tensor | None,
+                weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    T, N = h.shape
+    h, r = (t if t.stride(-1) == 1 else t.contiguous() for t in (h, r))
+    if delta is not None and delta.stride(-1) != 1:
+        delta = delta.contiguous()
+    h_out = torch.empty_like(h) if delta is not None else h
+    x = torch.empty(2 * T, N, dtype=h.dtype, device=h.device)
+    if T:
+        _attn_inputs_kernel[(2 * T,)](h, delta if delta is not None else h, r, r_bias if r_bias is not None else r,
+                                      weight, h_out, x, T, h.stride(0), delta.stride(0) if delta is not None else 0,
+                                      r.stride(0), eps, N=N, BN=triton.next_power_of_2(N),
+                                      HAS_D=delta is not None, HAS_RB=r_bias is not None,
+                                      num_warps=4 if N >= 1024 else 1)
+    return h_out, x
+
+
+@triton.jit
+def _merge_kernel(o_ptr, lse_ptr, q_ptr, k_ptr, v_ptr, out_ptr, so_t, so_h, sl_t, sq_t, sq_h, sk_t, sk_h,
+                  sv_t, sv_h, scale, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BG: tl.constexpr,
+                  BD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    kh = tl.program_id(1)
+    g = tl.arange(0, BG)
+    d = tl.arange(0, BD)[None, :]
+    mg = g < G
+    md = d < D
+    m = mg[:, None] & md
+    hq = kh * G + g
+    q = tl.load(q_ptr + t * sq_t + hq[:, None] * sq_h + d, mask=m, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + t * sk_t + kh * sk_h + d, mask=md, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + t * sv_t + kh * sv_h + d, mask=md, other=0.0).to(tl.float32)
+    logit = tl.sum(q * k, axis=1) * scale
+    lse = tl.load(lse_ptr + t * sl_t + hq, mask=mg, other=0.0)
+    mx = tl.maximum(lse, logit)
+    w_c = tl.exp(lse - mx)[:, None]
+    w_s = tl.exp(logit - mx)[:, None]
+    o = tl.load(o_ptr + t * so_t + hq[:, None] * so_h + d, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (t * H + hq[:, None]) * D + d, ((w_c * o + w_s * v) / (w_c + w_s)).to(out_ptr.dtype.element_ty),
+             mask=m)
+
+
+def merge_state_entry(o_c: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_s: torch.Tensor,
+                      v_s: torch.Tensor, scale: float) -> torch.Tensor:
+    T, H, D = q.shape
+    hkv = k_s.shape[1]
+    assert all(t.stride(-1) == 1 for t in (o_c, q, k_s, v_s)) and lse.stride(-1) == 1
+    out = torch.empty(T, H, D, dtype=o_c.dtype, device=o_c.device)
+    if T:
+        G = H // hkv
+        _merge_kernel[(T, hkv)](o_c, lse, q, k_s, v_s, out, o_c.stride(0), o_c.stride(1), lse.stride(0),
+                                q.stride(0), q.stride(1), k_s.stride(0), k_s.stride(1), v_s.stride(0),
+                                v_s.stride(1), scale, H=H, G=G, D=D, BG=triton.next_power_of_2(G),
+                                BD=triton.next_power_of_2(D), num_warps=1 if G * D <= 512 else 4)
+    return out
