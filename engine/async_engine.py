@@ -124,6 +124,7 @@ class AsyncEngine:
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.sampling_defaults = engine.sampling_defaults
         config = engine.config
         self.max_queued_requests = max(1, config.max_queued_requests)
         self.max_queued_tokens = config.max_queued_tokens

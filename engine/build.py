@@ -18,6 +18,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+# generation_config.json fields that become defaults for requests that leave them out (as in vLLM)
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,7 +59,8 @@ def build_llm_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
                        config.num_kv_pages)
     pools = CachePools(layout, plan, config.page_size, dtype, device)
     name = config.served_model_name or _default_name(config.model, ckpt)
-    return LLMEngine(model, ckpt.tokenizer, pools, config, max_len), name
+    defaults = {k: ckpt.generation[k] for k in SAMPLING_KEYS if ckpt.generation.get(k) is not None}
+    return LLMEngine(model, ckpt.tokenizer, pools, config, max_len, defaults), name
 
 
 def build_engine(config: EngineConfig) -> AsyncEngine:

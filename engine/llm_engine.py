@@ -20,8 +20,10 @@ log = logging.getLogger("hybridserve.engine")
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer, pools: CachePools, config: EngineConfig, max_model_len: int):
+    def __init__(self, model, tokenizer, pools: CachePools, config: EngineConfig, max_model_len: int,
+                 sampling_defaults: dict | None = None):
         self.model, self.tokenizer, self.pools, self.config = model, tokenizer, pools, config
+        self.sampling_defaults = dict(sampling_defaults or {})  # the model's own, for fields a request omits
         self.max_model_len = max_model_len
         self.runner = ModelRunner(model, pools, max_model_len, pools.plan.max_concurrency, config.enforce_eager)
         self.scheduler = Scheduler(pools, pools.plan.max_concurrency, config.max_num_batched_tokens)

@@ -268,7 +268,7 @@ class _Serving:
             room = max_len - len(ids)
             if (requested or 1) > room:
                 raise context_length_exceeded(max_len, len(ids), requested or 1, where)
-            params = req.sampling_params(requested or room)
+            params = req.sampling_params(requested or room, self.engine.sampling_defaults)
             if params.min_tokens > params.max_tokens:
                 raise invalid_request(
                     f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({params.max_tokens})", "min_tokens")

@@ -131,18 +131,25 @@ class SamplingRequest(_Request):
         """(return logprobs, number of alternatives); the two endpoints spell this differently."""
         raise NotImplementedError
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, defaults: dict | None = None) -> SamplingParams:
+        """`defaults` are the model's own sampling defaults (its generation config), used for the fields
+        the request leaves out, as vLLM does; the OpenAI defaults apply after them."""
+        d = defaults or {}
+
+        def pick(value, key, fallback):
+            return value if value is not None else d.get(key, fallback)
+
         logprobs, top_logprobs = self.logprob_settings()
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=-1 if not self.top_k else self.top_k,
-            min_p=self.min_p or 0.0,
+            temperature=pick(self.temperature, "temperature", 1.0),
+            top_p=pick(self.top_p, "top_p", 1.0),
+            top_k=pick(self.top_k or None, "top_k", -1),
+            min_p=pick(self.min_p, "min_p", 0.0),
             seed=self.seed,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=pick(self.repetition_penalty, "repetition_penalty", 1.0),
             stop=list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=bool(self.ignore_eos),

@@ -272,3 +272,12 @@ def test_metrics(client):
 def test_still_serving(client):
     assert client.get("/health").status_code == 200
     assert chat(client, max_tokens=2).json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_default_sampling_answers_and_ends_its_turn(client):
+    """A request with no sampling fields uses the model's defaults and ends with its end-of-turn token."""
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, "seed": 1})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert 0 < out["usage"]["completion_tokens"] < 200

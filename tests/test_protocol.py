@@ -314,3 +314,16 @@ def test_metrics_exposition_names(engine):
                  "hybridserve:prompt_tokens_total", "hybridserve:request_success_total",
                  'hybridserve:memory_bytes{component="kv_total"'):
         assert name in r.text
+
+
+def test_model_sampling_defaults_fill_only_omitted_fields():
+    from hybridserve.server.protocol import ChatCompletionRequest
+
+    msgs = [{"role": "user", "content": "hi"}]
+    defaults = {"temperature": 0.2, "top_p": 0.9, "top_k": 40}
+    p = ChatCompletionRequest(model="m", messages=msgs).sampling_params(8, defaults)
+    assert (p.temperature, p.top_p, p.top_k) == (0.2, 0.9, 40)
+    p = ChatCompletionRequest(model="m", messages=msgs, temperature=0, top_p=0.5).sampling_params(8, defaults)
+    assert (p.temperature, p.top_p, p.top_k) == (0.0, 0.5, 40)
+    p = ChatCompletionRequest(model="m", messages=msgs).sampling_params(8, None)
+    assert (p.temperature, p.top_p, p.top_k) == (1.0, 1.0, -1)

