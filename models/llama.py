@@ -39,6 +39,10 @@ class LlamaConfig:
     attn_res: bool = False
     attn_res_boundaries: list[int] = field(default_factory=list)
 
+    def cache_layout(self) -> CacheLayout:
+        """Per-request memory follows from the config alone (also for `inspect`, before weights load)."""
+        return CacheLayout(kv=KVSpec(self.num_layers, self.num_kv_heads, self.head_dim))
+
     @classmethod
     def from_hf(cls, c: dict) -> "LlamaConfig":
         heads = c["num_attention_heads"]
@@ -121,8 +125,7 @@ class LlamaModel:
         self.scale = c.head_dim ** -0.5
 
     def cache_layout(self) -> CacheLayout:
-        c = self.config
-        return CacheLayout(kv=KVSpec(c.num_layers, c.num_kv_heads, c.head_dim))
+        return self.config.cache_layout()
 
     @property
     def max_model_len(self) -> int:

@@ -41,6 +41,11 @@ class NanoHammerConfig(LlamaConfig):
     holo_base: float = HOLO_BASE
     state_norm: str = "rmsnorm"                          # the only kind implemented (see module docstring)
 
+    def cache_layout(self) -> CacheLayout:
+        """Backbone paged KV plus I; the position counter is the request's own position, so nothing else."""
+        return CacheLayout(kv=super().cache_layout().kv,
+                           states={"integral": StateSpec(1, (self.state_hidden_size,), torch.float32)})
+
     @classmethod
     def from_hf(cls, c: dict) -> "NanoHammerConfig":
         cfg = cls(
@@ -96,11 +101,6 @@ class NanoHammerModel(LlamaModel):
                              for i in range(config.num_layers)]
         self.holo_theta = holo_theta(config.state_hidden_size, config.holo_base, self.device)
 
-    def cache_layout(self) -> CacheLayout:
-        """Backbone paged KV plus I; the position counter is the request's own position, so nothing else."""
-        layout = super().cache_layout()
-        return CacheLayout(kv=layout.kv,
-                           states={"integral": StateSpec(1, (self.config.state_hidden_size,), torch.float32)})
 
     def weights_bytes(self) -> int:
         state = [t for t in self.token_to_state if t is not None]

@@ -60,6 +60,16 @@ class NeoLLMConfig:
     zero_centered_norm: bool = True       # RMSNorm weights used as (1 + w), Qwen3-Next style (not GDN's gated norm)
     lns_forward: bool = True              # False when the norm weights already hold 1/√(l+1)
 
+    def cache_layout(self) -> CacheLayout:
+        n_attn = sum(t == FULL for t in self.layer_types)
+        n_gdn = len(self.layer_types) - n_attn
+        d = self.gdn_dims
+        return CacheLayout(
+            kv=KVSpec(n_attn, self.num_kv_heads, self.head_dim) if n_attn else None,
+            states={"gdn": StateSpec(n_gdn, d.state_shape, torch.float32), "conv": StateSpec(n_gdn, d.window_shape)}
+            if n_gdn else {},
+        )
+
     @classmethod
     def from_hf(cls, c: dict) -> "NeoLLMConfig":
         layers = c["num_hidden_layers"]
@@ -178,13 +188,7 @@ class NeoLLMModel:
         self.scale = c.head_dim ** -0.5
 
     def cache_layout(self) -> CacheLayout:
-        c, d = self.config, self.gdn_dims
-        n_gdn = len(self.gdn_index)
-        return CacheLayout(
-            kv=KVSpec(len(self.attn_index), c.num_kv_heads, c.head_dim) if self.attn_index else None,
-            states={"gdn": StateSpec(n_gdn, d.state_shape, torch.float32), "conv": StateSpec(n_gdn, d.window_shape)}
-            if n_gdn else {},
-        )
+        return self.config.cache_layout()
 
     @property
     def max_model_len(self) -> int:

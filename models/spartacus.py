@@ -40,6 +40,10 @@ class SpartacusConfig:
     decay_gate: str = "sigmoid"
     max_position_embeddings: int = 1 << 20   # no positions: only a serving limit
 
+    def cache_layout(self) -> CacheLayout:
+        return CacheLayout(states={"monoid": StateSpec(self.num_layers, (self.num_heads, self.head_dim,
+                                                                         self.head_dim), torch.float32)})
+
     @classmethod
     def from_hf(cls, c: dict) -> "SpartacusConfig":
         heads = c["num_attention_heads"]
@@ -119,9 +123,7 @@ class SpartacusModel:
         self.qkvz_sizes = [width, width, width, gate_width]
 
     def cache_layout(self) -> CacheLayout:
-        c = self.config
-        return CacheLayout(states={"monoid": StateSpec(c.num_layers, (c.num_heads, c.head_dim, c.head_dim),
-                                                       torch.float32)})
+        return self.config.cache_layout()
 
     @property
     def max_model_len(self) -> int:

@@ -1,8 +1,6 @@
 """`hybridserve inspect PATH`: what a checkpoint is, whether it matches the model, and what it costs."""
 from __future__ import annotations
 
-import types
-
 import torch
 
 from hybridserve.models.registry import bind_checkpoint, resolve
@@ -25,7 +23,7 @@ def inspect_checkpoint(path: str) -> tuple[bool, str]:
     lines = [f"checkpoint:   {ckpt.source}", f"architecture: {ckpt.arch} ({model_cls.__name__})",
              f"tensors:      {len(ckpt.tensors)} found, {report.num_params:,} parameters matched"]
     lines.append(report.format("tensor check"))
-    layout = model_cls.cache_layout(types.SimpleNamespace(config=config))
+    layout = config.cache_layout()
     dtype = torch.bfloat16
     states = layout.state_bytes_per_slot(dtype)
     lines.append("per-request memory (bf16 activations, fp32 recurrent state):")
