@@ -9,6 +9,12 @@ import torch.nn.functional as F
 from hybridserve.kernels.backend import pick
 
 
+def unique_bytes(tensors) -> int:
+    """Bytes held by the distinct tensors among `tensors` (tied weights counted once; None skipped)."""
+    unique = {id(t): t for t in tensors if t is not None}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim in fp32, cast back to the input dtype (one fused kernel on GPU)."""
     return pick("fused", x.device).rms_norm(x, weight, eps)

@@ -18,7 +18,7 @@ from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec
 from hybridserve.models.layers import (apply_rope, causal_attention, paged_attention, rms_norm, rope_cos_sin,
-                                       rope_inv_freq, rope_params, swiglu)
+                                       rope_inv_freq, rope_params, swiglu, unique_bytes)
 
 
 @dataclass
@@ -132,12 +132,7 @@ class LlamaModel:
         return self.config.max_position_embeddings
 
     def weights_bytes(self) -> int:
-        seen, total = set(), 0
-        for t in [self.embed, self.lm_head, self.norm] + [x for lw in self.layers for x in lw.values()]:
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total
+        return unique_bytes([self.embed, self.lm_head, self.norm] + [x for lw in self.layers for x in lw.values()])
 
     # -- the two entry points -------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from hybridserve.models import gated_deltanet as gdn
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec, StateSpec
 from hybridserve.models.layers import (apply_rope, causal_attention, paged_attention, rms_norm, rope_cos_sin,
-                                       rope_inv_freq, rope_params)
+                                       rope_inv_freq, rope_params, unique_bytes)
 
 FULL, LINEAR = "full_attention", "linear_attention"
 POLYNORM_EPS = 1e-6  # Motif's PolyNorm (neollm.md §5.5)
@@ -202,8 +202,7 @@ class NeoLLMModel:
                     tensors.append(v)
                 elif isinstance(v, gdn.GDNWeights):
                     tensors += v.tensors()
-        unique = {id(t): t for t in tensors}
-        return sum(t.numel() * t.element_size() for t in unique.values())
+        return unique_bytes(tensors)
 
     # -- the two entry points -------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from hybridserve.kernels import monoid
 from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, StateSpec
-from hybridserve.models.layers import rms_norm, swiglu
+from hybridserve.models.layers import rms_norm, swiglu, unique_bytes
 
 DECAY_GATES = ("sigmoid", "neg_softplus", "scalar_sigmoid")
 
@@ -130,12 +130,7 @@ class SpartacusModel:
         return self.config.max_position_embeddings
 
     def weights_bytes(self) -> int:
-        seen, total = set(), 0
-        for t in [self.embed, self.lm_head, self.norm] + [x for lw in self.layers for x in lw.values()]:
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total
+        return unique_bytes([self.embed, self.lm_head, self.norm] + [x for lw in self.layers for x in lw.values()])
 
     # -- the two entry points -------------------------------------------------------------------
 
