@@ -45,14 +45,15 @@ def build_meta(chunks: list[SeqChunk], page_size: int, device: torch.device,
         elif c.want_logits:
             logits_idx.append(first + n - 1)
 
-    def t(x, dtype):
-        return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
-
+    # one host-to-device copy per step: every index list packed into a single int64 tensor, then split
+    parts = [ids, pos, slot_map, [c.slot for c in chunks], logits_idx, cu, seq_lens,
+             [p for row in tables for p in row]]
+    packed = torch.tensor([v for part in parts for v in part], dtype=torch.long).to(device, non_blocking=True)
+    ids_t, pos_t, slot_map_t, slots_t, logits_t, cu_t, lens_t, tables_t = packed.split([len(p) for p in parts])
     return BatchMeta(
-        input_ids=t(ids, torch.long), positions=t(pos, torch.long), cu_seqlens=t(cu, torch.int32),
-        seq_lens=t(seq_lens, torch.int32), block_tables=t(tables, torch.int32),
-        slot_mapping=t(slot_map, torch.long), slot_ids=t([c.slot for c in chunks], torch.long),
-        logits_indices=t(logits_idx, torch.long), query_lens_cpu=qlens, seq_lens_cpu=seq_lens,
+        input_ids=ids_t, positions=pos_t, cu_seqlens=cu_t.int(), seq_lens=lens_t.int(),
+        block_tables=tables_t.view(len(chunks), max_pages).int(), slot_mapping=slot_map_t, slot_ids=slots_t,
+        logits_indices=logits_t, query_lens_cpu=qlens, seq_lens_cpu=seq_lens,
         is_decode=all(q == 1 for q in qlens),
     )
 
