@@ -24,6 +24,7 @@ import torch
 from hybridserve.engine.cache_pools import CachePools, MemoryPlan
 from hybridserve.engine.cuda_graphs import DecodeGraphs
 from hybridserve.engine.model_runner import SeqChunk, build_meta
+from hybridserve.kernels import pdl
 from hybridserve.models.registry import build_model
 from hybridserve.weights.checkpoint import Checkpoint
 from hybridserve.weights.synth import GENERATORS
@@ -114,7 +115,12 @@ class Setup:
         self.kv_read = layout.kv_bytes_per_token(model.dtype) * (context + 1)
 
 
-def decode_rows(model, arch, batches, bw, baseline_max_batch):
+def set_pdl(on: bool) -> None:
+    os.environ["HYBRIDSERVE_PDL"] = "1" if on else "0"
+    pdl._supported.cache_clear()
+
+
+def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=()):
     rows = []
     weights = model.weights_bytes()
     for B in batches:
@@ -126,7 +132,17 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch):
         floor_ms = 1e3 * floor_bytes / bw
         row = {"arch": arch, "batch": B, "context": 128, "ms_per_step": ms, "tok_per_s": 1e3 * B / ms,
                "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms, "weights_bytes": weights,
-               "state_bytes_per_request": s.state_bytes}
+               "state_bytes_per_request": s.state_bytes, "pdl": pdl.enabled(model.device)}
+        if B in pdl_batches and row["pdl"]:      # the same step with programmatic dependent launch off
+            del graphs
+            set_pdl(False)
+            try:
+                g_off = DecodeGraphs(model, s.pools.view, B, s.pages_per_seq, sizes=[B])
+                g_off.capture()
+                row["ms_per_step_pdl_off"] = time_fn(lambda: g_off.run(s.meta))
+                del g_off
+            finally:
+                set_pdl(True)
         if B <= baseline_max_batch:
             os.environ["HYBRIDSERVE_KERNELS"] = "reference"
             try:
@@ -139,7 +155,9 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch):
         rows.append(row)
         print(f"{arch:11} B={B:4} {ms:8.3f} ms  floor {floor_ms:7.3f} ms  x{ms / floor_ms:5.2f}  "
               f"{row['tok_per_s']:9.0f} tok/s" + (f"  baseline {row['baseline_eager_reference_ms']:8.2f} ms"
-                                                  if "baseline_eager_reference_ms" in row else ""), flush=True)
+                                                  if "baseline_eager_reference_ms" in row else "")
+              + (f"  pdl off {row['ms_per_step_pdl_off']:.3f} ms" if "ms_per_step_pdl_off" in row else ""),
+              flush=True)
         torch.cuda.empty_cache()
     return rows
 
@@ -213,6 +231,7 @@ def main():
     ap.add_argument("--contexts", default="1024,8192,32768,65536")
     ap.add_argument("--prefill", default="128,512,1024,2048,4096,8192")
     ap.add_argument("--baseline-max-batch", type=int, default=8)
+    ap.add_argument("--pdl-compare", default="1", help="batches also timed with PDL off")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: decode,flat,prefill,profile")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -229,7 +248,8 @@ def main():
               flush=True)
         if "decode" not in skip:
             result["decode"] += decode_rows(model, arch, [int(b) for b in args.batches.split(",")], bw,
-                                            args.baseline_max_batch)
+                                            args.baseline_max_batch,
+                                            [int(b) for b in args.pdl_compare.split(",") if b])
         if "flat" not in skip and arch in ("spartacus", "nanohammer", "neollm"):
             result["flatness"] += flatness_rows(model, arch, [int(c) for c in args.contexts.split(",")], bw)
         if "prefill" not in skip and arch == "spartacus":

@@ -92,13 +92,20 @@ def monoid_prep(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, 
 
 
 def rope_write_kv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
+                  k_norm: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """RoPE on the q and k heads of packed projections x [T, H + 2·Hkv, D] (q | k | v heads), and the
     rotated k and the v of the first len(slot_mapping) rows written to their flat positions of the paged
-    caches [pages, page_size, Hkv, D] (the rows after them, if any, are not cached).
+    caches [pages, page_size, Hkv, D] (the rows after them, if any, are not cached). q_norm / k_norm ([D]
+    weights): QK-norm, a per-head RMSNorm of q / k rounded to the input dtype before the rotation.
     Returns the rotated q and k heads [T, H + Hkv, D]."""
     hkv = (x.shape[1] - num_heads) // 2
-    qk = rope(x[:, :num_heads + hkv], cos, sin)
+    qk = x[:, :num_heads + hkv]
+    if q_norm is not None or k_norm is not None:
+        q, k = qk[:, :num_heads], qk[:, num_heads:]
+        qk = torch.cat([q if q_norm is None else rms_norm(q, q_norm, eps),
+                        k if k_norm is None else rms_norm(k, k_norm, eps)], dim=1)
+    qk = rope(qk, cos, sin)
     n = slot_mapping.shape[0]
     k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = qk[:n, num_heads:].to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = x[:n, num_heads + hkv:].to(v_cache.dtype)

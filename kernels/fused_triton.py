@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from hybridserve.kernels import pdl
 
 
 @triton.jit
@@ -93,15 +96,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return y
 
 
-# One-row matmuls (a decode step of batch 1) run as a Triton GEMV. It takes the glue around the matmul
-# with it: the residual add and RMSNorm of its input (the sum of squares accumulates beside the product
-# and the scale applies at the end; program 0 stores the new residual row) and SiLU·mul of a stacked
-# [gate; up] weight, so a layer is 4 GEMVs and no other glue kernel, and it has no split-K reduction.
-# It also streams a lone row's weight faster than cuBLAS: lm_head 167 vs 187 us on H100. More rows keep
-# cuBLAS, with the add + norm in one kernel before it.
-GEMV_BN, GEMV_BK, GEMV_WARPS, GEMV_STAGES = 4, 512, 4, 4
-
-
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, sx, sr, eps, N: tl.constexpr, BN: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -132,59 +126,124 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return h, y
 
 
+# Matmuls of a few rows (decode steps of batch <= GEMV_MAX_ROWS) run as a Triton GEMV that reads each
+# weight once for all rows. It takes the glue around the matmul with it: the residual add and RMSNorm of
+# its input (the sum of squares accumulates beside the product and the scale applies at the end; program 0
+# stores the new residual rows) and SiLU·mul of a stacked [gate; up] weight, so a layer is 4 GEMVs and no
+# other glue kernel, and it has no split-K reduction. Being bandwidth-bound, it wants many weight bytes in
+# flight: each program loads a [BN, BK] tile at once (BK up to the whole row), shaped per matrix by a
+# measured rule (gemv_config). With programmatic dependent launch (kernels/pdl.py)
+# a program loads its first weight tile before waiting for the kernel that produces its input. More rows
+# keep cuBLAS, with the add + norm in one kernel before it.
+GEMV_MAX_ROWS = 2
+GEMV_STAGES = 3
+
+
+def gemv_config(M: int, N: int, K: int, stacked: int = 1) -> tuple[int, int, int]:
+    """(rows per program BN, K tile BK, warps) for `stacked` [N, K] weights read together.
+
+    From bench/gemv_chain.py's sweep on H100 (bench/results/gemv_chain-h100.json, µs in a graph at batch 1):
+    few or long rows want whole-row 2048-wide tiles and 8 warps (o 2048×2048: 3.8 vs 4.8 at (4, 1024, 4);
+    down 2048×8192: 13.2 vs 14.9); a stacked [gate; up] pair 4 rows of 2048 (23.9); many short rows
+    1024-wide tiles of 8 rows (qkvz 8192×2048: 14.6; the 128k-row head: 174 = 3.0 TB/s, vs 237 with
+    2048-wide tiles). A second input row halves the tile (both rows' products stay in registers)."""
+    p2 = triton.next_power_of_2(K)
+    if K >= 4096 or N <= 2048:
+        BN, BK, warps = 4, min(p2, 2048), 8
+    elif stacked > 1:
+        BN, BK, warps = 4, min(p2, 2048), 4
+    else:
+        BN, BK, warps = 8, min(p2, 1024), 4
+    if M > 1:
+        BK = max(BK // 2, min(p2, 256))
+    while BN > 1 and N // BN < 256:        # small matrices: more programs rather than longer ones
+        BN //= 2
+    return BN, BK, warps
+
+
 @triton.jit
-def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, BN: tl.constexpr, BK: tl.constexpr,
-                 ADD: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr):
+def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, eps, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
+                 SILU_MUL: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BN + tl.arange(0, BN)
     mn = n < N
     rows = n[:, None].to(tl.int64) * K
-    acc = tl.zeros((BN, BK), dtype=tl.float32)
-    acc_up = tl.zeros((BN, BK), dtype=tl.float32)
-    ss = tl.zeros((BK,), dtype=tl.float32)
+    rk = tl.arange(0, BK)
+    rm = tl.arange(0, BM)
+    m0 = mn[:, None] & (rk < K)[None, :]
+    # weights are constant during the step: the first tile is read before the producer of x finishes
+    w = tl.load(w_ptr + rows + rk[None, :], mask=m0, other=0.0)
+    u = w
+    if SILU_MUL:
+        u = tl.load(w_ptr + N * K + rows + rk[None, :], mask=m0, other=0.0)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+    ss = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
+        kk = k0 + rk
         mk = kk < K
-        x = tl.load(x_ptr + kk, mask=mk, other=0.0).to(tl.float32)
-        if ADD:     # the residual stream as stored (rounded), then normalised, as add_rms_norm
-            hx = (x + tl.load(d_ptr + kk, mask=mk, other=0.0).to(tl.float32)).to(h_ptr.dtype.element_ty)
-            if pid == 0:
-                tl.store(h_ptr + kk, hx, mask=mk)
-            x = hx.to(tl.float32)
+        if k0 > 0:
+            m = mn[:, None] & mk[None, :]
+            w = tl.load(w_ptr + rows + kk[None, :], mask=m, other=0.0)
+            if SILU_MUL:
+                u = tl.load(w_ptr + N * K + rows + kk[None, :], mask=m, other=0.0)
+        wf = w.to(tl.float32)
         if NORM:
-            ss += x * x
-            x = x * tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
-        m = mn[:, None] & mk[None, :]
-        acc += tl.load(w_ptr + rows + kk[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :]
-        if SILU_MUL:
-            acc_up += tl.load(w_ptr + N * K + rows + kk[None, :], mask=m, other=0.0).to(tl.float32) * x[None, :]
-    y = tl.sum(acc, axis=1)
+            nw = tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+        for r in tl.static_range(BM):
+            mx = mk & ((kk * 0 + r) < M)
+            x = tl.load(x_ptr + r * sx + kk, mask=mx, other=0.0).to(tl.float32)
+            if ADD:     # the residual stream as stored (rounded), then normalised, as add_rms_norm
+                hx = (x + tl.load(d_ptr + r * sx + kk, mask=mx, other=0.0).to(tl.float32))
+                hx = hx.to(h_ptr.dtype.element_ty)
+                if pid == 0:
+                    tl.store(h_ptr + r * K + kk, hx, mask=mx)
+                x = hx.to(tl.float32)
+            sel = rm[:, None] == r
+            if NORM:
+                ss = tl.where(rm == r, ss + tl.sum(x * x, axis=0), ss)
+                x = x * nw
+            acc = tl.where(sel, acc + tl.sum(wf * x[None, :], axis=1)[None, :], acc)
+            if SILU_MUL:
+                acc_up = tl.where(sel, acc_up + tl.sum(u.to(tl.float32) * x[None, :], axis=1)[None, :], acc_up)
+    y = acc
     if NORM:
-        y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+        r = tl.rsqrt(ss / K + eps)[:, None]
+        y = y * r
     y = y.to(w_ptr.dtype.element_ty).to(tl.float32)          # the matmul's stored output, as the reference
     if SILU_MUL:
-        u = tl.sum(acc_up, axis=1)
+        up = acc_up
         if NORM:
-            u = u * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-        u = u.to(w_ptr.dtype.element_ty).to(tl.float32)
-        y = y / (1.0 + tl.exp(-y)) * u
-    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=mn)
+            up = up * r
+        up = up.to(w_ptr.dtype.element_ty).to(tl.float32)
+        y = y / (1.0 + tl.exp(-y)) * up
+    tl.store(y_ptr + rm[:, None] * N + n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(rm < M)[:, None] & mn[None, :])
 
 
 def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu_mul=False):
-    """One row: returns (x + delta or x, y)."""
-    K = x.shape[-1]
-    assert weight.is_contiguous() and weight.shape[-1] == K
+    """A few rows: returns (x + delta or x, y)."""
+    M, K = x.shape
+    assert weight.is_contiguous() and weight.shape[-1] == K and M <= GEMV_MAX_ROWS
     x = x if x.stride(-1) == 1 else x.contiguous()
     h = x
     if delta is not None:
         delta = delta if delta.stride(-1) == 1 else delta.contiguous()
+        assert delta.stride(0) == x.stride(0), "x and delta rows must share a stride"
         h = torch.empty(x.shape, dtype=torch.result_type(x, delta), device=x.device)
-    y = torch.empty(1, out_features, dtype=out_dtype or x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(out_features, GEMV_BN),)](
+    y = torch.empty(M, out_features, dtype=out_dtype or x.dtype, device=x.device)
+    if M == 0:
+        return h, y
+    BN, BK, warps = gemv_config(M, out_features, K, 2 if silu_mul else 1)
+    _gemv_kernel[(triton.cdiv(out_features, BN),)](
         x, delta if delta is not None else x, h, norm_weight if norm_weight is not None else x, weight, y,
-        out_features, K, eps, BN=GEMV_BN, BK=min(GEMV_BK, triton.next_power_of_2(K)), ADD=delta is not None,
-        NORM=norm_weight is not None, SILU_MUL=silu_mul, num_warps=GEMV_WARPS, num_stages=GEMV_STAGES)
+        M, out_features, K, x.stride(0), eps, BM=triton.next_power_of_2(M), BN=BN, BK=BK,
+        ADD=delta is not None, NORM=norm_weight is not None, SILU_MUL=silu_mul, num_warps=warps,
+        num_stages=GEMV_STAGES, **pdl.launch_kwargs(x.device))
     return h, y
 
 
@@ -193,14 +252,14 @@ def _add_norm(h, delta, norm_weight, eps):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if x.shape[0] != 1:
+    if x.shape[0] > GEMV_MAX_ROWS:
         return F.linear(x, weight)
     return _gemv(x, None, None, weight, weight.shape[0], 0.0)[1]
 
 
 def add_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, weight: torch.Tensor,
                     eps: float, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    if h.shape[0] != 1:
+    if h.shape[0] > GEMV_MAX_ROWS:
         h, x = _add_norm(h, delta, norm_weight, eps)
         y = F.linear(x, weight)
         return h, y if out_dtype is None else y.to(out_dtype)
@@ -209,7 +268,7 @@ def add_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: to
 
 def add_norm_linear_silu_mul(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
                              gate_up: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if h.shape[0] != 1:
+    if h.shape[0] > GEMV_MAX_ROWS:
         h, x = _add_norm(h, delta, norm_weight, eps)
         return h, silu_mul(F.linear(x, gate_up))
     return _gemv(h, delta, norm_weight, gate_up, gate_up.shape[0] // 2, eps, silu_mul=True)
@@ -221,6 +280,18 @@ def _log1p(x):
     y = 1.0 + x
     d = y - 1.0
     return tl.where(d == 0.0, x, tl.log(y) * (x / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def _log_decay(row, zb_ptr, zo, zm, HAS_ZB: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """log α from the gate logits row[zo] (+ bias): log σ(z), or −softplus(z), in fp32, exact in the tails."""
+    z = tl.load(row + zo, mask=zm, other=0.0).to(tl.float32)
+    if HAS_ZB:
+        z += tl.load(zb_ptr + zo, mask=zm, other=0.0).to(tl.float32)
+    soft = _log1p(tl.exp(-tl.abs(z)))
+    if SOFTPLUS:
+        return -(tl.maximum(z, 0.0) + soft)
+    return tl.minimum(z, 0.0) - soft
 
 
 @triton.jit
@@ -258,14 +329,7 @@ def _monoid_prep_kernel(x_ptr, qw_ptr, kw_ptr, zb_ptr, q_ptr, k_ptr, la_ptr, sx,
     else:
         zm = m
         zo = hd
-    z = tl.load(row + 3 * W + zo, mask=zm, other=0.0).to(tl.float32)
-    if HAS_ZB:
-        z += tl.load(zb_ptr + zo, mask=zm, other=0.0).to(tl.float32)
-    soft = _log1p(tl.exp(-tl.abs(z)))
-    if SOFTPLUS:
-        la = -(tl.maximum(z, 0.0) + soft)
-    else:
-        la = tl.minimum(z, 0.0) - soft
+    la = _log_decay(row + 3 * W, zb_ptr, zo, zm, HAS_ZB, SOFTPLUS)
     tl.store(la_ptr + t * W + hd, tl.broadcast_to(la, (BH, BD)), mask=m)
 
 
@@ -294,9 +358,10 @@ def monoid_prep(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, 
 
 
 @triton.jit
-def _rope_write_kv_kernel(x_ptr, cos_ptr, sin_ptr, qk_ptr, kc_ptr, vc_ptr, slot_ptr, n_cached, sx_t, sx_h, sc_t,
-                          H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
-                          HALF: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+def _rope_write_kv_kernel(x_ptr, cos_ptr, sin_ptr, qk_ptr, kc_ptr, vc_ptr, slot_ptr, qn_ptr, kn_ptr, n_cached,
+                          sx_t, sx_h, sc_t, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                          ROT: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr,
+                          NORM_LO: tl.constexpr, NORM_HI: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BH + tl.arange(0, BH)[:, None]
     d = tl.arange(0, BD)[None, :]
@@ -306,6 +371,15 @@ def _rope_write_kv_kernel(x_ptr, cos_ptr, sin_ptr, qk_ptr, kc_ptr, vc_ptr, slot_
     is_rot = (d < ROT) & (h < NQK)
     partner = tl.where(d < HALF, d + HALF, d - HALF)
     xp = tl.load(x_ptr + t * sx_t + h * sx_h + partner, mask=m & is_rot, other=0.0).to(tl.float32)
+    if NORM_HI > NORM_LO:   # QK-norm of heads [NORM_LO, NORM_HI): the partner shares its head's scale
+        r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+        w = tl.where(h < H, tl.load(qn_ptr + d, mask=d < D, other=0.0), tl.load(kn_ptr + d, mask=d < D, other=0.0))
+        wp = tl.where(h < H, tl.load(qn_ptr + partner, mask=d < ROT, other=0.0),
+                      tl.load(kn_ptr + partner, mask=d < ROT, other=0.0))
+        normed = (h >= NORM_LO) & (h < NORM_HI)
+        # rounded to the model dtype before the rotation, as the unfused norm stores it
+        x = tl.where(normed, (x * r * w.to(tl.float32)).to(qk_ptr.dtype.element_ty).to(tl.float32), x)
+        xp = tl.where(normed, (xp * r * wp.to(tl.float32)).to(qk_ptr.dtype.element_ty).to(tl.float32), xp)
     c = tl.load(cos_ptr + t * sc_t + d, mask=d < ROT, other=1.0).to(tl.float32)
     s = tl.load(sin_ptr + t * sc_t + d, mask=d < ROT, other=0.0).to(tl.float32)
     y = tl.where(is_rot, x * c + tl.where(d < HALF, -xp, xp) * s, x)
@@ -318,10 +392,14 @@ def _rope_write_kv_kernel(x_ptr, cos_ptr, sin_ptr, qk_ptr, kc_ptr, vc_ptr, slot_
 
 
 def rope_write_kv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
+                  k_norm: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     T, heads, D = x.shape
     hkv = (heads - num_heads) // 2
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2:] == (hkv, D)
+    assert all(w is None or w.numel() == D for w in (q_norm, k_norm)), "QK-norm weights are per head"
+    lo = 0 if q_norm is not None else num_heads
+    hi = num_heads + hkv if k_norm is not None else num_heads
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
@@ -330,7 +408,8 @@ def rope_write_kv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_hea
     BH = min(triton.next_power_of_2(heads), 16)
     if T:
         _rope_write_kv_kernel[(T, triton.cdiv(heads, BH))](
-            x, cos, sin, qk, k_cache, v_cache, slot_mapping, slot_mapping.shape[0], x.stride(0), x.stride(1),
-            cos.stride(0), H=num_heads, HKV=hkv, D=D, ROT=rot, HALF=rot // 2, BH=BH, BD=triton.next_power_of_2(D),
-            num_warps=1 if BH * D <= 1024 else 4)
+            x, cos, sin, qk, k_cache, v_cache, slot_mapping, q_norm if q_norm is not None else x,
+            k_norm if k_norm is not None else x, slot_mapping.shape[0], x.stride(0), x.stride(1), cos.stride(0), eps,
+            H=num_heads, HKV=hkv, D=D, ROT=rot, HALF=rot // 2, BH=BH, BD=triton.next_power_of_2(D),
+            NORM_LO=lo, NORM_HI=hi, num_warps=1 if BH * D <= 1024 else 4)
     return qk

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from hybridserve.kernels.fused import monoid_prep
+
 
 def _initial(initial_state: torch.Tensor | None, H: int, dk: int, dv: int, device) -> torch.Tensor:
     if initial_state is None:
@@ -88,3 +90,12 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_a: torch.
     S = log_a.float().exp()[..., None] * S + k.float()[..., None] * v.float()[..., None, :]
     state_pool.index_copy_(0, slot_ids, S)
     return (q.float()[..., None] * S).sum(-2).to(v.dtype)
+
+
+def fused_decode(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, decay_bias: torch.Tensor | None,
+                 num_heads: int, head_dim: int, eps: float, decay_gate: str, state_pool: torch.Tensor,
+                 slot_ids: torch.Tensor) -> torch.Tensor:
+    """A Spartacus decode step's attention core from its [q | k | v | z] projection rows [B, 3·W + G]:
+    the glue of kernels/fused.py `monoid_prep`, then `decode_step` on the slots. Returns o [B, H, d]."""
+    q, k, v, log_a = monoid_prep(qkvz, q_norm, k_norm, decay_bias, num_heads, head_dim, eps, decay_gate)
+    return decode_step(q, k, v, log_a, state_pool, slot_ids)

@@ -21,6 +21,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from hybridserve.kernels import pdl
+from hybridserve.kernels.fused_triton import _head_norm, _log_decay
 
 # From the sweeps in bench/kernels.py (H100, H 32, d 64; bench/results/kernels-h100.json).
 DECODE_BV = 64
@@ -247,6 +251,83 @@ def _pairwise_intra(q, b, k_ptr, v_ptr, la_ptr, u0, t1, h, sk_t, sk_h, sv_t, sv_
         a_j = tl.sum(q * k_j[None, :] * tl.exp2(tl.minimum(b - b_j[None, :], 0.)), axis=1)
         intra += tl.where(rt >= j, a_j, 0.)[:, None] * v_j[None, :]
     return intra
+
+
+@triton.jit
+def _fused_decode_kernel(x_ptr, qw_ptr, kw_ptr, zb_ptr, s_ptr, slot_ptr, o_ptr, sx, eps,
+                         H: tl.constexpr, D: tl.constexpr, GD: tl.constexpr, BD: tl.constexpr,
+                         BV: tl.constexpr, BW: tl.constexpr, Q_FULL: tl.constexpr, K_FULL: tl.constexpr,
+                         HAS_ZB: tl.constexpr, SOFTPLUS: tl.constexpr, PDL: tl.constexpr):
+    """monoid_prep + decode for one (row, head, value block): the head's q/k/v/gate straight from the
+    projection row, so q, k and log α never go through memory."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    rk = tl.arange(0, BD)
+    rv = tl.program_id(2) * BV + tl.arange(0, BV)
+    mk = rk < D
+    mv = rv < D
+    W = H * D
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    s_off = ((slot * H + h) * D + rk[:, None]) * D + rv[None, :]
+    ms = mk[:, None] & mv[None, :]
+    S = tl.load(s_ptr + s_off, mask=ms, other=0.)        # this slot's state: untouched so far this step
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    row = x_ptr + b * sx
+    hd = h * D + rk
+    q = tl.load(row + hd, mask=mk, other=0.).to(tl.float32)[None, :]
+    k = tl.load(row + W + hd, mask=mk, other=0.).to(tl.float32)[None, :]
+    if Q_FULL or K_FULL:      # a full-width norm: the whole row's sum of squares, per program
+        rw = tl.arange(0, BW)
+        mw = rw < W
+    if Q_FULL:
+        qa = tl.load(row + rw, mask=mw, other=0.).to(tl.float32)
+        q = q * tl.rsqrt(tl.sum(qa * qa, axis=0) / W + eps) * tl.load(qw_ptr + hd, mask=mk, other=0.).to(tl.float32)[None, :]
+    else:
+        q = _head_norm(q, qw_ptr, hd[None, :], rk[None, :], mk[None, :], eps, D, W, False)
+    if K_FULL:
+        ka = tl.load(row + W + rw, mask=mw, other=0.).to(tl.float32)
+        k = k * tl.rsqrt(tl.sum(ka * ka, axis=0) / W + eps) * tl.load(kw_ptr + hd, mask=mk, other=0.).to(tl.float32)[None, :]
+    else:
+        k = _head_norm(k, kw_ptr, hd[None, :], rk[None, :], mk[None, :], eps, D, W, False)
+    dt = o_ptr.dtype.element_ty
+    q = tl.reshape(q, (BD,)).to(dt).to(tl.float32)                   # stored as monoid_prep stores them
+    k = tl.reshape(k, (BD,)).to(dt).to(tl.float32)
+    k = (k / (1.0 + tl.exp(-k))).to(dt).to(tl.float32)
+    v = tl.load(row + 2 * W + h * D + rv, mask=mv, other=0.).to(tl.float32)
+    if GD == 1:      # one gate per head, the same decay on every key dim
+        la = _log_decay(row + 3 * W, zb_ptr, h + rk * 0, mk, HAS_ZB, SOFTPLUS)
+    else:
+        la = _log_decay(row + 3 * W, zb_ptr, hd, mk, HAS_ZB, SOFTPLUS)
+    S = S * tl.exp(la)[:, None] + k[:, None] * v[None, :]
+    o = tl.sum(S * q[:, None], axis=0)
+    tl.store(s_ptr + s_off, S, mask=ms)
+    tl.store(o_ptr + (b * H + h) * D + rv, o.to(dt), mask=mv)
+
+
+def fused_decode(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, decay_bias: torch.Tensor | None,
+                 num_heads: int, head_dim: int, eps: float, decay_gate: str, state_pool: torch.Tensor,
+                 slot_ids: torch.Tensor) -> torch.Tensor:
+    """See kernels/monoid.py `fused_decode`. One launch per layer and step; CUDA-graph safe."""
+    B = qkvz.shape[0]
+    H, D = num_heads, head_dim
+    W = H * D
+    if qkvz.stride(-1) != 1:
+        qkvz = qkvz.contiguous()
+    _check_pool(state_pool, H, D, D)
+    o = torch.empty(B, H, D, dtype=qkvz.dtype, device=qkvz.device)
+    BV = min(DECODE_BV, triton.next_power_of_2(D))
+    while BV > 16 and B * H * triton.cdiv(D, BV) < 256:    # a lone row: more, smaller programs
+        BV //= 2
+    if B:
+        _fused_decode_kernel[(B, H, triton.cdiv(D, BV))](
+            qkvz, q_norm, k_norm, decay_bias if decay_bias is not None else q_norm, state_pool, slot_ids, o,
+            qkvz.stride(0), eps, H=H, D=D, GD=(qkvz.shape[1] - 3 * W) // H, BD=triton.next_power_of_2(D),
+            BV=BV, BW=triton.next_power_of_2(W), Q_FULL=q_norm.numel() == W, K_FULL=k_norm.numel() == W,
+            HAS_ZB=decay_bias is not None, SOFTPLUS=decay_gate == "neg_softplus", num_warps=DECODE_WARPS,
+            **pdl.launch_kwargs(qkvz.device))
+    return o
 
 
 def _check_pool(state_pool: torch.Tensor, H: int, dk: int, dv: int) -> None:

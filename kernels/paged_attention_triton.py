@@ -100,7 +100,7 @@ def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, so_b, so_h, num_splits
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, len_ptr, bt_ptr, o_ptr, lse_ptr,
                     sq_t, sq_h, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, sbt_b, so_t, so_h, scale_log2,
                     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PAGE: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, WRITE_LSE: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, WRITE_LSE: tl.constexpr,
                     F32_DOT: tl.constexpr):
     """BM query tokens × the G query heads of one kv head form the BM·G rows of one tile, so each k/v
     tile is loaded once per G heads. Query i of a sequence sits at position seq_len − q_len + i."""
@@ -111,20 +111,20 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, len_ptr, bt_ptr, o_ptr, lse_ptr
     L = tl.load(len_ptr + b)
     m0 = tl.program_id(1) * BM
     if m0 < qlen:
-        rr = tl.arange(0, BM * G)
+        rr = tl.arange(0, ROWS)                 # BM·G rows, padded to a power of two (G = 3, 5, ...)
         ri = m0 + rr // G                       # query index inside the sequence
         rh = hkv * G + rr % G                   # query head
         rd = tl.arange(0, BD)
         rn = tl.arange(0, BN)
-        mr = ri < qlen
+        mr = (ri < qlen) & (rr < BM * G)
         md = rd < D
         qpos = L - qlen + ri
         tq = (bos + ri).to(tl.int64)
         q = tl.load(q_ptr + tq[:, None] * sq_t + rh[:, None] * sq_h + rd[None, :],
                     mask=mr[:, None] & md[None, :], other=0.)
-        m = tl.full([BM * G], float("-inf"), tl.float32)
-        l = tl.zeros([BM * G], dtype=tl.float32)
-        acc = tl.zeros([BM * G, BD], dtype=tl.float32)
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        l = tl.zeros([ROWS], dtype=tl.float32)
+        acc = tl.zeros([ROWS, BD], dtype=tl.float32)
         end = tl.minimum(L, L - qlen + m0 + BM)   # one past the last key any row of this tile sees
         for n0 in range(0, end, BN):
             tok = n0 + rn
@@ -220,5 +220,5 @@ def varlen_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         o.stride(0), o.stride(1), scale * LOG2E,
         H=H, G=G, D=D, BD=triton.next_power_of_2(D), PAGE=page, BM=BM, BN=BLOCK_N,
-        WRITE_LSE=return_lse, F32_DOT=INTERPRETED, num_warps=NUM_WARPS)
+        ROWS=max(16, triton.next_power_of_2(BM * G)), WRITE_LSE=return_lse, F32_DOT=INTERPRETED, num_warps=NUM_WARPS)
     return (o, lse) if return_lse else o

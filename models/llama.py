@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec
-from hybridserve.models.layers import (apply_rope, causal_attention, paged_attention, rms_norm, rope_cos_sin,
-                                       rope_inv_freq, rope_params, swiglu, unique_bytes)
+from hybridserve.models.layers import (apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq,
+                                       rope_params, swiglu, unique_bytes)
 
 
 @dataclass
@@ -144,10 +144,67 @@ class LlamaModel:
         return self._logits(h)
 
     def forward(self, meta: BatchMeta, cache: CacheView) -> torch.Tensor:
-        """Engine forward over a packed batch with paged KV: logits [len(logits_indices), V]."""
-        h = self._hidden(meta.input_ids, meta.positions,
-                         lambda i, q, k, v: paged_attention(q, k, v, cache.kv[i], meta, self.scale))
-        return self._logits(h[meta.logits_indices])
+        """Engine forward over a packed batch with paged KV: logits [len(logits_indices), V].
+
+        The math of `_hidden` + `_logits`, arranged for the decode step's launch count: each RMSNorm
+        (and, for plain Llama, the residual add before it) goes with the matmul after it, QK-norm, RoPE
+        and the KV-page write are one kernel, SiLU·mul goes with the gate/up matmul, and with AttnRes each
+        residual add into the partial goes with the routing after it (kernels/fused_triton.py,
+        kernels/attn_res_triton.py). A batch-1 decode layer is 7 kernels (4 GEMVs, RoPE + KV write, the
+        attention's split and merge), 9 with AttnRes (a route_add before each sublayer's first GEMV)."""
+        c, eps = self.config, self.config.rms_norm_eps
+        fused, attn = pick("fused", self.device), pick("paged_attention", self.device)
+        T, H, Hkv, D = meta.input_ids.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        cos, sin = rope_cos_sin(meta.positions, self.inv_freq, self.dtype)
+
+        def attention(i: int, lw: dict, qkv: torch.Tensor) -> torch.Tensor:
+            """The attention sublayer from its q|k|v projection, up to the o projection's output."""
+            k_cache, v_cache = cache.kv[i]
+            qk = fused.rope_write_kv(qkv.view(T, H + 2 * Hkv, D), cos, sin, H, k_cache, v_cache, meta.slot_mapping,
+                                     lw.get("q_norm"), lw.get("k_norm"), eps)
+            q = qk[:, :H]
+            if meta.is_decode:
+                o = attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale)
+            else:
+                o = attn.varlen_prefill(q, k_cache, v_cache, meta.cu_seqlens, meta.seq_lens, meta.block_tables,
+                                        self.scale, max(meta.query_lens_cpu))
+            return fused.linear(o.reshape(T, -1), lw["o"])
+
+        h = self.embed[meta.input_ids]
+        if not c.attn_res:
+            delta = None                                   # the pending sublayer output, added with the next norm
+            for i, lw in enumerate(self.layers):
+                h, qkv = fused.add_norm_linear(h, delta, lw["attn_norm"], lw["qkv"], eps)
+                h, g = fused.add_norm_linear_silu_mul(h, attention(i, lw, qkv), lw["ffn_norm"], lw["gate_up"], eps)
+                delta = fused.linear(g, lw["down"])
+        else:
+            attn_res = pick("attn_res", self.device)
+            committed, partial, delta = [], h, None        # delta: the MLP output not yet in the partial
+
+            def add_route(partial, delta, query, norm_w):
+                """(partial + delta, its routing): partial None is a fresh block, a zero partial, so the sum is
+                delta itself; delta None adds nothing. One kernel, or none for a lone source."""
+                if partial is None:
+                    return delta, attn_res.route(committed + [delta], query, norm_w, eps)
+                if delta is None:
+                    return partial, attn_res.route(committed + [partial], query, norm_w, eps)
+                return attn_res.route_add(committed + [partial], delta, query, norm_w, eps)
+
+            for i, lw in enumerate(self.layers):
+                partial, x = add_route(partial, delta, lw["attn_res_query"], lw["attn_res_norm"])
+                if i in c.attn_res_boundaries:
+                    committed.append(partial)
+                    partial = None
+                qkv = fused.add_norm_linear(x, None, lw["attn_norm"], lw["qkv"], eps)[1]
+                partial, x = add_route(partial, attention(i, lw, qkv), lw["mlp_res_query"], lw["mlp_res_norm"])
+                delta = fused.linear(fused.add_norm_linear_silu_mul(x, None, lw["ffn_norm"], lw["gate_up"], eps)[1],
+                                     lw["down"])
+            h = add_route(partial, delta, self.final_res_query, self.final_res_norm)[1]
+            delta = None
+        if not (meta.is_decode and meta.logits_indices.shape[0] == T):   # decode: every row, in order
+            h = h[meta.logits_indices]
+            delta = None if delta is None else delta[meta.logits_indices]
+        return fused.add_norm_linear(h, delta, self.norm, self.lm_head, eps, out_dtype=torch.float32)[1]
 
     # -- shared body ----------------------------------------------------------------------------
 

@@ -164,7 +164,7 @@ class NanoHammerModel(LlamaModel):
         for i, lw in enumerate(self.layers):
             h, x = ops.attn_inputs(h, delta, r[i], None if st["proj_bias"] is None else st["proj_bias"][i],
                                    lw["attn_norm"], eps)
-            qkv = F.linear(x, lw["qkv"]).view(2 * T, H + 2 * Hkv, D)
+            qkv = fused.linear(x, lw["qkv"]).view(2 * T, H + 2 * Hkv, D)   # 2 rows at batch 1: the GEMV
             k_cache, v_cache = cache.kv[i]
             qk = fused.rope_write_kv(qkv, cos, sin, H, k_cache, v_cache, meta.slot_mapping)  # caches rows < T
             q = qk[:T, :H]

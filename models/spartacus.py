@@ -145,18 +145,20 @@ class SpartacusModel:
         The same math as `_hidden` + `_logits`, with the per-layer glue fused for the decode step's
         launch count: each residual add and RMSNorm go with the matmul after them (one GEMV kernel at
         batch 1, kernels/fused_triton.py), and q/k norms, SiLU, the q scale and the decay gate are one
-        kernel that reads the qkvz row and leaves v in place."""
+        kernel that reads the qkvz row and leaves v in place; in a decode step that kernel is the
+        recurrence itself (monoid `fused_decode`)."""
         c, eps = self.config, self.config.rms_norm_eps
         fused, ops = pick("fused", self.device), pick("monoid", self.device)
         pools = cache.states["monoid"]
         h, delta = self.embed[meta.input_ids], None    # the residual stream and the pending sublayer output
         for i, lw in enumerate(self.layers):
             h, qkvz = fused.add_norm_linear(h, delta, lw["attn_norm"], lw["qkvz"], eps)
-            q, k, v, log_a = fused.monoid_prep(qkvz, lw["q_norm_scaled"], lw["k_norm"], lw["decay_bias"],
-                                               c.num_heads, c.head_dim, eps, c.decay_gate)
-            if meta.is_decode:
-                o = ops.decode_step(q, k, v, log_a, pools[i], meta.slot_ids)
+            norms = (lw["q_norm_scaled"], lw["k_norm"], lw["decay_bias"], c.num_heads, c.head_dim, eps,
+                     c.decay_gate)
+            if meta.is_decode:    # the glue goes into the recurrence kernel
+                o = ops.fused_decode(qkvz, *norms, pools[i], meta.slot_ids)
             else:
+                q, k, v, log_a = fused.monoid_prep(qkvz, *norms)
                 o = ops.varlen_prefill(q, k, v, log_a, meta.cu_seqlens, pools[i], meta.slot_ids)
             h, g = fused.add_norm_linear_silu_mul(h, fused.linear(o.reshape(o.shape[0], -1), lw["o"]),
                                                   lw["ffn_norm"], lw["gate_up"], eps)

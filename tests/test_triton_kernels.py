@@ -266,10 +266,11 @@ def test_paged_decode_empty_row(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_paged_prefill(device, dtype, monkeypatch):
+@pytest.mark.parametrize("H", [4, 6])          # G = 3: BM·G = 15 rows padded to 16 (SmolLM2-135M has 9/3)
+def test_paged_prefill(device, dtype, H, monkeypatch):
     monkeypatch.setattr(attn_tr, "BLOCK_N", 16)
     monkeypatch.setattr(attn_tr, "PREFILL_ROWS", 16)
-    H, Hkv, D, page = 4, 2, 16, 4
+    Hkv, D, page = 2, 16, 4
     qlens = [3, 1, 20, 6]                   # prefix + chunk, decode row, fresh prompt, long prefix
     ctx = [9, 12, 20, 40]
     k_cache, v_cache, bt = paged_setup(ctx, H, Hkv, D, page, dtype, device)
@@ -385,6 +386,27 @@ def test_attn_res_route(device, dtype, n_sources):
     _close(route_tr.route(sources, q, w, 1e-5), route_ref.route(sources, q, w, 1e-5), dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_sources", [1, 2, 7])
+def test_attn_res_route_add(device, dtype, n_sources):
+    """The residual add into the partial (the last source) is stored exactly as the unfused add rounds it,
+    and the routing mixes that stored partial; the sources stay untouched; a strided delta."""
+    sources = [torch.randn(4, 40, device=device, dtype=dtype) * (1 + i) for i in range(n_sources)]
+    before = [s.clone() for s in sources]
+    delta = torch.randn(4, 80, device=device, dtype=dtype)[:, 20:60] * 3
+    q, w = torch.randn(40, device=device, dtype=dtype), torch.rand(40, device=device, dtype=dtype) + 0.5
+    partial, routed = route_tr.route_add(sources, delta, q, w, 1e-5)
+    want_partial, want = route_ref.route_add(sources, delta, q, w, 1e-5)
+    assert partial.dtype == routed.dtype == dtype
+    if dtype == torch.float32 or not INTERPRET:  # the interpreter truncates fp32 -> bf16; compiled rounds
+        assert torch.equal(partial, want_partial) and torch.equal(partial, sources[-1] + delta)
+    else:
+        _close(partial, want_partial, dtype)
+    _close(routed, want, dtype)
+    assert all(torch.equal(a, b) for a, b in zip(sources, before))
+
+
 # -- monoid chunked prefill: chunk boundaries, state tiles, both intra-chunk forms ---------------
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -423,9 +445,12 @@ from hybridserve.kernels import state_token_triton as state_tr  # noqa: E402
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3])          # 1 row: the Triton GEMV; more: cuBLAS beside fused glue
+@pytest.mark.parametrize("rows", [1, 2, 3])     # up to GEMV_MAX_ROWS: the Triton GEMV; more: cuBLAS
 @pytest.mark.parametrize("with_delta", [True, False])
-def test_fused_linears(device, dtype, rows, with_delta):
+@pytest.mark.parametrize("tiles", [None, (2, 256, 4)])   # one K tile per row / three, a partial last one
+def test_fused_linears(device, dtype, rows, with_delta, tiles, monkeypatch):
+    if tiles:
+        monkeypatch.setattr(fused_tr, "gemv_config", lambda *shape: tiles)
     K, N = 600, 40                                  # K not a multiple of the GEMV's K block
     h = torch.randn(rows, K, device=device, dtype=dtype)
     delta = torch.randn(rows, K, device=device, dtype=dtype) if with_delta else None
@@ -480,6 +505,34 @@ def test_fused_monoid_prep(device, dtype, gate, full_q, bias):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate,full_q,bias,bv", [("sigmoid", False, True, 64), ("neg_softplus", True, False, 8),
+                                                 ("scalar_sigmoid", False, True, 8), ("sigmoid", True, False, 64)])
+def test_monoid_fused_decode(device, dtype, gate, full_q, bias, bv, monkeypatch):
+    """The decode step with the prep glue inside it = monoid_prep then decode_step, for every gate and norm
+    form; value blocks of 8 split each head's state over two programs; pad rows touch slot 0 only."""
+    monkeypatch.setattr(monoid_tr, "DECODE_BV", bv)
+    H, D, B = 5, 16, 4
+    W = H * D
+    G = H if gate == "scalar_sigmoid" else W
+    x = torch.randn(B, 3 * W + G, device=device, dtype=dtype) * 2
+    x[:, 3 * W:] *= 4
+    q_norm = (torch.rand(W if full_q else D, device=device) + 0.5) * D ** -0.5
+    k_norm = (torch.rand(D if full_q else W, device=device) + 0.5).to(dtype)
+    zb = torch.randn(G, device=device) if bias else None
+    pool = torch.randn(NUM_SLOTS + 1, H, D, D, device=device)
+    slots = decode_slots(B, device)
+    ref_pool, new_pool = pool.clone(), pool.clone()
+    args = (x, q_norm, k_norm, zb, H, D, 1e-5, gate)
+    ref = monoid_ref.fused_decode(*args, ref_pool, slots)
+    out = monoid_tr.fused_decode(*args, new_pool, slots)
+    live = live_rows(slots)
+    assert out.shape == (B, H, D) and out.dtype == dtype and rel_err(out[live], ref[live]) < tol(dtype)
+    # bf16: k is rounded after its norm, where a summation-order ulp flip moves k·vᵀ by 2^-8 relative
+    check_pools(new_pool, ref_pool, pool, slots, 1e-5 if dtype == torch.float32 else tol(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rot", [16, 8])
 def test_fused_rope_write_kv(device, dtype, rot):
     """Packed q|k|v heads of 5 rows, the first 3 cached (the rest are uncached state rows); partial
@@ -495,6 +548,40 @@ def test_fused_rope_write_kv(device, dtype, rot):
     want = fused_ref.rope_write_kv(x, cos, sin, H, *ref_caches, slots)
     assert got.shape == (T, H + Hkv, D)
     _close(got, want, dtype)
+    written = torch.zeros(4 * page, dtype=torch.bool, device=device)
+    written[slots] = True
+    for c, r in zip(caches, ref_caches):
+        flat, ref_flat = c.view(-1, Hkv, D), r.view(-1, Hkv, D)
+        _close(flat[written], ref_flat[written], dtype)
+        assert torch.equal(flat[~written], ref_flat[~written])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norms", ["qk", "q", "k"])
+@pytest.mark.parametrize("rot", [16, 8])
+def test_fused_rope_write_kv_qk_norm(device, dtype, norms, rot):
+    """QK-norm (per-head RMSNorm of the q and/or k heads, [D] weights) inside the RoPE + KV write; 12 q
+    heads so the 20 packed heads span two head blocks; partial rotary dims; v is never normed."""
+    T, H, Hkv, D, page = 4, 12, 4, 16, 4
+    x = torch.randn(T, H + 2 * Hkv, D, device=device, dtype=dtype) * 3 + 0.5
+    ang = torch.rand(T, rot // 2, device=device) * 50
+    cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
+    q_norm = (torch.rand(D, device=device) + 0.5).to(dtype) if "q" in norms else None
+    k_norm = (torch.rand(D, device=device) + 0.5).to(dtype) if "k" in norms else None
+    slots = torch.tensor([9, 2, 14], device=device)
+    caches = [torch.randn(4, page, Hkv, D, device=device, dtype=dtype) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    got = fused_tr.rope_write_kv(x, cos, sin, H, *caches, slots, q_norm, k_norm, 1e-5)
+    want = fused_ref.rope_write_kv(x, cos, sin, H, *ref_caches, slots, q_norm, k_norm, 1e-5)
+    assert got.shape == (T, H + Hkv, D) and got.dtype == dtype
+    _close(got[:, :H], want[:, :H], dtype)
+    _close(got[:, H:], want[:, H:], dtype)
+    plain = fused_tr.rope_write_kv(x, cos, sin, H, *[c.clone() for c in caches], slots)
+    if q_norm is None:                  # a head range without its norm is rotated as without QK-norm
+        assert torch.equal(got[:, :H], plain[:, :H])
+    if k_norm is None:
+        assert torch.equal(got[:, H:], plain[:, H:])
     written = torch.zeros(4 * page, dtype=torch.bool, device=device)
     written[slots] = True
     for c, r in zip(caches, ref_caches):
@@ -603,3 +690,81 @@ def test_state_path_replays_in_cuda_graph():
     got, got_pool = out.clone(), pool.clone()
     pool.copy_(saved)
     assert torch.equal(got, step()) and torch.equal(got_pool, pool)
+
+
+# -- Llama / Kotodama engine forward wired to the Triton kernels ---------------------------------
+
+class _KernelLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names of the kernels a step launches, in order: Triton launches, and the aten ops that write memory
+    (in place, or a result not aliasing an input: no views, no-op casts, reshapes of contiguous tensors;
+    no bare allocations). What runs inside a Triton launch (the interpreter's own copies) is not counted."""
+
+    FREE = frozenset({"empty", "empty_like", "empty_strided", "detach_", "lift_fresh", "_local_scalar_dense"})
+
+    def __init__(self, launcher, monkeypatch):
+        super().__init__()
+        self.names, self.inside = [], 0
+        launch = launcher.run
+
+        def run(kernel, *args, **kwargs):
+            self.names.append(kernel.fn.__name__)
+            self.inside += 1
+            try:
+                return launch(kernel, *args, **kwargs)
+            finally:
+                self.inside -= 1
+        monkeypatch.setattr(launcher, "run", run)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not self.inside and name not in self.FREE:
+            def storages(tree):
+                return [t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves(tree)
+                        if isinstance(t, torch.Tensor)]
+            inputs = set(storages((args, kwargs)))
+            if name.endswith("_") or any(o not in inputs for o in storages(out)):
+                self.names.append("aten." + name)
+        return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kotodama", [False, True])
+def test_llama_engine_on_triton_kernels(device, kotodama, monkeypatch):
+    """LlamaModel.forward with every kernel family on its Triton file (on CPU under the interpreter), fp32,
+    against reference_forward: a mixed prefill of 3 sequences (one a 1-token prompt), decode steps at
+    batch 3, then at batch 1. The batch-1 decode step launches 7 kernels per layer (9 with AttnRes):
+    qkv GEMV (norm fused), QK-norm + RoPE + KV write, attention split + merge, o GEMV, gate/up GEMV with
+    SiLU·mul, down GEMV, and with AttnRes a route_add before each of the two sublayers' GEMVs."""
+    import importlib
+    from itertools import pairwise
+
+    from harness import Harness, assert_close, reference_logits
+    from hybridserve.models import llama
+    from test_llama_engine import tiny_weights
+    c = llama.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_layers=3 if kotodama else 2,
+                          num_heads=2, num_kv_heads=1, head_dim=16, qk_norm=kotodama, attn_res=kotodama,
+                          attn_res_boundaries=[0, 1] if kotodama else [])   # layer 2: a route_add, no commit
+    model = llama.LlamaModel(c, tiny_weights(c), torch.float32, device)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(16, (n,), generator=g).tolist() for n in (5, 1, 7)]
+    conts = [torch.randint(16, (4,), generator=g).tolist() for _ in prompts]
+    refs = [reference_logits(model, p + q) for p, q in zip(prompts, conts)]
+    monkeypatch.setattr(llama, "pick", lambda name, dev: importlib.import_module(f"hybridserve.kernels.{name}_triton"))
+    h = Harness(model)
+    seqs = [h.new_seq() for _ in prompts]
+    got = [[o] for o in h.step(list(zip(seqs, prompts)))]
+    for j in range(2):
+        for b, o in enumerate(h.step([(s, [q[j]]) for s, q in zip(seqs, conts)])):
+            got[b].append(o)
+    got[0].append(h.step([(seqs[0], [conts[0][2]])])[0])
+    with _KernelLog(type(fused_tr._rope_write_kv_kernel), monkeypatch) as log:
+        got[0].append(h.step([(seqs[0], [conts[0][3]])])[0])
+    tolerance = 1e-4 if INTERPRET else 3e-3        # TF32 attention dots on the GPU
+    assert_close(torch.cat(got[0]), refs[0], tolerance)
+    for b in (1, 2):
+        assert_close(torch.cat(got[b]), refs[b][:len(prompts[b]) + 2], tolerance)
+    layer_starts = [i for i, n in enumerate(log.names) if n == "_rope_write_kv_kernel"]
+    assert len(layer_starts) == c.num_layers, log.names
+    per_layer = {b - a for a, b in pairwise(layer_starts)}
+    assert per_layer == {9 if kotodama else 7}, str(log.names)

@@ -1,0 +1,189 @@
+"""The matmul chain of a batch-1 decode step, alone: Spartacus-1.4B's 16 layers × (qkvz, o, gate_up+SiLU·mul,
+down) + the 128k-vocabulary head, 2.7 GB of bf16 weights, replayed as one CUDA graph. It isolates what the
+GEMV kernel and programmatic dependent launch (kernels/pdl.py) do to the bandwidth a chain of dependent
+matmuls reaches, against the copy bandwidth measured in the same run and against cuBLAS (F.linear).
+
+Usage (GPU machine): python bench/gemv_chain.py [--chain-only]  → $OUT/gemv_chain.json (or bench/results/).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hybridserve.kernels import fused_triton as ft
+from hybridserve.kernels import pdl
+
+HIDDEN, INTER, LAYERS, VOCAB = 2048, 8192, 16, 128256
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(20):
+        b.copy_(a)
+    e.record()
+    e.synchronize()
+    return 2 * a.numel() * 20 / (s.elapsed_time(e) / 1e3)
+
+
+def weights():
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def w(n, k):
+        return (torch.randn(n, k, device="cuda", generator=g) * k ** -0.5).to(torch.bfloat16)
+    layers = [dict(qkvz=w(4 * HIDDEN, HIDDEN), o=w(HIDDEN, HIDDEN), gate_up=w(2 * INTER, HIDDEN),
+                   down=w(HIDDEN, INTER), n1=torch.rand(HIDDEN, device="cuda").to(torch.bfloat16) + 0.5,
+                   n2=torch.rand(HIDDEN, device="cuda").to(torch.bfloat16) + 0.5) for _ in range(LAYERS)]
+    return layers, w(VOCAB, HIDDEN)
+
+
+def chain_triton(layers, head, h):
+    delta = None
+    for lw in layers:
+        h, qkvz = ft.add_norm_linear(h, delta, lw["n1"], lw["qkvz"], 1e-5)
+        o = qkvz[:, 2 * HIDDEN:3 * HIDDEN]          # stands in for the recurrence's output
+        h, g = ft.add_norm_linear_silu_mul(h, ft.linear(o, lw["o"]), lw["n2"], lw["gate_up"], 1e-5)
+        delta = ft.linear(g, lw["down"])
+    return ft.add_norm_linear(h, delta, layers[0]["n1"], head, 1e-5, out_dtype=torch.float32)[1]
+
+
+def chain_cublas(layers, head, h):
+    for lw in layers:
+        qkvz = F.linear(h, lw["qkvz"])
+        gu = F.linear(F.linear(qkvz[:, 2 * HIDDEN:3 * HIDDEN], lw["o"]), lw["gate_up"])
+        h = h + F.linear(gu[:, :INTER] * gu[:, INTER:], lw["down"])
+    return F.linear(h, head)
+
+
+def graph_us(fn, replays=30) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3):
+        g.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def set_pdl(on: bool):
+    os.environ["HYBRIDSERVE_PDL"] = "1" if on else "0"
+    pdl._supported.cache_clear()
+
+
+SHAPES = [  # name, N, K, SiLU·mul (the weight stacks 2N rows), norm + residual add of the input, rows
+    ("qkvz", 4 * HIDDEN, HIDDEN, False, True, 1), ("o", HIDDEN, HIDDEN, False, False, 1),
+    ("gate_up", INTER, HIDDEN, True, True, 1), ("down", HIDDEN, INTER, False, False, 1),
+    ("head", VOCAB, HIDDEN, False, True, 1), ("qkvz-2rows", 4 * HIDDEN, HIDDEN, False, True, 2),
+    ("down-2rows", HIDDEN, INTER, False, False, 2)]
+CONFIGS = [(bn, bk, w) for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048) for w in (4, 8)
+           if bn * bk <= 16384 and bn * bk >= 1024]
+
+
+def shape_sweep(bw):
+    """Each matmul shape alone, repeated in one graph over enough weight copies to miss L2 (>= 256 MB)."""
+    rows, best = [], {}
+    for name, N, K, silu, norm, M in SHAPES:
+        rows_n = 2 * N if silu else N
+        copies = max(1, -(-(256 << 20) // (rows_n * K * 2)))
+        ws = [torch.randn(rows_n, K, device="cuda").to(torch.bfloat16) * K ** -0.5 for _ in range(copies)]
+        xk = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+        nw = torch.rand(K, device="cuda").to(torch.bfloat16) + 0.5
+        reps = max(copies, 16)
+
+        def call(i):
+            w = ws[i % copies]
+            if silu:
+                return ft.add_norm_linear_silu_mul(xk, xk, nw, w, 1e-5)[1]
+            if norm:
+                return ft.add_norm_linear(xk, xk, nw, w, 1e-5)[1]
+            return ft.linear(xk, w)
+        want = call(0).float()
+        nbytes = rows_n * K * 2
+        for cfg in CONFIGS + ["default", "cublas"]:
+            if cfg == "cublas":
+                t = graph_us(lambda: [F.linear(xk, ws[i % copies]) for i in range(reps)]) / reps
+            else:
+                if cfg != "default":
+                    ft.gemv_config = lambda *shape, c=cfg: c
+                err = ((call(0).float() - want).norm() / want.norm()).item()
+                t = graph_us(lambda: [call(i) for i in range(reps)]) / reps
+                ft.gemv_config = DEFAULT_CONFIG
+                assert err < 2e-2, (name, cfg, err)
+            rows.append({"shape": name, "M": M, "N": rows_n, "K": K, "config": str(cfg), "us": t,
+                         "TBps": nbytes / t / 1e6, "of_copy_bw": nbytes / t / 1e6 / (bw / 1e12)})
+            if isinstance(cfg, tuple) and (name not in best or t < best[name][1]):
+                best[name] = (cfg, t)
+        d = next(r for r in rows if r["shape"] == name and r["config"] == "default")
+        c = next(r for r in rows if r["shape"] == name and r["config"] == "cublas")
+        print(f"{name:8} {rows_n:6}x{K:5}: default {d['us']:6.1f} us {d['TBps']:.2f} TB/s | best {best[name][0]} "
+              f"{best[name][1]:6.1f} us {nbytes / best[name][1] / 1e6:.2f} TB/s | cublas {c['us']:6.1f} us "
+              f"{c['TBps']:.2f} TB/s", flush=True)
+        del ws
+    return rows, {k: v[0] for k, v in best.items()}
+
+
+DEFAULT_CONFIG = ft.gemv_config
+
+
+def main():
+    import sys
+    bw = copy_bandwidth()
+    set_pdl(True)
+    sweep, best = shape_sweep(bw) if "--chain-only" not in sys.argv else ([], {})
+    layers, head = weights()
+    nbytes = sum(t.numel() * 2 for lw in layers for t in lw.values()) + head.numel() * 2
+    x = torch.randn(1, HIDDEN, device="cuda").to(torch.bfloat16)
+    ref = chain_triton(layers, head, x)
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
+           "weights_bytes": nbytes, "floor_us": 1e6 * nbytes / bw, "shape_sweep": sweep,
+           "best": {k: list(v) for k, v in best.items()}, "rows": []}
+    print(f"copy {bw / 1e12:.2f} TB/s; chain {nbytes / 1e9:.2f} GB; floor {out['floor_us']:.0f} us", flush=True)
+    t = graph_us(lambda: chain_cublas(layers, head, x))
+    out["rows"].append({"variant": "cublas F.linear chain (no glue)", "us": t, "TBps": nbytes / t / 1e6})
+    print(f"{'cublas':34} {t:8.1f} us  {nbytes / t / 1e6:5.2f} TB/s", flush=True)
+    by_shape = {(N, K, 2 if silu else 1): best[name] for name, N, K, silu, _, M in SHAPES if name in best}
+
+    def tuned(M, N, K, stacked=1):
+        return by_shape.get((N, K, stacked)) or DEFAULT_CONFIG(M, N, K, stacked)
+    for label, cfg_fn in (("default", DEFAULT_CONFIG), ("best-per-shape", tuned))[:2 if best else 1]:
+        ft.gemv_config = cfg_fn
+        for on in (False, True):
+            set_pdl(on)
+            y = chain_triton(layers, head, x)
+            err = ((y - ref).norm() / ref.norm()).item()
+            t = graph_us(lambda: chain_triton(layers, head, x))
+            name = f"triton {label} pdl={int(pdl.enabled(x.device))}"
+            out["rows"].append({"variant": name, "us": t, "TBps": nbytes / t / 1e6, "ratio_to_floor":
+                                t / out["floor_us"], "rel_err_vs_default": err})
+            print(f"{name:34} {t:8.1f} us  {nbytes / t / 1e6:5.2f} TB/s  x{t / out['floor_us']:.2f} floor  "
+                  f"err {err:.1e}", flush=True)
+    ft.gemv_config = DEFAULT_CONFIG
+    set_pdl(True)
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    (out_dir / "gemv_chain.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
