@@ -24,6 +24,7 @@ import torch
 from hybridserve.engine.cache_pools import CachePools, MemoryPlan
 from hybridserve.engine.cuda_graphs import DecodeGraphs
 from hybridserve.engine.model_runner import SeqChunk, build_meta
+from hybridserve.kernels import fused_triton as ft
 from hybridserve.kernels import pdl
 from hybridserve.models.registry import build_model
 from hybridserve.weights.checkpoint import Checkpoint
@@ -70,8 +71,9 @@ def load_full(arch: str):
     return model
 
 
-def time_fn(fn, iters: int = 50) -> float:
-    for _ in range(5):
+def time_fn(fn, iters: int = 200, warmup: int = 50) -> float:
+    """Median of `iters` timed calls after `warmup` untimed ones (the GPU ramps its clocks meanwhile)."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -143,11 +145,21 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=()):
                 del g_off
             finally:
                 set_pdl(True)
+        if B in pdl_batches and ft.GEMV_MAX_ROWS > 1 and B <= 2 * ft.GEMV_MAX_ROWS:
+            rows_before = ft.GEMV_MAX_ROWS      # the same step with cuBLAS for every multi-row matmul
+            ft.GEMV_MAX_ROWS = 1
+            try:
+                g_one = DecodeGraphs(model, s.pools.view, B, s.pages_per_seq, sizes=[B])
+                g_one.capture()
+                row["ms_per_step_gemv_one_row_only"] = time_fn(lambda: g_one.run(s.meta))
+                del g_one
+            finally:
+                ft.GEMV_MAX_ROWS = rows_before
         if B <= baseline_max_batch:
             os.environ["HYBRIDSERVE_KERNELS"] = "reference"
             try:
                 with torch.inference_mode():
-                    base = time_fn(lambda: model.forward(s.meta, s.pools.view), iters=10)
+                    base = time_fn(lambda: model.forward(s.meta, s.pools.view), iters=10, warmup=3)
             finally:
                 os.environ.pop("HYBRIDSERVE_KERNELS")
             row["baseline_eager_reference_ms"] = base
@@ -156,7 +168,9 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=()):
         print(f"{arch:11} B={B:4} {ms:8.3f} ms  floor {floor_ms:7.3f} ms  x{ms / floor_ms:5.2f}  "
               f"{row['tok_per_s']:9.0f} tok/s" + (f"  baseline {row['baseline_eager_reference_ms']:8.2f} ms"
                                                   if "baseline_eager_reference_ms" in row else "")
-              + (f"  pdl off {row['ms_per_step_pdl_off']:.3f} ms" if "ms_per_step_pdl_off" in row else ""),
+              + (f"  pdl off {row['ms_per_step_pdl_off']:.3f} ms" if "ms_per_step_pdl_off" in row else "")
+              + (f"  1-row GEMV only {row['ms_per_step_gemv_one_row_only']:.3f} ms"
+                 if "ms_per_step_gemv_one_row_only" in row else ""),
               flush=True)
         torch.cuda.empty_cache()
     return rows
@@ -193,7 +207,7 @@ def prefill_rows(model, arch, lengths, flops):
         def run():
             with torch.inference_mode():
                 model.forward(meta, s.pools.view)
-        ms = time_fn(run, iters=5)
+        ms = time_fn(run, iters=5, warmup=5)
         floor_ms = 1e3 * 2 * params * n / flops
         rows.append({"arch": arch, "prompt_tokens": n, "ttft_ms": ms, "flop_floor_ms": floor_ms,
                      "ratio_to_floor": ms / floor_ms})

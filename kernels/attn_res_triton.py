@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from hybridserve.kernels import pdl
 from hybridserve.kernels.attn_res import MAX_SOURCES
 
 
@@ -33,7 +35,10 @@ def _source(s0, s1, s2, s3, s4, s5, s6, s7, i: tl.constexpr):
 
 @triton.jit
 def _route_kernel(s0, s1, s2, s3, s4, s5, s6, s7, d_ptr, p_ptr, q_ptr, w_ptr, y_ptr, stride, eps,
-                  S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, ADD: tl.constexpr):
+                  S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.arange(0, BD)
     m = offs < D
@@ -66,7 +71,7 @@ def _launch(sources, delta, partial, query, norm_w, eps):
     if T:
         _route_kernel[(T,)](*ptrs, delta if delta is not None else y, partial if partial is not None else y,
                             query, norm_w, y, D, eps, S=len(src), D=D, BD=triton.next_power_of_2(D),
-                            ADD=delta is not None, num_warps=4 if D >= 1024 else 2)
+                            ADD=delta is not None, num_warps=4 if D >= 1024 else 2, **pdl.launch_kwargs(y.device))
     return y
 
 

@@ -14,7 +14,10 @@ from hybridserve.kernels import pdl
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, B, sx_a, sx_b, eps, N: tl.constexpr, BN: tl.constexpr,
-                     HAS_W: tl.constexpr):
+                     HAS_W: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     a, b = row // B, row % B
     offs = tl.arange(0, BN)
@@ -36,12 +39,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     if y.numel():
         _rms_norm_kernel[(A * B,)](x3, weight if weight is not None else x3, y, B, x3.stride(0), x3.stride(1),
                                    eps, N=N, BN=triton.next_power_of_2(N), HAS_W=weight is not None,
-                                   num_warps=4 if N >= 1024 else 1)
+                                   num_warps=4 if N >= 1024 else 1, **pdl.launch_kwargs(y.device))
     return y
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, y_ptr, I, s_row, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, y_ptr, I, s_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < I
@@ -59,13 +65,17 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     y = torch.empty(gu.shape[0], I, dtype=gu.dtype, device=gu.device)
     BLOCK = min(1024, triton.next_power_of_2(I))
     if y.numel():
-        _silu_mul_kernel[(gu.shape[0], triton.cdiv(I, BLOCK))](gu, y, I, gu.stride(0), BLOCK=BLOCK, num_warps=4)
+        _silu_mul_kernel[(gu.shape[0], triton.cdiv(I, BLOCK))](gu, y, I, gu.stride(0), BLOCK=BLOCK, num_warps=4,
+                                                               **pdl.launch_kwargs(y.device))
     return y.view(*gate_up.shape[:-1], I)
 
 
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, sx_t, sx_h, sc_t, D: tl.constexpr, ROT: tl.constexpr,
-                 HALF: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+                 HALF: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0)
     h = tl.program_id(1) * BH + tl.arange(0, BH)[:, None]
     d = tl.arange(0, BD)[None, :]
@@ -92,12 +102,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if y.numel():
         _rope_kernel[(T, triton.cdiv(H, BH))](x, cos, sin, y, H, x.stride(0), x.stride(1), cos.stride(0), D=D,
                                              ROT=rot, HALF=rot // 2, BH=BH, BD=triton.next_power_of_2(D),
-                                             num_warps=1 if H * D <= 1024 else 4)
+                                             num_warps=1 if H * D <= 1024 else 4, **pdl.launch_kwargs(y.device))
     return y
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, sx, sr, eps, N: tl.constexpr, BN: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, sx, sr, eps, N: tl.constexpr, BN: tl.constexpr,
+                         PDL: tl.constexpr):
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BN)
     m = offs < N
@@ -122,7 +136,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     y = torch.empty_like(h)
     if h.numel():
         _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, h, y, x2.stride(0), r2.stride(0), eps, N=N,
-                                             BN=triton.next_power_of_2(N), num_warps=4 if N >= 1024 else 1)
+                                             BN=triton.next_power_of_2(N), num_warps=4 if N >= 1024 else 1,
+                                             **pdl.launch_kwargs(y.device))
     return h, y
 
 
@@ -361,7 +376,10 @@ def monoid_prep(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, 
 def _rope_write_kv_kernel(x_ptr, cos_ptr, sin_ptr, qk_ptr, kc_ptr, vc_ptr, slot_ptr, qn_ptr, kn_ptr, n_cached,
                           sx_t, sx_h, sc_t, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                           ROT: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr,
-                          NORM_LO: tl.constexpr, NORM_HI: tl.constexpr):
+                          NORM_LO: tl.constexpr, NORM_HI: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BH + tl.arange(0, BH)[:, None]
     d = tl.arange(0, BD)[None, :]
@@ -411,5 +429,5 @@ def rope_write_kv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_hea
             x, cos, sin, qk, k_cache, v_cache, slot_mapping, q_norm if q_norm is not None else x,
             k_norm if k_norm is not None else x, slot_mapping.shape[0], x.stride(0), x.stride(1), cos.stride(0), eps,
             H=num_heads, HKV=hkv, D=D, ROT=rot, HALF=rot // 2, BH=BH, BD=triton.next_power_of_2(D),
-            NORM_LO=lo, NORM_HI=hi, num_warps=1 if BH * D <= 1024 else 4)
+            NORM_LO=lo, NORM_HI=hi, num_warps=1 if BH * D <= 1024 else 4, **pdl.launch_kwargs(qk.device))
     return qk

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from hybridserve.kernels import pdl
 from hybridserve.kernels.paged_attention import write_kv  # noqa: F401  (one index_put per tensor: already one pass)
 
 BLOCK_N = 64          # keys per inner step
@@ -28,7 +30,10 @@ LOG2E = 1.4426950408889634
 def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr,
                   sq_b, sq_h, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, sbt_b, split_len, num_splits, scale_log2,
                   HKV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                  PAGE: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+                  PAGE: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     sp = tl.program_id(2)
@@ -74,7 +79,10 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr,
 @triton.jit
 def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, so_b, so_h, num_splits,
                   H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-                  WRITE_LSE: tl.constexpr):
+                  WRITE_LSE: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     rs = tl.arange(0, BS)
@@ -190,11 +198,12 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         split_len, splits, scale * LOG2E,
         HKV=hkv, G=G, BG=max(16, triton.next_power_of_2(G)), D=D, BD=BD, PAGE=page, BN=BLOCK_N,
-        F32_DOT=INTERPRETED, num_warps=NUM_WARPS)
+        F32_DOT=INTERPRETED, num_warps=NUM_WARPS, **pdl.launch_kwargs(q.device))
     o = torch.empty_like(q)
     lse = torch.empty(B, H, dtype=torch.float32, device=dev) if return_lse else pm
     _merge_kernel[(B, H)](po, pm, pl, o, lse, o.stride(0), o.stride(1), splits,
-                          H=H, D=D, BD=BD, BS=triton.next_power_of_2(splits), WRITE_LSE=return_lse)
+                          H=H, D=D, BD=BD, BS=triton.next_power_of_2(splits), WRITE_LSE=return_lse,
+                          **pdl.launch_kwargs(o.device))
     return (o, lse) if return_lse else o
 
 

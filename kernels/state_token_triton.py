@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from hybridserve.kernels import pdl
 from hybridserve.kernels.state_token import (HOLO_BASE, decode_integral, holo_rope, holo_rope_inv,  # noqa: F401
                                              holo_theta, integral_reference, state_logit, varlen_integral)
 
@@ -33,7 +35,10 @@ CELL_GEMV_TILES = (1, 8, 4, 512)
 
 @triton.jit
 def _readout_kernel(w_ptr, pos_ptr, theta_ptr, pool_ptr, slot_ptr, s_ptr, sw,
-                    S: tl.constexpr, J: tl.constexpr, BJ: tl.constexpr):
+                    S: tl.constexpr, J: tl.constexpr, BJ: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BJ)
     m = j < J
@@ -62,7 +67,8 @@ def decode_readout(w: torch.Tensor, positions: torch.Tensor, theta: torch.Tensor
     s = torch.empty(B, S, dtype=torch.float32, device=w.device)
     if B:
         _readout_kernel[(B,)](w, positions, theta, state_pool, slot_ids, s, w.stride(0), S=S, J=S // 2,
-                              BJ=triton.next_power_of_2(S // 2), num_warps=1 if S <= 1024 else 4)
+                              BJ=triton.next_power_of_2(S // 2), num_warps=1 if S <= 1024 else 4,
+                              **pdl.launch_kwargs(s.device))
     return s
 
 
@@ -70,9 +76,12 @@ def decode_readout(w: torch.Tensor, positions: torch.Tensor, theta: torch.Tensor
 def _cell_in_kernel(s_ptr, u_ptr, post_ptr, pre_ptr, w1_ptr, b1_ptr, chain_ptr, out_ptr, h1_ptr, T, eps,
                     S: tl.constexpr, I: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     HAS_PREV: tl.constexpr, HAS_MLP: tl.constexpr, HAS_B1: tl.constexpr,
-                    F32_DOT: tl.constexpr, PREC: tl.constexpr):
+                    F32_DOT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
     """Finish the previous cell (s = PostNorm(s + u), stored once by the programs of column block 0),
     then h1 = SiLU(fc1(PreNorm(s)) + b1) for this program's BN hidden units."""
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     pn = tl.program_id(1)
     cols = tl.arange(0, BS)
@@ -113,8 +122,12 @@ def _cell_in_kernel(s_ptr, u_ptr, post_ptr, pre_ptr, w1_ptr, b1_ptr, chain_ptr, 
 @triton.jit
 def _cell_out_kernel(h1_ptr, w2_ptr, b2_ptr, a_ptr, u_ptr, T,
                      S: tl.constexpr, I: tl.constexpr, HS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr, HAS_B2: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr):
+                     BK: tl.constexpr, HAS_B2: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr,
+                     PDL: tl.constexpr):
     """u = α[head] · (fc2(h1) + b2) for this program's BN state dims (fp32)."""
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     mr = rows < T
@@ -167,18 +180,22 @@ def state_cells(s0: torch.Tensor, pre_norm: torch.Tensor, fc1: torch.Tensor, fc1
             s0 if i <= 1 else chain[(i - 1) % 2], u, post_norm[max(i - 1, 0)], pre_norm[min(i, L - 1)], fc1[min(i, L - 1)],
             fc1_bias[min(i, L - 1)] if fc1_bias is not None else u, chain[i % 2], out[max(i - 1, 0)], h1, T, eps,
             S=S, I=I, BS=triton.next_power_of_2(S), BM=BM, BN=BN1, HAS_PREV=i > 0, HAS_MLP=has_mlp,
-            HAS_B1=fc1_bias is not None, **common)
+            HAS_B1=fc1_bias is not None, **common, **pdl.launch_kwargs(s0.device))
         if has_mlp:
             _cell_out_kernel[(grid_m, triton.cdiv(S, BN2))](
                 h1, fc2[i], fc2_bias[i] if fc2_bias is not None else u, alpha[i], u, T,
                 S=S, I=I, HS=S // alpha.shape[1], BM=BM, BN=BN2, BK=BK2,
-                HAS_B2=fc2_bias is not None, **common)
+                HAS_B2=fc2_bias is not None, **common, **pdl.launch_kwargs(s0.device))
     return out
 
 
 @triton.jit
 def _attn_inputs_kernel(h_ptr, d_ptr, r_ptr, rb_ptr, w_ptr, hout_ptr, x_ptr, T, sh, sd, sr, eps,
-                        N: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_RB: tl.constexpr):
+                        N: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_RB: tl.constexpr,
+                        PDL: tl.constexpr):
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BN)
     m = offs < N
@@ -209,14 +226,17 @@ def attn_inputs(h: torch.Tensor, delta: torch.Tensor | None, r: torch.Tensor, r_
                                       weight, h_out, x, T, h.stride(0), delta.stride(0) if delta is not None else 0,
                                       r.stride(0), eps, N=N, BN=triton.next_power_of_2(N),
                                       HAS_D=delta is not None, HAS_RB=r_bias is not None,
-                                      num_warps=4 if N >= 1024 else 1)
+                                      num_warps=4 if N >= 1024 else 1, **pdl.launch_kwargs(h.device))
     return h_out, x
 
 
 @triton.jit
 def _merge_kernel(o_ptr, lse_ptr, q_ptr, k_ptr, v_ptr, out_ptr, so_t, so_h, sl_t, sq_t, sq_h, sk_t, sk_h,
                   sv_t, sv_h, scale, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BG: tl.constexpr,
-                  BD: tl.constexpr):
+                  BD: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1)
     g = tl.arange(0, BG)
@@ -249,5 +269,6 @@ def merge_state_entry(o_c: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_s
         _merge_kernel[(T, hkv)](o_c, lse, q, k_s, v_s, out, o_c.stride(0), o_c.stride(1), lse.stride(0),
                                 q.stride(0), q.stride(1), k_s.stride(0), k_s.stride(1), v_s.stride(0),
                                 v_s.stride(1), scale, H=H, G=G, D=D, BG=triton.next_power_of_2(G),
-                                BD=triton.next_power_of_2(D), num_warps=1 if G * D <= 512 else 4)
+                                BD=triton.next_power_of_2(D), num_warps=1 if G * D <= 512 else 4,
+                                **pdl.launch_kwargs(out.device))
     return out
