@@ -1,8 +1,11 @@
-"""CUDA-graph decode: the whole decode step (all layers, final norm, LM head) captured once per padded
-batch size and replayed with persistent input buffers.
+"""CUDA graphs for the two step shapes that are launch-bound: decode (the whole step captured once per
+padded batch size) and a lone short prefill (one graph per token bucket), both replayed with persistent
+input buffers.
 
 Pad rows point at state slot 0 and KV page 0 (both reserved), so replaying a padded graph never touches
-a live request. Prefill and mixed steps run eagerly.
+a live request. A prefill of T tokens replays the graph of the smallest bucket > T: the other tokens form
+a second sequence on the pad slot, whose keys and values all go to slot 0 of page 0. Mixed steps, longer
+prefills and steps that need every token's logits run eagerly.
 """
 from __future__ import annotations
 
@@ -91,3 +94,95 @@ class DecodeGraphs:
             self.block_tables[B:bs].zero_()
         self.graphs[bs].replay()
         return self.outputs[bs][:B]
+
+
+PREFILL_BUCKETS = (32, 64, 128, 256, 512)
+
+
+class PrefillGraphs:
+    """One sequence's prefill chunk of fewer than max(buckets) tokens, as a graph replay: a short prompt's
+    forward is a few hundred small launches whose host cost (~10 ms) would otherwise be its TTFT."""
+
+    def __init__(self, model, cache: CacheView, max_blocks: int, buckets: tuple[int, ...] = PREFILL_BUCKETS):
+        self.model, self.cache, self.max_blocks = model, cache, max_blocks
+        self.buckets = tuple(sorted(buckets))
+        dev = model.device
+        n = self.buckets[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slot_mapping = torch.zeros(n, dtype=torch.long, device=dev)
+        self.cu_seqlens = torch.zeros(3, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.zeros(2, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(2, max_blocks, dtype=torch.int32, device=dev)
+        self.slot_ids = torch.zeros(2, dtype=torch.long, device=dev)
+        self.logits_indices = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def _meta(self, bucket: int) -> BatchMeta:
+        # the host lists size grids only (the largest query of the bucket); their values are never read
+        return BatchMeta(
+            input_ids=self.input_ids[:bucket], positions=self.positions[:bucket], cu_seqlens=self.cu_seqlens,
+            seq_lens=self.seq_lens, block_tables=self.block_tables, slot_mapping=self.slot_mapping[:bucket],
+            slot_ids=self.slot_ids, logits_indices=self.logits_indices, query_lens_cpu=[bucket, 1],
+            seq_lens_cpu=[bucket, 1], is_decode=False,
+        )
+
+    def _fill(self, bucket: int, T: int) -> None:
+        """Pad tokens [T, bucket): a second sequence on slot 0 whose k/v all land in slot 0 of page 0. It
+        sits at position 0 with one token of context, so it reads no block-table entry but the first and
+        no RoPE row but the first, whatever the bucket (its rows attend to at most that one key)."""
+        self.input_ids[T:bucket].zero_()
+        self.positions[T:bucket].zero_()
+        self.slot_mapping[T:bucket].zero_()
+        self.cu_seqlens[2].fill_(bucket)
+        self.seq_lens[1].fill_(1)
+        self.block_tables[1].zero_()
+        self.slot_ids[1].zero_()
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        for bucket in reversed(self.buckets):
+            meta = self._meta(bucket)     # a 1-token prompt on the pad slot / page 0 (zeroed buffers)
+            self.cu_seqlens[1].fill_(1)
+            self.seq_lens[0].fill_(1)
+            self._fill(bucket, 1)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.model.forward(meta, self.cache)
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.outputs[bucket] = self.model.forward(meta, self.cache)
+            self.graphs[bucket] = g
+        torch.cuda.synchronize()
+        log.info("captured prefill graphs for token buckets %s", self.buckets)
+
+    def bucket_for(self, meta: BatchMeta) -> int | None:
+        """The graph that can run this step, if any: one sequence, fewer tokens than a bucket, one logit row."""
+        if meta.is_decode or meta.num_seqs != 1 or meta.logits_indices.shape[0] != 1 \
+                or meta.block_tables.shape[1] > self.max_blocks:
+            return None
+        T = meta.num_tokens
+        return next((b for b in self.buckets if b > T), None)
+
+    @torch.inference_mode()
+    def run(self, meta: BatchMeta, bucket: int) -> torch.Tensor:
+        """Logits [1, V]; a view of the graph's output buffer, valid until the next replay."""
+        T = meta.num_tokens
+        w = meta.block_tables.shape[1]
+        self.input_ids[:T].copy_(meta.input_ids)
+        self.positions[:T].copy_(meta.positions)
+        self.slot_mapping[:T].copy_(meta.slot_mapping)
+        self.cu_seqlens[:2].copy_(meta.cu_seqlens)
+        self.seq_lens[:1].copy_(meta.seq_lens)
+        self.block_tables[0, :w].copy_(meta.block_tables[0])
+        self.block_tables[0, w:].zero_()
+        self.slot_ids[:1].copy_(meta.slot_ids)
+        self.logits_indices.copy_(meta.logits_indices)
+        self._fill(bucket, T)
+        self.graphs[bucket].replay()
+        return self.outputs[bucket]

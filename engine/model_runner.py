@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from hybridserve.engine.cache_pools import CachePools
-from hybridserve.engine.cuda_graphs import DecodeGraphs
+from hybridserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from hybridserve.models.batch import BatchMeta
 
 
@@ -59,17 +59,20 @@ def build_meta(chunks: list[SeqChunk], page_size: int, device: torch.device,
 
 
 class ModelRunner:
-    """Eager forward for prefill and mixed steps; CUDA-graph replay for decode steps on GPU."""
+    """CUDA-graph replay on GPU for decode steps and a lone short prefill; eager forward otherwise."""
 
     def __init__(self, model, pools: CachePools, max_model_len: int, max_num_seqs: int,
                  enforce_eager: bool = False):
         self.model, self.pools = model, pools
         self.device = model.device
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and not enforce_eager:
             max_blocks = -(-max_model_len // pools.page_size)
             self.graphs = DecodeGraphs(model, pools.view, max(1, max_num_seqs), max_blocks)
             self.graphs.capture()
+            self.prefill_graphs = PrefillGraphs(model, pools.view, max_blocks)
+            self.prefill_graphs.capture()
 
     @torch.inference_mode()
     def run(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
@@ -77,4 +80,8 @@ class ModelRunner:
         if self.graphs is not None and meta.is_decode and not all_logits \
                 and self.graphs.padded_size(meta.num_seqs) is not None:
             return self.graphs.run(meta)
+        if self.prefill_graphs is not None and not all_logits:
+            bucket = self.prefill_graphs.bucket_for(meta)
+            if bucket is not None:
+                return self.prefill_graphs.run(meta, bucket)
         return self.model.forward(meta, self.pools.view)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from harness import Harness, assert_close, reference_logits
-from hybridserve.engine.cuda_graphs import DecodeGraphs
+from hybridserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from hybridserve.engine.model_runner import SeqChunk, build_meta
 
 pytestmark = pytest.mark.gpu
@@ -58,3 +58,48 @@ def test_graph_matches_eager_and_reference(model, batch):
         # fp32 attention dots run as TF32 inside the Triton kernels: ~1e-3 against the fp32 reference
         assert_close(torch.cat(got_e[b]), ref, 3e-3)
         assert_close(torch.cat(got_g[b]), torch.cat(got_e[b]), 1e-4)
+
+
+def book(h: Harness, s, new: list[int]) -> SeqChunk:
+    """Append tokens to a harness sequence and book its pages, without a forward."""
+    start = len(s.tokens)
+    s.tokens.extend(new)
+    if h.pools.layout.kv:
+        need = h.pools.pages.pages_for(len(s.tokens)) - len(s.pages)
+        if need > 0:
+            s.pages.extend(h.pools.pages.allocate(need))
+    return SeqChunk(list(new), start, s.pages, s.slot, True)
+
+
+def test_prefill_graph_matches_eager(model):
+    """A prompt in two chunks (5 tokens: bucket 32; then 40: bucket 64) replayed from prefill graphs gives
+    the eager last-token logits and leaves the same state/KV behind (decode continues identically), while
+    another live sequence's slot and pages stay bit-identical."""
+    rng = random.Random(7)
+    vocab = model.config.vocab_size
+    other = [rng.randrange(vocab) for _ in range(9)]
+    chunks = [[rng.randrange(vocab) for _ in range(n)] for n in (5, 40)]
+    cont = [rng.randrange(vocab) for _ in range(3)]
+    eager, graphed = Harness(model, num_pages=128), Harness(model, num_pages=128)
+    graphs = PrefillGraphs(model, graphed.pools.view, max_blocks=32, buckets=(32, 64))
+    graphs.capture()
+    oe, og = eager.new_seq(), graphed.new_seq()
+    eager.step([(oe, other)])
+    graphed.step([(og, other)])
+    before_state = graphed.live_state()
+    kv_before = [(k.clone(), v.clone()) for k, v in graphed.pools.view.kv]
+    se, sg = eager.new_seq(), graphed.new_seq()
+    for chunk in chunks:
+        want = eager.step([(se, chunk)])[0][-1:]
+        meta = build_meta([book(graphed, sg, chunk)], graphed.pools.page_size, model.device)
+        bucket = graphs.bucket_for(meta)
+        assert bucket == (32 if len(chunk) < 32 else 64)
+        assert_close(graphs.run(meta, bucket), want, 1e-4)
+    for g, t in graphed.live_state().items():   # the other sequence's slot (and any free slot) untouched
+        slot = og.slot - 1
+        assert torch.equal(t[:, slot], before_state[g][:, slot]), g
+    for (k, v), (k0, v0) in zip(graphed.pools.view.kv, kv_before):
+        for p in og.pages:
+            assert torch.equal(k[p], k0[p]) and torch.equal(v[p], v0[p])
+    for t in cont:
+        assert_close(graphed.step([(sg, [t])])[0], eager.step([(se, [t])])[0], 1e-4)

@@ -445,10 +445,11 @@ from hybridserve.kernels import state_token_triton as state_tr  # noqa: E402
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3])     # up to GEMV_MAX_ROWS: the Triton GEMV; more: cuBLAS
+@pytest.mark.parametrize("rows", [1, 2, 3])     # 1–2: the Triton GEMV; more: cuBLAS
 @pytest.mark.parametrize("with_delta", [True, False])
 @pytest.mark.parametrize("tiles", [None, (2, 256, 4)])   # one K tile per row / three, a partial last one
 def test_fused_linears(device, dtype, rows, with_delta, tiles, monkeypatch):
+    monkeypatch.setattr(fused_tr, "GEMV_MAX_ROWS", 2)    # the kernel's multi-row path, off by default
     if tiles:
         monkeypatch.setattr(fused_tr, "gemv_config", lambda *shape: tiles)
     K, N = 600, 40                                  # K not a multiple of the GEMV's K block
