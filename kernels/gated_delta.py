@@ -5,11 +5,19 @@ Per value head j (key head j // r, r = Hv / Hk), state S [dk, dv] maps keys to v
 q and k arrive l2-normalised, q already scaled by dk^-1/2 (the layer does that). Everything is computed
 in fp32 and the state is fp32; outputs come back in q's dtype.
 
+`mix` is the layer between its two projections (conv, q/k norms, gates, the rule, the gated output
+norm); `fused_decode` is its decode step, which the Triton version runs as one kernel.
+
 The Triton versions in gated_delta_triton.py keep these exact signatures.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
+
+from hybridserve.kernels import short_conv
 
 
 def _value_heads(x: torch.Tensor, num_v_heads: int) -> torch.Tensor:
@@ -96,3 +104,50 @@ def decode_step(q, k, v, g, beta, state_pool, slot_ids):
     S = S + kf[:, :, :, None] * delta[:, :, None, :]
     state_pool[slot_ids] = S
     return torch.einsum("bhk,bhkv->bhv", qf, S).to(q.dtype)
+
+
+# -- the layer between its projections ------------------------------------------------------------
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """HF torch form x·rsqrt(Σx² + eps), in fp32 (gated_deltanet.md §10)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise each head over dv, then gate with silu(z); fp32 inside, o's dtype out."""
+    of = o.float()
+    y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return (y * F.silu(z.float())).to(o.dtype)
+
+
+def mix(proj: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+        norm_weight: torch.Tensor, eps: float, head_k_dim: int,
+        conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], rule: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """Steps 2–8 of gated_deltanet.md §6 on the in_proj output proj [T, conv_dim + value_dim + 2·Hv]
+    (rows [q | k | v | z | b | a]): `conv` maps the first conv_dim columns and the conv weight [conv_dim, K]
+    to the conv output, `rule(q, k, v, g, beta)` runs the recurrence. Returns y [T, value_dim] for out_proj.
+    Head counts follow from the weights: Hv = len(A_log), dv = len(norm_weight)."""
+    T = proj.shape[0]
+    C, Hv, dv, dk = conv_weight.shape[0], A_log.shape[0], norm_weight.shape[0], head_k_dim
+    V = Hv * dv
+    Kd = (C - V) // 2
+    mixed, z, b, a = proj.split([C, V, Hv, Hv], -1)
+    q, k, v = conv(mixed, conv_weight).split([Kd, Kd, V], -1)
+    q = (l2norm(q.view(T, Kd // dk, dk).float()) * dk ** -0.5).to(proj.dtype)
+    k = l2norm(k.view(T, Kd // dk, dk).float()).to(proj.dtype)
+    v = v.view(T, Hv, dv)
+    beta = torch.sigmoid(b.float())
+    g = -A_log.exp() * F.softplus(a.float() + dt_bias)
+    o = rule(q, k, v, g, beta)
+    return gated_rms_norm(o, z.view(T, Hv, dv), norm_weight, eps).reshape(T, V)
+
+
+def fused_decode(proj: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+                 norm_weight: torch.Tensor, eps: float, conv_pool: torch.Tensor, state_pool: torch.Tensor,
+                 slot_ids: torch.Tensor) -> torch.Tensor:
+    """`mix` for one token per sequence (proj [B, ·]): the conv window conv_pool[slot_ids[b]] [conv_dim, K−1]
+    and the state state_pool[slot_ids[b]] [Hv, dk, dv] advance in place. Returns y [B, value_dim].
+    Pad rows point at slot 0 and only ever touch it."""
+    return mix(proj, conv_weight, A_log, dt_bias, norm_weight, eps, state_pool.shape[2],
+               lambda u, w: short_conv.decode_step(u, w, conv_pool, slot_ids),
+               lambda *qkvgb: decode_step(*qkvgb, state_pool, slot_ids))

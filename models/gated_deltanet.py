@@ -11,7 +11,6 @@ dtype), both held in state slots and continued by every multi-token forward (chu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -109,54 +108,32 @@ def load_weights(weights: dict[str, torch.Tensor], prefix: str, dims: GDNDims, d
 
 # -- the layer ------------------------------------------------------------------------------------
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """HF torch form x·rsqrt(Σx² + eps), in fp32 (gated_deltanet.md §10)."""
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
-
-
-def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalise each head over dv, then gate with silu(z); fp32 inside, o's dtype out."""
-    of = o.float()
-    y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return (y * F.silu(z.float())).to(o.dtype)
-
-
-Conv = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Rule = Callable[..., torch.Tensor]
-
-
-def _layer(x: torch.Tensor, w: GDNWeights, d: GDNDims, conv: Conv, rule: Rule) -> torch.Tensor:
-    T = x.shape[0]
-    mixed, z, b, a = F.linear(x, w.in_proj).split([d.conv_dim, d.value_dim, d.num_v_heads, d.num_v_heads], -1)
-    q, k, v = conv(mixed, w.conv).split([d.key_dim, d.key_dim, d.value_dim], -1)
-    q = (l2norm(q.view(T, d.num_k_heads, d.head_k_dim).float()) * d.head_k_dim ** -0.5).to(x.dtype)
-    k = l2norm(k.view(T, d.num_k_heads, d.head_k_dim).float()).to(x.dtype)
-    v = v.view(T, d.num_v_heads, d.head_v_dim)
-    beta = torch.sigmoid(b.float())
-    g = -w.A_log.exp() * F.softplus(a.float() + w.dt_bias)
-    o = rule(q, k, v, g, beta)
-    y = gated_rms_norm(o, z.view(T, d.num_v_heads, d.head_v_dim), w.norm, d.eps)
-    return F.linear(y.reshape(T, d.value_dim), w.out_proj)
-
-
 def reference(x: torch.Tensor, w: GDNWeights, dims: GDNDims) -> torch.Tensor:
     """One whole sequence from zero state and an empty window, with the token-by-token recurrence."""
-    return _layer(x, w, dims,
-                  lambda u, wc: short_conv.reference(u, wc)[0],
-                  lambda *qkvgb: gated_delta.naive(*qkvgb)[0])
+    y = gated_delta.mix(F.linear(x, w.in_proj), w.conv, w.A_log, w.dt_bias, w.norm, dims.eps, dims.head_k_dim,
+                        lambda u, wc: short_conv.reference(u, wc)[0],
+                        lambda *qkvgb: gated_delta.naive(*qkvgb)[0])
+    return F.linear(y, w.out_proj)
+
+
+def mix(proj: torch.Tensor, w: GDNWeights, dims: GDNDims, meta: BatchMeta, conv_pool: torch.Tensor,
+        state_pool: torch.Tensor) -> torch.Tensor:
+    """Engine path between the projections, on proj = in_proj(x) of a packed batch: each sequence continues
+    from its slot in conv_pool [slots+1, conv_dim, K−1] and state_pool [slots+1, Hv, dk, dv] (this layer's
+    slices), in place. Returns y [T, value_dim] for out_proj. Decode is one fused kernel on GPU with
+    device-side slot indexing only, so it can be captured in a CUDA graph."""
+    slots = meta.slot_ids
+    rule = pick("gated_delta", proj.device)
+    if meta.is_decode:
+        return rule.fused_decode(proj, w.conv, w.A_log, w.dt_bias, w.norm, dims.eps, conv_pool, state_pool, slots)
+    conv = pick("short_conv", proj.device)
+    return gated_delta.mix(proj, w.conv, w.A_log, w.dt_bias, w.norm, dims.eps, dims.head_k_dim,
+                           lambda u, wc: conv.varlen_prefill(u, wc, meta.cu_seqlens, conv_pool, slots),
+                           lambda *qkvgb: rule.varlen_prefill(*qkvgb, meta.cu_seqlens, state_pool, slots))
 
 
 def forward(x: torch.Tensor, w: GDNWeights, dims: GDNDims, meta: BatchMeta, conv_pool: torch.Tensor,
             state_pool: torch.Tensor) -> torch.Tensor:
-    """Engine path over a packed batch: each sequence continues from its slot in conv_pool
-    [slots+1, conv_dim, K−1] and state_pool [slots+1, Hv, dk, dv] (this layer's slices), in place.
-    Decode uses only device-side slot indexing, so it can be captured in a CUDA graph."""
-    slots = meta.slot_ids
-    conv, rule = pick("short_conv", x.device), pick("gated_delta", x.device)
-    if meta.is_decode:
-        return _layer(x, w, dims,
-                      lambda u, wc: conv.decode_step(u, wc, conv_pool, slots),
-                      lambda *qkvgb: rule.decode_step(*qkvgb, state_pool, slots))
-    return _layer(x, w, dims,
-                  lambda u, wc: conv.varlen_prefill(u, wc, meta.cu_seqlens, conv_pool, slots),
-                  lambda *qkvgb: rule.varlen_prefill(*qkvgb, meta.cu_seqlens, state_pool, slots))
+    """The whole layer on the engine path: in_proj, `mix`, out_proj (GEMVs for a few rows on GPU)."""
+    fused = pick("fused", x.device)
+    return fused.linear(mix(fused.linear(x, w.in_proj), w, dims, meta, conv_pool, state_pool), w.out_proj)

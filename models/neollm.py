@@ -18,19 +18,20 @@ conv window (model dtype) in the "gdn" and "conv" slot groups.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from hybridserve.kernels.backend import pick
+from hybridserve.kernels.neollm_ops import fan, poly_norm
 from hybridserve.models import gated_deltanet as gdn
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec, StateSpec
-from hybridserve.models.layers import (apply_rope, causal_attention, paged_attention, rms_norm, rope_cos_sin,
-                                       rope_inv_freq, rope_params, unique_bytes)
+from hybridserve.models.layers import (apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq,
+                                       rope_params, unique_bytes)
 
 FULL, LINEAR = "full_attention", "linear_attention"
-POLYNORM_EPS = 1e-6  # Motif's PolyNorm (neollm.md §5.5)
 
 
 @dataclass
@@ -71,7 +72,7 @@ class NeoLLMConfig:
         )
 
     @classmethod
-    def from_hf(cls, c: dict) -> "NeoLLMConfig":
+    def from_hf(cls, c: dict) -> NeoLLMConfig:
         layers = c["num_hidden_layers"]
         heads = c["num_attention_heads"]
         types = c.get("layer_types") or [FULL if (i + 1) % 4 == 0 else LINEAR for i in range(layers)]
@@ -110,24 +111,6 @@ class NeoLLMConfig:
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Recur = Callable[[int, torch.Tensor, gdn.GDNWeights], torch.Tensor]
-
-
-def fan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: int) -> torch.Tensor:
-    """FANformer input transform: [P | G] = W h + b → cat(cos P, sin P, G) (no activation on G)."""
-    pg = F.linear(h, weight, bias)
-    P = pg[..., :p].float()
-    return torch.cat([P.cos().to(h.dtype), P.sin().to(h.dtype), pg[..., p:]], dim=-1)
-
-
-def poly_norm(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """PolyNorm: w0·N(u³) + w1·N(u²) + w2·N(u) + b, N(v) = v·rsqrt(mean(v²) + eps), all in fp32."""
-    uf = u.float()
-
-    def n(v):
-        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + POLYNORM_EPS)
-
-    w = weight.float()
-    return (w[0] * n(uf ** 3) + w[1] * n(uf ** 2) + w[2] * n(uf) + bias.float()).to(u.dtype)
 
 
 class NeoLLMModel:
@@ -175,7 +158,13 @@ class NeoLLMModel:
             if c.has_fan(i):
                 lw["fan_w"], lw["fan_b"] = w(p + "fan.weight"), w(p + "fan.bias")
             if kind == FULL:
-                lw["qkv"] = torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+                # q_proj rows are per head [query | gate] when gated (Qwen3-Next); they are regrouped once
+                # into [all queries | k | v | all gates], so the q/k/v heads sit at one stride for the
+                # engine's fused norm + RoPE + KV-write kernel
+                q = w(p + "self_attn.q_proj.weight")
+                q, *gate = q.view(c.num_heads, -1, c.hidden_size).split(c.head_dim, dim=1)
+                lw["qkv"] = torch.cat([q.reshape(-1, c.hidden_size), w(p + "self_attn.k_proj.weight"),
+                                       w(p + "self_attn.v_proj.weight"), *(g.reshape(-1, c.hidden_size) for g in gate)])
                 lw["o"] = w(p + "self_attn.o_proj.weight")
                 lw["q_norm"] = norm_weight(p + "self_attn.q_norm.weight")
                 lw["k_norm"] = norm_weight(p + "self_attn.k_norm.weight")
@@ -185,6 +174,10 @@ class NeoLLMModel:
         self.attn_index = {i: j for j, i in enumerate(i for i, t in enumerate(c.layer_types) if t == FULL)}
         self.gdn_index = {i: j for j, i in enumerate(i for i, t in enumerate(c.layer_types) if t == LINEAR)}
         self.inv_freq = rope_inv_freq(int(c.head_dim * c.partial_rotary_factor), c.rope_theta).to(self.device)
+        # the engine path's cos/sin for every position the engine admits (max_model_len): a step gathers its
+        # rows instead of computing them (~7 small kernels)
+        self.rope_table = rope_cos_sin(torch.arange(c.max_position_embeddings, device=self.device), self.inv_freq,
+                                       dtype)
         self.scale = c.head_dim ** -0.5
 
     def cache_layout(self) -> CacheLayout:
@@ -215,35 +208,77 @@ class NeoLLMModel:
         return self._logits(h)
 
     def forward(self, meta: BatchMeta, cache: CacheView) -> torch.Tensor:
-        """Engine forward over a packed batch: paged KV for attention, state slots for GDN layers."""
-        def attend(j, q, k, v):
-            return paged_attention(q, k, v, cache.kv[j], meta, self.scale)
+        """Engine forward over a packed batch: paged KV for attention, state slots for GDN layers.
 
-        def recur(m, x, w):
-            return gdn.forward(x, w, self.gdn_dims, meta, cache.states["conv"][m], cache.states["gdn"][m])
+        The math of `_hidden` + `_logits`, arranged for few launches (kernels/neollm_ops*.py): each GPAS
+        residual add and RMSNorm go into the matmul after them (a GEMV at decode), with FAN's bias and
+        cos/sin on its outputs; PolyNorm·u goes into the down projection; a GDN decode step between its
+        projections is one kernel; q/k norms, partial RoPE and the KV write are one kernel before attention."""
+        c, eps = self.config, self.config.rms_norm_eps
+        ops, fused = pick("neollm_ops", self.device), pick("fused", self.device)
+        p, _ = c.fan_sizes
+        if max(meta.seq_lens_cpu, default=0) <= c.max_position_embeddings:
+            cos, sin = (t[meta.positions] for t in self.rope_table)
+        else:
+            cos, sin = rope_cos_sin(meta.positions, self.inv_freq, self.dtype)
+        # the residual stream, the pending sublayer output, and the GPAS scale that goes with it
+        h, delta, scale = self.embed[meta.input_ids], None, 1.0
+        for i, lw in enumerate(self.layers):
+            attn = c.layer_types[i] == FULL
+            w_in = lw["qkv"] if attn else lw["gdn"].in_proj
+            if "fan_w" in lw:
+                h, x = ops.add_scale_norm_linear(h, delta, scale, lw["in_norm"], lw["fan_w"], eps, lw["fan_b"], p)
+                x = fused.linear(x, w_in)
+            else:
+                h, x = ops.add_scale_norm_linear(h, delta, scale, lw["in_norm"], w_in, eps)
+            if attn:
+                o = self._paged_attention(self.attn_index[i], lw, x, cos, sin, meta, cache)
+                mixed = fused.linear(o, lw["o"])
+            else:
+                m = self.gdn_index[i]
+                y = gdn.mix(x, lw["gdn"], self.gdn_dims, meta, cache.states["conv"][m], cache.states["gdn"][m])
+                mixed = fused.linear(y, lw["gdn"].out_proj)
+            h, gu = ops.add_scale_norm_linear(h, mixed, lw["gpas_attn"], lw["post_norm"], lw["gate_up"], eps)
+            delta, scale = ops.poly_mul_linear(gu, lw["poly_w"], lw["poly_b"], lw["down"]), lw["gpas_mlp"]
+        if not (meta.is_decode and meta.logits_indices.shape[0] == h.shape[0]):  # decode: every row, in order
+            h, delta = h[meta.logits_indices], delta[meta.logits_indices]
+        return ops.add_scale_norm_linear(h, delta, scale, self.norm, self.lm_head, eps, out_dtype=torch.float32)[1]
 
-        h = self._hidden(meta.input_ids, meta.positions, attend, recur)
-        return self._logits(h[meta.logits_indices])
+    def _paged_attention(self, j: int, lw: dict, qkv: torch.Tensor, cos, sin, meta: BatchMeta,
+                         cache: CacheView) -> torch.Tensor:
+        """`_attention` between its projections on the engine path: qkv [T, ·] → o [T, H·D] for o_proj."""
+        c = self.config
+        T, H, D = qkv.shape[0], c.num_heads, c.head_dim
+        heads = H + 2 * c.num_kv_heads
+        fused, attn = pick("fused", self.device), pick("paged_attention", self.device)
+        k_cache, v_cache = cache.kv[j]
+        q = fused.rope_write_kv(qkv[:, :heads * D].view(T, heads, D), cos, sin, H, k_cache, v_cache,
+                                meta.slot_mapping, lw["q_norm"], lw["k_norm"], c.rms_norm_eps)[:, :H]
+        if meta.is_decode:
+            o = attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale)
+        else:
+            o = attn.varlen_prefill(q, k_cache, v_cache, meta.cu_seqlens, meta.seq_lens, meta.block_tables,
+                                    self.scale, max(meta.query_lens_cpu))
+        if c.attn_output_gate:
+            o = o * torch.sigmoid(qkv[:, heads * D:].view(T, H, D))
+        return o.reshape(T, H * D)
 
     # -- shared body ----------------------------------------------------------------------------
 
     def _attention(self, j: int, lw: dict, x: torch.Tensor, cos, sin, attend: Attend) -> torch.Tensor:
         c = self.config
         T = x.shape[0]
-        q_width = c.num_heads * c.head_dim * (2 if c.attn_output_gate else 1)
+        q_width = c.num_heads * c.head_dim
         kv_width = c.num_kv_heads * c.head_dim
-        q, k, v = F.linear(x, lw["qkv"]).split([q_width, kv_width, kv_width], dim=-1)
-        q = q.view(T, c.num_heads, -1)
-        gate = None
-        if c.attn_output_gate:   # per head [query | gate] (Qwen3-Next)
-            q, gate = q.split(c.head_dim, dim=-1)
-        q = rms_norm(q, lw["q_norm"], c.rms_norm_eps)
+        gate_width = q_width if c.attn_output_gate else 0
+        q, k, v, gate = F.linear(x, lw["qkv"]).split([q_width, kv_width, kv_width, gate_width], dim=-1)
+        q = rms_norm(q.view(T, c.num_heads, c.head_dim), lw["q_norm"], c.rms_norm_eps)
         k = rms_norm(k.view(T, c.num_kv_heads, c.head_dim), lw["k_norm"], c.rms_norm_eps)
         v = v.view(T, c.num_kv_heads, c.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = attend(j, q, k, v)
-        if gate is not None:
-            o = o * torch.sigmoid(gate)
+        if c.attn_output_gate:
+            o = o * torch.sigmoid(gate.view(T, c.num_heads, c.head_dim))
         return F.linear(o.reshape(T, -1), lw["o"])
 
     def _mlp(self, lw: dict, h: torch.Tensor) -> torch.Tensor:
