@@ -178,7 +178,7 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=()):
 
 def flatness_rows(model, arch, contexts, bw):
     rows = []
-    for ctx in contexts:
+    for ctx in [c for c in contexts if c < model.max_model_len]:   # the engine admits no longer context
         s = Setup(model, 1, ctx)
         graphs = DecodeGraphs(model, s.pools.view, 1, s.pages_per_seq, sizes=[1])
         graphs.capture()
