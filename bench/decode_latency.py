@@ -197,10 +197,9 @@ def prefill_rows(model, arch, lengths, flops):
     rows = []
     params = model.weights_bytes() // 2
     for n in lengths:
-        s = Setup(model, 1, 0)
+        s = Setup(model, 1, n)             # a pool with pages for the n prompt tokens, all owned by the request
         slot = s.meta.slot_ids.tolist()[0]
-        pages = s.pools.pages.allocate(-(-n // PAGE) - s.pages_per_seq) if s.pools.layout.kv else []
-        all_pages = (s.meta.block_tables[0, :s.pages_per_seq].tolist() + pages) if s.pools.layout.kv else []
+        all_pages = s.meta.block_tables[0, :s.pages_per_seq].tolist() if s.pools.layout.kv else []
         ids = [(7 * i) % 30000 + 1 for i in range(n)]
         meta = build_meta([SeqChunk(ids, 0, all_pages, slot, True)], PAGE, model.device)
 
