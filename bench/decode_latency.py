@@ -187,6 +187,8 @@ def flatness_rows(model, arch, contexts, bw):
         rows.append({"arch": arch, "context": ctx, "ms_per_step": ms, "floor_ms": floor_ms})
         print(f"{arch:11} ctx={ctx:6} {ms:8.3f} ms  floor {floor_ms:7.3f} ms", flush=True)
         torch.cuda.empty_cache()
+    if not rows:
+        return rows
     base = rows[0]["ms_per_step"]
     for r in rows:
         r["ratio_to_shortest"] = r["ms_per_step"] / base
