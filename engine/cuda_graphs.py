@@ -26,6 +26,19 @@ def capture_sizes(max_bs: int) -> list[int]:
     return sizes
 
 
+def _capture(model, cache: CacheView, meta: BatchMeta, pool, stream: torch.cuda.Stream):
+    """Two warm-up forwards on a side stream (Triton compiles, allocator settles), then one captured."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            model.forward(meta, cache)
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        out = model.forward(meta, cache)
+    return g, out
+
+
 class DecodeGraphs:
     def __init__(self, model, cache: CacheView, max_bs: int, max_blocks: int, sizes: list[int] | None = None):
         self.model, self.cache = model, cache
@@ -56,16 +69,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            meta = self._meta(bs)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.model.forward(meta, self.cache)
-            torch.cuda.current_stream().wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.outputs[bs] = self.model.forward(meta, self.cache)
-            self.graphs[bs] = g
+            self.graphs[bs], self.outputs[bs] = _capture(self.model, self.cache, self._meta(bs), pool, stream)
         torch.cuda.synchronize()
         log.info("captured decode graphs for batch sizes %s", self.sizes)
 
@@ -149,15 +153,7 @@ class PrefillGraphs:
             self.cu_seqlens[1].fill_(1)
             self.seq_lens[0].fill_(1)
             self._fill(bucket, 1)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.model.forward(meta, self.cache)
-            torch.cuda.current_stream().wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.outputs[bucket] = self.model.forward(meta, self.cache)
-            self.graphs[bucket] = g
+            self.graphs[bucket], self.outputs[bucket] = _capture(self.model, self.cache, meta, pool, stream)
         torch.cuda.synchronize()
         log.info("captured prefill graphs for token buckets %s", self.buckets)
 

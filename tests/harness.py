@@ -40,21 +40,23 @@ class Harness:
         self.pools.slots.free(s.slot)
         s.pages, s.slot = [], 0
 
+    def book(self, s: Seq, new: list[int]) -> SeqChunk:
+        """Append tokens to a sequence and book its pages; returns the chunk that feeds them."""
+        start = len(s.tokens)
+        s.tokens.extend(new)
+        if self.pools.layout.kv:
+            need = self.pools.pages.pages_for(len(s.tokens)) - len(s.pages)
+            if need > 0:
+                s.pages.extend(self.pools.pages.allocate(need))
+        return SeqChunk(list(new), start, s.pages, s.slot, True)
+
     @torch.inference_mode()
     def step(self, feeds: list[tuple[Seq, list[int]]], pad_rows: int = 0) -> list[torch.Tensor]:
         """Feed each (seq, new tokens); returns logits [len(new), V] per feed.
 
         pad_rows adds CUDA-graph style padding rows: one token each, slot 0, page 0.
         """
-        chunks = []
-        for s, new in feeds:
-            start = len(s.tokens)
-            s.tokens.extend(new)
-            if self.pools.layout.kv:
-                need = self.pools.pages.pages_for(len(s.tokens)) - len(s.pages)
-                if need > 0:
-                    s.pages.extend(self.pools.pages.allocate(need))
-            chunks.append(SeqChunk(list(new), start, s.pages, s.slot, True))
+        chunks = [self.book(s, new) for s, new in feeds]
         for _ in range(pad_rows):
             chunks.append(SeqChunk([0], 0, [], 0, True))
         meta = build_meta(chunks, self.pools.page_size, self.model.device, all_logits=True)

@@ -6,7 +6,7 @@ import torch
 
 from harness import Harness, assert_close, reference_logits
 from hybridserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
-from hybridserve.engine.model_runner import SeqChunk, build_meta
+from hybridserve.engine.model_runner import build_meta
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -18,10 +18,6 @@ from model_zoo import tiny_models  # noqa: E402
 @pytest.fixture(params=sorted(tiny_models()), scope="module")
 def model(request):
     return tiny_models()[request.param](torch.device("cuda"), torch.float32)
-
-
-def decode_chunks(seqs, toks):
-    return [SeqChunk([t], len(s.tokens) - 1, s.pages, s.slot, True) for s, t in zip(seqs, toks)]
 
 
 @pytest.mark.parametrize("batch", [1, 3, 5])
@@ -44,12 +40,8 @@ def test_graph_matches_eager_and_reference(model, batch):
         toks = [c[j] for c in conts]
         for b, o in enumerate(eager.step([(s, [t]) for s, t in zip(se, toks)])):
             got_e[b].append(o)
-        for s, t in zip(sg, toks):  # the graphed harness only books pages; the graph does the forward
-            s.tokens.append(t)
-            need = graphed.pools.pages.pages_for(len(s.tokens)) - len(s.pages)
-            if need > 0 and graphed.pools.layout.kv:
-                s.pages.extend(graphed.pools.pages.allocate(need))
-        meta = build_meta(decode_chunks(sg, toks), graphed.pools.page_size, model.device)
+        # the graphed harness only books pages; the graph does the forward
+        meta = build_meta([graphed.book(s, [t]) for s, t in zip(sg, toks)], graphed.pools.page_size, model.device)
         out = graphs.run(meta)
         for b in range(batch):
             got_g[b].append(out[b:b + 1].clone())  # the graph output buffer is reused by the next replay
@@ -58,17 +50,6 @@ def test_graph_matches_eager_and_reference(model, batch):
         # fp32 attention dots run as TF32 inside the Triton kernels: ~1e-3 against the fp32 reference
         assert_close(torch.cat(got_e[b]), ref, 3e-3)
         assert_close(torch.cat(got_g[b]), torch.cat(got_e[b]), 1e-4)
-
-
-def book(h: Harness, s, new: list[int]) -> SeqChunk:
-    """Append tokens to a harness sequence and book its pages, without a forward."""
-    start = len(s.tokens)
-    s.tokens.extend(new)
-    if h.pools.layout.kv:
-        need = h.pools.pages.pages_for(len(s.tokens)) - len(s.pages)
-        if need > 0:
-            s.pages.extend(h.pools.pages.allocate(need))
-    return SeqChunk(list(new), start, s.pages, s.slot, True)
 
 
 def test_prefill_graph_matches_eager(model):
@@ -91,7 +72,7 @@ def test_prefill_graph_matches_eager(model):
     se, sg = eager.new_seq(), graphed.new_seq()
     for chunk in chunks:
         want = eager.step([(se, chunk)])[0][-1:]
-        meta = build_meta([book(graphed, sg, chunk)], graphed.pools.page_size, model.device)
+        meta = build_meta([graphed.book(sg, chunk)], graphed.pools.page_size, model.device)
         bucket = graphs.bucket_for(meta)
         assert bucket == (32 if len(chunk) < 32 else 64)
         assert_close(graphs.run(meta, bucket), want, 1e-4)

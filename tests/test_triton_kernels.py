@@ -1,34 +1,14 @@
-"""Triton kernels against their plain-PyTorch references, on fresh random inputs.
-
-Without CUDA the kernels run under Triton's interpreter at tiny shapes. The interpreter is chosen when
-triton is first imported (its own library functions are decorated then), so this module sets
-TRITON_INTERPRET=1 before importing triton; if something imported triton earlier without it, the CPU
-tests re-run this file in a fresh interpreter process instead. With CUDA the same tests run compiled on
-the GPU (marked `gpu`). Every state test also checks that slots no row addresses are bit-identical
-afterwards; pad rows (slot 0) may touch slot 0 only.
+"""Triton kernels against their plain-PyTorch references, on fresh random inputs: under Triton's interpreter
+on CPU at tiny shapes, compiled on a GPU (marked `gpu`); tests/triton_mode.py picks the mode. Every state
+test also checks that slots no row addresses are bit-identical afterwards; pad rows (slot 0) may touch
+slot 0 only.
 """
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-
-def _triton_compiled_mode() -> bool:
-    std = sys.modules.get("triton.language.standard")
-    return std is not None and type(std.sum).__name__ == "JITFunction"
-
-
-HAS_CUDA = torch.cuda.is_available()
-TRITON_PREIMPORTED = _triton_compiled_mode()
-if not HAS_CUDA and not TRITON_PREIMPORTED:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
-INTERPRET = not _triton_compiled_mode()
+from triton_mode import DEVICES, DTYPES, HAS_CUDA, INTERPRET, check_pools, fresh_process_test, rel_err
 
 from hybridserve.kernels import gated_delta as gdn_ref  # noqa: E402
 from hybridserve.kernels import gated_delta_triton as gdn_tr  # noqa: E402
@@ -41,26 +21,9 @@ from hybridserve.kernels import short_conv_triton as conv_tr  # noqa: E402
 from hybridserve.models.batch import BatchMeta  # noqa: E402
 
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]),
-]
-DTYPES = [torch.float32, torch.bfloat16]
 NUM_SLOTS = 6
 
-
-@pytest.mark.skipif(HAS_CUDA or INTERPRET, reason="the CPU tests already run in this process")
-def test_cpu_kernels_in_fresh_process():
-    """triton was imported in compiled mode before this module: run the CPU tests where it was not."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+test_cpu_kernels_in_fresh_process = fresh_process_test(__file__)
 
 
 def tol(dtype) -> float:
@@ -75,15 +38,6 @@ def decode_slots(B: int, device) -> torch.Tensor:
 
 def cu_from(lens, device) -> torch.Tensor:
     return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
-
-
-def check_pools(new: torch.Tensor, ref: torch.Tensor, before: torch.Tensor, slot_ids: torch.Tensor, tolerance):
-    touched = set(slot_ids.tolist())
-    for s in range(new.shape[0]):
-        if s not in touched:
-            assert torch.equal(new[s], before[s]), f"unaddressed slot {s} changed"
-        elif s != 0:
-            assert rel_err(new[s], ref[s]) < tolerance, f"slot {s}: {rel_err(new[s], ref[s])}"
 
 
 def live_rows(slot_ids: torch.Tensor) -> torch.Tensor:

@@ -1,36 +1,18 @@
 """NeoLLM's fused decode kernels against their plain-PyTorch references, and the whole engine forward
-with every Triton kernel against the reference forward.
-
-Without CUDA the kernels run under Triton's interpreter at tiny shapes. The interpreter is chosen when
-triton is first imported (its own library functions are decorated then), so this module sets
-TRITON_INTERPRET=1 before importing triton; if something imported triton earlier without it, the CPU
-tests re-run this file in a fresh interpreter process instead. With CUDA the same tests run compiled on
-the GPU (marked `gpu`). State tests check that slots no row addresses are bit-identical afterwards; pad
-rows (slot 0) may touch slot 0 only.
+with every Triton kernel against the reference forward: under Triton's interpreter on CPU at tiny shapes,
+compiled on a GPU (marked `gpu`); tests/triton_mode.py picks the mode. State tests check that slots no row
+addresses are bit-identical afterwards; pad rows (slot 0) may touch slot 0 only.
 """
 from __future__ import annotations
 
 import importlib
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
+from triton_mode import DEVICES, DTYPES, INTERPRET, check_pools, fresh_process_test, rel_err
 
-
-def _triton_compiled_mode() -> bool:
-    std = sys.modules.get("triton.language.standard")
-    return std is not None and type(std.sum).__name__ == "JITFunction"
-
-
-HAS_CUDA = torch.cuda.is_available()
-TRITON_PREIMPORTED = _triton_compiled_mode()
-if not HAS_CUDA and not TRITON_PREIMPORTED:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton")
-INTERPRET = not _triton_compiled_mode()
+import triton  # noqa: E402  (after triton_mode chose the interpreter)
 
 from harness import Harness, assert_close, reference_logits  # noqa: E402
 from hybridserve.kernels import backend  # noqa: E402
@@ -43,39 +25,13 @@ from hybridserve.models.neollm import NeoLLMConfig, NeoLLMModel  # noqa: E402
 from hybridserve.weights.neollm_map import bind_neollm, synth_neollm  # noqa: E402
 
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]),
-]
-DTYPES = [torch.float32, torch.bfloat16]
 NUM_SLOTS = 6
 
-
-@pytest.mark.skipif(HAS_CUDA or INTERPRET, reason="the CPU tests already run in this process")
-def test_cpu_kernels_in_fresh_process():
-    """triton was imported in compiled mode before this module: run the CPU tests where it was not."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+test_cpu_kernels_in_fresh_process = fresh_process_test(__file__)
 
 
 def tol(dtype) -> float:
     return 2e-2 if dtype == torch.bfloat16 else 2e-5
-
-
-def check_pools(new: torch.Tensor, ref: torch.Tensor, before: torch.Tensor, slot_ids: torch.Tensor, tolerance):
-    touched = set(slot_ids.tolist())
-    for s in range(new.shape[0]):
-        if s not in touched:
-            assert torch.equal(new[s], before[s]), f"unaddressed slot {s} changed"
-        elif s != 0:
-            assert rel_err(new[s], ref[s]) < tolerance, f"slot {s}: {rel_err(new[s], ref[s])}"
 
 
 # ---------------------------------------------------------------- GDN decode step between the projections
