@@ -60,6 +60,30 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
+class RopeTable:
+    """cos/sin rows of every position in [0, length) (the model's context: the engine admits no longer),
+    computed once at load with `rope_cos_sin`, so an engine step gathers its rows (2 kernels) instead of
+    recomputing them (~7). Positions past the table are computed as before."""
+
+    def __init__(self, inv_freq: torch.Tensor, length: int, dtype: torch.dtype, device: torch.device):
+        self.inv_freq, self.dtype, self.length = inv_freq, dtype, length
+        self.cos, self.sin = rope_cos_sin(torch.arange(length, device=device), inv_freq, dtype)
+
+    def __call__(self, positions: torch.Tensor, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows for `positions`; `longest` (a host int, the batch's longest context) picks table or compute."""
+        if longest <= self.length:
+            return self.cos[positions], self.sin[positions]
+        return rope_cos_sin(positions, self.inv_freq, self.dtype)
+
+
+def logit_rows(meta, *xs: torch.Tensor | None) -> tuple:
+    """The rows of packed [T, ·] tensors that need logits; a decode step needs every row in order, so
+    nothing is gathered (None passes through)."""
+    if meta.is_decode and meta.logits_indices.shape[0] == meta.num_tokens:
+        return xs
+    return tuple(None if x is None else x[meta.logits_indices] for x in xs)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on the first cos.shape[-1] dims of x [T, H, D]; the rest pass through."""
     return pick("fused", x.device).rope(x, cos, sin)

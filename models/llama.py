@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec
-from hybridserve.models.layers import (apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq,
-                                       rope_params, swiglu, unique_bytes)
+from hybridserve.models.layers import (RopeTable, apply_rope, causal_attention, logit_rows, rms_norm, rope_cos_sin,
+                                       rope_inv_freq, rope_params, swiglu, unique_bytes)
 
 
 @dataclass
@@ -122,6 +122,7 @@ class LlamaModel:
             self.final_res_query = w("final_res_query")
             self.final_res_norm = w("final_res_norm.weight")
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(self.device)
+        self.rope_table = RopeTable(self.inv_freq, c.max_position_embeddings, dtype, self.device)
         self.scale = c.head_dim ** -0.5
 
     def cache_layout(self) -> CacheLayout:
@@ -155,7 +156,7 @@ class LlamaModel:
         c, eps = self.config, self.config.rms_norm_eps
         fused, attn = pick("fused", self.device), pick("paged_attention", self.device)
         T, H, Hkv, D = meta.input_ids.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
-        cos, sin = rope_cos_sin(meta.positions, self.inv_freq, self.dtype)
+        cos, sin = self.rope_table(meta.positions, max(meta.seq_lens_cpu, default=0))
 
         def attention(i: int, lw: dict, qkv: torch.Tensor) -> torch.Tensor:
             """The attention sublayer from its q|k|v projection, up to the o projection's output."""
@@ -201,9 +202,7 @@ class LlamaModel:
                                      lw["down"])
             h = add_route(partial, delta, self.final_res_query, self.final_res_norm)[1]
             delta = None
-        if not (meta.is_decode and meta.logits_indices.shape[0] == T):   # decode: every row, in order
-            h = h[meta.logits_indices]
-            delta = None if delta is None else delta[meta.logits_indices]
+        h, delta = logit_rows(meta, h, delta)
         return fused.add_norm_linear(h, delta, self.norm, self.lm_head, eps, out_dtype=torch.float32)[1]
 
     # -- shared body ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from hybridserve.kernels.state_token import (HOLO_BASE, holo_rope, holo_rope_inv
                                              state_logit, varlen_integral)
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, StateSpec
-from hybridserve.models.layers import apply_rope, rms_norm, rope_cos_sin
+from hybridserve.models.layers import apply_rope, logit_rows, rms_norm, rope_cos_sin
 from hybridserve.models.llama import LlamaConfig, LlamaModel
 
 
@@ -159,12 +159,12 @@ class NanoHammerModel(LlamaModel):
                                 st["alpha"], st["post_norm"], eps)
         r = torch.bmm(cells, st["proj"].transpose(1, 2))                      # [L, T, hidden]; bias below
         # the state entry's key is rotated at its query's position: the same tables for both row halves
-        cos, sin = rope_cos_sin(meta.positions.repeat(2), self.inv_freq, self.dtype)
+        cos, sin = self.rope_table(meta.positions.repeat(2), max(meta.seq_lens_cpu, default=0))
         delta = None                                                       # pending sublayer output
         for i, lw in enumerate(self.layers):
             h, x = ops.attn_inputs(h, delta, r[i], None if st["proj_bias"] is None else st["proj_bias"][i],
                                    lw["attn_norm"], eps)
-            qkv = fused.linear(x, lw["qkv"]).view(2 * T, H + 2 * Hkv, D)   # 2 rows at batch 1: the GEMV
+            qkv = fused.linear(x, lw["qkv"]).view(2 * T, H + 2 * Hkv, D)
             k_cache, v_cache = cache.kv[i]
             qk = fused.rope_write_kv(qkv, cos, sin, H, k_cache, v_cache, meta.slot_mapping)  # caches rows < T
             q = qk[:T, :H]
@@ -179,8 +179,7 @@ class NanoHammerModel(LlamaModel):
             h, g = fused.add_norm_linear_silu_mul(h, fused.linear(o.reshape(T, -1), lw["o"]), lw["ffn_norm"],
                                                   lw["gate_up"], eps)
             delta = fused.linear(g, lw["down"])
-        if not (meta.is_decode and meta.logits_indices.shape[0] == T):   # decode: every row, in order
-            h, delta = h[meta.logits_indices], delta[meta.logits_indices]
+        h, delta = logit_rows(meta, h, delta)
         return fused.add_norm_linear(h, delta, self.norm, self.lm_head, eps, out_dtype=torch.float32)[1]
 
     # -- state path -----------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from hybridserve.kernels.neollm_ops import fan, poly_norm
 from hybridserve.models import gated_deltanet as gdn
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec, StateSpec
-from hybridserve.models.layers import (apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq,
-                                       rope_params, unique_bytes)
+from hybridserve.models.layers import (RopeTable, apply_rope, causal_attention, logit_rows, rms_norm, rope_cos_sin,
+                                       rope_inv_freq, rope_params, unique_bytes)
 
 FULL, LINEAR = "full_attention", "linear_attention"
 
@@ -174,10 +174,7 @@ class NeoLLMModel:
         self.attn_index = {i: j for j, i in enumerate(i for i, t in enumerate(c.layer_types) if t == FULL)}
         self.gdn_index = {i: j for j, i in enumerate(i for i, t in enumerate(c.layer_types) if t == LINEAR)}
         self.inv_freq = rope_inv_freq(int(c.head_dim * c.partial_rotary_factor), c.rope_theta).to(self.device)
-        # the engine path's cos/sin for every position the engine admits (max_model_len): a step gathers its
-        # rows instead of computing them (~7 small kernels)
-        self.rope_table = rope_cos_sin(torch.arange(c.max_position_embeddings, device=self.device), self.inv_freq,
-                                       dtype)
+        self.rope_table = RopeTable(self.inv_freq, c.max_position_embeddings, dtype, self.device)
         self.scale = c.head_dim ** -0.5
 
     def cache_layout(self) -> CacheLayout:
@@ -217,10 +214,7 @@ class NeoLLMModel:
         c, eps = self.config, self.config.rms_norm_eps
         ops, fused = pick("neollm_ops", self.device), pick("fused", self.device)
         p, _ = c.fan_sizes
-        if max(meta.seq_lens_cpu, default=0) <= c.max_position_embeddings:
-            cos, sin = (t[meta.positions] for t in self.rope_table)
-        else:
-            cos, sin = rope_cos_sin(meta.positions, self.inv_freq, self.dtype)
+        cos, sin = self.rope_table(meta.positions, max(meta.seq_lens_cpu, default=0))
         # the residual stream, the pending sublayer output, and the GPAS scale that goes with it
         h, delta, scale = self.embed[meta.input_ids], None, 1.0
         for i, lw in enumerate(self.layers):
@@ -240,8 +234,7 @@ class NeoLLMModel:
                 mixed = fused.linear(y, lw["gdn"].out_proj)
             h, gu = ops.add_scale_norm_linear(h, mixed, lw["gpas_attn"], lw["post_norm"], lw["gate_up"], eps)
             delta, scale = ops.poly_mul_linear(gu, lw["poly_w"], lw["poly_b"], lw["down"]), lw["gpas_mlp"]
-        if not (meta.is_decode and meta.logits_indices.shape[0] == h.shape[0]):  # decode: every row, in order
-            h, delta = h[meta.logits_indices], delta[meta.logits_indices]
+        h, delta = logit_rows(meta, h, delta)
         return ops.add_scale_norm_linear(h, delta, scale, self.norm, self.lm_head, eps, out_dtype=torch.float32)[1]
 
     def _paged_attention(self, j: int, lw: dict, qkv: torch.Tensor, cos, sin, meta: BatchMeta,

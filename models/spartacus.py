@@ -22,7 +22,7 @@ from hybridserve.kernels import monoid
 from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, StateSpec
-from hybridserve.models.layers import rms_norm, swiglu, unique_bytes
+from hybridserve.models.layers import logit_rows, rms_norm, swiglu, unique_bytes
 
 DECAY_GATES = ("sigmoid", "neg_softplus", "scalar_sigmoid")
 
@@ -163,8 +163,7 @@ class SpartacusModel:
             h, g = fused.add_norm_linear_silu_mul(h, fused.linear(o.reshape(o.shape[0], -1), lw["o"]),
                                                   lw["ffn_norm"], lw["gate_up"], eps)
             delta = fused.linear(g, lw["down"])
-        if not (meta.is_decode and meta.logits_indices.shape[0] == h.shape[0]):  # decode: every row, in order
-            h, delta = h[meta.logits_indices], delta[meta.logits_indices]
+        h, delta = logit_rows(meta, h, delta)
         return fused.add_norm_linear(h, delta, self.norm, self.lm_head, eps, out_dtype=torch.float32)[1]
 
     def reference_attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
