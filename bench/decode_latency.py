@@ -122,37 +122,35 @@ def set_pdl(on: bool) -> None:
     pdl._supported.cache_clear()
 
 
+def graph_ms(model, s: Setup, B: int) -> float:
+    """The Setup's decode step captured as a CUDA graph (as the engine runs it) and replayed: median ms."""
+    graphs = DecodeGraphs(model, s.pools.view, B, s.pages_per_seq, sizes=[B])
+    graphs.capture()
+    return time_fn(lambda: graphs.run(s.meta))
+
+
 def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=()):
     rows = []
     weights = model.weights_bytes()
     for B in batches:
         s = Setup(model, B, 128)
-        graphs = DecodeGraphs(model, s.pools.view, B, s.pages_per_seq, sizes=[B])
-        graphs.capture()
-        ms = time_fn(lambda: graphs.run(s.meta))
+        ms = graph_ms(model, s, B)
         floor_bytes = weights + B * (2 * s.state_bytes + s.kv_read)
         floor_ms = 1e3 * floor_bytes / bw
         row = {"arch": arch, "batch": B, "context": 128, "ms_per_step": ms, "tok_per_s": 1e3 * B / ms,
                "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms, "weights_bytes": weights,
                "state_bytes_per_request": s.state_bytes, "pdl": pdl.enabled(model.device)}
         if B in pdl_batches and row["pdl"]:      # the same step with programmatic dependent launch off
-            del graphs
             set_pdl(False)
             try:
-                g_off = DecodeGraphs(model, s.pools.view, B, s.pages_per_seq, sizes=[B])
-                g_off.capture()
-                row["ms_per_step_pdl_off"] = time_fn(lambda: g_off.run(s.meta))
-                del g_off
+                row["ms_per_step_pdl_off"] = graph_ms(model, s, B)
             finally:
                 set_pdl(True)
         if B in pdl_batches and ft.GEMV_MAX_ROWS > 1 and B <= 2 * ft.GEMV_MAX_ROWS:
             rows_before = ft.GEMV_MAX_ROWS      # the same step with cuBLAS for every multi-row matmul
             ft.GEMV_MAX_ROWS = 1
             try:
-                g_one = DecodeGraphs(model, s.pools.view, B, s.pages_per_seq, sizes=[B])
-                g_one.capture()
-                row["ms_per_step_gemv_one_row_only"] = time_fn(lambda: g_one.run(s.meta))
-                del g_one
+                row["ms_per_step_gemv_one_row_only"] = graph_ms(model, s, B)
             finally:
                 ft.GEMV_MAX_ROWS = rows_before
         if B <= baseline_max_batch:
@@ -180,9 +178,7 @@ def flatness_rows(model, arch, contexts, bw):
     rows = []
     for ctx in [c for c in contexts if c < model.max_model_len]:   # the engine admits no longer context
         s = Setup(model, 1, ctx)
-        graphs = DecodeGraphs(model, s.pools.view, 1, s.pages_per_seq, sizes=[1])
-        graphs.capture()
-        ms = time_fn(lambda: graphs.run(s.meta))
+        ms = graph_ms(model, s, 1)
         floor_ms = 1e3 * (model.weights_bytes() + 2 * s.state_bytes + s.kv_read) / bw
         rows.append({"arch": arch, "context": ctx, "ms_per_step": ms, "floor_ms": floor_ms})
         print(f"{arch:11} ctx={ctx:6} {ms:8.3f} ms  floor {floor_ms:7.3f} ms", flush=True)
