@@ -67,6 +67,15 @@ class Harness:
             i += len(new)
         return out
 
+    def prefill_then_decode(self, toks: list[int], n_prompt: int) -> torch.Tensor:
+        """A new sequence: the first n_prompt tokens as one prefill, then one decode step per token.
+        Returns the logits of every token [len(toks), V]."""
+        s = self.new_seq()
+        got = [self.step([(s, toks[:n_prompt])])[0]]
+        for t in toks[n_prompt:]:
+            got.append(self.step([(s, [t])])[0])
+        return torch.cat(got)
+
     def live_state(self) -> dict[str, torch.Tensor]:
         """Copies of every state tensor, pad slot excluded."""
         return {g: t[:, 1:].clone() for g, t in self.pools.view.states.items()}

@@ -71,12 +71,7 @@ def test_chunked_prefill_matches_reference(model, chunk):
 def test_prefill_then_decode(model):
     toks = prompt(45, seed=2)
     ref = reference_logits(model, toks)
-    h = Harness(model)
-    s = h.new_seq()
-    got = [h.step([(s, toks[:25])])[0]]
-    for t in toks[25:]:
-        got.append(h.step([(s, [t])])[0])
-    assert_close(torch.cat(got), ref)
+    assert_close(Harness(model).prefill_then_decode(toks, 25), ref)
 
 
 def test_mixed_batch_of_different_lengths(model):

@@ -233,12 +233,7 @@ def test_chunked_prefill_matches_reference(model, chunk):
 def test_prefill_then_decode(model, n_prompt):
     toks = prompt(n_prompt + 20, seed=2 + n_prompt)
     ref = reference_logits(model, toks)
-    h = Harness(model)
-    s = h.new_seq()
-    got = [h.step([(s, toks[:n_prompt])])[0]]
-    for t in toks[n_prompt:]:
-        got.append(h.step([(s, [t])])[0])
-    assert_close(torch.cat(got), ref)
+    assert_close(Harness(model).prefill_then_decode(toks, n_prompt), ref)
 
 
 def test_mixed_batch_of_different_lengths(model):

@@ -226,12 +226,7 @@ def test_chunked_prefill_matches_reference(model, chunk):
 
 def test_prefill_then_20_decode_steps(model):
     toks = prompt(45, seed=2)
-    h = Harness(model)
-    s = h.new_seq()
-    got = [h.step([(s, toks[:25])])[0]]
-    for t in toks[25:]:
-        got.append(h.step([(s, [t])])[0])
-    assert_close(torch.cat(got), reference_logits(model, toks))
+    assert_close(Harness(model).prefill_then_decode(toks, 25), reference_logits(model, toks))
 
 
 def test_mixed_batch_of_one_token_short_and_long_prompts(model):
