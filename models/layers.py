@@ -100,13 +100,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return o.transpose(0, 1)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                    meta, scale: float, return_lse: bool = False):
-    """Write this step's k/v [T, Hkv, D] into the sequence pages, then attend causally over them: the
-    decode kernel when every row has one token (graph-capturable), the varlen prefill kernel otherwise."""
+def cached_attention(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta, scale: float,
+                     return_lse: bool = False):
+    """Causal attention of q [T, H, D] over each sequence's pages, whose k/v for this step are already
+    written (kernels/fused*.py `rope_write_kv`): the decode kernel when every row has one token
+    (graph-capturable), the varlen prefill kernel otherwise."""
     attn = pick("paged_attention", q.device)
     k_cache, v_cache = kv
-    attn.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     if meta.is_decode:
         return attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, return_lse=return_lse)
     return attn.varlen_prefill(q, k_cache, v_cache, meta.cu_seqlens, meta.seq_lens, meta.block_tables, scale,

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec
-from hybridserve.models.layers import (RopeTable, apply_rope, causal_attention, logit_rows, rms_norm, rope_cos_sin,
-                                       rope_inv_freq, rope_params, swiglu, unique_bytes)
+from hybridserve.models.layers import (RopeTable, apply_rope, cached_attention, causal_attention, logit_rows,
+                                       rms_norm, rope_cos_sin, rope_inv_freq, rope_params, swiglu, unique_bytes)
 
 
 @dataclass
@@ -154,7 +154,7 @@ class LlamaModel:
         kernels/attn_res_triton.py). A batch-1 decode layer is 7 kernels (4 GEMVs, RoPE + KV write, the
         attention's split and merge), 9 with AttnRes (a route_add before each sublayer's first GEMV)."""
         c, eps = self.config, self.config.rms_norm_eps
-        fused, attn = pick("fused", self.device), pick("paged_attention", self.device)
+        fused = pick("fused", self.device)
         T, H, Hkv, D = meta.input_ids.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         cos, sin = self.rope_table(meta.positions, max(meta.seq_lens_cpu, default=0))
 
@@ -163,12 +163,7 @@ class LlamaModel:
             k_cache, v_cache = cache.kv[i]
             qk = fused.rope_write_kv(qkv.view(T, H + 2 * Hkv, D), cos, sin, H, k_cache, v_cache, meta.slot_mapping,
                                      lw.get("q_norm"), lw.get("k_norm"), eps)
-            q = qk[:, :H]
-            if meta.is_decode:
-                o = attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale)
-            else:
-                o = attn.varlen_prefill(q, k_cache, v_cache, meta.cu_seqlens, meta.seq_lens, meta.block_tables,
-                                        self.scale, max(meta.query_lens_cpu))
+            o = cached_attention(qk[:, :H], cache.kv[i], meta, self.scale)
             return fused.linear(o.reshape(T, -1), lw["o"])
 
         h = self.embed[meta.input_ids]

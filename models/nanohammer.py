@@ -29,7 +29,7 @@ from hybridserve.kernels.state_token import (HOLO_BASE, holo_rope, holo_rope_inv
                                              state_logit, varlen_integral)
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, StateSpec
-from hybridserve.models.layers import apply_rope, logit_rows, rms_norm, rope_cos_sin
+from hybridserve.models.layers import apply_rope, cached_attention, logit_rows, rms_norm, rope_cos_sin
 from hybridserve.models.llama import LlamaConfig, LlamaModel
 
 
@@ -143,7 +143,7 @@ class NanoHammerModel(LlamaModel):
         along with the tokens as T extra rows of the q/k/v matmul (their q is computed and ignored) and
         of the RoPE kernel, which also writes the tokens' k/v into their pages."""
         c, eps = self.config, self.config.rms_norm_eps
-        ops, fused, attn = (pick(k, self.device) for k in ("state_token", "fused", "paged_attention"))
+        ops, fused = pick("state_token", self.device), pick("fused", self.device)
         T = meta.input_ids.shape[0]
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         pool = cache.states["integral"][0]
@@ -168,13 +168,7 @@ class NanoHammerModel(LlamaModel):
             k_cache, v_cache = cache.kv[i]
             qk = fused.rope_write_kv(qkv, cos, sin, H, k_cache, v_cache, meta.slot_mapping)  # caches rows < T
             q = qk[:T, :H]
-            if meta.is_decode:
-                o_c, lse = attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                       return_lse=True)
-            else:
-                o_c, lse = attn.varlen_prefill(q, k_cache, v_cache, meta.cu_seqlens, meta.seq_lens,
-                                               meta.block_tables, self.scale, max(meta.query_lens_cpu),
-                                               return_lse=True)
+            o_c, lse = cached_attention(q, cache.kv[i], meta, self.scale, return_lse=True)
             o = ops.merge_state_entry(o_c, lse, q, qk[T:, H:], qkv[T:, H + Hkv:], self.scale)
             h, g = fused.add_norm_linear_silu_mul(h, fused.linear(o.reshape(T, -1), lw["o"]), lw["ffn_norm"],
                                                   lw["gate_up"], eps)

@@ -695,6 +695,7 @@ def test_llama_engine_on_triton_kernels(device, kotodama, monkeypatch):
     from itertools import pairwise
 
     from harness import Harness, assert_close, reference_logits
+    from hybridserve.kernels import backend
     from hybridserve.models import llama
     from test_llama_engine import tiny_weights
     c = llama.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_layers=3 if kotodama else 2,
@@ -705,7 +706,8 @@ def test_llama_engine_on_triton_kernels(device, kotodama, monkeypatch):
     prompts = [torch.randint(16, (n,), generator=g).tolist() for n in (5, 1, 7)]
     conts = [torch.randint(16, (4,), generator=g).tolist() for _ in prompts]
     refs = [reference_logits(model, p + q) for p, q in zip(prompts, conts)]
-    monkeypatch.setattr(llama, "pick", lambda name, dev: importlib.import_module(f"hybridserve.kernels.{name}_triton"))
+    # every pick() of the engine path (model and shared layers) takes the Triton file
+    monkeypatch.setattr(backend, "_load", lambda name, _: importlib.import_module(f"hybridserve.kernels.{name}_triton"))
     h = Harness(model)
     seqs = [h.new_seq() for _ in prompts]
     got = [[o] for o in h.step(list(zip(seqs, prompts)))]
