@@ -23,27 +23,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
 
-if __package__ in (None, ""):   # run as a script: make `hybridserve` importable from the repo root
-    root = Path(__file__).resolve().parents[1]
-    link = Path("/tmp/hs_pkg/hybridserve")
-    if not link.exists():
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(root)
-    sys.path.insert(0, str(link.parent))
-
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
-
-from hybridserve.kernels import gated_delta as gdn_ref  # noqa: E402
-from hybridserve.kernels import gated_delta_triton as gdn_tr  # noqa: E402
-from hybridserve.kernels import monoid as monoid_ref  # noqa: E402
-from hybridserve.kernels import monoid_triton as monoid_tr  # noqa: E402
-from hybridserve.kernels import paged_attention as attn_ref  # noqa: E402
-from hybridserve.kernels import paged_attention_triton as attn_tr  # noqa: E402
-from hybridserve.kernels import short_conv as conv_ref  # noqa: E402
-from hybridserve.kernels import short_conv_triton as conv_tr  # noqa: E402
-from hybridserve.models.batch import BatchMeta  # noqa: E402
+from hybridserve.kernels import gated_delta as gdn_ref
+from hybridserve.kernels import gated_delta_triton as gdn_tr
+from hybridserve.kernels import monoid as monoid_ref
+from hybridserve.kernels import monoid_triton as monoid_tr
+from hybridserve.kernels import paged_attention as attn_ref
+from hybridserve.kernels import paged_attention_triton as attn_tr
+from hybridserve.kernels import short_conv as conv_ref
+from hybridserve.kernels import short_conv_triton as conv_tr
+from hybridserve.models.batch import BatchMeta
 
 DEV = "cuda"
 BF16 = torch.bfloat16

@@ -23,21 +23,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+from hybridserve.kernels import monoid as ref
+from hybridserve.kernels import monoid_triton as tr
 
 ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):   # run as a script: make `hybridserve` importable from the repo root
-    link = Path("/tmp/hs_pkg/hybridserve")
-    if not link.exists():
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(ROOT)
-    sys.path.insert(0, str(link.parent))
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
-
-from hybridserve.kernels import monoid as ref  # noqa: E402
-from hybridserve.kernels import monoid_triton as tr  # noqa: E402
 
 DEV = "cuda"
 H, D = 32, 64
