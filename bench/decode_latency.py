@@ -25,6 +25,7 @@ from hybridserve.engine.cache_pools import CachePools, MemoryPlan
 from hybridserve.engine.cuda_graphs import PREFILL_BUCKETS, DecodeGraphs, PrefillGraphs
 from hybridserve.engine.model_runner import SeqChunk, build_meta
 from hybridserve.kernels import fused_triton as ft
+from hybridserve.kernels import paged_attention_triton as pat
 from hybridserve.kernels import pdl
 from hybridserve.models.registry import build_model
 from hybridserve.weights.checkpoint import Checkpoint
@@ -62,9 +63,11 @@ def measure_matmul_rate() -> float:
 
 
 def load_full(arch: str):
+    """`arch` or `arch:size` (a synthetic size other than the default full one, e.g. kotodama:3b)."""
+    arch, _, size = arch.partition(":")
     mod, fn = GENERATORS[arch].split(":")
     torch.manual_seed(0)
-    config, tensors = getattr(importlib.import_module(mod), fn)("full", 0)
+    config, tensors = getattr(importlib.import_module(mod), fn)(size or "full", 0)
     ckpt = Checkpoint(arch=arch, config=config, tensors=tensors, source=f"synth:{arch}:full")
     model = build_model(ckpt, torch.bfloat16, torch.device("cuda"))
     del tensors, ckpt
@@ -123,13 +126,30 @@ def set_pdl(on: bool) -> None:
 
 
 def graph_ms(model, s: Setup, B: int) -> float:
-    """The Setup's decode step captured as a CUDA graph (as the engine runs it) and replayed: median ms."""
-    graphs = DecodeGraphs(model, s.pools.view, B, s.pages_per_seq, sizes=[B])
+    """The Setup's decode step captured as a CUDA graph (as the engine runs it: a block table as wide as
+    the model's context, which sets the attention's split count) and replayed: median ms."""
+    width = max(s.pages_per_seq, -(-model.max_model_len // PAGE))
+    graphs = DecodeGraphs(model, s.pools.view, B, width, sizes=[B])
     graphs.capture()
     return time_fn(lambda: graphs.run(s.meta))
 
 
-def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=()):
+# A/B knobs: the same step with one setting changed back (name: module, attribute, value)
+VARIANTS = {"mm_off": (ft, "MM_MAX_ROWS", 0),                        # cuBLAS for every multi-row matmul
+            "min_split_256": (pat, "MIN_SPLIT", 256)}                  # attention splits of >= 256 keys
+
+
+def variant_ms(model, s: Setup, B: int, name: str) -> float:
+    mod, attr, value = VARIANTS[name]
+    before = getattr(mod, attr)
+    setattr(mod, attr, value)
+    try:
+        return graph_ms(model, s, B)
+    finally:
+        setattr(mod, attr, before)
+
+
+def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=(), variants=(), variant_batches=()):
     rows = []
     weights = model.weights_bytes()
     for B in batches:
@@ -153,6 +173,8 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=()):
                 row["ms_per_step_gemv_one_row_only"] = graph_ms(model, s, B)
             finally:
                 ft.GEMV_MAX_ROWS = rows_before
+        for name in variants if B in variant_batches else ():
+            row[f"ms_per_step_{name}"] = variant_ms(model, s, B, name)
         if B <= baseline_max_batch:
             os.environ["HYBRIDSERVE_KERNELS"] = "reference"
             try:
@@ -168,7 +190,8 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=()):
                                                   if "baseline_eager_reference_ms" in row else "")
               + (f"  pdl off {row['ms_per_step_pdl_off']:.3f} ms" if "ms_per_step_pdl_off" in row else "")
               + (f"  1-row GEMV only {row['ms_per_step_gemv_one_row_only']:.3f} ms"
-                 if "ms_per_step_gemv_one_row_only" in row else ""),
+                 if "ms_per_step_gemv_one_row_only" in row else "")
+              + "".join(f"  {n} {row['ms_per_step_' + n]:.3f} ms" for n in variants if "ms_per_step_" + n in row),
               flush=True)
         torch.cuda.empty_cache()
     return rows
@@ -241,7 +264,7 @@ def kernel_breakdown(model, arch, batch=1):
     out = {"arch": arch, "batch": batch, "gpu_us_per_step": total,
            "kernels": [{"name": e.key[:80], "us_per_step": e.device_time_total / 5, "calls_per_step": e.count / 5}
                        for e in ev[:12]]}
-    print(f"{arch}: {total:.0f} us of GPU work per eager step; top: "
+    print(f"{arch} B={batch}: {total:.0f} us of GPU work per eager step; top: "
           + ", ".join(f"{k['name'][:40]} {k['us_per_step']:.0f}us" for k in out["kernels"][:4]), flush=True)
     return out
 
@@ -255,6 +278,9 @@ def main():
     ap.add_argument("--baseline-max-batch", type=int, default=8)
     ap.add_argument("--pdl-compare", default="1", help="batches also timed with PDL off")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: decode,flat,prefill,profile")
+    ap.add_argument("--variants", default="", help=f"A/B knobs, comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--variant-batches", default="1", help="batches also timed with each variant")
+    ap.add_argument("--profile-batches", default="1", help="batch sizes of the per-kernel breakdown")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
@@ -271,13 +297,15 @@ def main():
         if "decode" not in skip:
             result["decode"] += decode_rows(model, arch, [int(b) for b in args.batches.split(",")], bw,
                                             args.baseline_max_batch,
-                                            [int(b) for b in args.pdl_compare.split(",") if b])
+                                            [int(b) for b in args.pdl_compare.split(",") if b],
+                                            [v for v in args.variants.split(",") if v],
+                                            [int(b) for b in args.variant_batches.split(",") if b])
         if "flat" not in skip and arch in ("spartacus", "nanohammer", "neollm"):
             result["flatness"] += flatness_rows(model, arch, [int(c) for c in args.contexts.split(",")], bw)
         if "prefill" not in skip:
             result["prefill"] += prefill_rows(model, arch, [int(n) for n in args.prefill.split(",")], flops)
         if "profile" not in skip:
-            result["profile"].append(kernel_breakdown(model, arch))
+            result["profile"] += [kernel_breakdown(model, arch, int(b)) for b in args.profile_batches.split(",")]
         del model
         torch.cuda.empty_cache()
         (out_dir / "decode_latency.json").write_text(json.dumps(result, indent=1))

@@ -349,7 +349,7 @@ def bench_attention(quick: bool, sweep: bool):
             tr = ref_graph_us([lambda m=m: attn_ref.reference(q, k_cache, v_cache, m, scale) for m in metas])
         calls = [lambda t=t: attn_tr.decode(q, k_cache, v_cache, t, lens, scale) for t in tables]
         t = graph_us(calls)
-        splits, _ = attn_tr.num_splits_for(B, Hkv, bt.shape[1] * page)
+        splits = attn_tr.num_splits_for(B, Hkv, bt.shape[1] * page)
         nbytes = B * L * Hkv * D * 4 + B * H * D * 4
         record("attn.decode", f"B={B} ctx={L}", nbytes, t, tr, err, 2e-2, splits=splits, sets=n_sets)
         if sweep and (B, L) in ((1, 65536), (1, 8192), (64, 4096), (256, 1024)):
@@ -369,7 +369,7 @@ def bench_attention(quick: bool, sweep: bool):
     q = torch.randn(B, H, D, device=DEV, dtype=BF16)
     lens = torch.full((B,), L, dtype=torch.int32, device=DEV)
     t = graph_us([lambda: attn_tr.decode(q, k_cache, v_cache, bt, lens, scale)])
-    splits, _ = attn_tr.num_splits_for(B, Hkv, width * page)
+    splits = attn_tr.num_splits_for(B, Hkv, width * page)
     record("attn.decode", f"B={B} ctx={L} table={width * page}", B * L * Hkv * D * 4, t, None, None, None,
            splits=splits)
     del k_cache, v_cache

@@ -1,5 +1,6 @@
 """Block AttnRes routing in one kernel per routing point: each program takes one token row, reads every
-source once (no stacking copy), and does the fp32 RMS, logits, softmax over depth and mixture in registers.
+source once (no stacking copy; all sources' loads issued together), and does the fp32 RMS, logits,
+softmax over depth and mixture in registers.
 `route_add` takes the sublayer's residual add into the partial (the last source) with it, so a sublayer
 boundary of Kotodama is one kernel instead of an add and a route."""
 from __future__ import annotations
@@ -14,64 +15,57 @@ from hybridserve.kernels.attn_res import MAX_SOURCES
 
 
 @triton.jit
-def _source(s0, s1, s2, s3, s4, s5, s6, s7, i: tl.constexpr):
-    if i == 0:
-        return s0
-    elif i == 1:
-        return s1
-    elif i == 2:
-        return s2
-    elif i == 3:
-        return s3
-    elif i == 4:
-        return s4
-    elif i == 5:
-        return s5
-    elif i == 6:
-        return s6
-    else:
-        return s7
-
-
-@triton.jit
-def _route_kernel(s0, s1, s2, s3, s4, s5, s6, s7, d_ptr, p_ptr, q_ptr, w_ptr, y_ptr, stride, eps,
-                  S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
+def _route_kernel(s0_ptr, o1, o2, o3, o4, o5, o6, o7, d_ptr, p_ptr, q_ptr, w_ptr, y_ptr, stride, eps,
+                  S: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, ADD: tl.constexpr,
+                  PDL: tl.constexpr):
+    """Source i lives at s0_ptr + o_i (element offsets from the first source): all S rows load as one
+    [BS, BD] tile, so their loads are in flight together instead of one after another."""
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
         gdc_wait()
         gdc_launch_dependents()
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BD)
     m = offs < D
-    qw = tl.load(q_ptr + offs, mask=m, other=0.0).to(tl.float32) * tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    best = -float("inf")
-    denom = 0.0
-    acc = tl.zeros([BD], dtype=tl.float32)
-    for i in tl.static_range(S):
-        x = tl.load(_source(s0, s1, s2, s3, s4, s5, s6, s7, i) + row * stride + offs, mask=m, other=0.0).to(tl.float32)
-        if ADD and i == S - 1:  # the new partial, routed as stored (rounded to its dtype)
-            xs = (x + tl.load(d_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)).to(p_ptr.dtype.element_ty)
-            tl.store(p_ptr + row * D + offs, xs, mask=m)
-            x = xs.to(tl.float32)
-        logit = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * tl.sum(x * qw, axis=0)
-        new = tl.maximum(best, logit)
-        scale = tl.exp(best - new)
-        p = tl.exp(logit - new)
-        acc = acc * scale + p * x
-        denom = denom * scale + p
-        best = new
-    tl.store(y_ptr + row * D + offs, (acc / denom).to(y_ptr.dtype.element_ty), mask=m)
+    si = tl.arange(0, BS)
+    zero = si.to(tl.int64) * 0
+    src = tl.where(si == 1, zero + o1, tl.where(si == 2, zero + o2, tl.where(si == 3, zero + o3, zero)))
+    src = tl.where(si == 4, zero + o4, tl.where(si == 5, zero + o5, tl.where(si == 6, zero + o6, src)))
+    src = tl.where(si == 7, zero + o7, src)
+    ms = si < S
+    x = tl.load(s0_ptr + src[:, None] + row * stride + offs[None, :], mask=ms[:, None] & m[None, :],
+                other=0.0).to(tl.float32)
+    qw = tl.load(q_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    qw *= tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if ADD:   # the new partial (the last source), routed as stored (rounded to its dtype)
+        dl = tl.load(d_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
+        last = si[:, None] == S - 1
+        x = tl.where(last, (x + dl[None, :]).to(p_ptr.dtype.element_ty).to(tl.float32), x)
+        tl.store(p_ptr + row * D + si[:, None] * 0 + offs[None, :], x.to(p_ptr.dtype.element_ty),
+                 mask=last & m[None, :])
+    logit = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps) * tl.sum(x * qw[None, :], axis=1)
+    logit = tl.where(ms, logit, float("-inf"))
+    p = tl.exp(logit - tl.max(logit, axis=0))
+    p = p / tl.sum(p, axis=0)
+    tl.store(y_ptr + row * D + offs, tl.sum(x * p[:, None], axis=0).to(y_ptr.dtype.element_ty), mask=m)
 
 
 def _launch(sources, delta, partial, query, norm_w, eps):
     assert len(sources) <= MAX_SOURCES, f"at most {MAX_SOURCES} sources"
     src = [s if s.is_contiguous() else s.contiguous() for s in sources]
     T, D = src[0].shape
-    ptrs = src + [src[0]] * (MAX_SOURCES - len(src))
+    assert all(s.dtype == src[0].dtype and s.shape == src[0].shape for s in src)
+    size = src[0].element_size()
+    offsets = [(s.data_ptr() - src[0].data_ptr()) // size for s in src[1:]]
+    offsets += [0] * (MAX_SOURCES - 1 - len(offsets))
     y = torch.empty_like(src[0])
+    BD = triton.next_power_of_2(D)
+    BS = triton.next_power_of_2(len(src))
     if T:
-        _route_kernel[(T,)](*ptrs, delta if delta is not None else y, partial if partial is not None else y,
-                            query, norm_w, y, D, eps, S=len(src), D=D, BD=triton.next_power_of_2(D),
-                            ADD=delta is not None, num_warps=4 if D >= 1024 else 2, **pdl.launch_kwargs(y.device))
+        _route_kernel[(T,)](src[0], *offsets, delta if delta is not None else y,
+                            partial if partial is not None else y, query, norm_w, y, D, eps, S=len(src), BS=BS,
+                            D=D, BD=BD, ADD=delta is not None,
+                            num_warps=16 if BS * BD >= 16384 else 8 if BS * BD >= 4096 else 4,
+                            **pdl.launch_kwargs(y.device))
     return y
 
 
@@ -89,3 +83,4 @@ def route_add(sources: list[torch.Tensor], delta: torch.Tensor, query: torch.Ten
     delta = delta if delta.is_contiguous() else delta.contiguous()
     partial = torch.empty(delta.shape, dtype=torch.result_type(sources[-1], delta), device=delta.device)
     return partial, _launch(sources, delta, partial, query, norm_w, eps)
+

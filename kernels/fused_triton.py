@@ -262,13 +262,101 @@ def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu
     return h, y
 
 
+# Matmuls of more rows (batch 2 … MM_MAX_ROWS) run as a tensor-core GEMM of one row block: the weight
+# streams once, the few activation rows come from L2. It takes SiLU·mul of a stacked [gate; up] weight
+# (two accumulators) and the fp32 cast of the logits into its epilogue. Tiles per shape from a measured
+# rule (mm_config); a shape with too few column blocks to fill the GPU stays on cuBLAS (its split-K).
+MM_MAX_ROWS = 128
+
+
+def mm_config(M: int, N: int, K: int, stacked: int = 1) -> tuple[int, int, int, int, int] | None:
+    """(BM, BN, BK, warps, stages) of the multi-row GEMM for an [M, K] x [N, K]^T product, or None: cuBLAS.
+
+    From bench/gemm_rows.py on H100 (bench/results/gemm_rows-h100.json, µs per matmul in a graph, Spartacus
+    shapes): up to 32 rows, 32-column tiles over 128-wide K steps win on the wide matrices (M = 16: qkvz
+    8192×2048 13.8 vs cuBLAS 14.9, gate_up 24.8 vs 28.7, the 128k head 180 vs 200) and 16-column ones on a
+    square 2048×2048 (6.0 vs 6.5); a long-K matrix with few columns (down 2048×8192) stays on cuBLAS's
+    split-K (17.1 vs 17.7). At 128 rows only the wide ones win (gate_up 28.7 vs 32.6, head 219 vs 262;
+    o 9.3 vs 7.0 and down 28.7 vs 19.5 lose). Rows narrower than 1024 (the ~100M models) were not swept.
+    It launches without programmatic dependent launch: in the Spartacus step at batch 2 / 8 that measured
+    1.59 / 1.64 ms with it, 1.43 / 1.52 without (cuBLAS 1.51 / 1.60)."""
+    BM = max(16, triton.next_power_of_2(M))
+    if BM > MM_MAX_ROWS or K < 1024:     # narrow rows (the ~100M models) were not swept: cuBLAS
+        return None
+    if BM <= 32:
+        if N >= 4096:
+            return BM, 32, 128, 4, 3 if stacked > 1 else 5
+        return (BM, 16, 128, 4, 5) if K <= 2 * N and N >= 1024 else None
+    return (BM, 64, 128, 8, 3 if stacked > 1 else 4) if N >= 8192 else None
+
+
+@triton.jit
+def _mm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, sx, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               SILU_MUL: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr):
+    pid_n = tl.program_id(0)
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    mm, mn = rm < M, rn < N
+    xs = x_ptr + rm[:, None].to(tl.int64) * sx + rk[None, :]
+    ws = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
+    if PDL:   # kernels/pdl.py (launched without it: its early start measured slower, bench/NOTES.md)
+        gdc_wait()
+        gdc_launch_dependents()
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        mk = (k0 + rk) < K
+        a = tl.load(xs + k0, mask=mm[:, None] & mk[None, :], other=0.0)
+        b = tl.load(ws + k0, mask=mn[:, None] & mk[None, :], other=0.0)
+        if F32_DOT:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc)
+        if SILU_MUL:
+            u = tl.load(ws + N * K + k0, mask=mn[:, None] & mk[None, :], other=0.0)
+            if F32_DOT:
+                u = u.to(tl.float32)
+            acc_up = tl.dot(a, tl.trans(u), acc_up)
+    y = acc.to(w_ptr.dtype.element_ty).to(tl.float32)          # the matmul's stored output, as the reference
+    if SILU_MUL:
+        up = acc_up.to(w_ptr.dtype.element_ty).to(tl.float32)
+        y = y / (1.0 + tl.exp(-y)) * up
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mm[:, None] & mn[None, :])
+
+
+# Triton's CPU interpreter mis-computes tl.dot on bf16 operands (seen with triton 3.9): it upcasts there.
+_INTERPRETED = type(_mm_kernel).__name__ == "InterpretedFunction"
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None,
+            gated: bool = False) -> torch.Tensor:
+    """x [M, K] @ weight.T, or SiLU·mul of its [gate; up] halves when gated, cast to out_dtype."""
+    M, K = x.shape
+    N = weight.shape[0] // 2 if gated else weight.shape[0]
+    half = x.dtype in (torch.bfloat16, torch.float16) and x.dtype == weight.dtype  # fp32: cuBLAS, no TF32
+    cfg = mm_config(M, N, K, 2 if gated else 1) if half and (x.is_cuda or _INTERPRETED) else None
+    if cfg is None or not weight.is_contiguous():
+        y = F.linear(x, weight)
+        y = silu_mul(y) if gated else y
+        return y if out_dtype is None else y.to(out_dtype)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    BM, BN, BK, warps, stages = cfg
+    y = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
+    if M:
+        _mm_kernel[(triton.cdiv(N, BN), triton.cdiv(M, BM))](
+            x, weight, y, M, N, K, x.stride(0), BM=BM, BN=BN, BK=BK, SILU_MUL=gated, F32_DOT=_INTERPRETED,
+            num_warps=warps, num_stages=stages, PDL=False)
+    return y
+
+
 def _add_norm(h, delta, norm_weight, eps):
     return add_rms_norm(delta, h, norm_weight, eps) if delta is not None else (h, rms_norm(h, norm_weight, eps))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.shape[0] > GEMV_MAX_ROWS:
-        return F.linear(x, weight)
+        return _matmul(x, weight)
     return _gemv(x, None, None, weight, weight.shape[0], 0.0)[1]
 
 
@@ -276,8 +364,7 @@ def add_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: to
                     eps: float, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if h.shape[0] > GEMV_MAX_ROWS:
         h, x = _add_norm(h, delta, norm_weight, eps)
-        y = F.linear(x, weight)
-        return h, y if out_dtype is None else y.to(out_dtype)
+        return h, _matmul(x, weight, out_dtype)
     return _gemv(h, delta, norm_weight, weight, weight.shape[0], eps, out_dtype)
 
 
@@ -285,7 +372,7 @@ def add_norm_linear_silu_mul(h: torch.Tensor, delta: torch.Tensor | None, norm_w
                              gate_up: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     if h.shape[0] > GEMV_MAX_ROWS:
         h, x = _add_norm(h, delta, norm_weight, eps)
-        return h, silu_mul(F.linear(x, gate_up))
+        return h, _matmul(x, gate_up, gated=True)
     return _gemv(h, delta, norm_weight, gate_up, gate_up.shape[0] // 2, eps, silu_mul=True)
 
 

@@ -8,6 +8,8 @@ k/v tile once for all G = H/Hkv query heads of that kv head (GQA packing, so KV 
 G times), keeps an online softmax, and writes an unnormalised partial; a second small kernel merges the
 splits. The split count depends on shapes only (batch, kv heads, block-table width), so a decode step
 stays capturable in a CUDA graph; splitting exists so that a single long sequence still fills the GPU.
+Each sequence divides its own context over the splits at run time (whole 64-key steps), so a short one
+in a wide table is a chain of one or two steps per program, not a long walk in one program.
 """
 from __future__ import annotations
 
@@ -21,14 +23,29 @@ from hybridserve.kernels.paged_attention import write_kv  # noqa: F401  (one ind
 
 BLOCK_N = 64          # keys per inner step
 TARGET_PROGRAMS = 1024  # enough (seq, kv head, split) programs to fill 132 SMs several times over
-MIN_SPLIT = 256       # tokens; shorter splits cost more in merging than they gain in parallelism
+MIN_SPLIT = 64        # tokens: the most programs a sequence gets is its table width / MIN_SPLIT
 NUM_WARPS = 4
 PREFILL_ROWS = 64     # query rows (tokens × heads of one kv head) per prefill tile
 LOG2E = 1.4426950408889634
 
 @triton.jit
+def _kv_tile(k_ptr, v_ptr, bt_row, tok, mt, hkv, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, rd, md, PAGE: tl.constexpr,
+             F32_DOT: tl.constexpr):
+    """Keys and values [BN, BD] of tokens `tok` (mask mt) of one kv head, through the sequence's block table."""
+    page = tl.load(bt_row + tok // PAGE, mask=mt, other=0).to(tl.int64)
+    off = tok % PAGE
+    mkv = mt[:, None] & md[None, :]
+    k = tl.load(k_ptr + (page * sk_p + off * sk_t + hkv * sk_h)[:, None] + rd[None, :], mask=mkv, other=0.)
+    v = tl.load(v_ptr + (page * sv_p + off * sv_t + hkv * sv_h)[:, None] + rd[None, :], mask=mkv, other=0.)
+    if F32_DOT:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr,
-                  sq_b, sq_h, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, sbt_b, split_len, num_splits, scale_log2,
+                  sq_b, sq_h, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, sbt_b, num_splits, scale_log2,
                   HKV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                   PAGE: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
@@ -43,42 +60,38 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr,
     mg = rg < G
     md = rd < D
     L = tl.load(len_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(L, num_splits), BN) * BN   # this sequence's context over the splits
     start = sp * split_len
     end = tl.minimum(start + split_len, L)
 
-    q = tl.load(q_ptr + b * sq_b + (hkv * G + rg)[:, None] * sq_h + rd[None, :],
-                mask=mg[:, None] & md[None, :], other=0.)
-    m = tl.full([BG], float("-inf"), tl.float32)
-    l = tl.zeros([BG], dtype=tl.float32)
-    acc = tl.zeros([BG, BD], dtype=tl.float32)
-    for n0 in range(start, end, BN):
-        tok = n0 + rn
-        mt = tok < end
-        page = tl.load(bt_ptr + b * sbt_b + tok // PAGE, mask=mt, other=0).to(tl.int64)
-        off = tok % PAGE
-        mkv = mt[:, None] & md[None, :]
-        k = tl.load(k_ptr + (page * sk_p + off * sk_t + hkv * sk_h)[:, None] + rd[None, :], mask=mkv, other=0.)
-        v = tl.load(v_ptr + (page * sv_p + off * sv_t + hkv * sv_h)[:, None] + rd[None, :], mask=mkv, other=0.)
-        if F32_DOT:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q.to(k.dtype), tl.trans(k)) * scale_log2              # [BG, BN], log2 units
-        s = tl.where(mt[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+    if start < L:     # splits past the context do nothing; the merge reads only the used ones
+        q = tl.load(q_ptr + b * sq_b + (hkv * G + rg)[:, None] * sq_h + rd[None, :],
+                    mask=mg[:, None] & md[None, :], other=0.)
+        m = tl.full([BG], float("-inf"), tl.float32)
+        l = tl.zeros([BG], dtype=tl.float32)
+        acc = tl.zeros([BG, BD], dtype=tl.float32)
+        for n0 in range(start, end, BN):
+            tok = n0 + rn
+            mt = tok < end
+            k, v = _kv_tile(k_ptr, v_ptr, bt_ptr + b * sbt_b, tok, mt, hkv, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h,
+                            rd, md, PAGE, F32_DOT)
+            s = tl.dot(q.to(k.dtype), tl.trans(k)) * scale_log2              # [BG, BN], log2 units
+            s = tl.where(mt[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
 
-    row = (b * HKV * G + hkv * G + rg) * num_splits + sp
-    tl.store(pm_ptr + row, m, mask=mg)
-    tl.store(pl_ptr + row, l, mask=mg)
-    tl.store(po_ptr + row[:, None] * D + rd[None, :], acc, mask=mg[:, None] & md[None, :])
+        row = (b * HKV * G + hkv * G + rg) * num_splits + sp
+        tl.store(pm_ptr + row, m, mask=mg)
+        tl.store(pl_ptr + row, l, mask=mg)
+        tl.store(po_ptr + row[:, None] * D + rd[None, :], acc, mask=mg[:, None] & md[None, :])
 
 @triton.jit
-def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, so_b, so_h, num_splits,
-                  H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, len_ptr, so_b, so_h, num_splits,
+                  H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
                   WRITE_LSE: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
         gdc_wait()
@@ -87,7 +100,8 @@ def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, so_b, so_h, num_splits
     h = tl.program_id(1)
     rs = tl.arange(0, BS)
     rd = tl.arange(0, BD)
-    ms = rs < num_splits
+    L = tl.load(len_ptr + b)
+    ms = rs < tl.cdiv(L, tl.maximum(tl.cdiv(tl.cdiv(L, num_splits), BN) * BN, 1))   # the splits in use
     md = rd < D
     row = (b * H + h) * num_splits + rs
     m = tl.load(pm_ptr + row, mask=ms, other=float("-inf"))
@@ -137,14 +151,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, len_ptr, bt_ptr, o_ptr, lse_ptr
         for n0 in range(0, end, BN):
             tok = n0 + rn
             mt = tok < end
-            page = tl.load(bt_ptr + b * sbt_b + tok // PAGE, mask=mt, other=0).to(tl.int64)
-            off = tok % PAGE
-            mkv = mt[:, None] & md[None, :]
-            k = tl.load(k_ptr + (page * sk_p + off * sk_t + hkv * sk_h)[:, None] + rd[None, :], mask=mkv, other=0.)
-            v = tl.load(v_ptr + (page * sv_p + off * sv_t + hkv * sv_h)[:, None] + rd[None, :], mask=mkv, other=0.)
-            if F32_DOT:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v = _kv_tile(k_ptr, v_ptr, bt_ptr + b * sbt_b, tok, mt, hkv, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h,
+                            rd, md, PAGE, F32_DOT)
             s = tl.dot(q.to(k.dtype), tl.trans(k)) * scale_log2
             s = tl.where(mt[None, :] & (tok[None, :] <= qpos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -167,13 +175,12 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, len_ptr, bt_ptr, o_ptr, lse_ptr
 INTERPRETED = type(_split_kernel).__name__ == "InterpretedFunction"
 
 
-def num_splits_for(batch: int, kv_heads: int, max_tokens: int) -> tuple[int, int]:
-    """(splits, tokens per split) from shapes alone: split only while the grid is too small to fill the GPU."""
+def num_splits_for(batch: int, kv_heads: int, max_tokens: int) -> int:
+    """Programs per (sequence, kv head), from shapes alone (a graph replays one grid): split only while the
+    grid is too small to fill the GPU. Each sequence spreads its own context over them at run time in
+    whole BLOCK_N steps, so a short context takes few programs and a long one all."""
     want = max(1, TARGET_PROGRAMS // max(1, batch * kv_heads))
-    most = max(1, triton.cdiv(max_tokens, MIN_SPLIT))
-    splits = min(want, most)
-    split_len = triton.cdiv(triton.cdiv(max_tokens, splits), BLOCK_N) * BLOCK_N
-    return triton.cdiv(max_tokens, split_len), split_len
+    return min(want, max(1, triton.cdiv(max_tokens, MIN_SPLIT)))
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
            seq_lens: torch.Tensor, scale: float, return_lse: bool = False):
@@ -186,7 +193,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     assert dk == D and H % hkv == 0, f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
     G = H // hkv
-    splits, split_len = num_splits_for(B, hkv, block_tables.shape[1] * page)
+    splits = num_splits_for(B, hkv, block_tables.shape[1] * page)
     dev = q.device
     po = torch.empty(B * H * splits, D, dtype=torch.float32, device=dev)
     pm = torch.empty(B * H * splits, dtype=torch.float32, device=dev)
@@ -196,13 +203,13 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
         q, k_cache, v_cache, block_tables, seq_lens, po, pm, pl,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        split_len, splits, scale * LOG2E,
+        splits, scale * LOG2E,
         HKV=hkv, G=G, BG=max(16, triton.next_power_of_2(G)), D=D, BD=BD, PAGE=page, BN=BLOCK_N,
         F32_DOT=INTERPRETED, num_warps=NUM_WARPS, **pdl.launch_kwargs(q.device))
     o = torch.empty_like(q)
     lse = torch.empty(B, H, dtype=torch.float32, device=dev) if return_lse else pm
-    _merge_kernel[(B, H)](po, pm, pl, o, lse, o.stride(0), o.stride(1), splits,
-                          H=H, D=D, BD=BD, BS=triton.next_power_of_2(splits), WRITE_LSE=return_lse,
+    _merge_kernel[(B, H)](po, pm, pl, o, lse, seq_lens, o.stride(0), o.stride(1), splits,
+                          H=H, D=D, BD=BD, BS=triton.next_power_of_2(splits), BN=BLOCK_N, WRITE_LSE=return_lse,
                           **pdl.launch_kwargs(o.device))
     return (o, lse) if return_lse else o
 

@@ -425,6 +425,31 @@ def test_fused_linears(device, dtype, rows, with_delta, tiles, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cfg", [(3, (16, 16, 128, 4, 3)), (40, (16, 32, 64, 4, 2)), (17, (32, 16, 64, 4, 3))])
+def test_fused_linears_multi_row(device, dtype, rows, cfg, monkeypatch):
+    """The multi-row GEMM (row blocks, a partial last K tile and column block) with its SiLU·mul and fp32
+    epilogues, against the plain matmuls; a strided input. (fp32 models keep cuBLAS: same check.)"""
+    monkeypatch.setattr(fused_tr, "mm_config", lambda *shape: cfg)
+    K, N = 200, 40
+    h = torch.randn(rows, 2 * K, device=device, dtype=dtype)[:, K // 2:K // 2 + K]
+    delta = torch.randn(rows, K, device=device, dtype=dtype)
+    nw = (torch.rand(K, device=device) + 0.5).to(dtype)
+    w = (torch.randn(N, K, device=device) * K ** -0.5).to(dtype)
+    gate_up = (torch.randn(2 * N, K, device=device) * K ** -0.5).to(dtype)
+    got = fused_tr.add_norm_linear(h, delta, nw, w, 1e-5, out_dtype=torch.float32)
+    want = fused_ref.add_norm_linear(h, delta, nw, w, 1e-5, out_dtype=torch.float32)
+    assert got[1].dtype == torch.float32 and got[1].shape == (rows, N)
+    for a, b in zip(got, want):
+        _close(a, b, dtype)
+    got = fused_tr.add_norm_linear_silu_mul(h, None, nw, gate_up, 1e-5)
+    assert got[1].shape == (rows, N)
+    for a, b in zip(got, fused_ref.add_norm_linear_silu_mul(h, None, nw, gate_up, 1e-5)):
+        _close(a, b, dtype)
+    _close(fused_tr.linear(h, w), fused_ref.linear(h, w), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_add_rms_norm(device, dtype):
     x, r = torch.randn(5, 48, device=device, dtype=dtype), torch.randn(5, 48, device=device, dtype=dtype)
     w = torch.rand(48, device=device, dtype=dtype) + 0.5

@@ -38,6 +38,10 @@ _KOTODAMA = {  # full = the 108M of specs/kotodama.md §4
                  attn_res_boundaries=[0, 3, 7, 12, 21, 25]),
     "tiny": dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, attn_res_boundaries=[0, 2]),
+    # the configuration class's defaults (specs/kotodama.md §4), i.e. the 3B sibling; benchmarks only
+    "3b": dict(vocab_size=49152, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+               num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+               attn_res_boundaries=[0, 3, 7, 12, 21, 25]),
 }
 
 
@@ -90,7 +94,7 @@ def synth_kotodama(size: str, seed: int = 0) -> tuple[dict[str, Any], dict[str, 
     config = {"model_type": "kotodama", "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
               "max_position_embeddings": 4096, "tie_word_embeddings": True, "qk_norm": True, "attn_res": True,
               **dims}
-    dtype = torch.bfloat16 if size == "full" else torch.float32
+    dtype = torch.float32 if size == "tiny" else torch.bfloat16
     tensors = _llama_tensors(config, torch.Generator().manual_seed(seed), dtype, hf_names=False)
     return config, tensors
 
