@@ -134,19 +134,29 @@ def graph_ms(model, s: Setup, B: int) -> float:
     return time_fn(lambda: graphs.run(s.meta))
 
 
-# A/B knobs: the same step with one setting changed back (name: module, attribute, value)
-VARIANTS = {"mm_off": (ft, "MM_MAX_ROWS", 0),                        # cuBLAS for every multi-row matmul
-            "min_split_256": (pat, "MIN_SPLIT", 256)}                  # attention splits of >= 256 keys
+def _knob(mod, attr):
+    return lambda: getattr(mod, attr), lambda v: setattr(mod, attr, v)
 
 
-def variant_ms(model, s: Setup, B: int, name: str) -> float:
-    mod, attr, value = VARIANTS[name]
-    before = getattr(mod, attr)
-    setattr(mod, attr, value)
+# A/B knobs: the same step with one setting changed (name: getter, setter, value); a knob already at its
+# value (PDL unsupported, the GEMV already one-row) is not timed again
+VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, False),
+            "gemv_one_row_only": (*_knob(ft, "GEMV_MAX_ROWS"), 1),      # cuBLAS/GEMM for 2+ rows
+            "mm_off": (*_knob(ft, "MM_MAX_ROWS"), 0),                     # cuBLAS for every multi-row matmul
+            "min_split_256": (*_knob(pat, "MIN_SPLIT"), 256)}             # attention splits of >= 256 keys
+PDL_COMPARE = ("pdl_off", "gemv_one_row_only")
+
+
+def variant_ms(model, s: Setup, B: int, name: str) -> float | None:
+    get, put, value = VARIANTS[name]
+    before = get()
+    if before == value:
+        return None
+    put(value)
     try:
         return graph_ms(model, s, B)
     finally:
-        setattr(mod, attr, before)
+        put(before)
 
 
 def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=(), variants=(), variant_batches=()):
@@ -160,21 +170,10 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=(), va
         row = {"arch": arch, "batch": B, "context": 128, "ms_per_step": ms, "tok_per_s": 1e3 * B / ms,
                "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms, "weights_bytes": weights,
                "state_bytes_per_request": s.state_bytes, "pdl": pdl.enabled(model.device)}
-        if B in pdl_batches and row["pdl"]:      # the same step with programmatic dependent launch off
-            set_pdl(False)
-            try:
-                row["ms_per_step_pdl_off"] = graph_ms(model, s, B)
-            finally:
-                set_pdl(True)
-        if B in pdl_batches and ft.GEMV_MAX_ROWS > 1 and B <= 2 * ft.GEMV_MAX_ROWS:
-            rows_before = ft.GEMV_MAX_ROWS      # the same step with cuBLAS for every multi-row matmul
-            ft.GEMV_MAX_ROWS = 1
-            try:
-                row["ms_per_step_gemv_one_row_only"] = graph_ms(model, s, B)
-            finally:
-                ft.GEMV_MAX_ROWS = rows_before
-        for name in variants if B in variant_batches else ():
-            row[f"ms_per_step_{name}"] = variant_ms(model, s, B, name)
+        for name in (PDL_COMPARE if B in pdl_batches else ()) + tuple(variants if B in variant_batches else ()):
+            t = variant_ms(model, s, B, name)
+            if t is not None:
+                row[f"ms_per_step_{name}"] = t
         if B <= baseline_max_batch:
             os.environ["HYBRIDSERVE_KERNELS"] = "reference"
             try:
@@ -188,10 +187,7 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=(), va
         print(f"{arch:11} B={B:4} {ms:8.3f} ms  floor {floor_ms:7.3f} ms  x{ms / floor_ms:5.2f}  "
               f"{row['tok_per_s']:9.0f} tok/s" + (f"  baseline {row['baseline_eager_reference_ms']:8.2f} ms"
                                                   if "baseline_eager_reference_ms" in row else "")
-              + (f"  pdl off {row['ms_per_step_pdl_off']:.3f} ms" if "ms_per_step_pdl_off" in row else "")
-              + (f"  1-row GEMV only {row['ms_per_step_gemv_one_row_only']:.3f} ms"
-                 if "ms_per_step_gemv_one_row_only" in row else "")
-              + "".join(f"  {n} {row['ms_per_step_' + n]:.3f} ms" for n in variants if "ms_per_step_" + n in row),
+              + "".join(f"  {k[12:]} {v:.3f} ms" for k, v in row.items() if k.startswith("ms_per_step_")),
               flush=True)
         torch.cuda.empty_cache()
     return rows

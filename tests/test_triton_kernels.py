@@ -511,6 +511,16 @@ def test_monoid_fused_decode(device, dtype, gate, full_q, bias, bv, monkeypatch)
     check_pools(new_pool, ref_pool, pool, slots, 1e-5 if dtype == torch.float32 else tol(dtype))
 
 
+def _check_kv_written(caches, ref_caches, slots, dtype):
+    """The rows at `slots` of each flattened [pages, page, Hkv, D] cache match the reference; no other moved."""
+    written = torch.zeros(caches[0].shape[0] * caches[0].shape[1], dtype=torch.bool, device=caches[0].device)
+    written[slots] = True
+    for c, r in zip(caches, ref_caches):
+        flat, ref_flat = c.flatten(0, 1), r.flatten(0, 1)
+        _close(flat[written], ref_flat[written], dtype)
+        assert torch.equal(flat[~written], ref_flat[~written])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rot", [16, 8])
@@ -528,12 +538,7 @@ def test_fused_rope_write_kv(device, dtype, rot):
     want = fused_ref.rope_write_kv(x, cos, sin, H, *ref_caches, slots)
     assert got.shape == (T, H + Hkv, D)
     _close(got, want, dtype)
-    written = torch.zeros(4 * page, dtype=torch.bool, device=device)
-    written[slots] = True
-    for c, r in zip(caches, ref_caches):
-        flat, ref_flat = c.view(-1, Hkv, D), r.view(-1, Hkv, D)
-        _close(flat[written], ref_flat[written], dtype)
-        assert torch.equal(flat[~written], ref_flat[~written])
+    _check_kv_written(caches, ref_caches, slots, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -562,12 +567,7 @@ def test_fused_rope_write_kv_qk_norm(device, dtype, norms, rot):
         assert torch.equal(got[:, :H], plain[:, :H])
     if k_norm is None:
         assert torch.equal(got[:, H:], plain[:, H:])
-    written = torch.zeros(4 * page, dtype=torch.bool, device=device)
-    written[slots] = True
-    for c, r in zip(caches, ref_caches):
-        flat, ref_flat = c.view(-1, Hkv, D), r.view(-1, Hkv, D)
-        _close(flat[written], ref_flat[written], dtype)
-        assert torch.equal(flat[~written], ref_flat[~written])
+    _check_kv_written(caches, ref_caches, slots, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
