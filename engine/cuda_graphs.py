@@ -9,7 +9,9 @@ prefills and steps that need every token's logits run eagerly.
 """
 from __future__ import annotations
 
+import gc
 import logging
+from contextlib import contextmanager
 
 import torch
 
@@ -26,28 +28,51 @@ def capture_sizes(max_bs: int) -> list[int]:
     return sizes
 
 
-def _capture(model, cache: CacheView, meta: BatchMeta, pool, stream: torch.cuda.Stream):
-    """Two warm-up forwards on a side stream (Triton compiles, allocator settles), then one captured."""
+@contextmanager
+def _no_gc():
+    """Python's collector off while capturing: a collection then may free CUDA objects (tensors, graphs,
+    pinned host buffers of an earlier engine) whose release calls what a capture forbids, invalidating it
+    (seen on an H100 when engines were built one after another in one process)."""
+    gc.collect()
+    torch.cuda.synchronize()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _capture(model, cache: CacheView, meta: BatchMeta, pool, stream: torch.cuda.Stream, greedy: bool = False):
+    """Two warm-up forwards on a side stream (Triton compiles, allocator settles), then one captured; with
+    `greedy` the graph also takes each row's argmax (the token a greedy request gets)."""
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            model.forward(meta, cache)
+            model.forward(meta, cache).argmax(-1)
     torch.cuda.current_stream().wait_stream(stream)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, pool=pool):
+    with _no_gc(), torch.cuda.graph(g, pool=pool):
         out = model.forward(meta, cache)
-    return g, out
+        ids = out.argmax(-1) if greedy else None
+    return g, out, ids
 
 
 class DecodeGraphs:
+    """Decode-step graphs per padded batch size over persistent inputs. `run_chunks` fills them from the
+    scheduled chunks through pinned host mirrors: one copy for the four int64 rows (token, position, state
+    slot, KV slot), one for the sequence lengths and, when the model has KV, one for the block tables' used
+    columns, so the step costs its copies and one replay instead of a metadata build and a copy per field.
+    Each graph also leaves each row's argmax beside the logits (`last_argmax`) for all-greedy batches."""
+
     def __init__(self, model, cache: CacheView, max_bs: int, max_blocks: int, sizes: list[int] | None = None):
         self.model, self.cache = model, cache
         self.max_bs, self.max_blocks = max_bs, max_blocks
+        self.uses_kv = bool(cache.kv)
         dev = model.device
-        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.slot_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.slot_mapping = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.i64 = torch.zeros(4, max_bs, dtype=torch.long, device=dev)
+        self.input_ids, self.positions, self.slot_ids, self.slot_mapping = self.i64.unbind(0)
         self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev)
         self.cu_seqlens = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
@@ -55,6 +80,10 @@ class DecodeGraphs:
         self.sizes = sorted(sizes) if sizes else capture_sizes(max_bs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.argmax: dict[int, torch.Tensor] = {}
+        self.last_argmax: torch.Tensor | None = None
+        self._host: tuple | None = None       # pinned mirrors, made on first use (CUDA only)
+        self._copied = None                   # event after the last host -> device copies
 
     def _meta(self, bs: int) -> BatchMeta:
         return BatchMeta(
@@ -69,12 +98,53 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            self.graphs[bs], self.outputs[bs] = _capture(self.model, self.cache, self._meta(bs), pool, stream)
+            self.graphs[bs], self.outputs[bs], self.argmax[bs] = _capture(self.model, self.cache, self._meta(bs),
+                                                                          pool, stream, greedy=True)
         torch.cuda.synchronize()
         log.info("captured decode graphs for batch sizes %s", self.sizes)
 
     def padded_size(self, batch: int) -> int | None:
         return next((s for s in self.sizes if s >= batch), None)
+
+    @torch.inference_mode()
+    def run_chunks(self, chunks: list, page_size: int) -> torch.Tensor:
+        """Logits [B, V] of one-token chunks (engine/model_runner.py SeqChunk, each wanting logits); pad rows
+        [B, bs) use slot 0, KV slot 0 and page 0 with one token of context. A view of the graph's output,
+        valid until the next replay."""
+        B = len(chunks)
+        bs = self.padded_size(B)
+        if self._host is None:
+            self._host = (torch.zeros(4, self.max_bs, dtype=torch.long, pin_memory=True),
+                          torch.ones(self.max_bs, dtype=torch.int32, pin_memory=True),
+                          torch.zeros(self.max_bs, self.max_blocks if self.uses_kv else 1, dtype=torch.int32,
+                                      pin_memory=True))
+        h64, h32, hbt = self._host
+        if self._copied is not None:
+            self._copied.synchronize()        # the last step's copies have read the mirrors
+        a64, a32, abt = h64.numpy(), h32.numpy(), hbt.numpy()
+        a64[:, :bs] = 0
+        a32[:bs] = 1
+        w = 1
+        for r, c in enumerate(chunks):
+            t = c.start
+            a64[0, r], a64[1, r], a64[2, r] = c.tokens[0], t, c.slot
+            a32[r] = t + 1
+            if c.pages:
+                a64[3, r] = c.pages[t // page_size] * page_size + t % page_size
+                w = max(w, len(c.pages))
+        self.i64.copy_(h64, non_blocking=True)
+        self.seq_lens.copy_(h32, non_blocking=True)
+        if self.uses_kv:
+            abt[:bs, :w] = 0
+            for r, c in enumerate(chunks):
+                abt[r, :len(c.pages)] = c.pages
+            self.block_tables[:bs, :w].copy_(hbt[:bs, :w], non_blocking=True)
+        if self._copied is None:
+            self._copied = torch.cuda.Event()
+        self._copied.record()
+        self.graphs[bs].replay()
+        self.last_argmax = self.argmax[bs][:B]
+        return self.outputs[bs][:B]
 
     @torch.inference_mode()
     def run(self, meta: BatchMeta) -> torch.Tensor:
@@ -97,6 +167,7 @@ class DecodeGraphs:
             self.seq_lens[B:bs].fill_(1)
             self.block_tables[B:bs].zero_()
         self.graphs[bs].replay()
+        self.last_argmax = self.argmax[bs][:B]
         return self.outputs[bs][:B]
 
 
@@ -153,7 +224,7 @@ class PrefillGraphs:
             self.cu_seqlens[1].fill_(1)
             self.seq_lens[0].fill_(1)
             self._fill(bucket, 1)
-            self.graphs[bucket], self.outputs[bucket] = _capture(self.model, self.cache, meta, pool, stream)
+            self.graphs[bucket], self.outputs[bucket], _ = _capture(self.model, self.cache, meta, pool, stream)
         torch.cuda.synchronize()
         log.info("captured prefill graphs for token buckets %s", self.buckets)
 

@@ -73,13 +73,19 @@ class ModelRunner:
             self.graphs.capture()
             self.prefill_graphs = PrefillGraphs(model, pools.view, max_blocks)
             self.prefill_graphs.capture()
+        self.last_argmax: torch.Tensor | None = None
 
     @torch.inference_mode()
     def run(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
+        """Logits of the chunks that want them, in chunk order. After a decode-graph step `last_argmax`
+        holds each row's argmax on the device (None after other steps)."""
+        self.last_argmax = None
+        if self.graphs is not None and not all_logits and self.graphs.padded_size(len(chunks)) is not None \
+                and all(len(c.tokens) == 1 and c.want_logits for c in chunks):
+            logits = self.graphs.run_chunks(chunks, self.pools.page_size)
+            self.last_argmax = self.graphs.last_argmax
+            return logits
         meta = build_meta(chunks, self.pools.page_size, self.device, all_logits)
-        if self.graphs is not None and meta.is_decode and not all_logits \
-                and self.graphs.padded_size(meta.num_seqs) is not None:
-            return self.graphs.run(meta)
         if self.prefill_graphs is not None and not all_logits:
             bucket = self.prefill_graphs.bucket_for(meta)
             if bucket is not None:

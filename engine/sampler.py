@@ -205,7 +205,15 @@ class SamplerOutput:
 class Sampler:
     def __call__(self, logits: Tensor, params: list[SamplingParams], output_token_ids: list[list[int]],
                  prompt_token_ids: list[list[int]], generators: list[torch.Generator | None],
-                 stop_ids_per_row: list[set[int]] | None = None) -> SamplerOutput:
+                 stop_ids_per_row: list[set[int]] | None = None,
+                 argmax: Tensor | None = None) -> SamplerOutput:
+        """`argmax`: each row's argmax of `logits` if already computed (the decode graph takes it); an
+        all-greedy batch with no penalties, no min_tokens ban and no logprobs then reads it and nothing else."""
+        if argmax is not None and all(
+                p.greedy and p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
+                and not p.logprobs and not p.top_logprobs and len(out) >= p.min_tokens
+                for p, out in zip(params, output_token_ids)):
+            return SamplerOutput(argmax.tolist())
         tensors = SamplingTensors.build(params, output_token_ids, prompt_token_ids, stop_ids_per_row,
                                         logits.shape[-1], logits.device)
         return self.sample(logits, tensors, generators)

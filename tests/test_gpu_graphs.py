@@ -20,8 +20,9 @@ def model(request):
     return tiny_models()[request.param](torch.device("cuda"), torch.float32)
 
 
+@pytest.mark.parametrize("feed", ["meta", "chunks"])   # graphs.run(BatchMeta) / run_chunks (the engine's)
 @pytest.mark.parametrize("batch", [1, 3, 5])
-def test_graph_matches_eager_and_reference(model, batch):
+def test_graph_matches_eager_and_reference(model, batch, feed):
     rng = random.Random(batch)
     vocab = model.config.vocab_size
     prompts = [[rng.randrange(vocab) for _ in range(rng.randrange(1, 20))] for _ in range(batch)]
@@ -41,8 +42,12 @@ def test_graph_matches_eager_and_reference(model, batch):
         for b, o in enumerate(eager.step([(s, [t]) for s, t in zip(se, toks)])):
             got_e[b].append(o)
         # the graphed harness only books pages; the graph does the forward
-        meta = build_meta([graphed.book(s, [t]) for s, t in zip(sg, toks)], graphed.pools.page_size, model.device)
-        out = graphs.run(meta)
+        chunks = [graphed.book(s, [t]) for s, t in zip(sg, toks)]
+        if feed == "meta":
+            out = graphs.run(build_meta(chunks, graphed.pools.page_size, model.device))
+        else:
+            out = graphs.run_chunks(chunks, graphed.pools.page_size)
+        assert torch.equal(graphs.last_argmax, out.argmax(-1))
         for b in range(batch):
             got_g[b].append(out[b:b + 1].clone())  # the graph output buffer is reused by the next replay
     for b in range(batch):

@@ -233,3 +233,22 @@ def test_cuda_step_syncs_once():
     alone = Sampler()(logits[1:2], params[1:2], [[2, 3]], [[5]], [make_generator(5, device)], [{0}])
     again = Sampler()(*args[:4], [None, make_generator(5, device), None], args[5])
     assert alone.token_ids[0] == again.token_ids[1]
+
+
+def test_precomputed_argmax_only_for_plain_greedy_batches():
+    """A given argmax (the decode graph's) is the answer for an all-greedy batch without penalties, bans or
+    logprobs; any of those makes the sampler compute from the logits as usual."""
+    logits = torch.randn(2, 50)
+    fake = torch.tensor([7, 9])                        # deliberately not the logits' argmax
+    sampler = Sampler()
+
+    def run(params, outs=([], [])):
+        return sampler(logits, params, list(outs), [[1], [2]], [None, None], argmax=fake).token_ids
+    greedy = SamplingParams(temperature=0.0)
+    assert run([greedy, greedy]) == [7, 9]
+    true_argmax = logits.argmax(-1).tolist()
+    for other in (SamplingParams(temperature=0.0, repetition_penalty=1.3),
+                  SamplingParams(temperature=0.0, presence_penalty=0.5),
+                  SamplingParams(temperature=0.0, logprobs=True),
+                  SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[5])):
+        assert run([greedy, other])[0] == true_argmax[0]

@@ -1,0 +1,136 @@
+"""Per-token decode latency through the whole engine step (scheduler → batch metadata → CUDA-graph replay →
+sampler → detokenizer), against the forward's own GPU time in the same steps: what a client sees per token
+beyond the kernels, and where that host time goes.
+
+Synthetic full-size checkpoints (weights/synth.py, bf16) with the SmolLM2 tokenizer read from a directory
+(`--tokenizer`, e.g. one weights/synth.py `_write_tokenizer` wrote). Each row: B requests of a 64-token
+prompt, greedy or sampled (temperature 0.8, top_p 0.95), ignore_eos, timed over the decode steps after the
+prefill. Per step: wall time of `LLMEngine.step`, the forward's GPU time (CUDA events around the runner:
+includes the input copies), the host time before the graph launch returns (schedule + inputs + launch),
+the sampler's wall time (it ends in the one device→host read, so it includes waiting for the forward) and
+the time after it (append, detokenize, finish checks). The baseline: the same decode graph replayed back to
+back (no host work in between); overhead = step − replay.
+
+Usage (GPU machine): python bench/engine_decode.py --tokenizer DIR [--archs ...] → $OUT/engine_decode.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode_latency import load_full, measure_copy_bandwidth, time_fn  # noqa: E402
+
+from hybridserve.engine.cache_pools import CachePools, plan_memory  # noqa: E402
+from hybridserve.engine.config import EngineConfig  # noqa: E402
+from hybridserve.engine.llm_engine import LLMEngine  # noqa: E402
+from hybridserve.engine.request import SamplingParams  # noqa: E402
+from hybridserve.weights.safetensors_dir import read_sidecars  # noqa: E402
+
+MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, top_p=0.95)}
+
+
+class StepClock:
+    """Wraps an engine's runner and sampler to time the parts of each step."""
+
+    def __init__(self, eng: LLMEngine):
+        self.eng, self.rows = eng, []
+        run, sample = eng.runner.run, eng.sampler
+
+        def timed_run(chunks, *a, **k):
+            self.ev0.record()
+            out = run(chunks, *a, **k)
+            self.ev1.record()
+            self.t_run = time.perf_counter()
+            return out
+
+        def timed_sample(*a, **k):
+            out = sample(*a, **k)
+            self.t_sample = time.perf_counter()
+            return out
+        eng.runner.run, eng.sampler = timed_run, timed_sample
+
+    def step(self, record: bool) -> None:
+        self.ev0, self.ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        self.eng.step()
+        t1 = time.perf_counter()
+        if record:
+            self.rows.append({"step": t1 - t0, "forward_gpu": self.ev0.elapsed_time(self.ev1) / 1e3,
+                              "host_to_launch": self.t_run - t0, "sampler": self.t_sample - self.t_run,
+                              "after_sampler": t1 - self.t_sample})
+
+    def summary(self) -> dict:
+        return {k + "_ms": 1e3 * statistics.median(r[k] for r in self.rows) for k in self.rows[0]}
+
+
+def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_seqs: int) -> dict:
+    cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=min(4096, model.max_model_len))
+    layout = model.cache_layout()
+    plan = plan_memory(layout, model.dtype, 4 << 30, cfg.page_size, cfg.max_num_seqs, cfg.max_model_len)
+    pools = CachePools(layout, plan, cfg.page_size, model.dtype, model.device)
+    t = time.perf_counter()
+    eng = LLMEngine(model, tokenizer, pools, cfg, cfg.max_model_len)
+    setup_s = time.perf_counter() - t
+    clock = StepClock(eng)
+    g = torch.Generator().manual_seed(batch)
+    for b in range(batch):
+        prompt = torch.randint(100, 40000, (64,), generator=g).tolist()
+        eng.add_request(f"r{b}", prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True, **MODES[mode]))
+    clock.step(record=False)                               # the prefill
+    n = 0
+    while eng.has_work():
+        clock.step(record=n >= 8)                          # the first decode steps warm up clocks and caches
+        n += 1
+    row = {"batch": batch, "mode": mode, "decode_steps": n, "engine_setup_s": setup_s, **clock.summary()}
+    assert pools.pages.num_used == 0 and (not pools.layout.states or pools.slots.num_used == 0)
+    graph = eng.runner.graphs.graphs[eng.runner.graphs.padded_size(batch)]   # its inputs: the last step's
+    row["graph_replay_ms"] = time_fn(graph.replay, iters=100, warmup=20)
+    row["overhead_ms"] = row["step_ms"] - row["graph_replay_ms"]
+    row["step_over_replay"] = row["step_ms"] / row["graph_replay_ms"]
+    row["tok_per_s"] = 1e3 * batch / row["step_ms"]
+    eng.runner.run = eng.sampler = None                     # the clock's wrappers hold the engine
+    del eng, pools, clock, graph
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokenizer", required=True, help="a directory with tokenizer.json (+ its config)")
+    ap.add_argument("--archs", default="spartacus,kotodama")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--modes", default="greedy,sampled")
+    ap.add_argument("--tokens", type=int, default=72)
+    args = ap.parse_args()
+    tokenizer, _ = read_sidecars(Path(args.tokenizer))
+    batches = [int(b) for b in args.batches.split(",")]
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "copy_bandwidth_Bps": measure_copy_bandwidth(), "rows": []}
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    for arch in args.archs.split(","):
+        model = load_full(arch)
+        for mode in args.modes.split(","):
+            for B in batches:
+                row = {"arch": arch, **run_row(model, tokenizer, B, mode, args.tokens, max(batches))}
+                out["rows"].append(row)
+                print(f"{arch:11} {mode:7} B={B:3}  step {row['step_ms']:6.3f} ms  graph replay "
+                      f"{row['graph_replay_ms']:6.3f}  overhead {row['overhead_ms']:6.3f} (to launch "
+                      f"{row['host_to_launch_ms']:.3f}, sampler {row['sampler_ms']:.3f}, after "
+                      f"{row['after_sampler_ms']:.3f})  {row['tok_per_s']:8.0f} tok/s", flush=True)
+                (out_dir / "engine_decode.json").write_text(json.dumps(out, indent=1))
+        del model
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
