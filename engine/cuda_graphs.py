@@ -29,7 +29,7 @@ def capture_sizes(max_bs: int) -> list[int]:
 
 
 @contextmanager
-def _no_gc():
+def gc_paused():
     """Python's collector off while capturing: a collection then may free CUDA objects (tensors, graphs,
     pinned host buffers of an earlier engine) whose release calls what a capture forbids, invalidating it
     (seen on an H100 when engines were built one after another in one process)."""
@@ -53,7 +53,7 @@ def _capture(model, cache: CacheView, meta: BatchMeta, pool, stream: torch.cuda.
             model.forward(meta, cache).argmax(-1)
     torch.cuda.current_stream().wait_stream(stream)
     g = torch.cuda.CUDAGraph()
-    with _no_gc(), torch.cuda.graph(g, pool=pool):
+    with gc_paused(), torch.cuda.graph(g, pool=pool):
         out = model.forward(meta, cache)
         ids = out.argmax(-1) if greedy else None
     return g, out, ids

@@ -97,6 +97,7 @@ class LLMEngine:
                 logits, [s.params for s in sampling], [s.output_ids for s in sampling],
                 [s.prompt_ids for s in sampling], [s.generator for s in sampling],
                 stop_ids_per_row=[s.stop_ids for s in sampling], argmax=self.runner.last_argmax,
+                graphs=self.runner.graph_sampler(len(sampling)),
             ) if sampling else None
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")

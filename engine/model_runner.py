@@ -7,6 +7,7 @@ import torch
 
 from hybridserve.engine.cache_pools import CachePools
 from hybridserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
+from hybridserve.engine.sampler_graphs import SamplerGraphs
 from hybridserve.models.batch import BatchMeta
 
 
@@ -59,7 +60,7 @@ def build_meta(chunks: list[SeqChunk], page_size: int, device: torch.device,
 
 
 class ModelRunner:
-    """CUDA-graph replay on GPU for decode steps and a lone short prefill; eager forward otherwise."""
+    """CUDA-graph replay on GPU for decode steps (and their sampling) and a lone short prefill; eager otherwise."""
 
     def __init__(self, model, pools: CachePools, max_model_len: int, max_num_seqs: int,
                  enforce_eager: bool = False):
@@ -67,13 +68,22 @@ class ModelRunner:
         self.device = model.device
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        self.sampler_graphs: SamplerGraphs | None = None
         if self.device.type == "cuda" and not enforce_eager:
             max_blocks = -(-max_model_len // pools.page_size)
             self.graphs = DecodeGraphs(model, pools.view, max(1, max_num_seqs), max_blocks)
             self.graphs.capture()
             self.prefill_graphs = PrefillGraphs(model, pools.view, max_blocks)
             self.prefill_graphs.capture()
+            self.sampler_graphs = SamplerGraphs(self.graphs)
+            self.sampler_graphs.capture()
         self.last_argmax: torch.Tensor | None = None
+
+    def graph_sampler(self, num_rows: int) -> SamplerGraphs | None:
+        """The sampler graphs for the decode-graph step just run, if they cover its batch size."""
+        if self.last_argmax is None or self.sampler_graphs is None or not self.sampler_graphs.covers(num_rows):
+            return None
+        return self.sampler_graphs
 
     @torch.inference_mode()
     def run(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:

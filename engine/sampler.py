@@ -206,14 +206,19 @@ class Sampler:
     def __call__(self, logits: Tensor, params: list[SamplingParams], output_token_ids: list[list[int]],
                  prompt_token_ids: list[list[int]], generators: list[torch.Generator | None],
                  stop_ids_per_row: list[set[int]] | None = None,
-                 argmax: Tensor | None = None) -> SamplerOutput:
+                 argmax: Tensor | None = None, graphs=None) -> SamplerOutput:
         """`argmax`: each row's argmax of `logits` if already computed (the decode graph takes it); an
-        all-greedy batch with no penalties, no min_tokens ban and no logprobs then reads it and nothing else."""
-        if argmax is not None and all(
-                p.greedy and p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
-                and not p.logprobs and not p.top_logprobs and len(out) >= p.min_tokens
-                for p, out in zip(params, output_token_ids)):
+        all-greedy batch with no penalties, no min_tokens ban and no logprobs then reads it and nothing else.
+        `graphs`: engine/sampler_graphs.py SamplerGraphs holding this step's logits, used for such batches
+        with sampled rows (no seeds)."""
+        plain = argmax is not None and all(
+            p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
+            and not p.logprobs and not p.top_logprobs and len(out) >= p.min_tokens
+            for p, out in zip(params, output_token_ids))
+        if plain and all(p.greedy for p in params):
             return SamplerOutput(argmax.tolist())
+        if plain and graphs is not None and all(p.seed is None for p in params):
+            return SamplerOutput(graphs.run(params).tolist())
         tensors = SamplingTensors.build(params, output_token_ids, prompt_token_ids, stop_ids_per_row,
                                         logits.shape[-1], logits.device)
         return self.sample(logits, tensors, generators)

@@ -252,3 +252,49 @@ def test_precomputed_argmax_only_for_plain_greedy_batches():
                   SamplingParams(temperature=0.0, logprobs=True),
                   SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[5])):
         assert run([greedy, other])[0] == true_argmax[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampler_graphs_draw_from_the_eager_distribution():
+    """The graph-captured sampler (over a real decode graph's logits buffer) gives greedy rows their argmax
+    and draws the other rows from exactly the distribution the eager sampler builds (temperature, top_k,
+    top_p, min_p), each replay with fresh noise; a batch with a seeded row is left to the eager sampler."""
+    from harness import Harness
+    from model_zoo import tiny_models
+
+    from hybridserve.engine.cuda_graphs import DecodeGraphs
+    from hybridserve.engine.sampler_graphs import SamplerGraphs
+
+    model = tiny_models()["spartacus"](torch.device("cuda"), torch.float32)
+    decode = DecodeGraphs(model, Harness(model, num_pages=16).pools.view, max_bs=4, max_blocks=4)
+    decode.capture()
+    graphs = SamplerGraphs(decode)
+    graphs.capture()
+    V = decode.outputs[4].shape[-1]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.full((3, V), -20.0, device="cuda")          # ~20 likely tokens a row: few enough to count
+    logits[:, :20] = torch.randn(3, 20, device="cuda", generator=g) * 1.5
+    with torch.inference_mode():                     # as the decode graph's replay leaves them
+        decode.outputs[4][:3].copy_(logits)
+        decode.argmax[4][:3].copy_(logits.argmax(-1))
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=5),
+              SamplingParams(temperature=1.3, top_p=0.8, min_p=0.02)]
+    t = SamplingTensors.build(params, [[]] * 3, [[]] * 3, None, V, "cuda")
+    want = apply_truncation(apply_penalties_and_temperature(logits, t), t).softmax(-1)
+    n = 8000
+    counts = torch.zeros(3, V, device="cuda")
+    for _ in range(n):
+        ids = graphs.run(params)
+        counts[torch.arange(3, device="cuda"), ids] += 1
+    freq = counts / n
+    assert freq[0, logits[0].argmax()].item() == 1.0
+    for row in (1, 2):
+        outside = freq[row][want[row] == 0].sum().item()            # never outside the truncated set
+        tv = 0.5 * (freq[row] - want[row]).abs().sum().item()       # total variation
+        assert outside == 0 and tv < 0.05, (row, outside, tv)
+    seeded = [SamplingParams(temperature=0.7, seed=3)] * 3
+    out = Sampler()(logits, seeded, [[]] * 3, [[]] * 3, [make_generator(3, "cuda")] * 3,
+                    argmax=decode.argmax[4][:3], graphs=graphs)
+    again = Sampler()(logits, seeded, [[]] * 3, [[]] * 3, [make_generator(3, "cuda")] * 3)
+    assert out.token_ids == again.token_ids

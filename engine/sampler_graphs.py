@@ -1,0 +1,110 @@
+"""The sampler of a decode step as CUDA graphs: temperature, then (when a row asks) min_p / top_k / top_p, then
+the exponential-race draw, for each padded batch size of the decode graphs, reading their logits and argmax
+buffers in place. An eager sampled step is ~15 launches and host work per step (engine/sampler.py); replayed,
+it is three small copies and one launch.
+
+The graphs run the same functions as the eager sampler (`apply_truncation`, `_exponential_noise`) with every
+knob present: an unused knob holds its neutral value (top_k = vocabulary, top_p = 1, min_p = 0), which masks
+nothing, so a row's distribution is the one the eager sampler draws from. Two graphs per size: with the
+truncation (a sort of each row) and without it, for batches where no row truncates. Noise comes from the
+global CUDA generator, which graph replays advance; rows with their own seeded generator, penalties, a
+min_tokens ban or logprobs make the batch take the eager sampler (engine/sampler.py decides).
+"""
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import torch
+
+from hybridserve.engine.cuda_graphs import gc_paused
+from hybridserve.engine.request import SamplingParams
+from hybridserve.engine.sampler import _exponential_noise, apply_truncation
+
+log = logging.getLogger("hybridserve.engine")
+
+MAX_BATCH = 64      # larger batches sample eagerly: their [B, V] buffers would stay reserved, launches matter less
+
+
+def _draw(logits, argmax, temperature, top_k, top_p, min_p, greedy, truncate: bool):
+    x = logits.float() / temperature[:, None]
+    if truncate:
+        x = apply_truncation(x, SimpleNamespace(min_p=min_p[:, None], top_k=top_k, top_p=top_p[:, None]))
+    probs = x.softmax(-1)
+    ids = (probs / _exponential_noise(probs, [None] * probs.shape[0])).argmax(-1)
+    return torch.where(greedy != 0, argmax, ids)
+
+
+class SamplerGraphs:
+    def __init__(self, decode_graphs, max_batch: int = MAX_BATCH):
+        self.decode = decode_graphs
+        self.sizes = [s for s in decode_graphs.sizes if s <= max_batch]
+        n = decode_graphs.max_bs
+        dev = decode_graphs.model.device
+        self.vocab = None
+        self.f32 = torch.ones(3, n, device=dev)                       # temperature, top_p, min_p
+        self.i64 = torch.zeros(2, n, dtype=torch.long, device=dev)     # top_k, greedy (0 / 1)
+        self._host = (torch.ones(3, n, pin_memory=True), torch.zeros(2, n, dtype=torch.long, pin_memory=True))
+        self._copied = None
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def _args(self, bs: int):
+        temperature, top_p, min_p = self.f32[:, :bs]
+        return (self.decode.outputs[bs], self.decode.argmax[bs], temperature, self.i64[0, :bs], top_p, min_p,
+                self.i64[1, :bs])
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        if not self.sizes:
+            return
+        self.vocab = self.decode.outputs[self.sizes[0]].shape[-1]
+        self.i64[0].fill_(self.vocab)
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        for bs in reversed(self.sizes):
+            for truncate in (True, False):
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    _draw(*self._args(bs), truncate)
+                torch.cuda.current_stream().wait_stream(stream)
+                g = torch.cuda.CUDAGraph()
+                with gc_paused(), torch.cuda.graph(g, pool=pool):
+                    self.outputs[bs, truncate] = _draw(*self._args(bs), truncate)
+                self.graphs[bs, truncate] = g
+        torch.cuda.synchronize()
+        log.info("captured sampler graphs for batch sizes %s", self.sizes)
+
+    def covers(self, batch: int) -> bool:
+        bs = self.decode.padded_size(batch)
+        return bs is not None and bs in self.sizes
+
+    @torch.inference_mode()
+    def run(self, params: list[SamplingParams]) -> torch.Tensor:
+        """Token ids [B] on the device for the rows of the decode graph replayed last (eligible params)."""
+        B = len(params)
+        bs = self.decode.padded_size(B)
+        h32, h64 = self._host
+        if self._copied is not None:
+            self._copied.synchronize()
+        a32, a64 = h32.numpy(), h64.numpy()
+        a32[:, :bs] = 1.0
+        a32[2, :bs] = 0.0
+        a64[0, :bs] = self.vocab
+        a64[1, :bs] = 1
+        truncate = False
+        for r, p in enumerate(params):
+            g = p.greedy
+            k = p.top_k if 0 < p.top_k < self.vocab else self.vocab
+            a32[0, r] = 1.0 if g else p.temperature
+            a32[1, r] = min(p.top_p, 1.0)
+            a32[2, r] = max(p.min_p, 0.0)
+            a64[0, r], a64[1, r] = k, g
+            truncate |= k != self.vocab or p.top_p < 1.0 or p.min_p > 0.0
+        self.f32.copy_(h32, non_blocking=True)
+        self.i64.copy_(h64, non_blocking=True)
+        if self._copied is None:
+            self._copied = torch.cuda.Event()
+        self._copied.record()
+        self.graphs[bs, truncate].replay()
+        return self.outputs[bs, truncate][:B]
