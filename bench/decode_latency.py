@@ -142,6 +142,7 @@ def _knob(mod, attr):
 # value (PDL unsupported, the GEMV already one-row) is not timed again
 VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, False),
             "gemv_one_row_only": (*_knob(ft, "GEMV_MAX_ROWS"), 1),      # cuBLAS/GEMM for 2+ rows
+            "gemv_two_rows": (*_knob(ft, "GEMV_MAX_ROWS"), 2),          # the GEMV for 2-row matmuls too
             "mm_off": (*_knob(ft, "MM_MAX_ROWS"), 0),                     # cuBLAS for every multi-row matmul
             "min_split_256": (*_knob(pat, "MIN_SPLIT"), 256)}             # attention splits of >= 256 keys
 PDL_COMPARE = ("pdl_off", "gemv_one_row_only")

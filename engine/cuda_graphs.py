@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
+from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheView
 
@@ -50,12 +51,14 @@ def _capture(model, cache: CacheView, meta: BatchMeta, pool, stream: torch.cuda.
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            model.forward(meta, cache).argmax(-1)
+            out = model.forward(meta, cache)
+            if greedy:
+                pick("sampling", out.device).argmax(out)
     torch.cuda.current_stream().wait_stream(stream)
     g = torch.cuda.CUDAGraph()
     with gc_paused(), torch.cuda.graph(g, pool=pool):
         out = model.forward(meta, cache)
-        ids = out.argmax(-1) if greedy else None
+        ids = pick("sampling", out.device).argmax(out) if greedy else None
     return g, out, ids
 
 

@@ -3,12 +3,14 @@ the exponential-race draw, for each padded batch size of the decode graphs, read
 buffers in place. An eager sampled step is ~15 launches and host work per step (engine/sampler.py); replayed,
 it is three small copies and one launch.
 
-The graphs run the same functions as the eager sampler (`apply_truncation`, `_exponential_noise`) with every
-knob present: an unused knob holds its neutral value (top_k = vocabulary, top_p = 1, min_p = 0), which masks
-nothing, so a row's distribution is the one the eager sampler draws from. Two graphs per size: with the
-truncation (a sort of each row) and without it, for batches where no row truncates. Noise comes from the
-global CUDA generator, which graph replays advance; rows with their own seeded generator, penalties, a
-min_tokens ban or logprobs make the batch take the eager sampler (engine/sampler.py decides).
+The graphs run the eager sampler's truncation (`apply_truncation`) with every knob present: an unused knob
+holds its neutral value (top_k = vocabulary, top_p = 1, min_p = 0), which masks nothing, so a row's
+distribution is the one the eager sampler draws from. The draw is the same exponential race, in logit space
+with split-row kernels (kernels/sampling_triton.py: no softmax, one pass over each row). Two graphs per
+size: with the truncation (a sort of each row) and without it, for batches where no row truncates. The
+noise stream's seed lives on the device and each replay advances it; rows with their own seeded
+generator, penalties, a min_tokens ban or logprobs make the batch take the eager sampler (engine/sampler.py
+decides).
 """
 from __future__ import annotations
 
@@ -19,19 +21,25 @@ import torch
 
 from hybridserve.engine.cuda_graphs import gc_paused
 from hybridserve.engine.request import SamplingParams
-from hybridserve.engine.sampler import _exponential_noise, apply_truncation
+from hybridserve.engine.sampler import apply_truncation
+from hybridserve.kernels.backend import pick
 
 log = logging.getLogger("hybridserve.engine")
 
 MAX_BATCH = 64      # larger batches sample eagerly: their [B, V] buffers would stay reserved, launches matter less
 
 
-def _draw(logits, argmax, temperature, top_k, top_p, min_p, greedy, truncate: bool):
-    x = logits.float() / temperature[:, None]
+def _draw(logits, argmax, temperature, top_k, top_p, min_p, greedy, seed, truncate: bool):
+    """The exponential race (kernels/sampling.py) over the temperature-scaled logits, truncated first when
+    asked; greedy rows take the decode graph's argmax. Each replay advances the race's seed."""
+    race = pick("sampling", logits.device).race
+    seed.add_(1)
     if truncate:
-        x = apply_truncation(x, SimpleNamespace(min_p=min_p[:, None], top_k=top_k, top_p=top_p[:, None]))
-    probs = x.softmax(-1)
-    ids = (probs / _exponential_noise(probs, [None] * probs.shape[0])).argmax(-1)
+        x = apply_truncation(logits.float() / temperature[:, None],
+                             SimpleNamespace(min_p=min_p[:, None], top_k=top_k, top_p=top_p[:, None]))
+        ids = race(x, torch.ones_like(temperature), seed)
+    else:
+        ids = race(logits, 1.0 / temperature, seed)
     return torch.where(greedy != 0, argmax, ids)
 
 
@@ -44,6 +52,8 @@ class SamplerGraphs:
         self.vocab = None
         self.f32 = torch.ones(3, n, device=dev)                       # temperature, top_p, min_p
         self.i64 = torch.zeros(2, n, dtype=torch.long, device=dev)     # top_k, greedy (0 / 1)
+        # the race's noise stream: seeded from the global generator (a served run follows --seed)
+        self.seed = torch.randint(1 << 31, (1,), dtype=torch.long).to(dev)
         self._host = (torch.ones(3, n, pin_memory=True), torch.zeros(2, n, dtype=torch.long, pin_memory=True))
         self._copied = None
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
@@ -52,7 +62,7 @@ class SamplerGraphs:
     def _args(self, bs: int):
         temperature, top_p, min_p = self.f32[:, :bs]
         return (self.decode.outputs[bs], self.decode.argmax[bs], temperature, self.i64[0, :bs], top_p, min_p,
-                self.i64[1, :bs])
+                self.i64[1, :bs], self.seed)
 
     @torch.inference_mode()
     def capture(self) -> None:

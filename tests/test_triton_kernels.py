@@ -750,3 +750,46 @@ def test_llama_engine_on_triton_kernels(device, kotodama, monkeypatch):
     assert len(layer_starts) == c.num_layers, log.names
     per_layer = {b - a for a, b in pairwise(layer_starts)}
     assert per_layer == {9 if kotodama else 7}, str(log.names)
+
+
+# -- token selection (kernels/sampling*.py) ---------------------------------------------------------------
+
+from hybridserve.kernels import sampling as sampling_ref  # noqa: E402
+from hybridserve.kernels import sampling_triton as sampling_tr  # noqa: E402
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_argmax_is_torch_argmax(device):
+    """Rows longer than a block, a partial last block, ties within a block and across blocks (the lowest
+    index wins, as torch.argmax), -inf entries and a row that is all -inf but one."""
+    V = sampling_tr.BLOCK * 2 + 333
+    x = torch.randn(5, V, device=device)
+    x[1, [7, 5000, V - 1]] = 9.0                      # three equal maxima, in three blocks
+    x[2, [4100, 4101]] = 9.0                          # a tie inside one block
+    x[3, :] = float("-inf")
+    x[3, V - 2] = -3.0
+    x[4, : V // 2] = float("-inf")
+    got = sampling_tr.argmax(x)
+    assert got.dtype == torch.long and torch.equal(got, sampling_ref.argmax(x))
+    assert got[1].item() == 7 and got[2].item() == 4100
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_race_draws_softmax_of_scaled_logits(device):
+    """Many rows with the same logits and one seed are independent draws: their frequencies follow
+    softmax(logits · scale) (both kernels), masked (-inf) tokens never win, and a seed repeats its draws."""
+    V, rows = 12, (20000 if device == "cuda" else 300)      # the interpreter runs a program at a time
+    bound = 0.02 if device == "cuda" else 0.15                  # ~3x the expected total variation
+    base = torch.randn(V) * 1.5
+    base[[3, 8]] = float("-inf")
+    scale = torch.full((rows,), 1 / 0.7)
+    want = torch.softmax(base / 0.7, -1)
+    for mod in (sampling_tr, sampling_ref):
+        seed = torch.tensor([1234], device=device)
+        x = base.expand(rows, V).contiguous().to(device)
+        ids = mod.race(x, scale.to(device), seed)
+        freq = torch.bincount(ids.cpu(), minlength=V).float() / rows
+        assert freq[3] == 0 and freq[8] == 0
+        assert 0.5 * (freq - want).abs().sum().item() < bound, (mod.__name__, freq, want)
+        assert torch.equal(ids, mod.race(x, scale.to(device), seed))
+        assert not torch.equal(ids, mod.race(x, scale.to(device), seed + 1))

@@ -1,0 +1,26 @@
+"""Token selection over a batch of logit rows [B, V] (fp32), the two steps every sampled decode step ends in:
+the row argmax (greedy), and the exponential race — argmax_i(l_i·s − log E_i) with E_i ~ Exp(1) independent,
+which draws i with probability softmax(l·s)_i (the same law as argmax(p_i / E_i), engine/sampler.py), so no
+softmax, division or normalisation is needed; tokens masked to −inf never win.
+
+`race` draws its noise from the counter-based stream keyed by `seed` (an int64 device tensor, so a CUDA
+graph reads the value current at replay): the same seed gives the same draws. Here (the reference), the
+stream is torch's generator seeded from it; the Triton kernels use philox: both are exact draws of the same
+law, not the same numbers.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """[B] int64: each row's first maximal index (torch.argmax's tie rule)."""
+    return logits.argmax(-1)
+
+
+def race(logits: torch.Tensor, scale: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """[B] int64 drawn from softmax(logits · scale[:, None]) per row; scale [B] fp32 (1 / temperature)."""
+    g = torch.Generator(device=logits.device)
+    g.manual_seed(int(seed.item()))
+    u = torch.rand(logits.shape, generator=g, device=logits.device).clamp_min_(torch.finfo(torch.float32).tiny)
+    return (logits.float() * scale[:, None] - (-u.log()).log()).argmax(-1)
