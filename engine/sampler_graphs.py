@@ -3,11 +3,12 @@ the exponential-race draw, for each padded batch size of the decode graphs, read
 buffers in place. An eager sampled step is ~15 launches and host work per step (engine/sampler.py); replayed,
 it is three small copies and one launch.
 
-The graphs run the eager sampler's truncation (`apply_truncation`) with every knob present: an unused knob
-holds its neutral value (top_k = vocabulary, top_p = 1, min_p = 0), which masks nothing, so a row's
-distribution is the one the eager sampler draws from. The draw is the same exponential race, in logit space
-with split-row kernels (kernels/sampling_triton.py: no softmax, one pass over each row). Two graphs per
-size: with the truncation (a sort of each row) and without it, for batches where no row truncates. The
+The graphs truncate as the eager sampler's `apply_truncation` does, as one per-row floor on the logits
+(`truncation_floor`: a sort of each row, no scatter back) with every knob present: an unused knob holds its
+neutral value (top_k = vocabulary, top_p = 1, min_p = 0), which cuts nothing, so a row's distribution is the
+one the eager sampler draws from (up to exact ties at the top_p cut). The draw is the same exponential race,
+in logit space with split-row kernels (kernels/sampling_triton.py: no softmax, one pass over each row). Two
+graphs per size: with the truncation and without it, for batches where no row truncates. The
 noise stream's seed lives on the device and each replay advances it; rows with their own seeded
 generator, penalties, a min_tokens ban or logprobs make the batch take the eager sampler (engine/sampler.py
 decides).
@@ -15,13 +16,12 @@ decides).
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 
 import torch
 
 from hybridserve.engine.cuda_graphs import gc_paused
 from hybridserve.engine.request import SamplingParams
-from hybridserve.engine.sampler import apply_truncation
+from hybridserve.engine.sampler import truncation_floor
 from hybridserve.kernels.backend import pick
 
 log = logging.getLogger("hybridserve.engine")
@@ -34,10 +34,9 @@ def _draw(logits, argmax, temperature, top_k, top_p, min_p, greedy, seed, trunca
     asked; greedy rows take the decode graph's argmax. Each replay advances the race's seed."""
     race = pick("sampling", logits.device).race
     seed.add_(1)
-    if truncate:
-        x = apply_truncation(logits.float() / temperature[:, None],
-                             SimpleNamespace(min_p=min_p[:, None], top_k=top_k, top_p=top_p[:, None]))
-        ids = race(x, torch.ones_like(temperature), seed)
+    if truncate:        # the race compares the same scaled values the floor came from
+        x = logits.float() / temperature[:, None]
+        ids = race(x, torch.ones_like(temperature), seed, truncation_floor(x, min_p, top_k, top_p))
     else:
         ids = race(logits, 1.0 / temperature, seed)
     return torch.where(greedy != 0, argmax, ids)

@@ -18,9 +18,14 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
-def race(logits: torch.Tensor, scale: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """[B] int64 drawn from softmax(logits · scale[:, None]) per row; scale [B] fp32 (1 / temperature)."""
+def race(logits: torch.Tensor, scale: torch.Tensor, seed: torch.Tensor,
+         floor: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] int64 drawn from softmax(logits · scale[:, None]) per row; scale [B] fp32 (1 / temperature).
+    floor [B] (optional): tokens whose scaled logit is below their row's floor are out (truncation)."""
     g = torch.Generator(device=logits.device)
     g.manual_seed(int(seed.item()))
     u = torch.rand(logits.shape, generator=g, device=logits.device).clamp_min_(torch.finfo(torch.float32).tiny)
-    return (logits.float() * scale[:, None] - (-u.log()).log()).argmax(-1)
+    x = logits.float() * scale[:, None]
+    if floor is not None:
+        x = x.masked_fill(x < floor[:, None], float("-inf"))
+    return (x - (-u.log()).log()).argmax(-1)

@@ -13,8 +13,8 @@ BLOCK = 4096
 
 
 @triton.jit
-def _block_best_kernel(x_ptr, scale_ptr, seed_ptr, val_ptr, idx_ptr, V, sx, NB, BLOCK: tl.constexpr,
-                       RACE: tl.constexpr):
+def _block_best_kernel(x_ptr, scale_ptr, seed_ptr, floor_ptr, val_ptr, idx_ptr, V, sx, NB, BLOCK: tl.constexpr,
+                       RACE: tl.constexpr, FLOOR: tl.constexpr):
     row = tl.program_id(0)
     blk = tl.program_id(1)
     cols = blk * BLOCK + tl.arange(0, BLOCK)
@@ -23,7 +23,10 @@ def _block_best_kernel(x_ptr, scale_ptr, seed_ptr, val_ptr, idx_ptr, V, sx, NB, 
     if RACE:
         seed = tl.load(seed_ptr)
         u = tl.maximum(tl.rand(seed, row * V + cols), 1.1754944e-38)
-        key = key * tl.load(scale_ptr + row) - tl.log(-tl.log(u))
+        scaled = key * tl.load(scale_ptr + row)
+        key = scaled - tl.log(-tl.log(u))
+        if FLOOR:
+            m = m & (scaled >= tl.load(floor_ptr + row))
         key = tl.where(m, key, float("-inf"))
     best = tl.max(key, axis=0)
     first = tl.min(tl.where(key == best, cols, V), axis=0)      # lowest index among the block's maxima
@@ -42,7 +45,8 @@ def _row_best_kernel(val_ptr, idx_ptr, out_ptr, NB, BNB: tl.constexpr):
     tl.store(out_ptr + row, tl.min(tl.where(val == best, idx, 2147483647), axis=0).to(tl.int64))
 
 
-def _best(logits: torch.Tensor, scale: torch.Tensor | None, seed: torch.Tensor | None) -> torch.Tensor:
+def _best(logits: torch.Tensor, scale: torch.Tensor | None, seed: torch.Tensor | None,
+          floor: torch.Tensor | None = None) -> torch.Tensor:
     B, V = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -52,8 +56,9 @@ def _best(logits: torch.Tensor, scale: torch.Tensor | None, seed: torch.Tensor |
     out = torch.empty(B, dtype=torch.long, device=logits.device)
     if B:
         race = scale is not None
-        _block_best_kernel[(B, nb)](logits, scale if race else logits, seed if race else logits, val, idx, V,
-                                    logits.stride(0), nb, BLOCK=BLOCK, RACE=race, num_warps=8)
+        _block_best_kernel[(B, nb)](logits, scale if race else logits, seed if race else logits,
+                                    floor if floor is not None else logits, val, idx, V, logits.stride(0), nb,
+                                    BLOCK=BLOCK, RACE=race, FLOOR=floor is not None, num_warps=8)
         _row_best_kernel[(B,)](val, idx, out, nb, BNB=max(16, triton.next_power_of_2(nb)), num_warps=1)
     return out
 
@@ -62,5 +67,6 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return _best(logits, None, None)
 
 
-def race(logits: torch.Tensor, scale: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    return _best(logits, scale.float().contiguous(), seed)
+def race(logits: torch.Tensor, scale: torch.Tensor, seed: torch.Tensor,
+         floor: torch.Tensor | None = None) -> torch.Tensor:
+    return _best(logits, scale.float().contiguous(), seed, None if floor is None else floor.float().contiguous())

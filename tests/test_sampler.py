@@ -8,7 +8,7 @@ import torch
 
 from hybridserve.engine.request import SamplingParams
 from hybridserve.engine.sampler import (Sampler, SamplingTensors, apply_penalties_and_temperature, apply_truncation,
-                                        make_generator)
+                                        make_generator, truncation_floor)
 
 LOGITS6 = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0, -2.0])   # softmax ≈ .64 .23 .086 .032 .012 .004
 
@@ -298,3 +298,23 @@ def test_sampler_graphs_draw_from_the_eager_distribution():
                     argmax=decode.argmax[4][:3], graphs=graphs)
     again = Sampler()(logits, seeded, [[]] * 3, [[]] * 3, [make_generator(3, "cuda")] * 3)
     assert out.token_ids == again.token_ids
+
+
+@pytest.mark.parametrize("knobs", [dict(top_p=0.9), dict(top_k=7), dict(min_p=0.1), dict(top_k=40, top_p=0.5),
+                                   dict(min_p=0.3, top_k=100, top_p=0.95), dict(min_p=0.05, top_k=3),
+                                   dict(top_p=1e-6), dict()])
+def test_truncation_floor_keeps_what_apply_truncation_keeps(knobs):
+    """Keeping logits >= truncation_floor (the sampler graphs' one-threshold form) is apply_truncation's
+    mask, per row, for every knob and their combinations (rows also mix knobs and neutral values)."""
+    g = torch.Generator().manual_seed(len(str(knobs)))
+    V = 500
+    x = torch.randn(4, V, generator=g) * torch.tensor([[0.5], [2.0], [4.0], [1.0]])
+    params = [SamplingParams(**knobs), SamplingParams(**knobs), SamplingParams(), SamplingParams(**knobs)]
+    t = SamplingTensors.build(params, [[]] * 4, [[]] * 4, None, V, "cpu")
+    want = torch.isfinite(apply_truncation(x, t))
+
+    def col(v, neutral):
+        return v.view(-1) if v is not None else torch.full((4,), neutral)
+    floor = truncation_floor(x, col(t.min_p, 0.0), t.top_k if t.top_k is not None else torch.full((4,), V),
+                             col(t.top_p, 1.0))
+    assert torch.equal(x >= floor[:, None], want)
