@@ -20,20 +20,17 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from decode_latency import load_full, measure_copy_bandwidth, time_fn  # noqa: E402
-
-from hybridserve.engine.cache_pools import CachePools, plan_memory  # noqa: E402
-from hybridserve.engine.config import EngineConfig  # noqa: E402
-from hybridserve.engine.llm_engine import LLMEngine  # noqa: E402
-from hybridserve.engine.request import SamplingParams  # noqa: E402
-from hybridserve.weights.safetensors_dir import read_sidecars  # noqa: E402
+from decode_latency import load_full, measure_copy_bandwidth, time_fn
+from hybridserve.engine.cache_pools import CachePools, plan_memory
+from hybridserve.engine.config import EngineConfig
+from hybridserve.engine.llm_engine import LLMEngine
+from hybridserve.engine.request import SamplingParams
+from hybridserve.weights.safetensors_dir import read_sidecars
 
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, top_p=0.95)}
 

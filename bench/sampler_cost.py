@@ -42,7 +42,6 @@ def profile_ops(fn, reps: int = 20) -> tuple[float, list]:
 def main():
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     sampler = Sampler()
-    fast = sampling_triton
     for V in (49152, 128256):
         for B in (1, 32):
             logits = torch.randn(B, V, device="cuda") * 4
@@ -59,10 +58,10 @@ def main():
             inv_t, ones = torch.full((B,), 1 / 0.8, device="cuda"), torch.ones(B, device="cuda")
             knobs = (torch.zeros(B, device="cuda"), torch.full((B,), V, device="cuda"),
                      torch.full((B,), 0.95, device="cuda"))
-            for case, fn in (("graph_form_temperature", lambda: fast.race(logits, inv_t, seed)),
-                             ("graph_form_top_p", lambda: fast.race(logits * 1.25, ones, seed,
+            for case, fn in (("graph_form_temperature", lambda: sampling_triton.race(logits, inv_t, seed)),
+                             ("graph_form_top_p", lambda: sampling_triton.race(logits * 1.25, ones, seed,
                                                                     truncation_floor(logits * 1.25, *knobs))),
-                             ("graph_form_greedy", lambda: fast.argmax(logits))):
+                             ("graph_form_greedy", lambda: sampling_triton.argmax(logits))):
                 total, ops = profile_ops(fn)
                 out["rows"].append({"vocab": V, "batch": B, "case": case, "gpu_us": total, "top": ops})
                 print(f"V={V:6} B={B:3} {case:11} {total:8.1f} us  " + ", ".join(

@@ -45,21 +45,38 @@ def gc_paused():
             gc.enable()
 
 
-def _capture(model, cache: CacheView, meta: BatchMeta, pool, stream: torch.cuda.Stream, greedy: bool = False):
-    """Two warm-up forwards on a side stream (Triton compiles, allocator settles), then one captured; with
-    `greedy` the graph also takes each row's argmax (the token a greedy request gets)."""
+def capture(fn, pool, stream: torch.cuda.Stream):
+    """Two warm-up calls of fn on a side stream (Triton compiles, allocator settles), then one captured
+    into a graph on `pool`: (graph, fn's result, whose tensors each replay refills)."""
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            out = model.forward(meta, cache)
-            if greedy:
-                pick("sampling", out.device).argmax(out)
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     g = torch.cuda.CUDAGraph()
     with gc_paused(), torch.cuda.graph(g, pool=pool):
-        out = model.forward(meta, cache)
-        ids = pick("sampling", out.device).argmax(out) if greedy else None
-    return g, out, ids
+        out = fn()
+    return g, out
+
+
+class HostMirror:
+    """Pinned host copies of a graph's input buffers, refilled on the host each step and copied in without a
+    synchronisation; `arrays()` first waits for the copies that read the previous fill."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.tensors = tensors
+        self._copied: torch.cuda.Event | None = None
+
+    def arrays(self) -> tuple:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return tuple(t.numpy() for t in self.tensors)
+
+    def copied(self) -> None:
+        """Marks the copies just enqueued from these buffers."""
+        if self._copied is None:
+            self._copied = torch.cuda.Event()
+        self._copied.record()
 
 
 class DecodeGraphs:
@@ -85,8 +102,10 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.argmax: dict[int, torch.Tensor] = {}
         self.last_argmax: torch.Tensor | None = None
-        self._host: tuple | None = None       # pinned mirrors, made on first use (CUDA only)
-        self._copied = None                   # event after the last host -> device copies
+        self.host = HostMirror(torch.zeros(4, max_bs, dtype=torch.long, pin_memory=True),
+                               torch.ones(max_bs, dtype=torch.int32, pin_memory=True),
+                               torch.zeros(max_bs, max_blocks if self.uses_kv else 1, dtype=torch.int32,
+                                           pin_memory=True))
 
     def _meta(self, bs: int) -> BatchMeta:
         return BatchMeta(
@@ -101,10 +120,17 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            self.graphs[bs], self.outputs[bs], self.argmax[bs] = _capture(self.model, self.cache, self._meta(bs),
-                                                                          pool, stream, greedy=True)
+            meta = self._meta(bs)
+            self.graphs[bs], (self.outputs[bs], self.argmax[bs]) = capture(self._step(meta), pool, stream)
         torch.cuda.synchronize()
         log.info("captured decode graphs for batch sizes %s", self.sizes)
+
+    def _step(self, meta: BatchMeta):
+        """The captured step: the forward's logits and each row's argmax (the token a greedy request gets)."""
+        def step():
+            out = self.model.forward(meta, self.cache)
+            return out, pick("sampling", out.device).argmax(out)
+        return step
 
     def padded_size(self, batch: int) -> int | None:
         return next((s for s in self.sizes if s >= batch), None)
@@ -116,15 +142,8 @@ class DecodeGraphs:
         valid until the next replay."""
         B = len(chunks)
         bs = self.padded_size(B)
-        if self._host is None:
-            self._host = (torch.zeros(4, self.max_bs, dtype=torch.long, pin_memory=True),
-                          torch.ones(self.max_bs, dtype=torch.int32, pin_memory=True),
-                          torch.zeros(self.max_bs, self.max_blocks if self.uses_kv else 1, dtype=torch.int32,
-                                      pin_memory=True))
-        h64, h32, hbt = self._host
-        if self._copied is not None:
-            self._copied.synchronize()        # the last step's copies have read the mirrors
-        a64, a32, abt = h64.numpy(), h32.numpy(), hbt.numpy()
+        h64, h32, hbt = self.host.tensors
+        a64, a32, abt = self.host.arrays()
         a64[:, :bs] = 0
         a32[:bs] = 1
         w = 1
@@ -142,9 +161,7 @@ class DecodeGraphs:
             for r, c in enumerate(chunks):
                 abt[r, :len(c.pages)] = c.pages
             self.block_tables[:bs, :w].copy_(hbt[:bs, :w], non_blocking=True)
-        if self._copied is None:
-            self._copied = torch.cuda.Event()
-        self._copied.record()
+        self.host.copied()
         self.graphs[bs].replay()
         self.last_argmax = self.argmax[bs][:B]
         return self.outputs[bs][:B]
@@ -227,7 +244,8 @@ class PrefillGraphs:
             self.cu_seqlens[1].fill_(1)
             self.seq_lens[0].fill_(1)
             self._fill(bucket, 1)
-            self.graphs[bucket], self.outputs[bucket], _ = _capture(self.model, self.cache, meta, pool, stream)
+            self.graphs[bucket], self.outputs[bucket] = capture(lambda: self.model.forward(meta, self.cache),
+                                                                pool, stream)
         torch.cuda.synchronize()
         log.info("captured prefill graphs for token buckets %s", self.buckets)
 

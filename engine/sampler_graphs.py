@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from hybridserve.engine.cuda_graphs import gc_paused
+from hybridserve.engine.cuda_graphs import HostMirror, capture
 from hybridserve.engine.request import SamplingParams
 from hybridserve.engine.sampler import truncation_floor
 from hybridserve.kernels.backend import pick
@@ -53,8 +53,7 @@ class SamplerGraphs:
         self.i64 = torch.zeros(2, n, dtype=torch.long, device=dev)     # top_k, greedy (0 / 1)
         # the race's noise stream: seeded from the global generator (a served run follows --seed)
         self.seed = torch.randint(1 << 31, (1,), dtype=torch.long).to(dev)
-        self._host = (torch.ones(3, n, pin_memory=True), torch.zeros(2, n, dtype=torch.long, pin_memory=True))
-        self._copied = None
+        self.host = HostMirror(torch.ones(3, n, pin_memory=True), torch.zeros(2, n, dtype=torch.long, pin_memory=True))
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
 
@@ -73,14 +72,9 @@ class SamplerGraphs:
         stream = torch.cuda.Stream()
         for bs in reversed(self.sizes):
             for truncate in (True, False):
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    _draw(*self._args(bs), truncate)
-                torch.cuda.current_stream().wait_stream(stream)
-                g = torch.cuda.CUDAGraph()
-                with gc_paused(), torch.cuda.graph(g, pool=pool):
-                    self.outputs[bs, truncate] = _draw(*self._args(bs), truncate)
-                self.graphs[bs, truncate] = g
+                args = self._args(bs)
+                self.graphs[bs, truncate], self.outputs[bs, truncate] = capture(lambda: _draw(*args, truncate),
+                                                                                pool, stream)
         torch.cuda.synchronize()
         log.info("captured sampler graphs for batch sizes %s", self.sizes)
 
@@ -93,10 +87,8 @@ class SamplerGraphs:
         """Token ids [B] on the device for the rows of the decode graph replayed last (eligible params)."""
         B = len(params)
         bs = self.decode.padded_size(B)
-        h32, h64 = self._host
-        if self._copied is not None:
-            self._copied.synchronize()
-        a32, a64 = h32.numpy(), h64.numpy()
+        h32, h64 = self.host.tensors
+        a32, a64 = self.host.arrays()
         a32[:, :bs] = 1.0
         a32[2, :bs] = 0.0
         a64[0, :bs] = self.vocab
@@ -112,8 +104,6 @@ class SamplerGraphs:
             truncate |= k != self.vocab or p.top_p < 1.0 or p.min_p > 0.0
         self.f32.copy_(h32, non_blocking=True)
         self.i64.copy_(h64, non_blocking=True)
-        if self._copied is None:
-            self._copied = torch.cuda.Event()
-        self._copied.record()
+        self.host.copied()
         self.graphs[bs, truncate].replay()
         return self.outputs[bs, truncate][:B]
