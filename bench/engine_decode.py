@@ -4,7 +4,7 @@ beyond the kernels, and where that host time goes.
 
 Synthetic full-size checkpoints (weights/synth.py, bf16) with the SmolLM2 tokenizer read from a directory
 (`--tokenizer`, e.g. one weights/synth.py `_write_tokenizer` wrote). Each row: B requests of a 64-token
-prompt, greedy or sampled (temperature 0.8, top_p 0.95), ignore_eos, timed over the decode steps after the
+prompt, greedy or sampled (temperature 0.8, top_p 0.95; MODES), ignore_eos, timed over the decode steps after the
 prefill. Per step: wall time of `LLMEngine.step`, the forward's GPU time (CUDA events around the runner:
 includes the input copies), the host time before the graph launch returns (schedule + inputs + launch),
 the sampler's wall time (it ends in the one device→host read, so it includes waiting for the forward) and
@@ -30,9 +30,13 @@ from hybridserve.engine.cache_pools import CachePools, plan_memory
 from hybridserve.engine.config import EngineConfig
 from hybridserve.engine.llm_engine import LLMEngine
 from hybridserve.engine.request import SamplingParams
+from hybridserve.kernels import sampling, sampling_triton
 from hybridserve.weights.safetensors_dir import read_sidecars
 
-MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, top_p=0.95)}
+MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, top_p=0.95),
+         "sampled_top_k": dict(temperature=0.8, top_k=50, top_p=0.95),
+         # as "sampled", with the sampler graphs cutting top_p by the sorted reference (kernels/sampling.py)
+         "sampled_sort": dict(temperature=0.8, top_p=0.95)}
 
 
 class StepClock:
@@ -75,7 +79,13 @@ def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_se
     plan = plan_memory(layout, model.dtype, 4 << 30, cfg.page_size, cfg.max_num_seqs, cfg.max_model_len)
     pools = CachePools(layout, plan, cfg.page_size, model.dtype, model.device)
     t = time.perf_counter()
-    eng = LLMEngine(model, tokenizer, pools, cfg, cfg.max_model_len)
+    search = sampling_triton.truncation_floor
+    if mode.endswith("_sort"):          # captured into the sampler graphs at engine start
+        sampling_triton.truncation_floor = sampling.truncation_floor
+    try:
+        eng = LLMEngine(model, tokenizer, pools, cfg, cfg.max_model_len)
+    finally:
+        sampling_triton.truncation_floor = search
     setup_s = time.perf_counter() - t
     clock = StepClock(eng)
     g = torch.Generator().manual_seed(batch)

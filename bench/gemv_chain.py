@@ -3,7 +3,8 @@ down) + the 128k-vocabulary head, 2.7 GB of bf16 weights, replayed as one CUDA g
 GEMV kernel and programmatic dependent launch (kernels/pdl.py) do to the bandwidth a chain of dependent
 matmuls reaches, against the copy bandwidth measured in the same run and against cuBLAS (F.linear).
 
-Usage (GPU machine): python bench/gemv_chain.py [--chain-only]  → $OUT/gemv_chain.json (or bench/results/).
+Usage (GPU machine): python bench/gemv_chain.py [--chain-only] [--stream [--step-archs=spartacus,...]]
+→ $OUT/gemv_chain.json (or bench/results/). --stream: also the streamed GEMV (sweep, chain, whole steps).
 """
 from __future__ import annotations
 
@@ -145,6 +146,60 @@ def shape_sweep(bw):
 
 
 DEFAULT_CONFIG = ft.gemv_config
+DEFAULT_STREAM = ft.gemv_stream_config
+
+# the streamed GEMV (ft.GEMV_STREAM): tiles × programs per SM, on Spartacus's and Kotodama-3B's one-row shapes
+STREAM_SHAPES = [s for s in SHAPES if s[5] == 1] + [
+    ("k3b-qkv", 5120, 3072, False, True, 1), ("k3b-o", 3072, 3072, False, False, 1),
+    ("k3b-gate_up", 8192, 3072, True, True, 1), ("k3b-down", 3072, 8192, False, False, 1),
+    ("k3b-head", 49152, 3072, False, True, 1)]
+STREAM_CONFIGS = [(bn, 2048, 8, pps) for bn in (2, 4, 8) for pps in (2, 4, 6, 8)]
+
+
+def stream_sweep(bw):
+    """Each one-row shape with the streamed GEMV per config (same protocol as shape_sweep), against the
+    default GEMV of the same shape in the same run."""
+    rows, best = [], {}
+    for name, N, K, silu, norm, M in STREAM_SHAPES:
+        rows_n = 2 * N if silu else N
+        copies = max(1, -(-(256 << 20) // (rows_n * K * 2)))
+        ws = [torch.randn(rows_n, K, device="cuda").to(torch.bfloat16) * K ** -0.5 for _ in range(copies)]
+        xk = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+        nw = torch.rand(K, device="cuda").to(torch.bfloat16) + 0.5
+        reps = max(copies, 16)
+
+        def call(i):
+            w = ws[i % copies]
+            if silu:
+                return ft.add_norm_linear_silu_mul(xk, xk, nw, w, 1e-5)[1]
+            if norm:
+                return ft.add_norm_linear(xk, xk, nw, w, 1e-5)[1]
+            return ft.linear(xk, w)
+        want = call(0).float()
+        nbytes = rows_n * K * 2
+        base = graph_us(lambda: [call(i) for i in range(reps)]) / reps
+        rows.append({"shape": name, "N": rows_n, "K": K, "config": "gemv default", "us": base,
+                     "TBps": nbytes / base / 1e6})
+        ft.GEMV_STREAM = True
+        try:
+            for cfg in STREAM_CONFIGS + ["stream default"]:
+                if cfg != "stream default":
+                    ft.gemv_stream_config = lambda *shape, c=cfg: c
+                err = ((call(0).float() - want).norm() / want.norm()).item()
+                t = graph_us(lambda: [call(i) for i in range(reps)]) / reps
+                ft.gemv_stream_config = DEFAULT_STREAM
+                assert err < 2e-2, (name, cfg, err)
+                rows.append({"shape": name, "N": rows_n, "K": K, "config": str(cfg), "us": t,
+                             "TBps": nbytes / t / 1e6, "of_copy_bw": nbytes / t / 1e6 / (bw / 1e12)})
+                if isinstance(cfg, tuple) and (name not in best or t < best[name][1]):
+                    best[name] = (cfg, t)
+        finally:
+            ft.GEMV_STREAM = False
+            ft.gemv_stream_config = DEFAULT_STREAM
+        print(f"stream {name:11} {rows_n:6}x{K:5}: gemv {base:6.1f} us {nbytes / base / 1e6:.2f} TB/s | best "
+              f"{best[name][0]} {best[name][1]:6.1f} us {nbytes / best[name][1] / 1e6:.2f} TB/s", flush=True)
+        ws.clear()
+    return rows, {(N, K, 2 if silu else 1): best[name][0] for name, N, K, silu, _, _ in STREAM_SHAPES}
 
 
 def main():
@@ -181,8 +236,47 @@ def main():
                   f"err {err:.1e}", flush=True)
     ft.gemv_config = DEFAULT_CONFIG
     set_pdl(True)
+    if "--stream" in sys.argv:
+        out["stream_sweep"], stream_best = stream_sweep(bw)
+        out["stream_best"] = [[*k, *v] for k, v in stream_best.items()]
+
+        def stream_tuned(N, K, stacked=1):
+            return stream_best.get((N, K, stacked)) or DEFAULT_STREAM(N, K, stacked)
+        for label, fn in (("stream default", DEFAULT_STREAM), ("stream best-per-shape", stream_tuned)):
+            ft.GEMV_STREAM, ft.gemv_stream_config = True, fn
+            y = chain_triton(layers, head, x)
+            err = ((y - ref).norm() / ref.norm()).item()
+            t = graph_us(lambda: chain_triton(layers, head, x))
+            out["rows"].append({"variant": f"triton {label} pdl=1", "us": t, "TBps": nbytes / t / 1e6,
+                                "ratio_to_floor": t / out["floor_us"], "rel_err_vs_default": err})
+            print(f"{'triton ' + label:34} {t:8.1f} us  {nbytes / t / 1e6:5.2f} TB/s  x{t / out['floor_us']:.2f} "
+                  f"floor  err {err:.1e}", flush=True)
+        ft.GEMV_STREAM, ft.gemv_stream_config = False, DEFAULT_STREAM
+        archs = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--step-archs=")), "")
+        if archs:
+            out["step"] = step_ab(archs.split(","), stream_tuned, bw)
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     (out_dir / "gemv_chain.json").write_text(json.dumps(out, indent=1))
+
+
+def step_ab(archs, stream_config, bw):
+    """Whole batch-1 decode steps (bench/decode_latency.py's graph) with the default GEMV, then streamed."""
+    import decode_latency as dl
+    rows = []
+    for arch in archs:
+        model = dl.load_full(arch)
+        s = dl.Setup(model, 1, 128)
+        row = {"arch": arch, "floor_ms": 1e3 * (model.weights_bytes() + 2 * s.state_bytes + s.kv_read) / bw}
+        for label, on in (("gemv", False), ("stream", True), ("gemv_again", False)):
+            ft.GEMV_STREAM, ft.gemv_stream_config = on, stream_config if on else DEFAULT_STREAM
+            row[f"ms_{label}"] = dl.graph_ms(model, s, 1)
+        ft.GEMV_STREAM, ft.gemv_stream_config = False, DEFAULT_STREAM
+        print(f"step {arch:12} floor {row['floor_ms']:.3f} ms | gemv {row['ms_gemv']:.3f} stream "
+              f"{row['ms_stream']:.3f} gemv again {row['ms_gemv_again']:.3f}", flush=True)
+        rows.append(row)
+        del model, s
+        torch.cuda.empty_cache()
+    return rows
 
 
 if __name__ == "__main__":

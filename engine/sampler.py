@@ -180,21 +180,6 @@ def apply_truncation(logits: Tensor, t: SamplingTensors) -> Tensor:
     return torch.empty_like(ascending).scatter_(1, order, ascending)
 
 
-def truncation_floor(x: Tensor, min_p: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-    """Per row of x [B, V] (temperature applied), the lowest logit `apply_truncation` keeps, so that keeping
-    x >= floor is that truncation (min_p, then top_k, then top_p over the survivors) up to exact ties at the
-    top_p cut, where every tied token stays. Knobs per row, neutral when unused: min_p [B] 0, top_k [B]
-    int64 V, top_p [B] 1. One sort of each row and no scatter back: what the sampler graphs use. The top_p
-    cut is computed as apply_truncation computes it (ascending cumulative mass), so rounding agrees."""
-    asc = x.sort(-1).values
-    V = x.shape[-1]
-    top = asc[:, -1:]
-    floor = torch.maximum(top + min_p[:, None].log(), asc.gather(1, (V - top_k).unsqueeze(1)))
-    probs = asc.masked_fill(asc < floor, float("-inf")).softmax(-1)
-    dropped = (probs.cumsum(-1) <= 1.0 - top_p[:, None]).sum(-1, keepdim=True).clamp_(max=V - 1)
-    return torch.maximum(floor, asc.gather(1, dropped)).squeeze(1)
-
-
 def _exponential_noise(like: Tensor, generators: list[torch.Generator | None]) -> Tensor:
     """Exp(1) noise per row, as -log(U): a seeded row draws only from its own generator (so batch composition
     cannot shift its stream), the others from the global RNG. -log(U) is 3-4x faster than `exponential_` on CPU;

@@ -4,11 +4,12 @@ buffers in place. An eager sampled step is ~15 launches and host work per step (
 it is three small copies and one launch.
 
 The graphs truncate as the eager sampler's `apply_truncation` does, as one per-row floor on the logits
-(`truncation_floor`: a sort of each row, no scatter back) with every knob present: an unused knob holds its
-neutral value (top_k = vocabulary, top_p = 1, min_p = 0), which cuts nothing, so a row's distribution is the
-one the eager sampler draws from (up to exact ties at the top_p cut). The draw is the same exponential race,
-in logit space with split-row kernels (kernels/sampling_triton.py: no softmax, one pass over each row). Two
-graphs per size: with the truncation and without it, for batches where no row truncates. The
+(`truncation_floor`; on the GPU a threshold search without a sort, kernels/sampling_triton.py) with every knob
+present: an unused knob holds its neutral value (top_k = vocabulary, top_p = 1, min_p = 0), which cuts
+nothing, so a row's distribution is the one the eager sampler draws from (up to exact ties and rounding at the
+top_p cut). The draw is the same exponential race, in logit space with split-row kernels (no softmax, one pass
+over each row). Three graphs per size: no truncation; min_p / top_p; and with top_k too (its search is a
+second one). The
 noise stream's seed lives on the device and each replay advances it; rows with their own seeded
 generator, penalties, a min_tokens ban or logprobs make the batch take the eager sampler (engine/sampler.py
 decides).
@@ -21,7 +22,6 @@ import torch
 
 from hybridserve.engine.cuda_graphs import HostMirror, capture
 from hybridserve.engine.request import SamplingParams
-from hybridserve.engine.sampler import truncation_floor
 from hybridserve.kernels.backend import pick
 
 log = logging.getLogger("hybridserve.engine")
@@ -29,16 +29,20 @@ log = logging.getLogger("hybridserve.engine")
 MAX_BATCH = 64      # larger batches sample eagerly: their [B, V] buffers would stay reserved, launches matter less
 
 
-def _draw(logits, argmax, temperature, top_k, top_p, min_p, greedy, seed, truncate: bool):
+CUTS = ("", "p", "kp")      # no truncation; min_p / top_p; min_p / top_k / top_p
+
+
+def _draw(logits, argmax, temperature, top_k, top_p, min_p, greedy, seed, cut: str):
     """The exponential race (kernels/sampling.py) over the temperature-scaled logits, truncated first when
-    asked; greedy rows take the decode graph's argmax. Each replay advances the race's seed."""
-    race = pick("sampling", logits.device).race
+    asked (`cut`, one of CUTS); greedy rows take the decode graph's argmax. Each replay advances the seed."""
+    ops = pick("sampling", logits.device)
     seed.add_(1)
-    if truncate:        # the race compares the same scaled values the floor came from
+    if cut:             # the race compares the same scaled values the floor came from
         x = logits.float() / temperature[:, None]
-        ids = race(x, torch.ones_like(temperature), seed, truncation_floor(x, min_p, top_k, top_p))
+        floor = ops.truncation_floor(x, min_p, top_k if "k" in cut else None, top_p)
+        ids = ops.race(x, torch.ones_like(temperature), seed, floor)
     else:
-        ids = race(logits, 1.0 / temperature, seed)
+        ids = ops.race(logits, 1.0 / temperature, seed)
     return torch.where(greedy != 0, argmax, ids)
 
 
@@ -54,8 +58,8 @@ class SamplerGraphs:
         # the race's noise stream: seeded from the global generator (a served run follows --seed)
         self.seed = torch.randint(1 << 31, (1,), dtype=torch.long).to(dev)
         self.host = HostMirror(torch.ones(3, n, pin_memory=True), torch.zeros(2, n, dtype=torch.long, pin_memory=True))
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, str], torch.Tensor] = {}
 
     def _args(self, bs: int):
         temperature, top_p, min_p = self.f32[:, :bs]
@@ -71,10 +75,9 @@ class SamplerGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for bs in reversed(self.sizes):
-            for truncate in (True, False):
+            for cut in CUTS:
                 args = self._args(bs)
-                self.graphs[bs, truncate], self.outputs[bs, truncate] = capture(lambda: _draw(*args, truncate),
-                                                                                pool, stream)
+                self.graphs[bs, cut], self.outputs[bs, cut] = capture(lambda: _draw(*args, cut), pool, stream)
         torch.cuda.synchronize()
         log.info("captured sampler graphs for batch sizes %s", self.sizes)
 
@@ -93,7 +96,7 @@ class SamplerGraphs:
         a32[2, :bs] = 0.0
         a64[0, :bs] = self.vocab
         a64[1, :bs] = 1
-        truncate = False
+        by_rank = by_mass = False
         for r, p in enumerate(params):
             g = p.greedy
             k = p.top_k if 0 < p.top_k < self.vocab else self.vocab
@@ -101,9 +104,11 @@ class SamplerGraphs:
             a32[1, r] = min(p.top_p, 1.0)
             a32[2, r] = max(p.min_p, 0.0)
             a64[0, r], a64[1, r] = k, g
-            truncate |= k != self.vocab or p.top_p < 1.0 or p.min_p > 0.0
+            by_rank |= k != self.vocab
+            by_mass |= p.top_p < 1.0 or p.min_p > 0.0
         self.f32.copy_(h32, non_blocking=True)
         self.i64.copy_(h64, non_blocking=True)
         self.host.copied()
-        self.graphs[bs, truncate].replay()
-        return self.outputs[bs, truncate][:B]
+        cut = "kp" if by_rank else "p" if by_mass else ""
+        self.graphs[bs, cut].replay()
+        return self.outputs[bs, cut][:B]

@@ -3,6 +3,8 @@ rounding). A decode step is launch-bound for small models: RMSNorm alone is ~8 k
 and a layer's glue around its matmuls another ~10; here it goes into the matmuls' neighbours or into them."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -253,6 +255,9 @@ def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu
     y = torch.empty(M, out_features, dtype=out_dtype or x.dtype, device=x.device)
     if M == 0:
         return h, y
+    if GEMV_STREAM and M == 1:
+        _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul)
+        return h, y
     BN, BK, warps = gemv_config(M, out_features, K, 2 if silu_mul else 1)
     _gemv_kernel[(triton.cdiv(out_features, BN),)](
         x, delta if delta is not None else x, h, norm_weight if norm_weight is not None else x, weight, y,
@@ -260,6 +265,129 @@ def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu
         ADD=delta is not None, NORM=norm_weight is not None, SILU_MUL=silu_mul, num_warps=warps,
         num_stages=GEMV_STAGES, **pdl.launch_kwargs(x.device))
     return h, y
+
+
+# The one-row GEMV as a stream: a grid of a few programs per SM, each reading one contiguous run of row
+# blocks, tile after tile, the next tile's load issued before the current one's product (two tiles in
+# flight per program). Every program is resident from the start, so none waits for a slot in a later wave,
+# all finish together, and the next kernel (programmatic dependent launch) is released at once. The
+# residual add / RMSNorm / SiLU·mul are those of _gemv_kernel. Off unless GEMV_STREAM (measured per shape
+# by bench/gemv_chain.py).
+GEMV_STREAM = False
+
+
+def gemv_stream_config(N: int, K: int, stacked: int = 1) -> tuple[int, int, int, int]:
+    """(rows per block BN, K tile BK, warps, programs per SM) for `stacked` [N, K] weights.
+
+    From bench/gemv_chain.py's stream sweep (H100, bench/results/gemv_chain_stream-h100.json, µs at batch 1):
+    whole 2048-wide K tiles, 8 warps and 4 programs per SM; 4 rows a block (2 for a stacked [gate; up] pair):
+    Spartacus qkvz 14.4 → 12.4, down 13.1 → 12.6; Kotodama-3B qkv 14.7 → 14.0, o 8.8 → 8.0, gate_up
+    39.8 → 36.7, down 20.0 → 18.9 (the 2048-square o and the heads: even)."""
+    return (2 if stacked > 1 else 4), min(triton.next_power_of_2(K), 2048), 8, 4
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device_index: int | None) -> int:
+    if device_index is None or not torch.cuda.is_available():
+        return 4            # the interpreter: a few programs, each with several blocks
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@triton.jit
+def _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, mk, STORE_H, ADD: tl.constexpr, NORM: tl.constexpr):
+    """One K tile of the matmul's input: (x [+ delta, rounded as stored]) [* norm weight], and its x."""
+    x = tl.load(x_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+    if ADD:
+        hx = (x + tl.load(d_ptr + kk, mask=mk, other=0.0).to(tl.float32)).to(h_ptr.dtype.element_ty)
+        if STORE_H:
+            tl.store(h_ptr + kk, hx, mask=mk)
+        x = hx.to(tl.float32)
+    xn = x
+    if NORM:
+        xn = x * tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+    return x, xn
+
+
+@triton.jit
+def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, BN: tl.constexpr,
+                        BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
+                        SILU_MUL: tl.constexpr, PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    nb = tl.cdiv(N, BN)
+    b0 = pid * nb // G
+    T = ((pid + 1) * nb // G - b0) * KT          # tiles of this program: blocks b0 … b1-1, K tiles each
+    rn = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    # weights are constant during the step: the first tile is read before the producer of x finishes
+    n = b0 * BN + rn
+    m = ((n < N) & (rn * 0 < T))[:, None] & (rk < K)[None, :]
+    w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + rk[None, :], mask=m, other=0.0)
+    u = w
+    if SILU_MUL:
+        u = tl.load(w_ptr + N * K + n[:, None].to(tl.int64) * K + rk[None, :], mask=m, other=0.0)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    ss = 0.0
+    x, xn = _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, rk, rk < K, pid == 0, ADD, NORM)
+    if NORM:
+        ss = tl.sum(x * x, axis=0)
+    if KT > 1:
+        if NORM or ADD:      # the whole row's sum of squares (and the stored residual) before the stream
+            for kt in range(1, KT):
+                kk = kt * BK + rk
+                x2, _ = _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, kk < K, pid == 0, ADD, False)
+                if NORM:
+                    ss += tl.sum(x2 * x2, axis=0)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    acc_up = tl.zeros((BN,), dtype=tl.float32)
+    for t in range(0, T):
+        kt = t % KT
+        # the next tile's load goes out before this tile's product
+        tn = t + 1
+        n_next = (b0 + tn // KT) * BN + rn
+        k_next = (tn % KT) * BK + rk
+        m_next = ((n_next < N) & (rn * 0 + tn < T))[:, None] & (k_next < K)[None, :]
+        off_next = n_next[:, None].to(tl.int64) * K + k_next[None, :]
+        w_next = tl.load(w_ptr + off_next, mask=m_next, other=0.0)
+        u_next = w_next
+        if SILU_MUL:
+            u_next = tl.load(w_ptr + N * K + off_next, mask=m_next, other=0.0)
+        if KT > 1:
+            kk = kt * BK + rk
+            _, xn = _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, kk < K, False, ADD, NORM)
+        acc += tl.sum(w.to(tl.float32) * xn[None, :], axis=1)
+        if SILU_MUL:
+            acc_up += tl.sum(u.to(tl.float32) * xn[None, :], axis=1)
+        if kt == KT - 1:
+            y = acc
+            if NORM:
+                r = tl.rsqrt(ss / K + eps)
+                y = y * r
+            y = y.to(w_ptr.dtype.element_ty).to(tl.float32)      # the matmul's stored output, as the reference
+            if SILU_MUL:
+                up = acc_up
+                if NORM:
+                    up = up * r
+                up = up.to(w_ptr.dtype.element_ty).to(tl.float32)
+                y = y / (1.0 + tl.exp(-y)) * up
+            n = (b0 + t // KT) * BN + rn
+            tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
+            acc = tl.zeros((BN,), dtype=tl.float32)
+            acc_up = tl.zeros((BN,), dtype=tl.float32)
+        w = w_next
+        u = u_next
+
+
+def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul):
+    N, K = y.shape[1], x.shape[1]
+    BN, BK, warps, per_sm = gemv_stream_config(N, K, 2 if silu_mul else 1)
+    grid = min(triton.cdiv(N, BN), per_sm * _sm_count(x.device.index if x.is_cuda else None))
+    _gemv_stream_kernel[(grid,)](
+        x, delta if delta is not None else x, h, norm_weight if norm_weight is not None else x, weight, y,
+        N, K, eps, BN=BN, BK=BK, KT=triton.cdiv(K, BK), ADD=delta is not None, NORM=norm_weight is not None,
+        SILU_MUL=silu_mul, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device))
 
 
 # Matmuls of more rows (batch 2 … MM_MAX_ROWS) run as a tensor-core GEMM of one row block: the weight

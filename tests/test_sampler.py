@@ -8,7 +8,8 @@ import torch
 
 from hybridserve.engine.request import SamplingParams
 from hybridserve.engine.sampler import (Sampler, SamplingTensors, apply_penalties_and_temperature, apply_truncation,
-                                        make_generator, truncation_floor)
+                                        make_generator)
+from hybridserve.kernels.sampling import truncation_floor
 
 LOGITS6 = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0, -2.0])   # softmax ≈ .64 .23 .086 .032 .012 .004
 
@@ -278,21 +279,23 @@ def test_sampler_graphs_draw_from_the_eager_distribution():
     with torch.inference_mode():                     # as the decode graph's replay leaves them
         decode.outputs[4][:3].copy_(logits)
         decode.argmax[4][:3].copy_(logits.argmax(-1))
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=5),
-              SamplingParams(temperature=1.3, top_p=0.8, min_p=0.02)]
-    t = SamplingTensors.build(params, [[]] * 3, [[]] * 3, None, V, "cuda")
-    want = apply_truncation(apply_penalties_and_temperature(logits, t), t).softmax(-1)
-    n = 8000
-    counts = torch.zeros(3, V, device="cuda")
-    for _ in range(n):
-        ids = graphs.run(params)
-        counts[torch.arange(3, device="cuda"), ids] += 1
-    freq = counts / n
-    assert freq[0, logits[0].argmax()].item() == 1.0
-    for row in (1, 2):
-        outside = freq[row][want[row] == 0].sum().item()            # never outside the truncated set
-        tv = 0.5 * (freq[row] - want[row]).abs().sum().item()       # total variation
-        assert outside == 0 and tv < 0.05, (row, outside, tv)
+    for params in ([SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=5),   # graph "kp"
+                    SamplingParams(temperature=1.3, top_p=0.8, min_p=0.02)],
+                   [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_p=0.6),    # graph "p"
+                    SamplingParams(temperature=1.3, min_p=0.05)]):
+        t = SamplingTensors.build(params, [[]] * 3, [[]] * 3, None, V, "cuda")
+        want = apply_truncation(apply_penalties_and_temperature(logits, t), t).softmax(-1)
+        n = 8000
+        counts = torch.zeros(3, V, device="cuda")
+        for _ in range(n):
+            ids = graphs.run(params)
+            counts[torch.arange(3, device="cuda"), ids] += 1
+        freq = counts / n
+        assert freq[0, logits[0].argmax()].item() == 1.0
+        for row in (1, 2):
+            outside = freq[row][want[row] == 0].sum().item()            # never outside the truncated set
+            tv = 0.5 * (freq[row] - want[row]).abs().sum().item()       # total variation
+            assert outside == 0 and tv < 0.05, (params[row], outside, tv)
     seeded = [SamplingParams(temperature=0.7, seed=3)] * 3
     out = Sampler()(logits, seeded, [[]] * 3, [[]] * 3, [make_generator(3, "cuda")] * 3,
                     argmax=decode.argmax[4][:3], graphs=graphs)

@@ -425,6 +425,34 @@ def test_fused_linears(device, dtype, rows, with_delta, tiles, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_delta", [True, False])
+@pytest.mark.parametrize("cfg,N", [((4, 1024, 4, 2), 40),    # one K tile, 10 blocks over 8 programs
+                                   ((2, 256, 4, 1), 41),     # three K tiles, a partial last block
+                                   ((8, 128, 4, 4), 12)])    # more programs than blocks: some stream none
+def test_fused_linears_stream(device, dtype, with_delta, cfg, N, monkeypatch):
+    """The streamed one-row GEMV (contiguous block runs per program, next tile loaded ahead) with its
+    residual add / norm / SiLU·mul, against the plain functions."""
+    monkeypatch.setattr(fused_tr, "GEMV_STREAM", True)
+    monkeypatch.setattr(fused_tr, "gemv_stream_config", lambda *shape: cfg)
+    K = 600
+    h = torch.randn(1, K, device=device, dtype=dtype)
+    delta = torch.randn(1, K, device=device, dtype=dtype) if with_delta else None
+    nw = (torch.rand(K, device=device) + 0.5).to(dtype)
+    w = (torch.randn(N, K, device=device) * K ** -0.5).to(dtype)
+    gate_up = (torch.randn(2 * N, K, device=device) * K ** -0.5).to(dtype)
+    got = fused_tr.add_norm_linear(h, delta, nw, w, 1e-5, out_dtype=torch.float32)
+    want = fused_ref.add_norm_linear(h, delta, nw, w, 1e-5, out_dtype=torch.float32)
+    assert got[1].dtype == torch.float32 and got[0].dtype == dtype
+    for a, b in zip(got, want):
+        _close(a, b, dtype)
+    for a, b in zip(fused_tr.add_norm_linear_silu_mul(h, delta, nw, gate_up, 1e-5),
+                    fused_ref.add_norm_linear_silu_mul(h, delta, nw, gate_up, 1e-5)):
+        _close(a, b, dtype)
+    _close(fused_tr.linear(h, w), fused_ref.linear(h, w), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,cfg", [(3, (16, 16, 128, 4, 3)), (40, (16, 32, 64, 4, 2)), (17, (32, 16, 64, 4, 3))])
 def test_fused_linears_multi_row(device, dtype, rows, cfg, monkeypatch):
     """The multi-row GEMM (row blocks, a partial last K tile and column block) with its SiLU·mul and fp32
@@ -793,3 +821,35 @@ def test_race_draws_softmax_of_scaled_logits(device):
         assert 0.5 * (freq - want).abs().sum().item() < bound, (mod.__name__, freq, want)
         assert torch.equal(ids, mod.race(x, scale.to(device), seed))
         assert not torch.equal(ids, mod.race(x, scale.to(device), seed + 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_k", [True, False])
+def test_search_truncation_floor_keeps_what_the_sort_keeps(device, with_k, monkeypatch):
+    """The sort-free truncation floor (key-range search) keeps the same tokens as the sorted reference, per
+    row, with every knob mix across rows: neutral, min_p, top_k (ties at the k-th value), top_p (incl. 1e-6:
+    the top token only), all three; rows of different spreads, -inf (banned) tokens, a partial last block."""
+    if device == "cpu":
+        monkeypatch.setattr(sampling_tr, "SEARCH_BLOCK", 256)
+        monkeypatch.setattr(sampling_tr, "SEARCH_SUB", 64)
+    V = sampling_tr.SEARCH_BLOCK * 3 + 77
+    g = torch.Generator().manual_seed(7)
+    knobs = [(0.0, V, 1.0), (0.1, V, 1.0), (0.0, 7, 1.0), (0.0, V, 0.9), (0.0, 40, 0.5), (0.3, 100, 0.95),
+             (0.0, V, 1e-6), (0.05, 3, 1.0)]
+    if not with_k:
+        knobs = [(mp, V, p) for mp, _, p in knobs]
+    B = len(knobs)
+    x = torch.randn(B, V, generator=g) * torch.tensor([0.5, 2.0, 4.0, 1.0] * (B // 4))[:, None]
+    x[2, :20] = x[2].max() - 0.25                  # 20 tokens tie right under the top: top_k 7 keeps them all
+    x[3, 100:200] = float("-inf")
+    x = x.to(device)
+    min_p = torch.tensor([k[0] for k in knobs], device=device)
+    top_k = torch.tensor([k[1] for k in knobs], device=device)
+    top_p = torch.tensor([k[2] for k in knobs], device=device)
+    want = sampling_ref.truncation_floor(x, min_p, top_k, top_p)
+    got = sampling_tr.truncation_floor(x, min_p, top_k if with_k else None, top_p)
+    finite = torch.isfinite(x)
+    assert torch.equal((x >= got[:, None]) & finite, (x >= want[:, None]) & finite)
+    assert (x >= got[:, None]).sum(-1).min() >= 1
+    if with_k:
+        assert (x[2, :20] >= got[2]).all()

@@ -1,0 +1,115 @@
+"""Where a batch-1 decode step's time goes, kernel by kernel, as the GPU ran it: the step's CUDA graph
+(bench/decode_latency.py's, as the engine replays it) profiled over a few replays with torch.profiler. Each
+kernel's *exposed* time is how far it moved the end of the step: its end minus the latest end before it
+(kernels overlap under programmatic dependent launch, so busy time adds up to more than the step). Summed by
+kernel name, exposed time is the step; a kernel that hides under its predecessor shows ~0.
+
+Usage (GPU machine): python bench/step_timeline.py [--archs spartacus,...] [--stream]
+→ $OUT/step_timeline.json (or bench/results/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from decode_latency import PAGE, Setup, load_full, measure_copy_bandwidth, time_fn
+from hybridserve.engine.cuda_graphs import DecodeGraphs
+
+REPLAYS = 5
+
+
+def short(name: str) -> str:
+    for cut in ("<", "("):
+        name = name.split(cut)[0]
+    return name[:60]
+
+
+def timeline(model, batch: int = 1) -> dict:
+    s = Setup(model, batch, 128)
+    width = max(s.pages_per_seq, -(-model.max_model_len // PAGE))
+    graphs = DecodeGraphs(model, s.pools.view, batch, width, sizes=[batch])
+    graphs.capture()
+    ms = time_fn(lambda: graphs.run(s.meta))
+    for _ in range(20):
+        graphs.run(s.meta)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPLAYS):
+            graphs.run(s.meta)
+            torch.cuda.synchronize()
+    kernels = sorted(((e.time_range.start, e.time_range.end, short(e.name)) for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name
+                      and "Memset" not in e.name), key=lambda k: k[0])
+    per = len(kernels) // REPLAYS                   # every replay runs the same kernels
+    steps = [kernels[i * per:(i + 1) * per] for i in range(REPLAYS)]
+    exposed, busy, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    spans = []
+    for st in steps:
+        end = st[0][0]
+        for a, b, name in st:
+            exposed[name] += max(0.0, b - max(end, a)) + max(0.0, a - end)   # its own time + the gap before it
+            busy[name] += b - a
+            count[name] += 1
+            end = max(end, b)
+        spans.append(end - st[0][0])
+    n = len(steps)
+    rows = sorted(({"kernel": k, "calls": count[k] / n, "exposed_us": exposed[k] / n, "busy_us": busy[k] / n}
+                   for k in exposed), key=lambda r: -r["exposed_us"])
+    first = steps[-1]
+    seq = [{"kernel": name, "start_us": a - first[0][0], "dur_us": b - a} for a, b, name in first]
+    return {"batch": batch, "ms_per_step_timed": ms, "profiled_steps": n,
+            "profiled_span_us": sorted(spans)[n // 2], "kernels_per_step": len(first), "by_kernel": rows,
+            "one_step": seq}
+
+
+def one(arch: str, stream: bool, bw: float) -> dict:
+    from hybridserve.kernels import fused_triton as ft
+    model = load_full(arch)
+    ft.GEMV_STREAM = stream
+    return {"arch": arch, "gemv_stream": stream, "weights_bytes": model.weights_bytes(),
+            "floor_ms": 1e3 * model.weights_bytes() / bw, **timeline(model)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--archs", default="spartacus,nanohammer,kotodama:3b,kotodama,neollm")
+    ap.add_argument("--stream", default="", help="also with the streamed GEMV (kernels/fused_triton.py)")
+    ap.add_argument("--child", default="", help="(internal) arch,stream,bandwidth: one row as JSON on stdout")
+    args = ap.parse_args()
+    if args.child:      # one model and setting per process: a finished profiler slows what runs after it
+        arch, stream, bw = args.child.split(",")
+        print("ROW " + json.dumps(one(arch, stream == "1", float(bw))))
+        return
+    bw = measure_copy_bandwidth()
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
+           "rows": []}
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    for arch in args.archs.split(","):
+        for stream in ((False, True) if args.stream else (False,)):
+            res = subprocess.run([sys.executable, __file__, "--child", f"{arch},{int(stream)},{bw}"],
+                                 capture_output=True, text=True)
+            line = next((x for x in res.stdout.splitlines() if x.startswith("ROW ")), None)
+            if line is None:
+                print(f"{arch} stream={int(stream)} failed:\n{res.stderr[-2000:]}", flush=True)
+                continue
+            row = json.loads(line[4:])
+            out["rows"].append(row)
+            print(f"{arch:12} stream={int(stream)} step {row['ms_per_step_timed']:.3f} ms (profiled span "
+                  f"{row['profiled_span_us']:.0f} us, {row['kernels_per_step']} kernels, weights floor "
+                  f"{row['floor_ms']:.3f} ms)", flush=True)
+            for r in row["by_kernel"][:8]:
+                print(f"    {r['kernel'][:44]:44} x{r['calls']:5.1f}  exposed {r['exposed_us']:7.1f} us  busy "
+                      f"{r['busy_us']:7.1f} us", flush=True)
+            (out_dir / "step_timeline.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
