@@ -236,7 +236,11 @@ def main():
                   f"err {err:.1e}", flush=True)
     ft.gemv_config = DEFAULT_CONFIG
     set_pdl(True)
-    if "--stream" in sys.argv:
+    archs = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--step-archs=")), "")
+    if "--steps-only" in sys.argv:          # the whole-step A/B with the stream's own rule, nothing else
+        out["step"] = step_ab(archs.split(","), DEFAULT_STREAM, bw)
+        archs = ""
+    elif "--stream" in sys.argv:
         out["stream_sweep"], stream_best = stream_sweep(bw)
         out["stream_best"] = [[*k, *v] for k, v in stream_best.items()]
 
@@ -252,7 +256,6 @@ def main():
             print(f"{'triton ' + label:34} {t:8.1f} us  {nbytes / t / 1e6:5.2f} TB/s  x{t / out['floor_us']:.2f} "
                   f"floor  err {err:.1e}", flush=True)
         ft.GEMV_STREAM, ft.gemv_stream_config = False, DEFAULT_STREAM
-        archs = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--step-archs=")), "")
         if archs:
             out["step"] = step_ab(archs.split(","), stream_tuned, bw)
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
@@ -267,12 +270,13 @@ def step_ab(archs, stream_config, bw):
         model = dl.load_full(arch)
         s = dl.Setup(model, 1, 128)
         row = {"arch": arch, "floor_ms": 1e3 * (model.weights_bytes() + 2 * s.state_bytes + s.kv_read) / bw}
-        for label, on in (("gemv", False), ("stream", True), ("gemv_again", False)):
+        for label, on in (("gemv", False), ("stream", True), ("gemv_again", False), ("stream_again", True)):
             ft.GEMV_STREAM, ft.gemv_stream_config = on, stream_config if on else DEFAULT_STREAM
             row[f"ms_{label}"] = dl.graph_ms(model, s, 1)
         ft.GEMV_STREAM, ft.gemv_stream_config = False, DEFAULT_STREAM
         print(f"step {arch:12} floor {row['floor_ms']:.3f} ms | gemv {row['ms_gemv']:.3f} stream "
-              f"{row['ms_stream']:.3f} gemv again {row['ms_gemv_again']:.3f}", flush=True)
+              f"{row['ms_stream']:.3f} gemv again {row['ms_gemv_again']:.3f} stream again "
+              f"{row['ms_stream_again']:.3f}", flush=True)
         rows.append(row)
         del model, s
         torch.cuda.empty_cache()

@@ -255,8 +255,9 @@ def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu
     y = torch.empty(M, out_features, dtype=out_dtype or x.dtype, device=x.device)
     if M == 0:
         return h, y
-    if GEMV_STREAM and M == 1:
-        _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul)
+    stream = GEMV_STREAM and M == 1 and gemv_stream_config(out_features, K, 2 if silu_mul else 1)
+    if stream:
+        _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, stream)
         return h, y
     BN, BK, warps = gemv_config(M, out_features, K, 2 if silu_mul else 1)
     _gemv_kernel[(triton.cdiv(out_features, BN),)](
@@ -271,19 +272,23 @@ def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu
 # blocks, tile after tile, the next tile's load issued before the current one's product (two tiles in
 # flight per program). Every program is resident from the start, so none waits for a slot in a later wave,
 # all finish together, and the next kernel (programmatic dependent launch) is released at once. The
-# residual add / RMSNorm / SiLU·mul are those of _gemv_kernel. Off unless GEMV_STREAM (measured per shape
-# by bench/gemv_chain.py).
-GEMV_STREAM = False
+# residual add / RMSNorm / SiLU·mul are those of _gemv_kernel. Used for rows of 2048+ (gemv_stream_config):
+# whole batch-1 steps, plain → stream, alternating in one run (bench/results/gemv_stream_steps-h100.json):
+# Spartacus 1.206 / 1.237 → 1.165 / 1.194 ms, Kotodama-3B 2.836 / 2.824 → 2.712 / 2.715, NanoHammer even.
+GEMV_STREAM = True
 
 
-def gemv_stream_config(N: int, K: int, stacked: int = 1) -> tuple[int, int, int, int]:
-    """(rows per block BN, K tile BK, warps, programs per SM) for `stacked` [N, K] weights.
+def gemv_stream_config(N: int, K: int, stacked: int = 1) -> tuple[int, int, int, int] | None:
+    """(rows per block BN, K tile BK, warps, programs per SM) for `stacked` [N, K] weights, or None where the
+    plain GEMV stays (rows shorter than 2048: the ~100M models, not measured with the stream).
 
     From bench/gemv_chain.py's stream sweep (H100, bench/results/gemv_chain_stream-h100.json, µs at batch 1):
     whole 2048-wide K tiles, 8 warps and 4 programs per SM; 4 rows a block (2 for a stacked [gate; up] pair):
     Spartacus qkvz 14.4 → 12.4, down 13.1 → 12.6; Kotodama-3B qkv 14.7 → 14.0, o 8.8 → 8.0, gate_up
     39.8 → 36.7, down 20.0 → 18.9 (the 2048-square o and the heads: even)."""
-    return (2 if stacked > 1 else 4), min(triton.next_power_of_2(K), 2048), 8, 4
+    if K < 2048:
+        return None
+    return (2 if stacked > 1 else 4), 2048, 8, 4
 
 
 @lru_cache(maxsize=None)
@@ -380,9 +385,9 @@ def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, BN
         u = u_next
 
 
-def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul):
+def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, config):
     N, K = y.shape[1], x.shape[1]
-    BN, BK, warps, per_sm = gemv_stream_config(N, K, 2 if silu_mul else 1)
+    BN, BK, warps, per_sm = config
     grid = min(triton.cdiv(N, BN), per_sm * _sm_count(x.device.index if x.is_cuda else None))
     _gemv_stream_kernel[(grid,)](
         x, delta if delta is not None else x, h, norm_weight if norm_weight is not None else x, weight, y,

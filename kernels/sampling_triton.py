@@ -81,10 +81,14 @@ def race(logits: torch.Tensor, scale: torch.Tensor, seed: torch.Tensor,
 # each) sum count or mass above SEARCH_C candidate keys inside the range; the next pass's programs add the
 # partial sums up and keep the sub-range where the condition turns true. 2^32 keys → 32 / log2 C passes,
 # then hi is the cut, exactly (a token value). Each pass reads the row once (from L2 at these sizes).
-SEARCH_BLOCK = 4096
+# Tiles from bench/sampler_cost.py --search-sweep (H100, bench/results/sampler_search_sweep-h100.json, graph
+# µs for top_p at 128k × 1 / × 32): 1024-element programs for a few rows (46.8 vs 103 at 4096), 4096 for
+# many (180 vs 216); 16 candidates (8 passes); 4 warps (8: 1.3-3× slower). The sort: 156 / 730.
+SEARCH_BLOCK = None        # None: 1024 up to SEARCH_FEW_ROWS rows, else 4096
+SEARCH_FEW_ROWS = 8
 SEARCH_SUB = 128
 SEARCH_WARPS = 4
-SEARCH_C = 32              # candidates per pass: 2^32 keys take ceil(32 / log2 C) passes (7)
+SEARCH_C = 16              # candidates per pass: 2^32 keys take ceil(32 / log2 C) passes (8)
 
 
 @triton.jit
@@ -179,7 +183,7 @@ def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
         tl.store(part_out + (row * NB + blk) * C + ci, tl.sum(acc, axis=0))
 
 
-def _search(x, bmax, bmin, min_p, knob, kth, out, mass: bool, has_k: bool) -> None:
+def _search(x, bmax, bmin, min_p, knob, kth, out, block: int, mass: bool, has_k: bool) -> None:
     B, V = x.shape
     nb = bmax.shape[1]
     parts = torch.empty(2, B, nb, SEARCH_C, dtype=torch.float32, device=x.device)
@@ -192,7 +196,7 @@ def _search(x, bmax, bmin, min_p, knob, kth, out, mass: bool, has_k: bool) -> No
         _search_kernel[(B, nb if body else 1)](
             x, bmax, bmin, min_p, knob, kth if kth is not None else bmax, parts[i], parts[o], st[i], st[o],
             tg[i], tg[o], out,
-            V, x.stride(0), nb, step, BLOCK=SEARCH_BLOCK, SUB=SEARCH_SUB, C=SEARCH_C,
+            V, x.stride(0), nb, step, BLOCK=block, SUB=SEARCH_SUB, C=SEARCH_C,
             BNB=max(16, triton.next_power_of_2(nb)), MASS=mass, HAS_K=has_k, BODY=body, num_warps=SEARCH_WARPS)
 
 
@@ -202,17 +206,18 @@ def truncation_floor(x: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor |
     reading the row once. Same floor up to rounding of the mass sums at the top_p cut."""
     B, V = x.shape
     x = x.float().contiguous()
-    nb = triton.cdiv(V, SEARCH_BLOCK)
+    block = SEARCH_BLOCK or (1024 if B <= SEARCH_FEW_ROWS else 4096)
+    nb = triton.cdiv(V, block)
     bmax = torch.empty(B, nb, dtype=torch.float32, device=x.device)
     bmin = torch.empty_like(bmax)
     floor = torch.empty(B, dtype=torch.float32, device=x.device)
     if B == 0:
         return floor
-    _row_stats_kernel[(B, nb)](x, bmax, bmin, V, x.stride(0), nb, BLOCK=SEARCH_BLOCK, num_warps=8)
+    _row_stats_kernel[(B, nb)](x, bmax, bmin, V, x.stride(0), nb, BLOCK=block, num_warps=8)
     kth = None
     if top_k is not None:
         kth = torch.empty(B, dtype=torch.float32, device=x.device)
-        _search(x, bmax, bmin, min_p, top_k, kth, kth, mass=False, has_k=False)
-    _search(x, bmax, bmin, min_p.float().contiguous(), top_p.float().contiguous(), kth, floor, mass=True,
+        _search(x, bmax, bmin, min_p, top_k, kth, kth, block, mass=False, has_k=False)
+    _search(x, bmax, bmin, min_p.float().contiguous(), top_p.float().contiguous(), kth, floor, block, mass=True,
             has_k=kth is not None)
     return floor

@@ -832,7 +832,7 @@ def test_search_truncation_floor_keeps_what_the_sort_keeps(device, with_k, monke
     if device == "cpu":
         monkeypatch.setattr(sampling_tr, "SEARCH_BLOCK", 256)
         monkeypatch.setattr(sampling_tr, "SEARCH_SUB", 64)
-    V = sampling_tr.SEARCH_BLOCK * 3 + 77
+    V = (sampling_tr.SEARCH_BLOCK or 1024) * 3 + 77                 # 8 rows: 1024-element programs on a GPU
     g = torch.Generator().manual_seed(7)
     knobs = [(0.0, V, 1.0), (0.1, V, 1.0), (0.0, 7, 1.0), (0.0, V, 0.9), (0.0, 40, 0.5), (0.3, 100, 0.95),
              (0.0, V, 1e-6), (0.05, 3, 1.0)]
