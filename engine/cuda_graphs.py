@@ -192,11 +192,21 @@ class DecodeGraphs:
 
 
 PREFILL_BUCKETS = (32, 64, 128, 256, 512)
+PREFILL_GRAPH_MAX_TOKENS = 4096      # longer chunks run eagerly (their GPU time outweighs the launches)
+
+
+def prefill_buckets(max_chunk: int) -> tuple[int, ...]:
+    """Token buckets for a scheduler chunking prompts at `max_chunk` tokens: powers of two from 32 up to
+    the chunk size, and the chunk size + 16 (a bucket holds fewer tokens than its size: the rest are the pad
+    sequence), at most PREFILL_GRAPH_MAX_TOKENS."""
+    top = min(max_chunk, PREFILL_GRAPH_MAX_TOKENS)
+    return tuple(b for b in (32 << i for i in range(8)) if b <= top) + (top + 16,)
 
 
 class PrefillGraphs:
-    """One sequence's prefill chunk of fewer than max(buckets) tokens, as a graph replay: a short prompt's
-    forward is a few hundred small launches whose host cost (~10 ms) would otherwise be its TTFT."""
+    """One sequence's prefill chunk of fewer than max(buckets) tokens, as a graph replay: a prompt's forward
+    is a few hundred small launches whose host cost (~10 ms) would otherwise be its TTFT. A chunk that wants
+    no logits (not the prompt's last) replays the same graph; its one logit row is left unread."""
 
     def __init__(self, model, cache: CacheView, max_blocks: int, buckets: tuple[int, ...] = PREFILL_BUCKETS):
         self.model, self.cache, self.max_blocks = model, cache, max_blocks
@@ -250,8 +260,9 @@ class PrefillGraphs:
         log.info("captured prefill graphs for token buckets %s", self.buckets)
 
     def bucket_for(self, meta: BatchMeta) -> int | None:
-        """The graph that can run this step, if any: one sequence, fewer tokens than a bucket, one logit row."""
-        if meta.is_decode or meta.num_seqs != 1 or meta.logits_indices.shape[0] != 1 \
+        """The graph that can run this step, if any: one sequence, fewer tokens than a bucket, at most one
+        logit row."""
+        if meta.is_decode or meta.num_seqs != 1 or meta.logits_indices.shape[0] > 1 \
                 or meta.block_tables.shape[1] > self.max_blocks:
             return None
         T = meta.num_tokens
@@ -259,7 +270,8 @@ class PrefillGraphs:
 
     @torch.inference_mode()
     def run(self, meta: BatchMeta, bucket: int) -> torch.Tensor:
-        """Logits [1, V]; a view of the graph's output buffer, valid until the next replay."""
+        """Logits [1, V] ([0, V] for a chunk that wants none); a view of the graph's output buffer, valid
+        until the next replay."""
         T = meta.num_tokens
         w = meta.block_tables.shape[1]
         self.input_ids[:T].copy_(meta.input_ids)
@@ -270,7 +282,11 @@ class PrefillGraphs:
         self.block_tables[0, :w].copy_(meta.block_tables[0])
         self.block_tables[0, w:].zero_()
         self.slot_ids[:1].copy_(meta.slot_ids)
-        self.logits_indices.copy_(meta.logits_indices)
+        wanted = meta.logits_indices.shape[0]
+        if wanted:
+            self.logits_indices.copy_(meta.logits_indices)
+        else:
+            self.logits_indices.fill_(T - 1)
         self._fill(bucket, T)
         self.graphs[bucket].replay()
-        return self.outputs[bucket]
+        return self.outputs[bucket][:wanted]

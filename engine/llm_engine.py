@@ -25,7 +25,8 @@ class LLMEngine:
         self.model, self.tokenizer, self.pools, self.config = model, tokenizer, pools, config
         self.sampling_defaults = dict(sampling_defaults or {})  # the model's own, for fields a request omits
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(model, pools, max_model_len, pools.plan.max_concurrency, config.enforce_eager)
+        self.runner = ModelRunner(model, pools, max_model_len, pools.plan.max_concurrency, config.enforce_eager,
+                                  config.max_num_batched_tokens)
         self.scheduler = Scheduler(pools, pools.plan.max_concurrency, config.max_num_batched_tokens)
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from hybridserve.engine.cache_pools import CachePools
-from hybridserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
+from hybridserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_buckets
 from hybridserve.engine.sampler_graphs import SamplerGraphs
 from hybridserve.models.batch import BatchMeta
 
@@ -60,10 +60,11 @@ def build_meta(chunks: list[SeqChunk], page_size: int, device: torch.device,
 
 
 class ModelRunner:
-    """CUDA-graph replay on GPU for decode steps (and their sampling) and a lone short prefill; eager otherwise."""
+    """CUDA-graph replay on GPU for decode steps (and their sampling) and a lone prefill chunk of up to
+    `max_chunk_tokens` (the scheduler's chunk size; at most PREFILL_GRAPH_MAX_TOKENS); eager otherwise."""
 
     def __init__(self, model, pools: CachePools, max_model_len: int, max_num_seqs: int,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, max_chunk_tokens: int = 512):
         self.model, self.pools = model, pools
         self.device = model.device
         self.graphs: DecodeGraphs | None = None
@@ -73,7 +74,7 @@ class ModelRunner:
             max_blocks = -(-max_model_len // pools.page_size)
             self.graphs = DecodeGraphs(model, pools.view, max(1, max_num_seqs), max_blocks)
             self.graphs.capture()
-            self.prefill_graphs = PrefillGraphs(model, pools.view, max_blocks)
+            self.prefill_graphs = PrefillGraphs(model, pools.view, max_blocks, prefill_buckets(max_chunk_tokens))
             self.prefill_graphs.capture()
             self.sampler_graphs = SamplerGraphs(self.graphs)
             self.sampler_graphs.capture()

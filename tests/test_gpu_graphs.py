@@ -57,10 +57,12 @@ def test_graph_matches_eager_and_reference(model, batch, feed):
         assert_close(torch.cat(got_g[b]), torch.cat(got_e[b]), 1e-4)
 
 
-def test_prefill_graph_matches_eager(model):
+@pytest.mark.parametrize("first_wants_logits", [True, False])
+def test_prefill_graph_matches_eager(model, first_wants_logits):
     """A prompt in two chunks (5 tokens: bucket 32; then 40: bucket 64) replayed from prefill graphs gives
     the eager last-token logits and leaves the same state/KV behind (decode continues identically), while
-    another live sequence's slot and pages stay bit-identical."""
+    another live sequence's slot and pages stay bit-identical. A first chunk that wants no logits (a
+    prompt's middle chunk) replays the same graph and returns none."""
     rng = random.Random(7)
     vocab = model.config.vocab_size
     other = [rng.randrange(vocab) for _ in range(9)]
@@ -75,12 +77,18 @@ def test_prefill_graph_matches_eager(model):
     before_state = graphed.live_state()
     kv_before = [(k.clone(), v.clone()) for k, v in graphed.pools.view.kv]
     se, sg = eager.new_seq(), graphed.new_seq()
-    for chunk in chunks:
+    for i, chunk in enumerate(chunks):
         want = eager.step([(se, chunk)])[0][-1:]
-        meta = build_meta([graphed.book(sg, chunk)], graphed.pools.page_size, model.device)
+        booked = graphed.book(sg, chunk)
+        booked.want_logits = first_wants_logits or i > 0
+        meta = build_meta([booked], graphed.pools.page_size, model.device)
         bucket = graphs.bucket_for(meta)
         assert bucket == (32 if len(chunk) < 32 else 64)
-        assert_close(graphs.run(meta, bucket), want, 1e-4)
+        got = graphs.run(meta, bucket)
+        if booked.want_logits:
+            assert_close(got, want, 1e-4)
+        else:
+            assert got.shape[0] == 0
     for g, t in graphed.live_state().items():   # the other sequence's slot (and any free slot) untouched
         slot = og.slot - 1
         assert torch.equal(t[:, slot], before_state[g][:, slot]), g
