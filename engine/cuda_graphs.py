@@ -196,11 +196,13 @@ PREFILL_GRAPH_MAX_TOKENS = 4096      # longer chunks run eagerly (their GPU time
 
 
 def prefill_buckets(max_chunk: int) -> tuple[int, ...]:
-    """Token buckets for a scheduler chunking prompts at `max_chunk` tokens: powers of two from 32 up to
-    the chunk size, and the chunk size + 16 (a bucket holds fewer tokens than its size: the rest are the pad
-    sequence), at most PREFILL_GRAPH_MAX_TOKENS."""
+    """Token buckets for a scheduler chunking prompts at `max_chunk` tokens (at most
+    PREFILL_GRAPH_MAX_TOKENS): powers of two from 32 to 512, then 1024, 2048, … + 16 up to the chunk size + 16
+    (a bucket holds fewer tokens than its size, the rest being the pad sequence: a full 1024-token chunk
+    fits 1040, not 2048)."""
     top = min(max_chunk, PREFILL_GRAPH_MAX_TOKENS)
-    return tuple(b for b in (32 << i for i in range(8)) if b <= top) + (top + 16,)
+    small = tuple(b for b in (32, 64, 128, 256, 512) if b <= top)
+    return small + tuple(b + 16 for b in (1024, 2048) if b < top) + (top + 16,)
 
 
 class PrefillGraphs:
