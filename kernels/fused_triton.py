@@ -245,7 +245,7 @@ def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, eps, BM
 def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu_mul=False):
     """A few rows: returns (x + delta or x, y)."""
     M, K = x.shape
-    assert weight.is_contiguous() and weight.shape[-1] == K
+    assert weight.is_contiguous() and weight.shape[-1] == K and M <= GEMV_MAX_ROWS
     x = x if x.stride(-1) == 1 else x.contiguous()
     h = x
     if delta is not None:
@@ -255,7 +255,7 @@ def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu
     y = torch.empty(M, out_features, dtype=out_dtype or x.dtype, device=x.device)
     if M == 0:
         return h, y
-    stream = _stream_config(M, out_features, K, 2 if silu_mul else 1)
+    stream = GEMV_STREAM and M == 1 and gemv_stream_config(out_features, K, 2 if silu_mul else 1)
     if stream:
         _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, stream)
         return h, y
@@ -276,7 +276,6 @@ def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu
 # whole batch-1 steps, plain → stream, alternating in one run (bench/results/gemv_stream_steps-h100.json):
 # Spartacus 1.206 / 1.237 → 1.165 / 1.194 ms, Kotodama-3B 2.836 / 2.824 → 2.712 / 2.715, NanoHammer even.
 GEMV_STREAM = True
-STREAM_MAX_ROWS = 4     # batches of 2-4 rows stream too (each tile meets every row; tensor-core GEMM beyond)
 
 
 def gemv_stream_config(N: int, K: int, stacked: int = 1) -> tuple[int, int, int, int] | None:
@@ -315,9 +314,9 @@ def _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, mk, STORE_H, ADD: tl.constexpr, N
 
 
 @triton.jit
-def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, eps, BM: tl.constexpr,
-                        BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr,
-                        NORM: tl.constexpr, SILU_MUL: tl.constexpr, PDL: tl.constexpr):
+def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, BN: tl.constexpr,
+                        BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
+                        SILU_MUL: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     nb = tl.cdiv(N, BN)
@@ -325,7 +324,6 @@ def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, 
     T = ((pid + 1) * nb // G - b0) * KT          # tiles of this program: blocks b0 … b1-1, K tiles each
     rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    rm = tl.arange(0, BM)
     # weights are constant during the step: the first tile is read before the producer of x finishes
     n = b0 * BN + rn
     m = ((n < N) & (rn * 0 < T))[:, None] & (rk < K)[None, :]
@@ -336,22 +334,19 @@ def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, 
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-    ss = tl.zeros((BM,), dtype=tl.float32)
-    if BM == 1 and KT == 1:         # batch 1, one K tile: the input row loads once, before the stream
-        x, xn = _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, rk, rk < K, pid == 0, ADD, NORM)
-        if NORM:
-            ss += tl.sum(x * x, axis=0)
-    elif NORM or ADD:       # each row's sum of squares (and the stored residual rows) before the stream
-        for kt in range(0, KT):
-            kk = kt * BK + rk
-            for r in tl.static_range(BM):
-                mx = (kk < K) & (kk * 0 + r < M)
-                x, _ = _stream_x(x_ptr + r * sx, d_ptr + r * sx, h_ptr + r * K, nw_ptr, kk, mx, pid == 0, ADD,
-                                 False)
+    ss = 0.0
+    x, xn = _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, rk, rk < K, pid == 0, ADD, NORM)
+    if NORM:
+        ss = tl.sum(x * x, axis=0)
+    if KT > 1:
+        if NORM or ADD:      # the whole row's sum of squares (and the stored residual) before the stream
+            for kt in range(1, KT):
+                kk = kt * BK + rk
+                x2, _ = _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, kk < K, pid == 0, ADD, False)
                 if NORM:
-                    ss = tl.where(rm == r, ss + tl.sum(x * x, axis=0), ss)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+                    ss += tl.sum(x2 * x2, axis=0)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    acc_up = tl.zeros((BN,), dtype=tl.float32)
     for t in range(0, T):
         kt = t % KT
         # the next tile's load goes out before this tile's product
@@ -364,46 +359,40 @@ def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, 
         u_next = w_next
         if SILU_MUL:
             u_next = tl.load(w_ptr + N * K + off_next, mask=m_next, other=0.0)
-        wf = w.to(tl.float32)
-        kk = kt * BK + rk
-        for r in tl.static_range(BM):
-            if not (BM == 1 and KT == 1):
-                _, xn = _stream_x(x_ptr + r * sx, d_ptr + r * sx, h_ptr, nw_ptr, kk, (kk < K) & (kk * 0 + r < M),
-                                  False, ADD, NORM)
-            sel = rm[:, None] == r
-            acc = tl.where(sel, acc + tl.sum(wf * xn[None, :], axis=1)[None, :], acc)
-            if SILU_MUL:
-                acc_up = tl.where(sel, acc_up + tl.sum(u.to(tl.float32) * xn[None, :], axis=1)[None, :], acc_up)
+        if KT > 1:
+            kk = kt * BK + rk
+            _, xn = _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, kk < K, False, ADD, NORM)
+        acc += tl.sum(w.to(tl.float32) * xn[None, :], axis=1)
+        if SILU_MUL:
+            acc_up += tl.sum(u.to(tl.float32) * xn[None, :], axis=1)
         if kt == KT - 1:
             y = acc
             if NORM:
-                scale = tl.rsqrt(ss / K + eps)[:, None]
-                y = y * scale
+                r = tl.rsqrt(ss / K + eps)
+                y = y * r
             y = y.to(w_ptr.dtype.element_ty).to(tl.float32)      # the matmul's stored output, as the reference
             if SILU_MUL:
                 up = acc_up
                 if NORM:
-                    up = up * scale
+                    up = up * r
                 up = up.to(w_ptr.dtype.element_ty).to(tl.float32)
                 y = y / (1.0 + tl.exp(-y)) * up
             n = (b0 + t // KT) * BN + rn
-            tl.store(y_ptr + rm[:, None] * N + n[None, :], y.to(y_ptr.dtype.element_ty),
-                     mask=(rm < M)[:, None] & (n < N)[None, :])
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+            tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
+            acc = tl.zeros((BN,), dtype=tl.float32)
+            acc_up = tl.zeros((BN,), dtype=tl.float32)
         w = w_next
         u = u_next
 
 
 def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, config):
-    (M, K), N = x.shape, y.shape[1]
+    N, K = y.shape[1], x.shape[1]
     BN, BK, warps, per_sm = config
     grid = min(triton.cdiv(N, BN), per_sm * _sm_count(x.device.index if x.is_cuda else None))
     _gemv_stream_kernel[(grid,)](
         x, delta if delta is not None else x, h, norm_weight if norm_weight is not None else x, weight, y,
-        M, N, K, x.stride(0), eps, BM=triton.next_power_of_2(M), BN=BN, BK=BK, KT=triton.cdiv(K, BK),
-        ADD=delta is not None, NORM=norm_weight is not None, SILU_MUL=silu_mul, num_warps=warps, num_stages=1,
-        **pdl.launch_kwargs(x.device))
+        N, K, eps, BN=BN, BK=BK, KT=triton.cdiv(K, BK), ADD=delta is not None, NORM=norm_weight is not None,
+        SILU_MUL=silu_mul, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device))
 
 
 # Matmuls of more rows (batch 2 … MM_MAX_ROWS) run as a tensor-core GEMM of one row block: the weight
@@ -498,24 +487,15 @@ def _add_norm(h, delta, norm_weight, eps):
     return add_rms_norm(delta, h, norm_weight, eps) if delta is not None else (h, rms_norm(h, norm_weight, eps))
 
 
-def _stream_config(M: int, N: int, K: int, stacked: int):
-    return GEMV_STREAM and 0 < M <= STREAM_MAX_ROWS and gemv_stream_config(N, K, stacked)
-
-
-def _few_rows(x: torch.Tensor, N: int, stacked: int = 1) -> bool:
-    """Whether this matmul runs as a GEMV (plain or streamed) rather than a GEMM."""
-    return x.shape[0] <= GEMV_MAX_ROWS or bool(_stream_config(x.shape[0], N, x.shape[1], stacked))
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if not _few_rows(x, weight.shape[0]):
+    if x.shape[0] > GEMV_MAX_ROWS:
         return _matmul(x, weight)
     return _gemv(x, None, None, weight, weight.shape[0], 0.0)[1]
 
 
 def add_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, weight: torch.Tensor,
                     eps: float, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _few_rows(h, weight.shape[0]):
+    if h.shape[0] > GEMV_MAX_ROWS:
         h, x = _add_norm(h, delta, norm_weight, eps)
         return h, _matmul(x, weight, out_dtype)
     return _gemv(h, delta, norm_weight, weight, weight.shape[0], eps, out_dtype)
@@ -523,7 +503,7 @@ def add_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: to
 
 def add_norm_linear_silu_mul(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
                              gate_up: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _few_rows(h, gate_up.shape[0] // 2, 2):
+    if h.shape[0] > GEMV_MAX_ROWS:
         h, x = _add_norm(h, delta, norm_weight, eps)
         return h, _matmul(x, gate_up, gated=True)
     return _gemv(h, delta, norm_weight, gate_up, gate_up.shape[0] // 2, eps, silu_mul=True)
