@@ -146,7 +146,8 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "gemv_one_row_only": (*_knob(ft, "GEMV_MAX_ROWS"), 1),      # cuBLAS/GEMM for 2+ rows
             "gemv_two_rows": (*_knob(ft, "GEMV_MAX_ROWS"), 2),          # the GEMV for 2-row matmuls too
             "mm_off": (*_knob(ft, "MM_MAX_ROWS"), 0),                     # cuBLAS for every multi-row matmul
-            "min_split_256": (*_knob(pat, "MIN_SPLIT"), 256)}             # attention splits of >= 256 keys
+            "min_split_256": (*_knob(pat, "MIN_SPLIT"), 256),             # attention splits of >= 256 keys
+            "stream_off": (*_knob(ft, "GEMV_STREAM"), False)}             # the plain GEMV at batch 1
 PDL_COMPARE = ("pdl_off", "gemv_one_row_only")
 
 
