@@ -16,9 +16,11 @@ Usage (GPU machine): python bench/engine_decode.py --tokenizer DIR [--archs ...]
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
 import os
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -73,7 +75,8 @@ class StepClock:
         return {k + "_ms": 1e3 * statistics.median(r[k] for r in self.rows) for k in self.rows[0]}
 
 
-def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_seqs: int) -> dict:
+def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_seqs: int,
+            profile_host: bool = False) -> dict:
     cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=min(4096, model.max_model_len))
     layout = model.cache_layout()
     plan = plan_memory(layout, model.dtype, 4 << 30, cfg.page_size, cfg.max_num_seqs, cfg.max_model_len)
@@ -94,10 +97,21 @@ def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_se
         eng.add_request(f"r{b}", prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True, **MODES[mode]))
     clock.step(record=False)                               # the prefill
     n = 0
+    prof = cProfile.Profile() if profile_host else None
     while eng.has_work():
+        if prof is not None and n == 8:
+            prof.enable()
         clock.step(record=n >= 8)                          # the first decode steps warm up clocks and caches
         n += 1
     row = {"batch": batch, "mode": mode, "decode_steps": n, "engine_setup_s": setup_s, **clock.summary()}
+    if prof is not None:        # host functions by own time per step (the profiler slows the host part)
+        prof.disable()
+        stats = pstats.Stats(prof).stats
+        per = max(1, n - 8)
+        top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:30]
+        row["host_profile"] = [{"function": f"{Path(f).name}:{line}:{name}", "calls_per_step": nc / per,
+                                "own_us_per_step": 1e6 * tt / per, "cum_us_per_step": 1e6 * ct / per}
+                               for (f, line, name), (_, nc, tt, ct, _) in top]
     assert pools.pages.num_used == 0 and (not pools.layout.states or pools.slots.num_used == 0)
     graph = eng.runner.graphs.graphs[eng.runner.graphs.padded_size(batch)]   # its inputs: the last step's
     row["graph_replay_ms"] = time_fn(graph.replay, iters=100, warmup=20)
@@ -118,6 +132,7 @@ def main():
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--modes", default="greedy,sampled")
     ap.add_argument("--tokens", type=int, default=72)
+    ap.add_argument("--profile-host", action="store_true", help="cProfile the decode steps' host code")
     args = ap.parse_args()
     tokenizer, _ = read_sidecars(Path(args.tokenizer))
     batches = [int(b) for b in args.batches.split(",")]
@@ -128,12 +143,16 @@ def main():
         model = load_full(arch)
         for mode in args.modes.split(","):
             for B in batches:
-                row = {"arch": arch, **run_row(model, tokenizer, B, mode, args.tokens, max(batches))}
+                row = {"arch": arch, **run_row(model, tokenizer, B, mode, args.tokens, max(batches),
+                                               args.profile_host)}
                 out["rows"].append(row)
                 print(f"{arch:11} {mode:7} B={B:3}  step {row['step_ms']:6.3f} ms  graph replay "
                       f"{row['graph_replay_ms']:6.3f}  overhead {row['overhead_ms']:6.3f} (to launch "
                       f"{row['host_to_launch_ms']:.3f}, sampler {row['sampler_ms']:.3f}, after "
                       f"{row['after_sampler_ms']:.3f})  {row['tok_per_s']:8.0f} tok/s", flush=True)
+                for f in row.get("host_profile", [])[:15]:
+                    print(f"    {f['function'][:60]:60} x{f['calls_per_step']:5.1f}  own {f['own_us_per_step']:7.1f} us"
+                          f"  cum {f['cum_us_per_step']:7.1f} us", flush=True)
                 (out_dir / "engine_decode.json").write_text(json.dumps(out, indent=1))
         del model
         torch.cuda.empty_cache()
