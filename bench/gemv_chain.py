@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -102,46 +103,82 @@ CONFIGS = [(bn, bk, w) for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048) for w 
            if bn * bk <= 16384 and bn * bk >= 1024]
 
 
+@contextmanager
+def knobs(**values):
+    """fused_triton settings (GEMV_STREAM, gemv_config, …) for the duration, restored after."""
+    before = {k: getattr(ft, k) for k in values}
+    for k, v in values.items():
+        setattr(ft, k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(ft, k, v)
+
+
+class ShapeCase:
+    """One matmul shape alone, repeated in one graph over enough weight copies to miss L2 (>= 256 MB)."""
+
+    def __init__(self, N, K, silu, norm, M):
+        self.silu, self.norm = silu, norm
+        self.rows_n = 2 * N if silu else N
+        self.nbytes = self.rows_n * K * 2
+        copies = max(1, -(-(256 << 20) // self.nbytes))
+        self.ws = [torch.randn(self.rows_n, K, device="cuda").to(torch.bfloat16) * K ** -0.5 for _ in range(copies)]
+        self.xk = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+        self.nw = torch.rand(K, device="cuda").to(torch.bfloat16) + 0.5
+        self.reps = max(copies, 16)
+        self.want = self.call(0).float()
+
+    def call(self, i):
+        """The i-th weight copy's matmul, as the model calls it (residual add + norm, SiLU·mul)."""
+        w = self.ws[i % len(self.ws)]
+        if self.silu:
+            return ft.add_norm_linear_silu_mul(self.xk, self.xk, self.nw, w, 1e-5)[1]
+        if self.norm:
+            return ft.add_norm_linear(self.xk, self.xk, self.nw, w, 1e-5)[1]
+        return ft.linear(self.xk, w)
+
+    def cublas(self, i):
+        return F.linear(self.xk, self.ws[i % len(self.ws)])
+
+    def us(self, fn=None) -> float:
+        """µs per call of fn (default: call) over `reps` calls in one graph."""
+        fn = fn or self.call
+        return graph_us(lambda: [fn(i) for i in range(self.reps)]) / self.reps
+
+    def row(self, name, config, bw, **setting) -> dict:
+        """Checked against the case's first result, then timed, with the fused_triton settings given."""
+        with knobs(**setting):
+            err = ((self.call(0).float() - self.want).norm() / self.want.norm()).item()
+            assert err < 2e-2, (name, config, err)
+            t = self.us()
+        return {"shape": name, "N": self.rows_n, "K": self.xk.shape[1], "M": self.xk.shape[0], "config": str(config),
+                "us": t, "TBps": self.nbytes / t / 1e6, "of_copy_bw": self.nbytes / t / 1e6 / (bw / 1e12)}
+
+
+def fixed(config):
+    return lambda *shape: config
+
+
 def shape_sweep(bw):
-    """Each matmul shape alone, repeated in one graph over enough weight copies to miss L2 (>= 256 MB)."""
+    """The plain GEMV per shape and tile config, against its default rule and cuBLAS."""
     rows, best = [], {}
     for name, N, K, silu, norm, M in SHAPES:
-        rows_n = 2 * N if silu else N
-        copies = max(1, -(-(256 << 20) // (rows_n * K * 2)))
-        ws = [torch.randn(rows_n, K, device="cuda").to(torch.bfloat16) * K ** -0.5 for _ in range(copies)]
-        xk = torch.randn(M, K, device="cuda").to(torch.bfloat16)
-        nw = torch.rand(K, device="cuda").to(torch.bfloat16) + 0.5
-        reps = max(copies, 16)
-
-        def call(i):
-            w = ws[i % copies]
-            if silu:
-                return ft.add_norm_linear_silu_mul(xk, xk, nw, w, 1e-5)[1]
-            if norm:
-                return ft.add_norm_linear(xk, xk, nw, w, 1e-5)[1]
-            return ft.linear(xk, w)
-        want = call(0).float()
-        nbytes = rows_n * K * 2
-        for cfg in CONFIGS + ["default", "cublas"]:
-            if cfg == "cublas":
-                t = graph_us(lambda: [F.linear(xk, ws[i % copies]) for i in range(reps)]) / reps
-            else:
-                if cfg != "default":
-                    ft.gemv_config = lambda *shape, c=cfg: c
-                err = ((call(0).float() - want).norm() / want.norm()).item()
-                t = graph_us(lambda: [call(i) for i in range(reps)]) / reps
-                ft.gemv_config = DEFAULT_CONFIG
-                assert err < 2e-2, (name, cfg, err)
-            rows.append({"shape": name, "M": M, "N": rows_n, "K": K, "config": str(cfg), "us": t,
-                         "TBps": nbytes / t / 1e6, "of_copy_bw": nbytes / t / 1e6 / (bw / 1e12)})
-            if isinstance(cfg, tuple) and (name not in best or t < best[name][1]):
-                best[name] = (cfg, t)
+        case = ShapeCase(N, K, silu, norm, M)
+        for cfg in CONFIGS + ["default"]:
+            rows.append(case.row(name, cfg, bw, GEMV_STREAM=False,
+                                 gemv_config=DEFAULT_CONFIG if cfg == "default" else fixed(cfg)))
+            if isinstance(cfg, tuple) and (name not in best or rows[-1]["us"] < best[name][1]):
+                best[name] = (cfg, rows[-1]["us"])
+        t = case.us(case.cublas)
+        rows.append({"shape": name, "M": M, "N": case.rows_n, "K": K, "config": "cublas", "us": t,
+                     "TBps": case.nbytes / t / 1e6, "of_copy_bw": case.nbytes / t / 1e6 / (bw / 1e12)})
         d = next(r for r in rows if r["shape"] == name and r["config"] == "default")
-        c = next(r for r in rows if r["shape"] == name and r["config"] == "cublas")
-        print(f"{name:8} {rows_n:6}x{K:5}: default {d['us']:6.1f} us {d['TBps']:.2f} TB/s | best {best[name][0]} "
-              f"{best[name][1]:6.1f} us {nbytes / best[name][1] / 1e6:.2f} TB/s | cublas {c['us']:6.1f} us "
-              f"{c['TBps']:.2f} TB/s", flush=True)
-        del ws
+        print(f"{name:8} {case.rows_n:6}x{K:5}: default {d['us']:6.1f} us {d['TBps']:.2f} TB/s | best "
+              f"{best[name][0]} {best[name][1]:6.1f} us {case.nbytes / best[name][1] / 1e6:.2f} TB/s | cublas "
+              f"{t:6.1f} us {case.nbytes / t / 1e6:.2f} TB/s", flush=True)
+        del case
     return rows, {k: v[0] for k, v in best.items()}
 
 
@@ -158,47 +195,21 @@ STREAM_CONFIGS = [(bn, 2048, 8, pps) for bn in (2, 4, 8) for pps in (2, 4, 6, 8)
 
 def stream_sweep(bw):
     """Each one-row shape with the streamed GEMV per config (same protocol as shape_sweep), against the
-    default GEMV of the same shape in the same run."""
+    plain GEMV of the same shape in the same run."""
     rows, best = [], {}
     for name, N, K, silu, norm, M in STREAM_SHAPES:
-        rows_n = 2 * N if silu else N
-        copies = max(1, -(-(256 << 20) // (rows_n * K * 2)))
-        ws = [torch.randn(rows_n, K, device="cuda").to(torch.bfloat16) * K ** -0.5 for _ in range(copies)]
-        xk = torch.randn(M, K, device="cuda").to(torch.bfloat16)
-        nw = torch.rand(K, device="cuda").to(torch.bfloat16) + 0.5
-        reps = max(copies, 16)
-
-        def call(i):
-            w = ws[i % copies]
-            if silu:
-                return ft.add_norm_linear_silu_mul(xk, xk, nw, w, 1e-5)[1]
-            if norm:
-                return ft.add_norm_linear(xk, xk, nw, w, 1e-5)[1]
-            return ft.linear(xk, w)
-        want = call(0).float()
-        nbytes = rows_n * K * 2
-        base = graph_us(lambda: [call(i) for i in range(reps)]) / reps
-        rows.append({"shape": name, "N": rows_n, "K": K, "config": "gemv default", "us": base,
-                     "TBps": nbytes / base / 1e6})
-        ft.GEMV_STREAM = True
-        try:
-            for cfg in STREAM_CONFIGS + ["stream default"]:
-                if cfg != "stream default":
-                    ft.gemv_stream_config = lambda *shape, c=cfg: c
-                err = ((call(0).float() - want).norm() / want.norm()).item()
-                t = graph_us(lambda: [call(i) for i in range(reps)]) / reps
-                ft.gemv_stream_config = DEFAULT_STREAM
-                assert err < 2e-2, (name, cfg, err)
-                rows.append({"shape": name, "N": rows_n, "K": K, "config": str(cfg), "us": t,
-                             "TBps": nbytes / t / 1e6, "of_copy_bw": nbytes / t / 1e6 / (bw / 1e12)})
-                if isinstance(cfg, tuple) and (name not in best or t < best[name][1]):
-                    best[name] = (cfg, t)
-        finally:
-            ft.GEMV_STREAM = False
-            ft.gemv_stream_config = DEFAULT_STREAM
-        print(f"stream {name:11} {rows_n:6}x{K:5}: gemv {base:6.1f} us {nbytes / base / 1e6:.2f} TB/s | best "
-              f"{best[name][0]} {best[name][1]:6.1f} us {nbytes / best[name][1] / 1e6:.2f} TB/s", flush=True)
-        ws.clear()
+        case = ShapeCase(N, K, silu, norm, M)
+        rows.append(case.row(name, "gemv default", bw, GEMV_STREAM=False))
+        base = rows[-1]["us"]
+        for cfg in STREAM_CONFIGS + ["stream default"]:
+            rows.append(case.row(name, cfg, bw, GEMV_STREAM=True,
+                                 gemv_stream_config=DEFAULT_STREAM if cfg == "stream default" else fixed(cfg)))
+            if isinstance(cfg, tuple) and (name not in best or rows[-1]["us"] < best[name][1]):
+                best[name] = (cfg, rows[-1]["us"])
+        print(f"stream {name:11} {case.rows_n:6}x{K:5}: gemv {base:6.1f} us {case.nbytes / base / 1e6:.2f} TB/s | "
+              f"best {best[name][0]} {best[name][1]:6.1f} us {case.nbytes / best[name][1] / 1e6:.2f} TB/s",
+              flush=True)
+        del case
     return rows, {(N, K, 2 if silu else 1): best[name][0] for name, N, K, silu, _, _ in STREAM_SHAPES}
 
 
@@ -222,19 +233,19 @@ def main():
 
     def tuned(M, N, K, stacked=1):
         return by_shape.get((N, K, stacked)) or DEFAULT_CONFIG(M, N, K, stacked)
-    for label, cfg_fn in (("default", DEFAULT_CONFIG), ("best-per-shape", tuned))[:2 if best else 1]:
-        ft.gemv_config = cfg_fn
-        for on in (False, True):
-            set_pdl(on)
+    def chain_row(name, **setting):
+        with knobs(**setting):
             y = chain_triton(layers, head, x)
             err = ((y - ref).norm() / ref.norm()).item()
             t = graph_us(lambda: chain_triton(layers, head, x))
-            name = f"triton {label} pdl={int(pdl.enabled(x.device))}"
-            out["rows"].append({"variant": name, "us": t, "TBps": nbytes / t / 1e6, "ratio_to_floor":
-                                t / out["floor_us"], "rel_err_vs_default": err})
-            print(f"{name:34} {t:8.1f} us  {nbytes / t / 1e6:5.2f} TB/s  x{t / out['floor_us']:.2f} floor  "
-                  f"err {err:.1e}", flush=True)
-    ft.gemv_config = DEFAULT_CONFIG
+        out["rows"].append({"variant": name, "us": t, "TBps": nbytes / t / 1e6, "ratio_to_floor":
+                            t / out["floor_us"], "rel_err_vs_default": err})
+        print(f"{name:34} {t:8.1f} us  {nbytes / t / 1e6:5.2f} TB/s  x{t / out['floor_us']:.2f} floor  "
+              f"err {err:.1e}", flush=True)
+    for label, cfg_fn in (("default", DEFAULT_CONFIG), ("best-per-shape", tuned))[:2 if best else 1]:
+        for on in (False, True):
+            set_pdl(on)
+            chain_row(f"triton {label} pdl={int(pdl.enabled(x.device))}", GEMV_STREAM=False, gemv_config=cfg_fn)
     set_pdl(True)
     archs = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--step-archs=")), "")
     if "--steps-only" in sys.argv:          # the whole-step A/B with the stream's own rule, nothing else
@@ -247,15 +258,7 @@ def main():
         def stream_tuned(N, K, stacked=1):
             return stream_best.get((N, K, stacked)) or DEFAULT_STREAM(N, K, stacked)
         for label, fn in (("stream default", DEFAULT_STREAM), ("stream best-per-shape", stream_tuned)):
-            ft.GEMV_STREAM, ft.gemv_stream_config = True, fn
-            y = chain_triton(layers, head, x)
-            err = ((y - ref).norm() / ref.norm()).item()
-            t = graph_us(lambda: chain_triton(layers, head, x))
-            out["rows"].append({"variant": f"triton {label} pdl=1", "us": t, "TBps": nbytes / t / 1e6,
-                                "ratio_to_floor": t / out["floor_us"], "rel_err_vs_default": err})
-            print(f"{'triton ' + label:34} {t:8.1f} us  {nbytes / t / 1e6:5.2f} TB/s  x{t / out['floor_us']:.2f} "
-                  f"floor  err {err:.1e}", flush=True)
-        ft.GEMV_STREAM, ft.gemv_stream_config = False, DEFAULT_STREAM
+            chain_row(f"triton {label} pdl=1", GEMV_STREAM=True, gemv_stream_config=fn)
         if archs:
             out["step"] = step_ab(archs.split(","), stream_tuned, bw)
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
@@ -271,9 +274,8 @@ def step_ab(archs, stream_config, bw):
         s = dl.Setup(model, 1, 128)
         row = {"arch": arch, "floor_ms": 1e3 * (model.weights_bytes() + 2 * s.state_bytes + s.kv_read) / bw}
         for label, on in (("gemv", False), ("stream", True), ("gemv_again", False), ("stream_again", True)):
-            ft.GEMV_STREAM, ft.gemv_stream_config = on, stream_config if on else DEFAULT_STREAM
-            row[f"ms_{label}"] = dl.graph_ms(model, s, 1)
-        ft.GEMV_STREAM, ft.gemv_stream_config = False, DEFAULT_STREAM
+            with knobs(GEMV_STREAM=on, gemv_stream_config=stream_config):
+                row[f"ms_{label}"] = dl.graph_ms(model, s, 1)
         print(f"step {arch:12} floor {row['floor_ms']:.3f} ms | gemv {row['ms_gemv']:.3f} stream "
               f"{row['ms_stream']:.3f} gemv again {row['ms_gemv_again']:.3f} stream again "
               f"{row['ms_stream_again']:.3f}", flush=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from gemv_chain import graph_us
 from hybridserve.engine.request import SamplingParams
 from hybridserve.engine.sampler import Sampler
 from hybridserve.kernels import sampling, sampling_triton
@@ -40,28 +41,6 @@ def profile_ops(fn, reps: int = 20) -> tuple[float, list]:
     return sum(by.values()), [{"kernel": k, "us": v} for k, v in ops[:8]]
 
 
-def graph_wall_us(fn, reps: int = 50) -> float:
-    """Median wall time of `fn` captured as a CUDA graph and replayed alone."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[reps // 2]
-
-
 def search_sweep() -> list:
     """The sort-free truncation floor's tiles: candidates per pass, row elements per program, warps."""
     rows = []
@@ -75,11 +54,11 @@ def search_sweep() -> list:
             sampling_triton.SEARCH_C, sampling_triton.SEARCH_BLOCK, sampling_triton.SEARCH_WARPS = c, block, warps
             got = sampling_triton.truncation_floor(x, min_p, top_k, top_p)
             assert torch.equal(x >= got[:, None], x >= want[:, None]), (c, block, warps)
-            p_us = graph_wall_us(lambda: sampling_triton.truncation_floor(x, min_p, None, top_p))
-            kp_us = graph_wall_us(lambda: sampling_triton.truncation_floor(x, min_p, top_k, top_p))
+            p_us = graph_us(lambda: sampling_triton.truncation_floor(x, min_p, None, top_p))
+            kp_us = graph_us(lambda: sampling_triton.truncation_floor(x, min_p, top_k, top_p))
             rows.append({"vocab": V, "batch": B, "C": c, "block": block, "warps": warps, "top_p_graph_us": p_us,
                          "top_k_top_p_graph_us": kp_us})
-        sort_us = graph_wall_us(lambda: sampling.truncation_floor(x, min_p, top_k, top_p))
+        sort_us = graph_us(lambda: sampling.truncation_floor(x, min_p, top_k, top_p))
         rows.append({"vocab": V, "batch": B, "sort_graph_us": sort_us})
         best = min((r for r in rows if r.get("vocab") == V and r.get("batch") == B and "C" in r),
                    key=lambda r: r["top_p_graph_us"])
@@ -129,7 +108,7 @@ def main():
                              ("graph_form_greedy", lambda: sampling_triton.argmax(logits))):
                 sampling_triton.SEARCH_C = int(case[-2:]) if case[-3:-2] == "c" else search_c
                 total, ops = profile_ops(fn)
-                wall = graph_wall_us(fn)
+                wall = graph_us(fn)
                 sampling_triton.SEARCH_C = search_c
                 out["rows"].append({"vocab": V, "batch": B, "case": case, "gpu_us": total, "graph_us": wall,
                                     "top": ops})

@@ -201,7 +201,7 @@ def prefill_buckets(max_chunk: int) -> tuple[int, ...]:
     (a bucket holds fewer tokens than its size, the rest being the pad sequence: a full 1024-token chunk
     fits 1040, not 2048)."""
     top = min(max_chunk, PREFILL_GRAPH_MAX_TOKENS)
-    small = tuple(b for b in (32, 64, 128, 256, 512) if b <= top)
+    small = tuple(b for b in PREFILL_BUCKETS if b <= top)
     return small + tuple(b + 16 for b in (1024, 2048) if b < top) + (top + 16,)
 
 

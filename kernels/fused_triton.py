@@ -179,6 +179,23 @@ def gemv_config(M: int, N: int, K: int, stacked: int = 1) -> tuple[int, int, int
 
 
 @triton.jit
+def _gemv_out(acc, acc_up, scale, w_ptr, NORM: tl.constexpr, SILU_MUL: tl.constexpr):
+    """A GEMV's outputs from its fp32 accumulators: times the input's 1/rms (`scale`) under NORM, rounded to
+    the weight dtype as the reference's matmul stores them, then SiLU(gate) · up for a stacked pair."""
+    y = acc
+    if NORM:
+        y = y * scale
+    y = y.to(w_ptr.dtype.element_ty).to(tl.float32)
+    if SILU_MUL:
+        up = acc_up
+        if NORM:
+            up = up * scale
+        up = up.to(w_ptr.dtype.element_ty).to(tl.float32)
+        y = y / (1.0 + tl.exp(-y)) * up
+    return y
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, eps, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
                  SILU_MUL: tl.constexpr, PDL: tl.constexpr):
@@ -227,17 +244,7 @@ def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, eps, BM
             acc = tl.where(sel, acc + tl.sum(wf * x[None, :], axis=1)[None, :], acc)
             if SILU_MUL:
                 acc_up = tl.where(sel, acc_up + tl.sum(u.to(tl.float32) * x[None, :], axis=1)[None, :], acc_up)
-    y = acc
-    if NORM:
-        r = tl.rsqrt(ss / K + eps)[:, None]
-        y = y * r
-    y = y.to(w_ptr.dtype.element_ty).to(tl.float32)          # the matmul's stored output, as the reference
-    if SILU_MUL:
-        up = acc_up
-        if NORM:
-            up = up * r
-        up = up.to(w_ptr.dtype.element_ty).to(tl.float32)
-        y = y / (1.0 + tl.exp(-y)) * up
+    y = _gemv_out(acc, acc_up, tl.rsqrt(ss / K + eps)[:, None], w_ptr, NORM, SILU_MUL)
     tl.store(y_ptr + rm[:, None] * N + n[None, :], y.to(y_ptr.dtype.element_ty),
              mask=(rm < M)[:, None] & mn[None, :])
 
@@ -366,17 +373,7 @@ def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, BN
         if SILU_MUL:
             acc_up += tl.sum(u.to(tl.float32) * xn[None, :], axis=1)
         if kt == KT - 1:
-            y = acc
-            if NORM:
-                r = tl.rsqrt(ss / K + eps)
-                y = y * r
-            y = y.to(w_ptr.dtype.element_ty).to(tl.float32)      # the matmul's stored output, as the reference
-            if SILU_MUL:
-                up = acc_up
-                if NORM:
-                    up = up * r
-                up = up.to(w_ptr.dtype.element_ty).to(tl.float32)
-                y = y / (1.0 + tl.exp(-y)) * up
+            y = _gemv_out(acc, acc_up, tl.rsqrt(ss / K + eps), w_ptr, NORM, SILU_MUL)
             n = (b0 + t // KT) * BN + rn
             tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
             acc = tl.zeros((BN,), dtype=tl.float32)

@@ -106,6 +106,12 @@ def _unkey(k):
 
 
 @triton.jit
+def _candidates(lo, hi, ci, C: tl.constexpr):
+    """The C keys a pass tests in (lo, hi]: lo itself, then lo + ceil((hi − lo)·i / C)."""
+    return lo + ((hi - lo) * ci + C - 1) // C
+
+
+@triton.jit
 def _row_stats_kernel(x_ptr, bmax_ptr, bmin_ptr, V, sx, NB, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     blk = tl.program_id(1)
@@ -154,7 +160,7 @@ def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
         if MASS:
             if step == 1:                            # candidate 0 was lo0: its sum is Z
                 target = target * tl.sum(tl.where(ci == 0, tot, 0.0), axis=0)
-        cand = lo + ((hi - lo) * ci + C - 1) // C
+        cand = _candidates(lo, hi, ci, C)
         cond = (tot < target) & (ci > 0)             # candidate 0 is lo, false by construction
         new_hi = tl.min(tl.where(cond, cand, hi), axis=0)
         lo = tl.max(tl.where(cond, lo, cand), axis=0)
@@ -168,7 +174,7 @@ def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
         else:
             tl.store(floor_ptr + row, _unkey(hi))
     if BODY:
-        cand = (lo + ((hi - lo) * ci + C - 1) // C).to(tl.int32)
+        cand = _candidates(lo, hi, ci, C).to(tl.int32)
         acc = tl.zeros((SUB, C), dtype=tl.float32)      # reduced once, after the loop
         for s in range(0, BLOCK, SUB):
             cols = blk * BLOCK + s + tl.arange(0, SUB)

@@ -397,18 +397,10 @@ from hybridserve.kernels import state_token as state_ref  # noqa: E402
 from hybridserve.kernels import state_token_triton as state_tr  # noqa: E402
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3])     # 1–2: the Triton GEMV; more: cuBLAS
-@pytest.mark.parametrize("with_delta", [True, False])
-@pytest.mark.parametrize("tiles", [None, (2, 256, 4)])   # one K tile per row / three, a partial last one
-def test_fused_linears(device, dtype, rows, with_delta, tiles, monkeypatch):
-    monkeypatch.setattr(fused_tr, "GEMV_MAX_ROWS", 2)    # the kernel's multi-row path, off by default
-    if tiles:
-        monkeypatch.setattr(fused_tr, "gemv_config", lambda *shape: tiles)
-    K, N = 600, 40                                  # K not a multiple of the GEMV's K block
-    h = torch.randn(rows, K, device=device, dtype=dtype)
-    delta = torch.randn(rows, K, device=device, dtype=dtype) if with_delta else None
+def check_fused_linears(h, delta, N, dtype):
+    """add_norm_linear (fp32 out), add_norm_linear_silu_mul and linear of h [rows, K] (+ delta) into N
+    outputs: the Triton functions against the plain ones."""
+    device, K = h.device, h.shape[1]
     nw = (torch.rand(K, device=device) + 0.5).to(dtype)
     w = (torch.randn(N, K, device=device) * K ** -0.5).to(dtype)
     gate_up = (torch.randn(2 * N, K, device=device) * K ** -0.5).to(dtype)
@@ -421,6 +413,22 @@ def test_fused_linears(device, dtype, rows, with_delta, tiles, monkeypatch):
                     fused_ref.add_norm_linear_silu_mul(h, delta, nw, gate_up, 1e-5)):
         _close(a, b, dtype)
     _close(fused_tr.linear(h, w), fused_ref.linear(h, w), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3])     # 1–2: the Triton GEMV; more: cuBLAS
+@pytest.mark.parametrize("with_delta", [True, False])
+@pytest.mark.parametrize("tiles", [None, (2, 256, 4)])   # one K tile per row / three, a partial last one
+def test_fused_linears(device, dtype, rows, with_delta, tiles, monkeypatch):
+    monkeypatch.setattr(fused_tr, "GEMV_MAX_ROWS", 2)    # the kernel's multi-row path, off by default
+    monkeypatch.setattr(fused_tr, "GEMV_STREAM", False)  # the plain GEMV (the stream has its own test)
+    if tiles:
+        monkeypatch.setattr(fused_tr, "gemv_config", lambda *shape: tiles)
+    K, N = 600, 40                                  # K not a multiple of the GEMV's K block
+    h = torch.randn(rows, K, device=device, dtype=dtype)
+    delta = torch.randn(rows, K, device=device, dtype=dtype) if with_delta else None
+    check_fused_linears(h, delta, N, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -437,18 +445,7 @@ def test_fused_linears_stream(device, dtype, with_delta, cfg, N, monkeypatch):
     K = 600
     h = torch.randn(1, K, device=device, dtype=dtype)
     delta = torch.randn(1, K, device=device, dtype=dtype) if with_delta else None
-    nw = (torch.rand(K, device=device) + 0.5).to(dtype)
-    w = (torch.randn(N, K, device=device) * K ** -0.5).to(dtype)
-    gate_up = (torch.randn(2 * N, K, device=device) * K ** -0.5).to(dtype)
-    got = fused_tr.add_norm_linear(h, delta, nw, w, 1e-5, out_dtype=torch.float32)
-    want = fused_ref.add_norm_linear(h, delta, nw, w, 1e-5, out_dtype=torch.float32)
-    assert got[1].dtype == torch.float32 and got[0].dtype == dtype
-    for a, b in zip(got, want):
-        _close(a, b, dtype)
-    for a, b in zip(fused_tr.add_norm_linear_silu_mul(h, delta, nw, gate_up, 1e-5),
-                    fused_ref.add_norm_linear_silu_mul(h, delta, nw, gate_up, 1e-5)):
-        _close(a, b, dtype)
-    _close(fused_tr.linear(h, w), fused_ref.linear(h, w), dtype)
+    check_fused_linears(h, delta, N, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
