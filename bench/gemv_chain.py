@@ -5,6 +5,8 @@ matmuls reaches, against the copy bandwidth measured in the same run and against
 
 Usage (GPU machine): python bench/gemv_chain.py [--chain-only] [--stream [--step-archs=spartacus,...]]
 → $OUT/gemv_chain.json (or bench/results/). --stream: also the streamed GEMV (sweep, chain, whole steps).
+--maxnreg-ab=spartacus,...: only whole steps, the streamed GEMV with and without a 64-register cap, round-robin
+→ $OUT/gemv_stream_maxnreg.json.
 """
 from __future__ import annotations
 
@@ -217,6 +219,14 @@ def main():
     import sys
     bw = copy_bandwidth()
     set_pdl(True)
+    ab_archs = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--maxnreg-ab=")), "")
+    if ab_archs:     # whole steps only: the streamed GEMV at the compiler's register count vs capped at 64
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
+               "step": knob_ab(ab_archs.split(","), {"stream": {}, "stream_maxnreg64": {"GEMV_STREAM_MAXNREG": 64}},
+                               bw, rounds=3)}
+        out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+        (out_dir / "gemv_stream_maxnreg.json").write_text(json.dumps(out, indent=1))
+        return
     sweep, best = shape_sweep(bw) if "--chain-only" not in sys.argv else ([], {})
     layers, head = weights()
     nbytes = sum(t.numel() * 2 for lw in layers for t in lw.values()) + head.numel() * 2
@@ -279,6 +289,27 @@ def step_ab(archs, stream_config, bw):
         print(f"step {arch:12} floor {row['floor_ms']:.3f} ms | gemv {row['ms_gemv']:.3f} stream "
               f"{row['ms_stream']:.3f} gemv again {row['ms_gemv_again']:.3f} stream again "
               f"{row['ms_stream_again']:.3f}", flush=True)
+        rows.append(row)
+        del model, s
+        torch.cuda.empty_cache()
+    return rows
+
+
+def knob_ab(archs, settings: dict, bw, rounds: int = 2):
+    """Whole batch-1 decode steps (bench/decode_latency.py's graph) under each fused_triton setting in turn,
+    `rounds` times round-robin (A/B/A/B…), so drift between runs shows."""
+    import decode_latency as dl
+    rows = []
+    for arch in archs:
+        model = dl.load_full(arch)
+        s = dl.Setup(model, 1, 128)
+        row = {"arch": arch, "floor_ms": 1e3 * (model.weights_bytes() + 2 * s.state_bytes + s.kv_read) / bw}
+        for r in range(rounds):
+            for label, setting in settings.items():
+                with knobs(**setting):
+                    row.setdefault(f"ms_{label}", []).append(dl.graph_ms(model, s, 1))
+        print(f"step {arch:12} floor {row['floor_ms']:.3f} ms | " + " | ".join(
+            f"{label} " + " ".join(f"{t:.3f}" for t in row[f"ms_{label}"]) for label in settings), flush=True)
         rows.append(row)
         del model, s
         torch.cuda.empty_cache()

@@ -277,12 +277,18 @@ def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu
 
 # The one-row GEMV as a stream: a grid of a few programs per SM, each reading one contiguous run of row
 # blocks, tile after tile, the next tile's load issued before the current one's product (two tiles in
-# flight per program). Every program is resident from the start, so none waits for a slot in a later wave,
-# all finish together, and the next kernel (programmatic dependent launch) is released at once. The
+# flight per program). The runs are equal, so programs finish together and the next kernel (programmatic
+# dependent launch) is released at once (at the compiler's 78-94 registers 3 of an SM's 4 programs are
+# resident at once, the 4th starts as one of them leaves: see GEMV_STREAM_MAXNREG). The
 # residual add / RMSNorm / SiLU·mul are those of _gemv_kernel. Used for rows of 2048+ (gemv_stream_config):
 # whole batch-1 steps, plain → stream, alternating in one run (bench/results/gemv_stream_steps-h100.json):
 # Spartacus 1.206 / 1.237 → 1.165 / 1.194 ms, Kotodama-3B 2.836 / 2.824 → 2.712 / 2.715, NanoHammer even.
 GEMV_STREAM = True
+# A register cap for the streamed GEMV (None: the compiler's choice, 78-94 per thread, which holds 3 of its
+# 8-warp programs on an SM). Capped at 64 all 4 are resident; whole batch-1 steps, round-robin ×3 (H100,
+# bench/results/gemv_stream_maxnreg-h100.json): Spartacus 1.162 → 1.152 ms, NanoHammer and Kotodama-3B even.
+# Within run-to-run spread elsewhere, so left off; an A/B knob.
+GEMV_STREAM_MAXNREG: int | None = None
 
 
 def gemv_stream_config(N: int, K: int, stacked: int = 1) -> tuple[int, int, int, int] | None:
@@ -306,11 +312,20 @@ def _sm_count(device_index: int | None) -> int:
 
 
 @triton.jit
-def _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, mk, STORE_H, ADD: tl.constexpr, NORM: tl.constexpr):
-    """One K tile of the matmul's input: (x [+ delta, rounded as stored]) [* norm weight], and its x."""
-    x = tl.load(x_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+def _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, mk, STORE_H, ADD: tl.constexpr, NORM: tl.constexpr,
+              CG: tl.constexpr = False):
+    """One K tile of the matmul's input: (x [+ delta, rounded as stored]) [* norm weight], and its x.
+    CG: read x / delta from L2 (written earlier by other programs of the same kernel, kernels/*_step_triton)."""
+    if CG:
+        x = tl.load(x_ptr + kk, mask=mk, other=0.0, cache_modifier=".cg").to(tl.float32)
+    else:
+        x = tl.load(x_ptr + kk, mask=mk, other=0.0).to(tl.float32)
     if ADD:
-        hx = (x + tl.load(d_ptr + kk, mask=mk, other=0.0).to(tl.float32)).to(h_ptr.dtype.element_ty)
+        if CG:
+            d = tl.load(d_ptr + kk, mask=mk, other=0.0, cache_modifier=".cg").to(tl.float32)
+        else:
+            d = tl.load(d_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+        hx = (x + d).to(h_ptr.dtype.element_ty)
         if STORE_H:
             tl.store(h_ptr + kk, hx, mask=mk)
         x = hx.to(tl.float32)
@@ -321,35 +336,46 @@ def _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, mk, STORE_H, ADD: tl.constexpr, N
 
 
 @triton.jit
-def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, BN: tl.constexpr,
-                        BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
-                        SILU_MUL: tl.constexpr, PDL: tl.constexpr):
-    pid = tl.program_id(0)
-    G = tl.num_programs(0)
+def _stream_span(N, pid, G, BN: tl.constexpr, KT: tl.constexpr):
+    """A program's share of a streamed GEMV: first row block b0 and its T tiles (blocks b0 … b1-1, KT each)."""
     nb = tl.cdiv(N, BN)
     b0 = pid * nb // G
-    T = ((pid + 1) * nb // G - b0) * KT          # tiles of this program: blocks b0 … b1-1, K tiles each
+    return b0, ((pid + 1) * nb // G - b0) * KT
+
+
+@triton.jit
+def _stream_tile(w_ptr, N, K, b0, t, T, BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr,
+                 SILU_MUL: tl.constexpr):
+    """Weight tile t of a program's run (zeros past its end), and its [up] half for a stacked pair."""
     rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    # weights are constant during the step: the first tile is read before the producer of x finishes
-    n = b0 * BN + rn
-    m = ((n < N) & (rn * 0 < T))[:, None] & (rk < K)[None, :]
-    w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + rk[None, :], mask=m, other=0.0)
+    n = (b0 + t // KT) * BN + rn
+    k = (t % KT) * BK + rk
+    m = ((n < N) & (rn * 0 + t < T))[:, None] & (k < K)[None, :]
+    off = n[:, None].to(tl.int64) * K + k[None, :]
+    w = tl.load(w_ptr + off, mask=m, other=0.0)
     u = w
     if SILU_MUL:
-        u = tl.load(w_ptr + N * K + n[:, None].to(tl.int64) * K + rk[None, :], mask=m, other=0.0)
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        u = tl.load(w_ptr + N * K + off, mask=m, other=0.0)
+    return w, u
+
+
+@triton.jit
+def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w, u, STORE_H,
+                 BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
+                 SILU_MUL: tl.constexpr, CG: tl.constexpr):
+    """A program's run of a streamed GEMV, its first weight tile (w, u) already loaded."""
+    rn = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
     ss = 0.0
-    x, xn = _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, rk, rk < K, pid == 0, ADD, NORM)
+    x, xn = _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, rk, rk < K, STORE_H, ADD, NORM, CG)
     if NORM:
         ss = tl.sum(x * x, axis=0)
     if KT > 1:
         if NORM or ADD:      # the whole row's sum of squares (and the stored residual) before the stream
             for kt in range(1, KT):
                 kk = kt * BK + rk
-                x2, _ = _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, kk < K, pid == 0, ADD, False)
+                x2, _ = _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, kk < K, STORE_H, ADD, False, CG)
                 if NORM:
                     ss += tl.sum(x2 * x2, axis=0)
     acc = tl.zeros((BN,), dtype=tl.float32)
@@ -357,18 +383,14 @@ def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, BN
     for t in range(0, T):
         kt = t % KT
         # the next tile's load goes out before this tile's product
-        tn = t + 1
-        n_next = (b0 + tn // KT) * BN + rn
-        k_next = (tn % KT) * BK + rk
-        m_next = ((n_next < N) & (rn * 0 + tn < T))[:, None] & (k_next < K)[None, :]
-        off_next = n_next[:, None].to(tl.int64) * K + k_next[None, :]
-        w_next = tl.load(w_ptr + off_next, mask=m_next, other=0.0)
-        u_next = w_next
-        if SILU_MUL:
-            u_next = tl.load(w_ptr + N * K + off_next, mask=m_next, other=0.0)
+        w_next, u_next = _stream_tile(w_ptr, N, K, b0, t + 1, T, BN, BK, KT, SILU_MUL)
         if KT > 1:
-            kk = kt * BK + rk
-            _, xn = _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, kk < K, False, ADD, NORM)
+            if CG:      # x comes from L2: its next tile goes out with the next weight tile
+                kn = ((t + 1) % KT) * BK + rk
+                _, xn_next = _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kn, kn < K, False, ADD, NORM, CG)
+            else:
+                kk = kt * BK + rk
+                _, xn = _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, kk < K, False, ADD, NORM, CG)
         acc += tl.sum(w.to(tl.float32) * xn[None, :], axis=1)
         if SILU_MUL:
             acc_up += tl.sum(u.to(tl.float32) * xn[None, :], axis=1)
@@ -380,6 +402,24 @@ def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, BN
             acc_up = tl.zeros((BN,), dtype=tl.float32)
         w = w_next
         u = u_next
+        if KT > 1:
+            if CG:
+                xn = xn_next
+
+
+@triton.jit
+def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, BN: tl.constexpr,
+                        BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
+                        SILU_MUL: tl.constexpr, PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    b0, T = _stream_span(N, pid, tl.num_programs(0), BN, KT)
+    # weights are constant during the step: the first tile is read before the producer of x finishes
+    w, u = _stream_tile(w_ptr, N, K, b0, 0, T, BN, BK, KT, SILU_MUL)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w, u, pid == 0, BN, BK, KT,
+                 ADD, NORM, SILU_MUL, False)
 
 
 def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, config):
@@ -389,7 +429,8 @@ def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, config):
     _gemv_stream_kernel[(grid,)](
         x, delta if delta is not None else x, h, norm_weight if norm_weight is not None else x, weight, y,
         N, K, eps, BN=BN, BK=BK, KT=triton.cdiv(K, BK), ADD=delta is not None, NORM=norm_weight is not None,
-        SILU_MUL=silu_mul, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device))
+        SILU_MUL=silu_mul, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device),
+        **({"maxnreg": GEMV_STREAM_MAXNREG} if GEMV_STREAM_MAXNREG and x.is_cuda else {}))
 
 
 # Matmuls of more rows (batch 2 … MM_MAX_ROWS) run as a tensor-core GEMM of one row block: the weight
@@ -515,9 +556,12 @@ def _log1p(x):
 
 
 @triton.jit
-def _log_decay(row, zb_ptr, zo, zm, HAS_ZB: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _log_decay(row, zb_ptr, zo, zm, HAS_ZB: tl.constexpr, SOFTPLUS: tl.constexpr, CG: tl.constexpr = False):
     """log α from the gate logits row[zo] (+ bias): log σ(z), or −softplus(z), in fp32, exact in the tails."""
-    z = tl.load(row + zo, mask=zm, other=0.0).to(tl.float32)
+    if CG:
+        z = tl.load(row + zo, mask=zm, other=0.0, cache_modifier=".cg").to(tl.float32)
+    else:
+        z = tl.load(row + zo, mask=zm, other=0.0).to(tl.float32)
     if HAS_ZB:
         z += tl.load(zb_ptr + zo, mask=zm, other=0.0).to(tl.float32)
     soft = _log1p(tl.exp(-tl.abs(z)))

@@ -254,56 +254,73 @@ def _pairwise_intra(q, b, k_ptr, v_ptr, la_ptr, u0, t1, h, sk_t, sk_h, sv_t, sv_
 
 
 @triton.jit
-def _fused_decode_kernel(x_ptr, qw_ptr, kw_ptr, zb_ptr, s_ptr, slot_ptr, o_ptr, sx, eps,
-                         H: tl.constexpr, D: tl.constexpr, GD: tl.constexpr, BD: tl.constexpr,
-                         BV: tl.constexpr, BW: tl.constexpr, Q_FULL: tl.constexpr, K_FULL: tl.constexpr,
-                         HAS_ZB: tl.constexpr, SOFTPLUS: tl.constexpr, PDL: tl.constexpr):
-    """monoid_prep + decode for one (row, head, value block): the head's q/k/v/gate straight from the
-    projection row, so q, k and log α never go through memory."""
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+def _row_load(p, m, CG: tl.constexpr):
+    if CG:
+        return tl.load(p, mask=m, other=0., cache_modifier=".cg").to(tl.float32)
+    return tl.load(p, mask=m, other=0.).to(tl.float32)
+
+
+@triton.jit
+def _fused_head_step(row, qw_ptr, kw_ptr, zb_ptr, S, h, rv, eps, dt: tl.constexpr, H: tl.constexpr,
+                     D: tl.constexpr, GD: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr, Q_FULL: tl.constexpr,
+                     K_FULL: tl.constexpr, HAS_ZB: tl.constexpr, SOFTPLUS: tl.constexpr, CG: tl.constexpr):
+    """monoid_prep + decode of head h's state tile S [BD, value block rv] from the qkvz projection row:
+    returns the new tile and its outputs (q, k, log α never go through memory). CG: the row is read from
+    L2 (another program of the same kernel wrote it, kernels/spartacus_step_triton.py)."""
     rk = tl.arange(0, BD)
-    rv = tl.program_id(2) * BV + tl.arange(0, BV)
     mk = rk < D
     mv = rv < D
     W = H * D
-    slot = tl.load(slot_ptr + b).to(tl.int64)
-    s_off = ((slot * H + h) * D + rk[:, None]) * D + rv[None, :]
-    ms = mk[:, None] & mv[None, :]
-    S = tl.load(s_ptr + s_off, mask=ms, other=0.)        # this slot's state: untouched so far this step
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    row = x_ptr + b * sx
     hd = h * D + rk
-    q = tl.load(row + hd, mask=mk, other=0.).to(tl.float32)[None, :]
-    k = tl.load(row + W + hd, mask=mk, other=0.).to(tl.float32)[None, :]
+    q = _row_load(row + hd, mk, CG)[None, :]
+    k = _row_load(row + W + hd, mk, CG)[None, :]
     if Q_FULL or K_FULL:      # a full-width norm: the whole row's sum of squares, per program
         rw = tl.arange(0, BW)
         mw = rw < W
     if Q_FULL:
-        qa = tl.load(row + rw, mask=mw, other=0.).to(tl.float32)
+        qa = _row_load(row + rw, mw, CG)
         q = q * tl.rsqrt(tl.sum(qa * qa, axis=0) / W + eps) * tl.load(qw_ptr + hd, mask=mk, other=0.).to(tl.float32)[None, :]
     else:
         q = _head_norm(q, qw_ptr, hd[None, :], rk[None, :], mk[None, :], eps, D, W, False)
     if K_FULL:
-        ka = tl.load(row + W + rw, mask=mw, other=0.).to(tl.float32)
+        ka = _row_load(row + W + rw, mw, CG)
         k = k * tl.rsqrt(tl.sum(ka * ka, axis=0) / W + eps) * tl.load(kw_ptr + hd, mask=mk, other=0.).to(tl.float32)[None, :]
     else:
         k = _head_norm(k, kw_ptr, hd[None, :], rk[None, :], mk[None, :], eps, D, W, False)
-    dt = o_ptr.dtype.element_ty
     q = tl.reshape(q, (BD,)).to(dt).to(tl.float32)                   # stored as monoid_prep stores them
     k = tl.reshape(k, (BD,)).to(dt).to(tl.float32)
     k = (k / (1.0 + tl.exp(-k))).to(dt).to(tl.float32)
-    v = tl.load(row + 2 * W + h * D + rv, mask=mv, other=0.).to(tl.float32)
+    v = _row_load(row + 2 * W + h * D + rv, mv, CG)
     if GD == 1:      # one gate per head, the same decay on every key dim
-        la = _log_decay(row + 3 * W, zb_ptr, h + rk * 0, mk, HAS_ZB, SOFTPLUS)
+        la = _log_decay(row + 3 * W, zb_ptr, h + rk * 0, mk, HAS_ZB, SOFTPLUS, CG)
     else:
-        la = _log_decay(row + 3 * W, zb_ptr, hd, mk, HAS_ZB, SOFTPLUS)
+        la = _log_decay(row + 3 * W, zb_ptr, hd, mk, HAS_ZB, SOFTPLUS, CG)
     S = S * tl.exp(la)[:, None] + k[:, None] * v[None, :]
-    o = tl.sum(S * q[:, None], axis=0)
+    return S, tl.sum(S * q[:, None], axis=0)
+
+
+@triton.jit
+def _fused_decode_kernel(x_ptr, qw_ptr, kw_ptr, zb_ptr, s_ptr, slot_ptr, o_ptr, sx, eps,
+                         H: tl.constexpr, D: tl.constexpr, GD: tl.constexpr, BD: tl.constexpr,
+                         BV: tl.constexpr, BW: tl.constexpr, Q_FULL: tl.constexpr, K_FULL: tl.constexpr,
+                         HAS_ZB: tl.constexpr, SOFTPLUS: tl.constexpr, PDL: tl.constexpr):
+    """monoid_prep + decode for one (row, head, value block)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    rk = tl.arange(0, BD)
+    rv = tl.program_id(2) * BV + tl.arange(0, BV)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    s_off = ((slot * H + h) * D + rk[:, None]) * D + rv[None, :]
+    ms = (rk < D)[:, None] & (rv < D)[None, :]
+    S = tl.load(s_ptr + s_off, mask=ms, other=0.)        # this slot's state: untouched so far this step
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    dt = o_ptr.dtype.element_ty
+    S, o = _fused_head_step(x_ptr + b * sx, qw_ptr, kw_ptr, zb_ptr, S, h, rv, eps, dt, H, D, GD, BD, BW,
+                            Q_FULL, K_FULL, HAS_ZB, SOFTPLUS, False)
     tl.store(s_ptr + s_off, S, mask=ms)
-    tl.store(o_ptr + (b * H + h) * D + rv, o.to(dt), mask=mv)
+    tl.store(o_ptr + (b * H + h) * D + rv, o.to(dt), mask=rv < D)
 
 
 def fused_decode(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, decay_bias: torch.Tensor | None,

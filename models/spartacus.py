@@ -12,6 +12,7 @@ weights/spartacus_map.py maps checkpoint names onto them.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +23,7 @@ from hybridserve.kernels import monoid
 from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, StateSpec
+from hybridserve.kernels.spartacus_step import StepWeights
 from hybridserve.models.layers import logit_rows, rms_norm, swiglu, unique_bytes
 
 DECAY_GATES = ("sigmoid", "neg_softplus", "scalar_sigmoid")
@@ -64,6 +66,16 @@ class SpartacusConfig:
         )
 
 
+# HYBRIDSERVE_STEP_KERNEL=1 runs a one-sequence decode step on CUDA as one persistent kernel
+# (kernels/spartacus_step_triton.py). Off by default: on an H100 it measured slower than the per-layer
+# kernels (batch-1 graph 1.30 vs 1.20 ms, bench/results/step_kernel-h100.json).
+STEP_KERNEL = os.environ.get("HYBRIDSERVE_STEP_KERNEL", "0") == "1"
+
+
+def use_step_kernel(device: torch.device) -> bool:
+    return STEP_KERNEL and device.type == "cuda" and os.environ.get("HYBRIDSERVE_KERNELS", "auto") != "reference"
+
+
 def log_decay(z: torch.Tensor, decay_gate: str) -> torch.Tensor:
     """log α ≤ 0 in fp32 from the decay logits z [T, H, d] (or [T, H, 1] for scalar_sigmoid)."""
     if decay_gate == "neg_softplus":
@@ -98,7 +110,15 @@ class SpartacusModel:
         width = c.num_heads * c.head_dim
         self.scale = c.head_dim ** -0.5
         gate_width = c.num_heads if c.decay_gate == "scalar_sigmoid" else width
-        self.layers = []
+        # each kind of layer weight lives in one [L, ...] tensor (the persistent decode-step kernel reads it
+        # so); the per-layer entries are views into it
+        stacked: dict[str, torch.Tensor | None] = {}
+
+        def put(key: str, i: int, t: torch.Tensor) -> None:
+            if key not in stacked:
+                stacked[key] = torch.empty((c.num_layers, *t.shape), dtype=t.dtype, device=self.device)
+            stacked[key][i].copy_(t)
+
         for i in range(c.num_layers):
             p = f"layers.{i}."
             decay = weights[p + "attn.decay_proj.weight"]
@@ -106,20 +126,28 @@ class SpartacusModel:
                 raise ValueError(f"{p}attn.decay_proj.weight has {decay.shape[0]} outputs, but decay_gate="
                                  f"{c.decay_gate!r} needs {gate_width}")
             bias = weights.get(p + "attn.decay_proj.bias")
-            self.layers.append({
-                "attn_norm": w(p + "attn_norm.weight"),
-                # q, k, v and the decay logits come out of one matmul
-                "qkvz": torch.cat([w(p + f"attn.{x}_proj.weight") for x in ("q", "k", "v", "decay")]),
-                "decay_bias": None if bias is None else bias.to(device=self.device, dtype=torch.float32),
-                "q_norm": w(p + "attn.q_norm.weight"),
-                # the engine path folds the q scale d^-1/2 into the norm weight (fp32: no extra rounding)
-                "q_norm_scaled": w(p + "attn.q_norm.weight").float() * self.scale,
-                "k_norm": w(p + "attn.k_norm.weight"),
-                "o": w(p + "attn.o_proj.weight"),
-                "ffn_norm": w(p + "ffn_norm.weight"),
-                "gate_up": torch.cat([w(p + "ffn.gate_proj.weight"), w(p + "ffn.up_proj.weight")]),
-                "down": w(p + "ffn.down_proj.weight"),
-            })
+            if bias is None and any(f"layers.{j}.attn.decay_proj.bias" in weights for j in range(c.num_layers)):
+                bias = torch.zeros(gate_width)      # other layers have one: z + 0 is z
+            put("attn_norm", i, w(p + "attn_norm.weight"))
+            # q, k, v and the decay logits come out of one matmul
+            put("qkvz", i, torch.cat([w(p + f"attn.{x}_proj.weight") for x in ("q", "k", "v", "decay")]))
+            if bias is not None:
+                put("decay_bias", i, bias.to(device=self.device, dtype=torch.float32))
+            put("q_norm", i, w(p + "attn.q_norm.weight"))
+            # the engine path folds the q scale d^-1/2 into the norm weight (fp32: no extra rounding)
+            put("q_norm_scaled", i, w(p + "attn.q_norm.weight").float() * self.scale)
+            put("k_norm", i, w(p + "attn.k_norm.weight"))
+            put("o", i, w(p + "attn.o_proj.weight"))
+            put("ffn_norm", i, w(p + "ffn_norm.weight"))
+            put("gate_up", i, torch.cat([w(p + "ffn.gate_proj.weight"), w(p + "ffn.up_proj.weight")]))
+            put("down", i, w(p + "ffn.down_proj.weight"))
+        stacked.setdefault("decay_bias", None)
+        self.layers = [{k: (None if t is None else t[i]) for k, t in stacked.items()} for i in range(c.num_layers)]
+        self.step_weights = StepWeights(
+            embed=self.embed, attn_norm=stacked["attn_norm"], qkvz=stacked["qkvz"], q_norm=stacked["q_norm_scaled"],
+            k_norm=stacked["k_norm"], decay_bias=stacked["decay_bias"], o=stacked["o"], ffn_norm=stacked["ffn_norm"],
+            gate_up=stacked["gate_up"], down=stacked["down"], norm=self.norm, lm_head=self.lm_head,
+            num_heads=c.num_heads, head_dim=c.head_dim, eps=c.rms_norm_eps, decay_gate=c.decay_gate)
         self.qkvz_sizes = [width, width, width, gate_width]
 
     def cache_layout(self) -> CacheLayout:
@@ -146,10 +174,14 @@ class SpartacusModel:
         launch count: each residual add and RMSNorm go with the matmul after them (one GEMV kernel at
         batch 1, kernels/fused_triton.py), and q/k norms, SiLU, the q scale and the decay gate are one
         kernel that reads the qkvz row and leaves v in place; in a decode step that kernel is the
-        recurrence itself (monoid `fused_decode`)."""
+        recurrence itself (monoid `fused_decode`). With STEP_KERNEL a CUDA decode step of one sequence is all
+        of this in one persistent kernel (kernels/spartacus_step_triton.py, same arithmetic)."""
         c, eps = self.config, self.config.rms_norm_eps
-        fused, ops = pick("fused", self.device), pick("monoid", self.device)
         pools = cache.states["monoid"]
+        if meta.is_decode and meta.num_tokens == 1 and use_step_kernel(self.device):
+            return pick("spartacus_step", self.device).decode_step(self.step_weights, meta.input_ids,
+                                                                    meta.slot_ids, pools)
+        fused, ops = pick("fused", self.device), pick("monoid", self.device)
         h, delta = self.embed[meta.input_ids], None    # the residual stream and the pending sublayer output
         for i, lw in enumerate(self.layers):
             h, qkvz = fused.add_norm_linear(h, delta, lw["attn_norm"], lw["qkvz"], eps)
