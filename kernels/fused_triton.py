@@ -312,20 +312,23 @@ def _sm_count(device_index: int | None) -> int:
 
 
 @triton.jit
+def _load_f32(p, m, CG: tl.constexpr = False):
+    """A masked load as fp32; CG reads from L2, past this SM's L1 (for data other programs of the same kernel
+    wrote: kernels/spartacus_step_triton.py)."""
+    if CG:
+        v = tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+    else:
+        v = tl.load(p, mask=m, other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
 def _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, mk, STORE_H, ADD: tl.constexpr, NORM: tl.constexpr,
               CG: tl.constexpr = False):
-    """One K tile of the matmul's input: (x [+ delta, rounded as stored]) [* norm weight], and its x.
-    CG: read x / delta from L2 (written earlier by other programs of the same kernel, kernels/*_step_triton)."""
-    if CG:
-        x = tl.load(x_ptr + kk, mask=mk, other=0.0, cache_modifier=".cg").to(tl.float32)
-    else:
-        x = tl.load(x_ptr + kk, mask=mk, other=0.0).to(tl.float32)
+    """One K tile of the matmul's input: (x [+ delta, rounded as stored]) [* norm weight], and its x."""
+    x = _load_f32(x_ptr + kk, mk, CG)
     if ADD:
-        if CG:
-            d = tl.load(d_ptr + kk, mask=mk, other=0.0, cache_modifier=".cg").to(tl.float32)
-        else:
-            d = tl.load(d_ptr + kk, mask=mk, other=0.0).to(tl.float32)
-        hx = (x + d).to(h_ptr.dtype.element_ty)
+        hx = (x + _load_f32(d_ptr + kk, mk, CG)).to(h_ptr.dtype.element_ty)
         if STORE_H:
             tl.store(h_ptr + kk, hx, mask=mk)
         x = hx.to(tl.float32)
@@ -558,10 +561,7 @@ def _log1p(x):
 @triton.jit
 def _log_decay(row, zb_ptr, zo, zm, HAS_ZB: tl.constexpr, SOFTPLUS: tl.constexpr, CG: tl.constexpr = False):
     """log α from the gate logits row[zo] (+ bias): log σ(z), or −softplus(z), in fp32, exact in the tails."""
-    if CG:
-        z = tl.load(row + zo, mask=zm, other=0.0, cache_modifier=".cg").to(tl.float32)
-    else:
-        z = tl.load(row + zo, mask=zm, other=0.0).to(tl.float32)
+    z = _load_f32(row + zo, zm, CG)
     if HAS_ZB:
         z += tl.load(zb_ptr + zo, mask=zm, other=0.0).to(tl.float32)
     soft = _log1p(tl.exp(-tl.abs(z)))

@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hybridserve.kernels import pdl
-from hybridserve.kernels.fused_triton import _head_norm, _log_decay
+from hybridserve.kernels.fused_triton import _head_norm, _load_f32, _log_decay
 
 # From the sweeps in bench/kernels.py (H100, H 32, d 64; bench/results/kernels-h100.json).
 DECODE_BV = 64
@@ -254,13 +254,6 @@ def _pairwise_intra(q, b, k_ptr, v_ptr, la_ptr, u0, t1, h, sk_t, sk_h, sv_t, sv_
 
 
 @triton.jit
-def _row_load(p, m, CG: tl.constexpr):
-    if CG:
-        return tl.load(p, mask=m, other=0., cache_modifier=".cg").to(tl.float32)
-    return tl.load(p, mask=m, other=0.).to(tl.float32)
-
-
-@triton.jit
 def _fused_head_step(row, qw_ptr, kw_ptr, zb_ptr, S, h, rv, eps, dt: tl.constexpr, H: tl.constexpr,
                      D: tl.constexpr, GD: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr, Q_FULL: tl.constexpr,
                      K_FULL: tl.constexpr, HAS_ZB: tl.constexpr, SOFTPLUS: tl.constexpr, CG: tl.constexpr):
@@ -272,25 +265,25 @@ def _fused_head_step(row, qw_ptr, kw_ptr, zb_ptr, S, h, rv, eps, dt: tl.constexp
     mv = rv < D
     W = H * D
     hd = h * D + rk
-    q = _row_load(row + hd, mk, CG)[None, :]
-    k = _row_load(row + W + hd, mk, CG)[None, :]
+    q = _load_f32(row + hd, mk, CG)[None, :]
+    k = _load_f32(row + W + hd, mk, CG)[None, :]
     if Q_FULL or K_FULL:      # a full-width norm: the whole row's sum of squares, per program
         rw = tl.arange(0, BW)
         mw = rw < W
     if Q_FULL:
-        qa = _row_load(row + rw, mw, CG)
+        qa = _load_f32(row + rw, mw, CG)
         q = q * tl.rsqrt(tl.sum(qa * qa, axis=0) / W + eps) * tl.load(qw_ptr + hd, mask=mk, other=0.).to(tl.float32)[None, :]
     else:
         q = _head_norm(q, qw_ptr, hd[None, :], rk[None, :], mk[None, :], eps, D, W, False)
     if K_FULL:
-        ka = _row_load(row + W + rw, mw, CG)
+        ka = _load_f32(row + W + rw, mw, CG)
         k = k * tl.rsqrt(tl.sum(ka * ka, axis=0) / W + eps) * tl.load(kw_ptr + hd, mask=mk, other=0.).to(tl.float32)[None, :]
     else:
         k = _head_norm(k, kw_ptr, hd[None, :], rk[None, :], mk[None, :], eps, D, W, False)
     q = tl.reshape(q, (BD,)).to(dt).to(tl.float32)                   # stored as monoid_prep stores them
     k = tl.reshape(k, (BD,)).to(dt).to(tl.float32)
     k = (k / (1.0 + tl.exp(-k))).to(dt).to(tl.float32)
-    v = _row_load(row + 2 * W + h * D + rv, mv, CG)
+    v = _load_f32(row + 2 * W + h * D + rv, mv, CG)
     if GD == 1:      # one gate per head, the same decay on every key dim
         la = _log_decay(row + 3 * W, zb_ptr, h + rk * 0, mk, HAS_ZB, SOFTPLUS, CG)
     else:

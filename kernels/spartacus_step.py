@@ -42,22 +42,18 @@ class StepWeights:
 
 
 def decode_step(sw: StepWeights, input_ids: torch.Tensor, slot_ids: torch.Tensor,
-                states: torch.Tensor) -> torch.Tensor:
+                states: torch.Tensor, fused_ops=fused, monoid_ops=monoid) -> torch.Tensor:
     """Logits [1, V] fp32 of one sequence's next token; its state slot (states [L, slots, H, d, d])
-    advanced in place."""
+    advanced in place. `fused_ops` / `monoid_ops`: the per-layer kernels it is composed of (the plain
+    references; their Triton twins give the per-layer path the persistent kernel replaces)."""
     assert input_ids.numel() == 1 and slot_ids.numel() == 1, "the step function serves one sequence"
     h, delta = sw.embed[input_ids.view(1)], None
     for i in range(sw.num_layers):
-        h, qkvz = fused.add_norm_linear(h, delta, sw.attn_norm[i], sw.qkvz[i], sw.eps)
+        h, qkvz = fused_ops.add_norm_linear(h, delta, sw.attn_norm[i], sw.qkvz[i], sw.eps)
         bias = None if sw.decay_bias is None else sw.decay_bias[i]
-        o = monoid.fused_decode(qkvz, sw.q_norm[i], sw.k_norm[i], bias, sw.num_heads, sw.head_dim, sw.eps,
-                                sw.decay_gate, states[i], slot_ids.view(1))
-        h, g = fused.add_norm_linear_silu_mul(h, fused.linear(o.reshape(1, -1), sw.o[i]), sw.ffn_norm[i],
-                                              sw.gate_up[i], sw.eps)
-        delta = fused.linear(g, sw.down[i])
-    return fused.add_norm_linear(h, delta, sw.norm, sw.lm_head, sw.eps, out_dtype=torch.float32)[1]
-
-
-def errors(sw: StepWeights) -> int:
-    """Barrier time-outs of the persistent kernel so far (the reference has none)."""
-    return 0
+        o = monoid_ops.fused_decode(qkvz, sw.q_norm[i], sw.k_norm[i], bias, sw.num_heads, sw.head_dim, sw.eps,
+                                    sw.decay_gate, states[i], slot_ids.view(1))
+        h, g = fused_ops.add_norm_linear_silu_mul(h, fused_ops.linear(o.reshape(1, -1), sw.o[i]), sw.ffn_norm[i],
+                                                  sw.gate_up[i], sw.eps)
+        delta = fused_ops.linear(g, sw.down[i])
+    return fused_ops.add_norm_linear(h, delta, sw.norm, sw.lm_head, sw.eps, out_dtype=torch.float32)[1]

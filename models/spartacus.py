@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from hybridserve.kernels import monoid
 from hybridserve.kernels.backend import pick
+from hybridserve.kernels.spartacus_step import StepWeights
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, StateSpec
-from hybridserve.kernels.spartacus_step import StepWeights
 from hybridserve.models.layers import logit_rows, rms_norm, swiglu, unique_bytes
 
 DECAY_GATES = ("sigmoid", "neg_softplus", "scalar_sigmoid")
@@ -66,14 +66,10 @@ class SpartacusConfig:
         )
 
 
-# HYBRIDSERVE_STEP_KERNEL=1 runs a one-sequence decode step on CUDA as one persistent kernel
-# (kernels/spartacus_step_triton.py). Off by default: on an H100 it measured slower than the per-layer
-# kernels (batch-1 graph 1.30 vs 1.20 ms, bench/results/step_kernel-h100.json).
+# HYBRIDSERVE_STEP_KERNEL=1 runs a one-sequence decode step as one step function: on CUDA one persistent
+# kernel (kernels/spartacus_step_triton.py), elsewhere its reference. Off by default: on an H100 it measured
+# slower than the per-layer kernels (batch-1 graph 1.31 vs 1.20 ms, bench/results/step_kernel-h100.json).
 STEP_KERNEL = os.environ.get("HYBRIDSERVE_STEP_KERNEL", "0") == "1"
-
-
-def use_step_kernel(device: torch.device) -> bool:
-    return STEP_KERNEL and device.type == "cuda" and os.environ.get("HYBRIDSERVE_KERNELS", "auto") != "reference"
 
 
 def log_decay(z: torch.Tensor, decay_gate: str) -> torch.Tensor:
@@ -119,6 +115,7 @@ class SpartacusModel:
                 stacked[key] = torch.empty((c.num_layers, *t.shape), dtype=t.dtype, device=self.device)
             stacked[key][i].copy_(t)
 
+        any_bias = any(f"layers.{i}.attn.decay_proj.bias" in weights for i in range(c.num_layers))
         for i in range(c.num_layers):
             p = f"layers.{i}."
             decay = weights[p + "attn.decay_proj.weight"]
@@ -126,7 +123,7 @@ class SpartacusModel:
                 raise ValueError(f"{p}attn.decay_proj.weight has {decay.shape[0]} outputs, but decay_gate="
                                  f"{c.decay_gate!r} needs {gate_width}")
             bias = weights.get(p + "attn.decay_proj.bias")
-            if bias is None and any(f"layers.{j}.attn.decay_proj.bias" in weights for j in range(c.num_layers)):
+            if bias is None and any_bias:
                 bias = torch.zeros(gate_width)      # other layers have one: z + 0 is z
             put("attn_norm", i, w(p + "attn_norm.weight"))
             # q, k, v and the decay logits come out of one matmul
@@ -178,7 +175,7 @@ class SpartacusModel:
         of this in one persistent kernel (kernels/spartacus_step_triton.py, same arithmetic)."""
         c, eps = self.config, self.config.rms_norm_eps
         pools = cache.states["monoid"]
-        if meta.is_decode and meta.num_tokens == 1 and use_step_kernel(self.device):
+        if meta.is_decode and meta.num_tokens == 1 and STEP_KERNEL:
             return pick("spartacus_step", self.device).decode_step(self.step_weights, meta.input_ids,
                                                                     meta.slot_ids, pools)
         fused, ops = pick("fused", self.device), pick("monoid", self.device)

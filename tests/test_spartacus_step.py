@@ -44,20 +44,11 @@ def step_weights(device, dtype, gate: str, full: bool, bias: bool, L=2, E=64, H=
 
 
 def per_kernel_step(sw: StepWeights, ids, slots, states):
-    """The same step through the per-layer Triton kernels (what a batch-1 decode ran before the step kernel)."""
-    h, delta = sw.embed[ids.view(1)], None
-    for i in range(sw.num_layers):
-        h, qkvz = fused_tr.add_norm_linear(h, delta, sw.attn_norm[i], sw.qkvz[i], sw.eps)
-        bias = None if sw.decay_bias is None else sw.decay_bias[i]
-        o = monoid_tr.fused_decode(qkvz, sw.q_norm[i], sw.k_norm[i], bias, sw.num_heads, sw.head_dim, sw.eps,
-                                   sw.decay_gate, states[i], slots)
-        h, g = fused_tr.add_norm_linear_silu_mul(h, fused_tr.linear(o.reshape(1, -1), sw.o[i]), sw.ffn_norm[i],
-                                                 sw.gate_up[i], sw.eps)
-        delta = fused_tr.linear(g, sw.down[i])
-    return fused_tr.add_norm_linear(h, delta, sw.norm, sw.lm_head, sw.eps, out_dtype=torch.float32)[1]
+    """The same step through the per-layer Triton kernels (what a batch-1 decode runs without the step kernel)."""
+    return step_ref.decode_step(sw, ids, slots, states, fused_tr, monoid_tr)
 
 
-def check_step(sw: StepWeights, device, dtype, other, other_tol, steps=2):
+def check_step(sw: StepWeights, device, other, other_tol, steps=2):
     """`steps` tokens through the step kernel and through `other` on copies of one state pool."""
     L, H, D = sw.num_layers, sw.num_heads, sw.head_dim
     g = torch.Generator().manual_seed(1)
@@ -82,7 +73,7 @@ def check_step(sw: StepWeights, device, dtype, other, other_tol, steps=2):
 @pytest.mark.parametrize("gate,full,bias", GATES)
 def test_step_matches_reference_fp32(device, gate, full, bias):
     sw = step_weights(device, torch.float32, gate, full, bias)
-    check_step(sw, device, torch.float32, step_ref.decode_step, 1e-5)
+    check_step(sw, device, step_ref.decode_step, 1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -94,7 +85,7 @@ def test_step_is_the_per_kernel_path(device, dtype, monkeypatch):
     monkeypatch.setattr(fused_tr, "gemv_stream_config",
                         lambda N, K, stacked=1: (2 if stacked > 1 else 4, step_tr.BK_MAX, step_tr.WARPS, 4))
     sw = step_weights(device, dtype, "sigmoid", False, True)
-    check_step(sw, device, dtype, per_kernel_step, 1e-6 if dtype == torch.float32 else 2e-3, steps=1)
+    check_step(sw, device, per_kernel_step, 1e-6 if dtype == torch.float32 else 2e-3, steps=1)
 
 
 @pytest.mark.gpu
