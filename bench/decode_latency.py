@@ -28,7 +28,7 @@ from hybridserve.engine.model_runner import SeqChunk, build_meta
 from hybridserve.kernels import fused_triton as ft
 from hybridserve.kernels import paged_attention_triton as pat
 from hybridserve.kernels import pdl
-from hybridserve.models import spartacus
+from hybridserve.models import layers, nanohammer, spartacus
 from hybridserve.models.registry import build_model
 from hybridserve.weights.checkpoint import Checkpoint
 from hybridserve.weights.synth import GENERATORS
@@ -149,7 +149,10 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "mm_off": (*_knob(ft, "MM_MAX_ROWS"), 0),                     # cuBLAS for every multi-row matmul
             "min_split_256": (*_knob(pat, "MIN_SPLIT"), 256),             # attention splits of >= 256 keys
             "stream_off": (*_knob(ft, "GEMV_STREAM"), False),             # the plain GEMV at batch 1
-            "step_kernel_on": (*_knob(spartacus, "STEP_KERNEL"), True)}  # Spartacus batch 1: one persistent kernel
+            "step_kernel_on": (*_knob(spartacus, "STEP_KERNEL"), True),  # Spartacus batch 1: one persistent kernel
+            "side_stream_off": (*_knob(nanohammer, "SIDE_STREAM"), False),  # NanoHammer's state entries in line
+            "merge_fused": (*_knob(pat, "FUSED_MERGE"), True),            # attention splits merged by the last one
+            "attn_one_kernel": (*_knob(layers, "ATTN_STEP_FUSED"), True)}  # RoPE + KV write inside the attention
 PDL_COMPARE = ("pdl_off", "gemv_one_row_only")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from hybridserve.kernels.fused import rope_write_kv
 from hybridserve.models.batch import BatchMeta
 
 
@@ -69,10 +70,20 @@ def _varlen(q, k_cache, v_cache, query_lens, seq_lens, block_tables, scale, retu
     return (out, lse) if return_lse else out
 
 
+def entry_logit(q: torch.Tensor, k_e: torch.Tensor, scale: float) -> torch.Tensor:
+    """ℓ = q · k_e · scale [T, H] for q [T, H, D] and each query's one extra key k_e [T, Hkv, D]
+    (query head h reads kv head h // (H / Hkv)): NanoHammer's state entry."""
+    rep = q.shape[1] // k_e.shape[1]
+    return (q.float() * k_e.float().repeat_interleave(rep, dim=1)).sum(-1) * scale
+
+
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-           seq_lens: torch.Tensor, scale: float, return_lse: bool = False):
-    """One query per sequence q [B, H, D] over its first seq_lens[b] tokens. No host sync: the context
-    is gathered over the full block-table width and the tail masked, so it is also graph-capturable."""
+           seq_lens: torch.Tensor, scale: float, return_lse: bool = False,
+           entry: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """One query per sequence q [B, H, D] over its first seq_lens[b] tokens, plus one extra key/value
+    per sequence when `entry` = (k_e, v_e) [B, Hkv, D] is given (NanoHammer's state entry). No host sync:
+    the context is gathered over the full block-table width and the tail masked, so it is also
+    graph-capturable."""
     page = k_cache.shape[1]
     B, n_pages = block_tables.shape
     bt = block_tables.long()
@@ -84,6 +95,20 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     mask = torch.arange(n_pages * page, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]
     s = torch.matmul(k, q.float()[:, :, :, None])[..., 0] * scale        # [B, H, L]
     s = s.masked_fill(~mask[:, None, :], float("-inf"))
+    if entry is not None:                                                # one more key in front
+        s = torch.cat([entry_logit(q, entry[0], scale)[..., None], s], dim=-1)
+        v = torch.cat([entry[1].repeat_interleave(rep, dim=1).float()[:, :, None, :], v], dim=2)
     lse = torch.logsumexp(s, dim=-1)                                     # [B, H]
     o = torch.matmul(torch.exp(s - lse[..., None])[:, :, None, :], v)[:, :, 0, :].to(q.dtype)
     return (o, lse) if return_lse else o
+
+
+def decode_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                scale: float, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                eps: float = 1e-5, entry: tuple[torch.Tensor, torch.Tensor] | None = None,
+                return_lse: bool = False):
+    """A decode step's attention from the raw projection qkv [B, H + 2·Hkv, D]: QK-norm and RoPE, the
+    step's k/v written to slot_mapping[b] (`rope_write_kv`), then `decode`."""
+    qk = rope_write_kv(qkv, cos, sin, num_heads, k_cache, v_cache, slot_mapping, q_norm, k_norm, eps)
+    return decode(qk[:, :num_heads], k_cache, v_cache, block_tables, seq_lens, scale, return_lse, entry)

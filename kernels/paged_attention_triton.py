@@ -44,10 +44,33 @@ def _kv_tile(k_ptr, v_ptr, bt_row, tok, mt, hkv, sk_p, sk_t, sk_h, sv_p, sv_t, s
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr,
-                  sq_b, sq_h, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, sbt_b, num_splits, scale_log2,
-                  HKV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                  PAGE: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr):
+def _norm_rope(x_ptr, heads, d, md, c, sn, nw_ptr, eps, NORM: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
+               HALF: tl.constexpr):
+    """Heads `heads` [R, 1] of one token's projection row (x_ptr) as fp32 [R, BD]: per-head RMSNorm (NORM,
+    rounded to the row's dtype as the unfused norm stores it), then rotate-half RoPE on the first ROT dims
+    (c, sn: [1, BD] cos/sin, 1/0 past ROT). As kernels/fused_triton.py's rope_write_kv computes it."""
+    partner = tl.where(d < HALF, d + HALF, d - HALF)
+    m = md & (heads >= 0)
+    x = tl.load(x_ptr + heads * D + d, mask=m, other=0.).to(tl.float32)
+    xp = tl.load(x_ptr + heads * D + partner, mask=m & (d < ROT), other=0.).to(tl.float32)
+    if NORM:
+        r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+        x = (x * r * tl.load(nw_ptr + d, mask=md, other=0.).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
+        xp = (xp * r * tl.load(nw_ptr + partner, mask=d < ROT, other=0.).to(tl.float32)) \
+            .to(x_ptr.dtype.element_ty).to(tl.float32)
+    return tl.where(d < ROT, x * c + tl.where(d < HALF, -xp, xp) * sn, x)
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, ek_ptr, ev_ptr,
+                  o_ptr, lse_ptr, cnt_ptr, cos_ptr, sin_ptr, slot_ptr, qn_ptr, kn_ptr,
+                  sq_b, sq_h, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, sbt_b, sek_b, sek_h, sev_b, sev_h, so_b, so_h,
+                  sc_b, num_splits, scale_log2, eps,
+                  H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
+                  BD: tl.constexpr, PAGE: tl.constexpr, BN: tl.constexpr, ENTRY: tl.constexpr, FUSED: tl.constexpr,
+                  BGM: tl.constexpr, BSC: tl.constexpr, WRITE_LSE: tl.constexpr, ROPE: tl.constexpr,
+                  NORM_Q: tl.constexpr, NORM_K: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr,
+                  F32_DOT: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
         gdc_wait()
         gdc_launch_dependents()
@@ -63,13 +86,47 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr,
     split_len = tl.cdiv(tl.cdiv(L, num_splits), BN) * BN   # this sequence's context over the splits
     start = sp * split_len
     end = tl.minimum(start + split_len, L)
+    used = tl.cdiv(L, tl.maximum(split_len, 1))            # the splits holding keys
+    run = start < L   # splits past the context do nothing; the merge reads only the used ones
+    if ENTRY:         # ... except split 0, which also holds the extra entry
+        run = run | (sp == 0)
+        used = tl.maximum(used, 1)
+    if FUSED:         # ... or writes the output of a row with nothing to attend to
+        run = run | (sp == 0)
+        used = tl.maximum(used, 1)
 
-    if start < L:     # splits past the context do nothing; the merge reads only the used ones
-        q = tl.load(q_ptr + b * sq_b + (hkv * G + rg)[:, None] * sq_h + rd[None, :],
-                    mask=mg[:, None] & md[None, :], other=0.)
+    if ROPE:          # q_ptr is the step's raw q|k|v row: normalise / rotate here, write the token's k, v
+        qrow = q_ptr + b.to(tl.int64) * sq_b
+        c = tl.load(cos_ptr + b * sc_b + rd, mask=rd < ROT, other=1.).to(tl.float32)[None, :]
+        sn = tl.load(sin_ptr + b * sc_b + rd, mask=rd < ROT, other=0.).to(tl.float32)[None, :]
+        if sp == tl.maximum(used, 1) - 1:   # one program per (sequence, kv head): the one holding the last key
+            kh = tl.full([1, 1], H, tl.int32) + hkv
+            k_new = _norm_rope(qrow, kh, rd[None, :], md[None, :], c, sn, kn_ptr, eps, NORM_K, D, ROT, HALF)
+            v_new = tl.load(qrow + (H + HKV + hkv) * D + rd, mask=md, other=0.)
+            slot = tl.load(slot_ptr + b).to(tl.int64)
+            tl.store(k_ptr + (slot * HKV + hkv) * D + rd[None, :], k_new.to(k_ptr.dtype.element_ty), mask=md[None, :])
+            tl.store(v_ptr + (slot * HKV + hkv) * D + rd, v_new.to(v_ptr.dtype.element_ty), mask=md)
+            tl.debug_barrier()           # the tile loop below reads them back
+
+    if run:
+        if ROPE:
+            heads = tl.where(mg, hkv * G + rg, -1)[:, None]
+            q = _norm_rope(qrow, heads, rd[None, :], md[None, :], c, sn, qn_ptr, eps, NORM_Q, D, ROT, HALF)
+            q = q.to(k_ptr.dtype.element_ty)
+        else:
+            q = tl.load(q_ptr + b * sq_b + (hkv * G + rg)[:, None] * sq_h + rd[None, :],
+                        mask=mg[:, None] & md[None, :], other=0.)
         m = tl.full([BG], float("-inf"), tl.float32)
         l = tl.zeros([BG], dtype=tl.float32)
         acc = tl.zeros([BG, BD], dtype=tl.float32)
+        if ENTRY:     # split 0 starts its online softmax from the sequence's extra key/value
+            first = sp == 0
+            ke = tl.load(ek_ptr + b * sek_b + hkv * sek_h + rd, mask=md, other=0.).to(tl.float32)
+            ve = tl.load(ev_ptr + b * sev_b + hkv * sev_h + rd, mask=md, other=0.).to(tl.float32)
+            se = tl.sum(q.to(tl.float32) * ke[None, :], axis=1) * scale_log2
+            m = tl.where(first, se, m)
+            l = tl.where(first, 1., l)
+            acc = tl.where(first, acc + ve[None, :], acc)
         for n0 in range(start, end, BN):
             tok = n0 + rn
             mt = tok < end
@@ -84,15 +141,76 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr,
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
 
-        row = (b * HKV * G + hkv * G + rg) * num_splits + sp
-        tl.store(pm_ptr + row, m, mask=mg)
-        tl.store(pl_ptr + row, l, mask=mg)
-        tl.store(po_ptr + row[:, None] * D + rd[None, :], acc, mask=mg[:, None] & md[None, :])
+        direct = used < 0
+        if FUSED:
+            direct = used == 1
+        if direct:              # the whole softmax is here: the output directly, no partials
+            _write_out(o_ptr, lse_ptr, b, hkv * G + rg, mg, rd, md, so_b, so_h, m, l, acc, H, WRITE_LSE)
+        else:
+            row = (b * HKV * G + hkv * G + rg) * num_splits + sp
+            tl.store(pm_ptr + row, m, mask=mg)
+            tl.store(pl_ptr + row, l, mask=mg)
+            tl.store(po_ptr + row[:, None] * D + rd[None, :], acc, mask=mg[:, None] & md[None, :])
+            if FUSED:        # the last of the sequence's programs to finish merges all of them
+                tl.debug_barrier()
+                cnt = cnt_ptr + b * HKV + hkv
+                if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == used - 1:
+                    _merge_splits(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, b, hkv, used, num_splits, so_b, so_h,
+                                  H, G, D, BD, BGM, BSC, WRITE_LSE)
+                    tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")   # zero again for the next call
+
+
+@triton.jit
+def _write_out(o_ptr, lse_ptr, b, heads, mh, rd, md, so_b, so_h, m, l, acc, H: tl.constexpr,
+               WRITE_LSE: tl.constexpr):
+    """o = acc / l for query heads `heads` (mask mh) of sequence b; lse from (m, l) in log2 units."""
+    l_safe = tl.where(l > 0, l, 1.)       # l == 0 only when nothing was attended to: o = 0
+    o = acc / l_safe[:, None]
+    tl.store(o_ptr + b * so_b + heads[:, None] * so_h + rd[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=mh[:, None] & md[None, :])
+    if WRITE_LSE:
+        lse = tl.where(l > 0, (m + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + b * H + heads, lse, mask=mh)
+
+
+@triton.jit
+def _merge_splits(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, b, hkv, used, num_splits, so_b, so_h,
+                  H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BGM: tl.constexpr,
+                  BSC: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """The G query heads of kv head hkv from the `used` partials of sequence b, BSC splits at a time (loaded
+    past L1: other programs wrote them)."""
+    rg = tl.arange(0, BGM)
+    rs = tl.arange(0, BSC)
+    rd = tl.arange(0, BD)
+    mg = rg < G
+    md = rd < D
+    heads = hkv * G + rg
+    base = (b * H + heads) * num_splits                                       # [BGM]
+    M = tl.full([BGM], float("-inf"), tl.float32)
+    Ls = tl.zeros([BGM], dtype=tl.float32)
+    acc = tl.zeros([BGM, BD], dtype=tl.float32)
+    for s0 in range(0, used, BSC):
+        ms = (s0 + rs) < used
+        row = base[None, :] + (s0 + rs)[:, None]                              # [BSC, BGM]
+        mr = ms[:, None] & mg[None, :]
+        pm = tl.load(pm_ptr + row, mask=mr, other=float("-inf"), cache_modifier=".cg")
+        pl = tl.load(pl_ptr + row, mask=mr, other=0., cache_modifier=".cg")
+        po = tl.load(po_ptr + row[:, :, None] * D + rd[None, None, :], mask=mr[:, :, None] & md[None, None, :],
+                     other=0., cache_modifier=".cg")                          # [BSC, BGM, BD]
+        m_new = tl.maximum(M, tl.max(pm, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0., m_new)
+        w = tl.exp2(pm - m_use[None, :])
+        alpha = tl.exp2(M - m_use)
+        Ls = Ls * alpha + tl.sum(pl * w, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(po * w[:, :, None], axis=0)
+        M = m_new
+    _write_out(o_ptr, lse_ptr, b, heads, mg, rd, md, so_b, so_h, M, Ls, acc, H, WRITE_LSE)
+
 
 @triton.jit
 def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, len_ptr, so_b, so_h, num_splits,
                   H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
-                  WRITE_LSE: tl.constexpr, PDL: tl.constexpr):
+                  WRITE_LSE: tl.constexpr, ENTRY: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
         gdc_wait()
         gdc_launch_dependents()
@@ -101,7 +219,10 @@ def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, len_ptr, so_b, so_h, n
     rs = tl.arange(0, BS)
     rd = tl.arange(0, BD)
     L = tl.load(len_ptr + b)
-    ms = rs < tl.cdiv(L, tl.maximum(tl.cdiv(tl.cdiv(L, num_splits), BN) * BN, 1))   # the splits in use
+    used = tl.cdiv(L, tl.maximum(tl.cdiv(tl.cdiv(L, num_splits), BN) * BN, 1))   # the splits in use
+    if ENTRY:
+        used = tl.maximum(used, 1)
+    ms = rs < used
     md = rd < D
     row = (b * H + h) * num_splits + rs
     m = tl.load(pm_ptr + row, mask=ms, other=float("-inf"))
@@ -183,34 +304,91 @@ def num_splits_for(batch: int, kv_heads: int, max_tokens: int) -> int:
     return min(want, max(1, triton.cdiv(max_tokens, MIN_SPLIT)))
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-           seq_lens: torch.Tensor, scale: float, return_lse: bool = False):
+           seq_lens: torch.Tensor, scale: float, return_lse: bool = False,
+           entry: tuple[torch.Tensor, torch.Tensor] | None = None):
     """q [B, H, D] (one token per sequence, already written to the cache); attends to the first
-    seq_lens[b] tokens of the pages in block_tables[b]. Returns o [B, H, D] (and lse [B, H] fp32,
-    natural log of the softmax normaliser, when return_lse). A row with seq_len 0 gets o = 0, lse = −inf.
+    seq_lens[b] tokens of the pages in block_tables[b], and to one extra key/value per sequence when `entry`
+    = (k_e, v_e) [B, Hkv, D] is given (NanoHammer's state entry: split 0 seeds its softmax with it).
+    Returns o [B, H, D] (and lse [B, H] fp32, natural log of the softmax normaliser, when return_lse). A
+    row with nothing to attend to (seq_len 0, no entry) gets o = 0, lse = −inf.
     """
-    B, H, D = q.shape
+    assert q.stride(-1) == 1
+    return _decode(q, q.shape[1], k_cache, v_cache, block_tables, seq_lens, scale, return_lse, entry, None)
+
+
+def decode_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                scale: float, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                eps: float = 1e-5, entry: tuple[torch.Tensor, torch.Tensor] | None = None,
+                return_lse: bool = False):
+    """`rope_write_kv` then `decode` as one kernel: each program normalises / rotates its q heads from the
+    raw projection qkv [B, H + 2·Hkv, D], and the program holding a sequence's last key first writes the
+    step's k, v to slot_mapping[b] (so they need no separate kernel and no round trip before the
+    attention). Returns o [B, H, D] (and lse)."""
+    D = qkv.shape[-1]
+    if qkv.stride(-1) != 1 or qkv.stride(1) != D:
+        qkv = qkv.contiguous()
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.shape[0] == qkv.shape[0]
+    assert all(w is None or w.numel() == D for w in (q_norm, k_norm)), "QK-norm weights are per head"
+    rope = (cos.contiguous(), sin.contiguous(), slot_mapping, q_norm, k_norm, eps)
+    return _decode(qkv, num_heads, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, entry, rope)
+
+
+# The split programs merge their own partials (the last to finish a sequence's kv head, counted with an
+# atomic) instead of a second kernel. Off: slower where measured (models/layers.py ATTN_STEP_FUSED has the
+# numbers): the atomic and the re-read of the partials cost about what the merge kernel's boundary costs
+# under PDL. An A/B knob.
+FUSED_MERGE = False
+MERGE_CHUNK = 8   # partials merged per step by that program
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, one per (sequence, kv head); each call leaves them zero again. Shared
+    by every decode call on the device, which therefore must not run concurrently with one another (one
+    engine stream). Grown buffers are kept: graphs captured earlier still point at the old ones."""
+    bufs = _COUNTERS.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
+def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, entry, rope):
+    B, D = q.shape[0], q.shape[-1]
     num_pages, page, hkv, dk = k_cache.shape
     assert dk == D and H % hkv == 0, f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}"
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     G = H // hkv
+    k_e, v_e = entry if entry is not None else (q, q)
+    assert k_e.stride(-1) == 1 and v_e.stride(-1) == 1
     splits = num_splits_for(B, hkv, block_tables.shape[1] * page)
     dev = q.device
     po = torch.empty(B * H * splits, D, dtype=torch.float32, device=dev)
     pm = torch.empty(B * H * splits, dtype=torch.float32, device=dev)
     pl = torch.empty(B * H * splits, dtype=torch.float32, device=dev)
-    BD = triton.next_power_of_2(D)
-    _split_kernel[(B, hkv, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, po, pm, pl,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        splits, scale * LOG2E,
-        HKV=hkv, G=G, BG=max(16, triton.next_power_of_2(G)), D=D, BD=BD, PAGE=page, BN=BLOCK_N,
-        F32_DOT=INTERPRETED, num_warps=NUM_WARPS, **pdl.launch_kwargs(q.device))
-    o = torch.empty_like(q)
+    o = torch.empty(B, H, D, dtype=q.dtype, device=dev)
     lse = torch.empty(B, H, dtype=torch.float32, device=dev) if return_lse else pm
-    _merge_kernel[(B, H)](po, pm, pl, o, lse, seq_lens, o.stride(0), o.stride(1), splits,
-                          H=H, D=D, BD=BD, BS=triton.next_power_of_2(splits), BN=BLOCK_N, WRITE_LSE=return_lse,
-                          **pdl.launch_kwargs(o.device))
+    fused = FUSED_MERGE
+    cnt = _counters(dev, B * hkv) if fused else pm
+    cos, sin, slots, q_norm, k_norm, eps = rope if rope is not None else (q, q, seq_lens, None, None, 0.)
+    BD = triton.next_power_of_2(D)
+    if B:
+        _split_kernel[(B, hkv, splits)](
+            q, k_cache, v_cache, block_tables, seq_lens, po, pm, pl, k_e, v_e, o, lse, cnt, cos, sin, slots,
+            q if q_norm is None else q_norm, q if k_norm is None else k_norm,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+            k_e.stride(0), k_e.stride(1), v_e.stride(0), v_e.stride(1), o.stride(0), o.stride(1),
+            cos.stride(0), splits, scale * LOG2E, eps,
+            H=H, HKV=hkv, G=G, BG=max(16, triton.next_power_of_2(G)), D=D, BD=BD, PAGE=page, BN=BLOCK_N,
+            ENTRY=entry is not None, FUSED=fused, BGM=triton.next_power_of_2(G), BSC=MERGE_CHUNK,
+            WRITE_LSE=return_lse, ROPE=rope is not None, NORM_Q=q_norm is not None, NORM_K=k_norm is not None,
+            ROT=cos.shape[-1] if rope is not None else D, HALF=(cos.shape[-1] if rope is not None else D) // 2,
+            F32_DOT=INTERPRETED, num_warps=NUM_WARPS, **pdl.launch_kwargs(q.device))
+        if not fused:
+            _merge_kernel[(B, H)](po, pm, pl, o, lse, seq_lens, o.stride(0), o.stride(1), splits,
+                                  H=H, D=D, BD=BD, BS=triton.next_power_of_2(splits), BN=BLOCK_N,
+                                  WRITE_LSE=return_lse, ENTRY=entry is not None, **pdl.launch_kwargs(o.device))
     return (o, lse) if return_lse else o
 
 

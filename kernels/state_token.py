@@ -12,11 +12,13 @@ Slot 0 is the pad slot: padding rows read and write only there.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from hybridserve.kernels.fused import rms_norm
+from hybridserve.kernels.paged_attention import entry_logit as state_logit  # noqa: F401  (the state entry's)
 
 HOLO_BASE = 10000.0
 
@@ -94,46 +96,31 @@ def decode_readout(w: torch.Tensor, positions: torch.Tensor, theta: torch.Tensor
     return _holo_rotate(decode_integral(u, state_pool, slot_ids), positions, theta, -1.0)
 
 
-def state_cells(s0: torch.Tensor, pre_norm: torch.Tensor, fc1: torch.Tensor, fc1_bias: torch.Tensor | None,
-                fc2: torch.Tensor, fc2_bias: torch.Tensor | None, alpha: torch.Tensor, post_norm: torch.Tensor,
-                eps: float) -> torch.Tensor:
+def state_cell_steps(s0: torch.Tensor, pre_norm: torch.Tensor, fc1: torch.Tensor, fc1_bias: torch.Tensor | None,
+                     fc2: torch.Tensor, fc2_bias: torch.Tensor | None, alpha: torch.Tensor, post_norm: torch.Tensor,
+                     eps: float) -> Iterator[torch.Tensor]:
     """The chain of Euler cells, l = 1 … L, from s^0 [T, S] fp32, weights stacked over layers:
 
         s^l = PostNorm^l(s^{l-1} + α^l ⊙_head fc2^l(SiLU(fc1^l(PreNorm^l(s^{l-1})))))
 
-    The state stream stays fp32; the MLP runs in the weights' dtype. Returns every s^l as [L, T, S] in
-    that dtype, the input of the state projections."""
-    L, T = fc1.shape[0], s0.shape[0]
-    out = torch.empty(L, *s0.shape, dtype=fc1.dtype, device=s0.device)
+    The state stream stays fp32; the MLP runs in the weights' dtype. Yields each s^l [T, S] in that dtype
+    (the input of layer l's state projection) in turn, so a caller can start layer l's state entry while
+    the next cells are still to come."""
+    T = s0.shape[0]
     s = s0.float()
-    for i in range(L):
+    for i in range(fc1.shape[0]):
         x = rms_norm(s, pre_norm[i], eps).to(fc1.dtype)
         hidden = F.silu(F.linear(x, fc1[i], None if fc1_bias is None else fc1_bias[i]))
         u = F.linear(hidden, fc2[i], None if fc2_bias is None else fc2_bias[i]).float()
         u = (alpha[i].float()[:, None] * u.view(T, alpha.shape[1], -1)).flatten(1)
         s = rms_norm(s + u, post_norm[i], eps)
-        out[i] = s
-    return out
+        yield s.to(fc1.dtype)
 
 
-def attn_inputs(h: torch.Tensor, delta: torch.Tensor | None, r: torch.Tensor, r_bias: torch.Tensor | None,
-                weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's attention input for its tokens and their state entries, stacked so that a single
-    q/k/v matmul serves both: returns (h', X [2T, D]) with h' = h + delta (h when delta is None),
-    X[:T] = RMSNorm(h'), X[T:] = RMSNorm(r + r_bias), both with the layer's input norm `weight`."""
-    if delta is not None:
-        h = h + delta
-    if r_bias is not None:
-        r = r + r_bias
-    return h, rms_norm(torch.cat([h, r]), weight, eps)
-
-
-def state_logit(q: torch.Tensor, k_s: torch.Tensor, scale: float) -> torch.Tensor:
-    """ℓ^s = q · k^s · scale [T, H] for q [T, H, D] and each query's state key k_s [T, Hkv, D].
-
-    Query head h reads kv head h // (H / Hkv) (GQA)."""
-    rep = q.shape[1] // k_s.shape[1]
-    return (q.float() * k_s.float().repeat_interleave(rep, dim=1)).sum(-1) * scale
+def state_inputs(r: torch.Tensor, r_bias: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """A layer's attention input for its state entries: RMSNorm(r + r_bias) with the layer's input norm
+    `weight` (r + r_bias rounded to r's dtype first, as the projection's stored output)."""
+    return rms_norm(r if r_bias is None else r + r_bias, weight, eps)
 
 
 def merge_state_entry(o_c: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_s: torch.Tensor,

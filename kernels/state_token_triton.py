@@ -5,17 +5,20 @@ alone is ~200 tiny kernels (rotations, 16 Euler cells, norms) and each layer add
 entry's norm, projection and log-sum-exp merge. Here:
 
 - `decode_readout`: rotate, integrate in the slot and read back, one kernel;
-- `state_cells`: two kernels per cell. Kernel A finishes cell l−1 (residual, α already applied, PostNorm)
-  in its prologue, then runs PreNorm → fc1 → SiLU of cell l; kernel B is fc2 with α in its epilogue.
-  The prologue needs whole state rows (512 wide), which every program recomputes; that is cheaper than
-  a launch;
-- `attn_inputs`: a layer's residual add and input norm for its tokens and the norm of their state
-  entries, written as one stacked [2T, D] matrix for a single q/k/v matmul;
-- `merge_state_entry`: the state entry's logit and the log-sum-exp merge, one kernel.
+- `state_cell_steps`: two kernels per cell. Kernel A finishes cell l−1 (residual, α already applied,
+  PostNorm) in its prologue, then runs PreNorm → fc1 → SiLU of cell l; kernel B is fc2 with α in its
+  epilogue. The prologue needs whole state rows (512 wide), which every program recomputes; that is
+  cheaper than a launch. Each s^l is yielded as soon as the kernel writing it is queued;
+- `state_inputs`: the norm of a layer's state entries (their projection's bias added first), the input
+  of the entries' k/v projection;
+- `merge_state_entry`: the state entry's logit and the log-sum-exp merge, one kernel (prefill; a decode
+  step folds the entry into the attention kernel itself, kernels/paged_attention_triton.py).
 
 The integral for packed prefill chunks and the holographic rotations themselves stay the references.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -156,15 +159,16 @@ def _cell_out_kernel(h1_ptr, w2_ptr, b2_ptr, a_ptr, u_ptr, T,
 INTERPRETED = type(_cell_out_kernel).__name__ == "InterpretedFunction"
 
 
-def state_cells(s0: torch.Tensor, pre_norm: torch.Tensor, fc1: torch.Tensor, fc1_bias: torch.Tensor | None,
-                fc2: torch.Tensor, fc2_bias: torch.Tensor | None, alpha: torch.Tensor, post_norm: torch.Tensor,
-                eps: float) -> torch.Tensor:
+def state_cell_steps(s0: torch.Tensor, pre_norm: torch.Tensor, fc1: torch.Tensor, fc1_bias: torch.Tensor | None,
+                     fc2: torch.Tensor, fc2_bias: torch.Tensor | None, alpha: torch.Tensor, post_norm: torch.Tensor,
+                     eps: float) -> Iterator[torch.Tensor]:
     L, I, S = fc1.shape
     T = s0.shape[0]
     dev = s0.device
     out = torch.empty(L, T, S, dtype=fc1.dtype, device=dev)
     if T == 0:
-        return out
+        yield from out
+        return
     s0 = s0.float().contiguous()
     chain = torch.empty(2, T, S, dtype=torch.float32, device=dev)    # s^l, alternating (read l-1, write l)
     u = torch.empty(T, S, dtype=torch.float32, device=dev)
@@ -181,53 +185,40 @@ def state_cells(s0: torch.Tensor, pre_norm: torch.Tensor, fc1: torch.Tensor, fc1
             fc1_bias[min(i, L - 1)] if fc1_bias is not None else u, chain[i % 2], out[max(i - 1, 0)], h1, T, eps,
             S=S, I=I, BS=triton.next_power_of_2(S), BM=BM, BN=BN1, HAS_PREV=i > 0, HAS_MLP=has_mlp,
             HAS_B1=fc1_bias is not None, **common, **pdl.launch_kwargs(s0.device))
+        if i > 0:
+            yield out[i - 1]
         if has_mlp:
             _cell_out_kernel[(grid_m, triton.cdiv(S, BN2))](
                 h1, fc2[i], fc2_bias[i] if fc2_bias is not None else u, alpha[i], u, T,
                 S=S, I=I, HS=S // alpha.shape[1], BM=BM, BN=BN2, BK=BK2,
                 HAS_B2=fc2_bias is not None, **common, **pdl.launch_kwargs(s0.device))
-    return out
 
 
 @triton.jit
-def _attn_inputs_kernel(h_ptr, d_ptr, r_ptr, rb_ptr, w_ptr, hout_ptr, x_ptr, T, sh, sd, sr, eps,
-                        N: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_RB: tl.constexpr,
-                        PDL: tl.constexpr):
+def _state_inputs_kernel(r_ptr, rb_ptr, w_ptr, x_ptr, sr, eps, N: tl.constexpr, BN: tl.constexpr,
+                         HAS_RB: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
         gdc_wait()
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BN)
     m = offs < N
-    if row < T:
-        v = tl.load(h_ptr + row * sh + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_D:   # the residual stream as stored (rounded), then normalised
-            hv = (v + tl.load(d_ptr + row * sd + offs, mask=m, other=0.0).to(tl.float32)).to(hout_ptr.dtype.element_ty)
-            tl.store(hout_ptr + row * N + offs, hv, mask=m)
-            v = hv.to(tl.float32)
-    else:
-        v = tl.load(r_ptr + (row - T) * sr + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_RB:  # r + bias is stored in the model dtype before the norm, as the reference
-            v = (v + tl.load(rb_ptr + offs, mask=m, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    v = tl.load(r_ptr + row * sr + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_RB:  # r + bias is stored in the model dtype before the norm, as the reference
+        v = (v + tl.load(rb_ptr + offs, mask=m, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
     y = v * tl.rsqrt(tl.sum(v * v, axis=0) / N + eps) * tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(x_ptr + row * N + offs, y.to(x_ptr.dtype.element_ty), mask=m)
 
 
-def attn_inputs(h: torch.Tensor, delta: torch.Tensor | None, r: torch.Tensor, r_bias: torch.Tensor | None,
-                weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    T, N = h.shape
-    h, r = (t if t.stride(-1) == 1 else t.contiguous() for t in (h, r))
-    if delta is not None and delta.stride(-1) != 1:
-        delta = delta.contiguous()
-    h_out = torch.empty_like(h) if delta is not None else h
-    x = torch.empty(2 * T, N, dtype=h.dtype, device=h.device)
+def state_inputs(r: torch.Tensor, r_bias: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    T, N = r.shape
+    r = r if r.stride(-1) == 1 else r.contiguous()
+    x = torch.empty(T, N, dtype=r.dtype, device=r.device)
     if T:
-        _attn_inputs_kernel[(2 * T,)](h, delta if delta is not None else h, r, r_bias if r_bias is not None else r,
-                                      weight, h_out, x, T, h.stride(0), delta.stride(0) if delta is not None else 0,
-                                      r.stride(0), eps, N=N, BN=triton.next_power_of_2(N),
-                                      HAS_D=delta is not None, HAS_RB=r_bias is not None,
-                                      num_warps=4 if N >= 1024 else 1, **pdl.launch_kwargs(h.device))
-    return h_out, x
+        _state_inputs_kernel[(T,)](r, r_bias if r_bias is not None else r, weight, x, r.stride(0), eps, N=N,
+                                   BN=triton.next_power_of_2(N), HAS_RB=r_bias is not None,
+                                   num_warps=4 if N >= 1024 else 1, **pdl.launch_kwargs(r.device))
+    return x
 
 
 @triton.jit

@@ -111,3 +111,37 @@ def cached_attention(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], met
         return attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, return_lse=return_lse)
     return attn.varlen_prefill(q, k_cache, v_cache, meta.cu_seqlens, meta.seq_lens, meta.block_tables, scale,
                                max(meta.query_lens_cpu), return_lse=return_lse)
+
+
+# A decode step's QK-norm, RoPE, KV-page write and attention as one kernel (paged_attention_triton.decode_step)
+# instead of rope_write_kv, then the attention kernel. Off: within run-to-run spread or slower. Batch-1 graph
+# ms on an H100, two rounds (bench/results/attention_fusion-h100.json), separate → RoPE inside → RoPE and the
+# split merge (paged_attention_triton.FUSED_MERGE) inside: NanoHammer 1.256 / 1.226 → 1.272 / 1.195 → 1.235 /
+# 1.200, Kotodama-3B 2.806 / 2.727 → 2.827 / 2.842 → 2.969 / 2.883, Kotodama-108M 0.734 / 0.759 → 0.737 /
+# 0.707 → 0.755 / 0.761, NeoLLM 0.383 / 0.359 → 0.384 / 0.374 → 0.389 / 0.358. The program holding the last
+# key writes and re-reads the step's k/v before its loop: a chain about as long as the boundary it saves.
+ATTN_STEP_FUSED = False
+
+
+def attention_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                   kv: tuple[torch.Tensor, torch.Tensor], meta, scale: float, q_norm: torch.Tensor | None = None,
+                   k_norm: torch.Tensor | None = None, eps: float = 1e-5,
+                   entry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The attention sublayer between its projections on the engine path: the raw q|k|v heads
+    qkv [T, H + 2·Hkv, D] → o [T, H, D]. QK-norm (q_norm / k_norm) and RoPE, the step's k/v written to
+    their pages, then causal attention over each sequence's pages, plus one extra key/value per query when
+    `entry` = (k_e, v_e) [T, Hkv, D] (NanoHammer's state entry). A decode step is one kernel; prefill runs
+    rope_write_kv, the varlen kernel and, with an entry, its log-sum-exp merge."""
+    attn = pick("paged_attention", qkv.device)
+    k_cache, v_cache = kv
+    if meta.is_decode and ATTN_STEP_FUSED:
+        return attn.decode_step(qkv, cos, sin, num_heads, k_cache, v_cache, meta.slot_mapping, meta.block_tables,
+                                meta.seq_lens, scale, q_norm, k_norm, eps, entry)
+    q = pick("fused", qkv.device).rope_write_kv(qkv, cos, sin, num_heads, k_cache, v_cache, meta.slot_mapping,
+                                                 q_norm, k_norm, eps)[:, :num_heads]
+    if entry is None:
+        return cached_attention(q, kv, meta, scale)
+    if meta.is_decode:
+        return attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, entry=entry)
+    o_c, lse = cached_attention(q, kv, meta, scale, return_lse=True)
+    return pick("state_token", qkv.device).merge_state_entry(o_c, lse, q, *entry, scale)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec
-from hybridserve.models.layers import (RopeTable, apply_rope, cached_attention, causal_attention, logit_rows,
+from hybridserve.models.layers import (RopeTable, apply_rope, attention_step, causal_attention, logit_rows,
                                        rms_norm, rope_cos_sin, rope_inv_freq, rope_params, swiglu, unique_bytes)
 
 
@@ -160,10 +160,8 @@ class LlamaModel:
 
         def attention(i: int, lw: dict, qkv: torch.Tensor) -> torch.Tensor:
             """The attention sublayer from its q|k|v projection, up to the o projection's output."""
-            k_cache, v_cache = cache.kv[i]
-            qk = fused.rope_write_kv(qkv.view(T, H + 2 * Hkv, D), cos, sin, H, k_cache, v_cache, meta.slot_mapping,
-                                     lw.get("q_norm"), lw.get("k_norm"), eps)
-            o = cached_attention(qk[:, :H], cache.kv[i], meta, self.scale)
+            o = attention_step(qkv.view(T, H + 2 * Hkv, D), cos, sin, H, cache.kv[i], meta, self.scale,
+                               lw.get("q_norm"), lw.get("k_norm"), eps)
             return fused.linear(o.reshape(T, -1), lw["o"])
 
         h = self.embed[meta.input_ids]

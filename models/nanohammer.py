@@ -11,7 +11,8 @@ backbone is [reconstruction]). Per token t:
 
 In layer l, query t attends to [state entry of r^l_t] + tokens ≤ t. The state entry goes through the
 layer's input_layernorm and k/v projections, its key is rotated at the query's own position, and it is
-never cached: it is rebuilt every step from I and merged into paged attention through the log-sum-exp.
+never cached: it is rebuilt every step from I and joins the paged attention as one extra key (a decode
+step seeds the attention kernel's softmax with it; prefill merges it through the log-sum-exp).
 
 Reconstruction choices made here (§6.2 leaves them open): the cell MLP is fc2(SiLU(fc1(x))) on the full
 state vector; PreNorm and PostNorm are RMSNorm over the whole state vector with a weight and the
@@ -19,6 +20,7 @@ backbone's eps; α is used as stored.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -29,8 +31,42 @@ from hybridserve.kernels.state_token import (HOLO_BASE, holo_rope, holo_rope_inv
                                              state_logit, varlen_integral)
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, StateSpec
-from hybridserve.models.layers import apply_rope, cached_attention, logit_rows, rms_norm, rope_cos_sin
+from hybridserve.models.layers import apply_rope, attention_step, logit_rows, rms_norm, rope_cos_sin
 from hybridserve.models.llama import LlamaConfig, LlamaModel
+
+
+# Run the state entries' chain on a side stream beside the backbone (GPU). Off: the same kernels in line,
+# before the first layer (an A/B knob for bench/decode_latency.py).
+SIDE_STREAM = True
+
+
+class StateEntries:
+    """Per-layer state entries produced in order, on a side stream or in line. `take(i)` hands layer i's
+    (k, v) to the current stream, which first waits for the event recorded after it. Tensors the side
+    stream reads that the caller allocated (`keep`) are held as long as this object, which the forward
+    keeps past its last wait, so their memory is not reused while the side stream may still read it."""
+
+    def __init__(self, side: torch.cuda.Stream | None, keep: tuple = ()):
+        self.side, self.keep = side, keep
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.events: list[torch.cuda.Event] = []
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(side.device))
+
+    def on_side(self):
+        return torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext()
+
+    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.kv.append((k, v))
+        if self.side is not None:
+            ev = torch.cuda.Event()
+            ev.record(self.side)
+            self.events.append(ev)
+
+    def take(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.side is not None:
+            torch.cuda.current_stream(self.side.device).wait_event(self.events[i])
+        return self.kv[i]
 
 
 @dataclass
@@ -100,6 +136,7 @@ class NanoHammerModel(LlamaModel):
         self.state_layers = [{key: None if t is None else t[i] for key, t in self.state_stack.items()}
                              for i in range(config.num_layers)]
         self.holo_theta = holo_theta(config.state_hidden_size, config.holo_base, self.device)
+        self._side: torch.cuda.Stream | None = None      # the state entries' stream (GPU)
 
 
     def weights_bytes(self) -> int:
@@ -135,46 +172,65 @@ class NanoHammerModel(LlamaModel):
         return self._logits(self._hidden(input_ids, positions, attend))
 
     def forward(self, meta: BatchMeta, cache: CacheView) -> torch.Tensor:
-        """Engine forward: state prologue from the carried I, then paged attention merged with each
-        query's state entry. Logits [len(logits_indices), V].
+        """Engine forward: each layer's state entry built from the carried I, then paged attention with
+        each query's state entry. Logits [len(logits_indices), V].
 
-        The math of `reference_forward`, arranged for few launches: the cells run as two fused kernels
-        each, the 16 state projections as one batched matmul, and in every layer the state entries ride
-        along with the tokens as T extra rows of the q/k/v matmul (their q is computed and ignored) and
-        of the RoPE kernel, which also writes the tokens' k/v into their pages."""
+        The math of `reference_forward`, arranged for the decode step's critical path. The state entries
+        depend only on the tokens' embeddings and positions, so on a GPU their whole chain (integral
+        readout, the 16 cells at two fused kernels each, then per layer the state projection, the input
+        norm, the entry's k/v projection and its RoPE) runs on a side stream beside the backbone, and layer
+        i waits only for its own entry, just before its attention. The backbone layer is Llama's: one-row
+        q/k/v matmul, RoPE + KV write, attention with the entry folded in (a decode step: split 0 of the
+        attention kernel starts its softmax from it; prefill: a log-sum-exp merge after the attention)."""
         c, eps = self.config, self.config.rms_norm_eps
-        ops, fused = pick("state_token", self.device), pick("fused", self.device)
+        fused = pick("fused", self.device)
         T = meta.input_ids.shape[0]
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-        pool = cache.states["integral"][0]
         h = self.embed[meta.input_ids]
-        w = F.linear(h, *self.token_to_state)
-        if meta.is_decode:
-            s0 = ops.decode_readout(w, meta.positions, self.holo_theta, pool, meta.slot_ids)
-        else:
-            u = holo_rope(w.float(), meta.positions, c.holo_base)
-            s0 = holo_rope_inv(varlen_integral(u, meta.cu_seqlens, pool, meta.slot_ids), meta.positions, c.holo_base)
-        st = self.state_stack
-        cells = ops.state_cells(s0, st["pre_norm"], st["fc1"], st["fc1_bias"], st["fc2"], st["fc2_bias"],
-                                st["alpha"], st["post_norm"], eps)
-        r = torch.bmm(cells, st["proj"].transpose(1, 2))                      # [L, T, hidden]; bias below
-        # the state entry's key is rotated at its query's position: the same tables for both row halves
-        cos, sin = self.rope_table(meta.positions.repeat(2), max(meta.seq_lens_cpu, default=0))
+        cos, sin = self.rope_table(meta.positions, max(meta.seq_lens_cpu, default=0))
+        entries = self._state_entries(meta, h, cache.states["integral"][0], cos, sin)
         delta = None                                                       # pending sublayer output
         for i, lw in enumerate(self.layers):
-            h, x = ops.attn_inputs(h, delta, r[i], None if st["proj_bias"] is None else st["proj_bias"][i],
-                                   lw["attn_norm"], eps)
-            qkv = fused.linear(x, lw["qkv"]).view(2 * T, H + 2 * Hkv, D)
-            k_cache, v_cache = cache.kv[i]
-            qk = fused.rope_write_kv(qkv, cos, sin, H, k_cache, v_cache, meta.slot_mapping)  # caches rows < T
-            q = qk[:T, :H]
-            o_c, lse = cached_attention(q, cache.kv[i], meta, self.scale, return_lse=True)
-            o = ops.merge_state_entry(o_c, lse, q, qk[T:, H:], qkv[T:, H + Hkv:], self.scale)
+            h, qkv = fused.add_norm_linear(h, delta, lw["attn_norm"], lw["qkv"], eps)
+            o = attention_step(qkv.view(T, H + 2 * Hkv, D), cos, sin, H, cache.kv[i], meta, self.scale,
+                               entry=entries.take(i))
             h, g = fused.add_norm_linear_silu_mul(h, fused.linear(o.reshape(T, -1), lw["o"]), lw["ffn_norm"],
                                                   lw["gate_up"], eps)
             delta = fused.linear(g, lw["down"])
         h, delta = logit_rows(meta, h, delta)
         return fused.add_norm_linear(h, delta, self.norm, self.lm_head, eps, out_dtype=torch.float32)[1]
+
+    def _state_entries(self, meta: BatchMeta, h: torch.Tensor, pool: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor) -> "StateEntries":
+        """Every layer's state entry key (RoPE at its query's position) and value [T, Hkv, D], queued on the
+        side stream on a GPU (inline elsewhere, or with SIDE_STREAM off)."""
+        c, eps = self.config, self.config.rms_norm_eps
+        ops, fused = pick("state_token", self.device), pick("fused", self.device)
+        T, Hkv, D = h.shape[0], c.num_kv_heads, c.head_dim
+        entries = StateEntries(self._side_stream() if SIDE_STREAM and h.is_cuda else None, keep=(h, cos, sin))
+        with entries.on_side():
+            w = F.linear(h, *self.token_to_state)
+            if meta.is_decode:
+                s0 = ops.decode_readout(w, meta.positions, self.holo_theta, pool, meta.slot_ids)
+            else:
+                u = holo_rope(w.float(), meta.positions, c.holo_base)
+                s0 = holo_rope_inv(varlen_integral(u, meta.cu_seqlens, pool, meta.slot_ids), meta.positions,
+                                   c.holo_base)
+            st = self.state_stack
+            cells = ops.state_cell_steps(s0, st["pre_norm"], st["fc1"], st["fc1_bias"], st["fc2"], st["fc2_bias"],
+                                         st["alpha"], st["post_norm"], eps)
+            for i, s in enumerate(cells):
+                r = fused.linear(s, st["proj"][i])
+                x = ops.state_inputs(r, None if st["proj_bias"] is None else st["proj_bias"][i],
+                                     self.layers[i]["attn_norm"], eps)
+                kv = fused.linear(x, self.layers[i]["qkv"][c.num_heads * D:]).view(T, 2, Hkv, D)
+                entries.add(fused.rope(kv[:, 0], cos, sin), kv[:, 1])
+        return entries
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=self.device)
+        return self._side
 
     # -- state path -----------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from hybridserve.kernels.neollm_ops import fan, poly_norm
 from hybridserve.models import gated_deltanet as gdn
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec, StateSpec
-from hybridserve.models.layers import (RopeTable, apply_rope, cached_attention, causal_attention, logit_rows,
+from hybridserve.models.layers import (RopeTable, apply_rope, attention_step, causal_attention, logit_rows,
                                        rms_norm, rope_cos_sin, rope_inv_freq, rope_params, unique_bytes)
 
 FULL, LINEAR = "full_attention", "linear_attention"
@@ -243,11 +243,8 @@ class NeoLLMModel:
         c = self.config
         T, H, D = qkv.shape[0], c.num_heads, c.head_dim
         heads = H + 2 * c.num_kv_heads
-        k_cache, v_cache = cache.kv[j]
-        q = pick("fused", self.device).rope_write_kv(qkv[:, :heads * D].view(T, heads, D), cos, sin, H, k_cache,
-                                                     v_cache, meta.slot_mapping, lw["q_norm"], lw["k_norm"],
-                                                     c.rms_norm_eps)[:, :H]
-        o = cached_attention(q, cache.kv[j], meta, self.scale)
+        o = attention_step(qkv[:, :heads * D].view(T, heads, D), cos, sin, H, cache.kv[j], meta, self.scale,
+                           lw["q_norm"], lw["k_norm"], c.rms_norm_eps)
         if c.attn_output_gate:
             o = o * torch.sigmoid(qkv[:, heads * D:].view(T, H, D))
         return o.reshape(T, H * D)

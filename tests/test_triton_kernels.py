@@ -195,24 +195,106 @@ def meta_for(qlens, ctx, bt, device, is_decode=False):
                      query_lens_cpu=list(qlens), seq_lens_cpu=list(ctx), is_decode=is_decode)
 
 
+DECODE_SHAPE = (4, 2, 16, 4)     # H, Hkv, D, page of the paged decode tests
+
+
+def decode_setup(ctx, dtype, device, split, fused_merge, monkeypatch):
+    """Paged caches for contexts `ctx` and their seq_lens; `split` forces several splits per sequence at
+    these tiny lengths; `fused_merge`: the splits merged inside the attention kernel or by the merge kernel."""
+    if split:
+        monkeypatch.setattr(attn_tr, "BLOCK_N", 16)
+        monkeypatch.setattr(attn_tr, "MIN_SPLIT", 16)
+    monkeypatch.setattr(attn_tr, "FUSED_MERGE", fused_merge)
+    H, Hkv, D, page = DECODE_SHAPE
+    return (*paged_setup(ctx, H, Hkv, D, page, dtype, device), torch.tensor(ctx, dtype=torch.int32, device=device))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", [False, True])
-def test_paged_decode(device, dtype, split, monkeypatch):
-    if split:   # force several splits per sequence at these tiny lengths
-        monkeypatch.setattr(attn_tr, "BLOCK_N", 16)
-        monkeypatch.setattr(attn_tr, "MIN_SPLIT", 16)
-    H, Hkv, D, page = 4, 2, 16, 4
+@pytest.mark.parametrize("fused_merge", [False, True])
+def test_paged_decode(device, dtype, split, fused_merge, monkeypatch):
+    H, Hkv, D, page = DECODE_SHAPE
     ctx = [1, 7, 37, 12]
-    k_cache, v_cache, bt = paged_setup(ctx, H, Hkv, D, page, dtype, device)
+    k_cache, v_cache, bt, seq_lens = decode_setup(ctx, dtype, device, split, fused_merge, monkeypatch)
     q = torch.randn(len(ctx), H, D, device=device).to(dtype)
-    seq_lens = torch.tensor(ctx, dtype=torch.int32, device=device)
     meta = meta_for([1] * len(ctx), ctx, bt, device, is_decode=True)
     ref_o, ref_lse = attn_ref.reference(q, k_cache, v_cache, meta, 0.25, return_lse=True)
     o, lse = attn_tr.decode(q, k_cache, v_cache, bt, seq_lens, 0.25, return_lse=True)
     assert o.dtype == dtype and rel_err(o, ref_o) < tol(dtype)
     assert (lse - ref_lse).abs().max().item() < 1e-2
     assert torch.equal(attn_tr.decode(q, k_cache, v_cache, bt, seq_lens, 0.25), o)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("fused_merge", [False, True])
+def test_paged_decode_with_entry(device, dtype, split, fused_merge, monkeypatch):
+    """One extra key/value per sequence (NanoHammer's state entry, strided views as the model passes
+    them) folded into the decode kernel equals attention over the tokens merged with it through the
+    log-sum-exp; a row with no tokens attends to the entry alone."""
+    from hybridserve.kernels import state_token as state_ref
+
+    H, Hkv, D, page = DECODE_SHAPE
+    ctx = [1, 7, 37, 0]
+    k_cache, v_cache, bt, seq_lens = decode_setup(ctx, dtype, device, split, fused_merge, monkeypatch)
+    q = torch.randn(len(ctx), H, D, device=device).to(dtype)
+    kv = torch.randn(len(ctx), 2, Hkv, D, device=device).to(dtype)
+    entry = (kv[:, 0], kv[:, 1])
+    o_c, lse = attn_ref.decode(q, k_cache, v_cache, bt, seq_lens, 0.25, return_lse=True)
+    o_c = o_c.masked_fill((seq_lens == 0)[:, None, None], 0)    # the reference's row without tokens: NaN
+    want = state_ref.merge_state_entry(o_c, lse, q, *entry, 0.25)
+    ref = attn_ref.decode(q, k_cache, v_cache, bt, seq_lens, 0.25, entry=entry)
+    got, got_lse = attn_tr.decode(q, k_cache, v_cache, bt, seq_lens, 0.25, return_lse=True, entry=entry)
+    assert got.dtype == dtype and rel_err(got, want) < tol(dtype) and rel_err(ref, want) < tol(dtype)
+    _, ref_lse = attn_ref.decode(q, k_cache, v_cache, bt, seq_lens, 0.25, return_lse=True, entry=entry)
+    assert (got_lse - ref_lse).abs().max().item() < 1e-2
+    _close(got[3], entry[1][3].repeat_interleave(H // Hkv, dim=0), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("variant", ["plain", "qk_norm_partial_rot", "entry"])
+def test_paged_decode_step(device, dtype, split, variant, monkeypatch):
+    """QK-norm, RoPE, the KV write and attention in one kernel equal rope_write_kv then the reference
+    decode: same output, same pages written (the pad row's slot 0 included), other pages untouched; with the
+    merge kernel (FUSED_MERGE off) too."""
+    from hybridserve.kernels import fused as fused_ref
+
+    H, Hkv, D, page = DECODE_SHAPE
+    ctx = [1, 7, 37, 12, 1]                       # row 4: a graph pad row (slot 0)
+    k_cache, v_cache, bt, seq_lens = decode_setup(ctx, dtype, device, split, False, monkeypatch)
+    B = len(ctx)
+    qkv = torch.randn(B, 2 * (H + 2 * Hkv), D, device=device).to(dtype)[:, ::2]    # strided heads: copied
+    rot = 8 if variant == "qk_norm_partial_rot" else D
+    ang = torch.rand(B, rot // 2, device=device) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    norms = ((torch.rand(D, device=device) + 0.5).to(dtype), (torch.rand(D, device=device) + 0.5).to(dtype)) \
+        if variant == "qk_norm_partial_rot" else (None, None)
+    entry = None
+    if variant == "entry":
+        kv = torch.randn(B, 2, Hkv, D, device=device).to(dtype)
+        entry = (kv[:, 0], kv[:, 1])
+    slots = torch.tensor([(bt[b, (c - 1) // page].item() * page + (c - 1) % page) for b, c in enumerate(ctx[:-1])]
+                         + [0], device=device)
+    caches_ref = (k_cache.clone(), v_cache.clone())
+    want = attn_ref.decode_step(qkv, cos, sin, H, *caches_ref, slots, bt, seq_lens, 0.25, *norms, 1e-5, entry)
+    for fused_merge in (True, False):
+        monkeypatch.setattr(attn_tr, "FUSED_MERGE", fused_merge)
+        caches = (k_cache.clone(), v_cache.clone())
+        got = attn_tr.decode_step(qkv, cos, sin, H, *caches, slots, bt, seq_lens, 0.25, *norms, 1e-5, entry)
+        assert got.dtype == dtype and rel_err(got, want) < tol(dtype)
+        for c, r, before in zip(caches, caches_ref, (k_cache, v_cache)):
+            c, r, before = (t.view(-1, Hkv, D) for t in (c, r, before))
+            assert rel_err(c[slots], r[slots]) < (1e-5 if dtype == torch.float32 else 1e-2)   # bf16: fp32 rotation
+            assert rel_err(c[slots], before[slots]) > 0.1                                  # really written
+            rest = torch.ones(c.shape[0], dtype=torch.bool, device=device)
+            rest[slots] = False
+            assert torch.equal(c[rest], before[rest])
+    qk = fused_ref.rope_write_kv(qkv, cos, sin, H, k_cache.clone(), v_cache.clone(), slots, *norms, 1e-5)
+    assert rel_err(attn_ref.decode(qk[:, :H], *caches_ref, bt, seq_lens, 0.25, entry=entry), want) < 1e-6
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -632,24 +714,22 @@ def test_state_cells(device, dtype, bias, T):
     weights = (rnd(L, S, scale=0.1, shift=1), rnd(L, I, S, scale=S ** -0.5), rnd(L, I, scale=0.1) if bias else None,
                rnd(L, S, I, scale=I ** -0.5), rnd(L, S, scale=0.1) if bias else None, rnd(L, heads, scale=0.1, shift=0.5),
                rnd(L, S, scale=0.1, shift=1))
-    got = state_tr.state_cells(s0, *weights, 1e-5)
+    got = torch.stack(list(state_tr.state_cell_steps(s0, *weights, 1e-5)))
     assert got.shape == (L, T, S) and got.dtype == dtype
-    _close(got, state_ref.state_cells(s0, *weights, 1e-5), dtype)
+    _close(got, torch.stack(list(state_ref.state_cell_steps(s0, *weights, 1e-5))), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("first", [True, False])
-def test_state_attn_inputs(device, dtype, first):
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_inputs(device, dtype, bias):
     T, N = 3, 40
-    h, delta = torch.randn(T, N, device=device, dtype=dtype), torch.randn(T, N, device=device, dtype=dtype)
-    r = torch.randn(2, T, N, device=device, dtype=dtype)[1]
+    r = torch.randn(2, T, N, device=device, dtype=dtype)[1]          # a strided row view
     rb, w = torch.randn(N, device=device, dtype=dtype), torch.rand(N, device=device, dtype=dtype) + 0.5
-    args = (h, None, r, None, w, 1e-5) if first else (h, delta, r, rb, w, 1e-5)
-    got, want = state_tr.attn_inputs(*args), state_ref.attn_inputs(*args)
-    assert got[1].shape == (2 * T, N)
-    for a, b in zip(got, want):
-        _close(a, b, dtype)
+    args = (r, rb if bias else None, w, 1e-5)
+    got = state_tr.state_inputs(*args)
+    assert got.shape == (T, N) and got.dtype == dtype
+    _close(got, state_ref.state_inputs(*args), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -685,8 +765,8 @@ def test_state_path_replays_in_cuda_graph():
              torch.rand(L, heads, device=dev, dtype=dt), torch.rand(L, S, device=dev, dtype=dt) + 0.5)
 
     def step():
-        s = state_tr.state_cells(state_tr.decode_readout(w, pos, theta, pool, slots), *cells, 1e-5)
-        return state_tr.attn_inputs(s[0], s[1], s[2], cells[4][0], cells[0][0], 1e-5)[1]
+        s = list(state_tr.state_cell_steps(state_tr.decode_readout(w, pos, theta, pool, slots), *cells, 1e-5))
+        return torch.cat([s[0], s[1], state_tr.state_inputs(s[2], cells[4][0], cells[0][0], 1e-5)])
 
     saved = pool.clone()
     step()
@@ -742,18 +822,23 @@ class _KernelLog(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kotodama", [False, True])
-def test_llama_engine_on_triton_kernels(device, kotodama, monkeypatch):
+@pytest.mark.parametrize("attn", ["default", "separate", "one_kernel"])
+def test_llama_engine_on_triton_kernels(device, kotodama, attn, monkeypatch):
     """LlamaModel.forward with every kernel family on its Triton file (on CPU under the interpreter), fp32,
     against reference_forward: a mixed prefill of 3 sequences (one a 1-token prompt), decode steps at
-    batch 3, then at batch 1. The batch-1 decode step launches 7 kernels per layer (9 with AttnRes):
-    qkv GEMV (norm fused), QK-norm + RoPE + KV write, attention split + merge, o GEMV, gate/up GEMV with
-    SiLU·mul, down GEMV, and with AttnRes a route_add before each of the two sublayers' GEMVs."""
+    batch 3, then at batch 1. The batch-1 decode step launches per layer: the qkv GEMV (norm fused), the
+    attention (QK-norm + RoPE + KV write inside unless ATTN_STEP_FUSED is off; its splits merged inside when
+    FUSED_MERGE is on, else by a merge kernel), o GEMV, gate/up GEMV with SiLU·mul, down GEMV, and with
+    AttnRes a route_add before each of the two sublayers' GEMVs."""
     import importlib
     from itertools import pairwise
 
     from harness import Harness, assert_close, reference_logits
     from hybridserve.kernels import backend
-    from hybridserve.models import llama
+    from hybridserve.models import layers, llama
+    if attn != "default":
+        monkeypatch.setattr(layers, "ATTN_STEP_FUSED", attn == "one_kernel")
+        monkeypatch.setattr(attn_tr, "FUSED_MERGE", attn == "one_kernel")
     from test_llama_engine import tiny_weights
     c = llama.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_layers=3 if kotodama else 2,
                           num_heads=2, num_kv_heads=1, head_dim=16, qk_norm=kotodama, attn_res=kotodama,
@@ -778,10 +863,12 @@ def test_llama_engine_on_triton_kernels(device, kotodama, monkeypatch):
     assert_close(torch.cat(got[0]), refs[0], tolerance)
     for b in (1, 2):
         assert_close(torch.cat(got[b]), refs[b][:len(prompts[b]) + 2], tolerance)
-    layer_starts = [i for i, n in enumerate(log.names) if n == "_rope_write_kv_kernel"]
+    layer_starts = [i for i, n in enumerate(log.names) if n == "_split_kernel"]
     assert len(layer_starts) == c.num_layers, log.names
     per_layer = {b - a for a, b in pairwise(layer_starts)}
-    assert per_layer == {9 if kotodama else 7}, str(log.names)
+    expect = 5 + (not layers.ATTN_STEP_FUSED) + (not attn_tr.FUSED_MERGE) + (2 if kotodama else 0)
+    assert per_layer == {expect}, str(log.names)
+    assert ("_rope_write_kv_kernel" in log.names) != layers.ATTN_STEP_FUSED
 
 
 # -- token selection (kernels/sampling*.py) ---------------------------------------------------------------
