@@ -73,6 +73,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _rotate_half(x, xp, c, s, d, is_rot, HALF: tl.constexpr):
+    """Rotate-half RoPE where is_rot: x·cos + (−x[d+half] | x[d−half])·sin, from x and its partner column xp
+    (fp32); x elsewhere."""
+    return tl.where(is_rot, x * c + tl.where(d < HALF, -xp, xp) * s, x)
+
+
+@triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, sx_t, sx_h, sc_t, D: tl.constexpr, ROT: tl.constexpr,
                  HALF: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
@@ -88,8 +95,7 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, sx_t, sx_h, sc_t, D: tl.cons
     xp = tl.load(x_ptr + t * sx_t + h * sx_h + partner, mask=m & is_rot, other=0.0).to(tl.float32)
     c = tl.load(cos_ptr + t * sc_t + d, mask=is_rot, other=1.0).to(tl.float32)
     s = tl.load(sin_ptr + t * sc_t + d, mask=is_rot, other=0.0).to(tl.float32)
-    rotated = tl.where(d < HALF, -xp, xp)
-    y = tl.where(is_rot, x * c + rotated * s, x)
+    y = _rotate_half(x, xp, c, s, d, is_rot, HALF)
     tl.store(y_ptr + (t * H + h) * D + d, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -661,7 +667,7 @@ def _rope_write_kv_kernel(x_ptr, cos_ptr, sin_ptr, qk_ptr, kc_ptr, vc_ptr, slot_
         xp = tl.where(normed, (xp * r * wp.to(tl.float32)).to(qk_ptr.dtype.element_ty).to(tl.float32), xp)
     c = tl.load(cos_ptr + t * sc_t + d, mask=d < ROT, other=1.0).to(tl.float32)
     s = tl.load(sin_ptr + t * sc_t + d, mask=d < ROT, other=0.0).to(tl.float32)
-    y = tl.where(is_rot, x * c + tl.where(d < HALF, -xp, xp) * s, x)
+    y = _rotate_half(x, xp, c, s, d, is_rot, HALF)
     tl.store(qk_ptr + (t * NQK + h) * D + d, y.to(qk_ptr.dtype.element_ty), mask=m & (h < NQK))
     if t < n_cached:
         slot = tl.load(slot_ptr + t).to(tl.int64)

@@ -36,12 +36,17 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
 
 def varlen_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens: torch.Tensor,
                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_query_len: int,
-                   return_lse: bool = False):
+                   return_lse: bool = False, entry: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Sequence b's queries q[cu_seqlens[b]:cu_seqlens[b+1]] attend causally to its first seq_lens[b]
-    cached tokens. Returns out [T, H, D] (and the fp32 log-sum-exp [T, H] when return_lse)."""
+    cached tokens, and each to its own extra key/value when `entry` = (k_e, v_e) [T, Hkv, D] is given
+    (`merge_entry`). Returns out [T, H, D] (and the fp32 log-sum-exp [T, H] when return_lse, no entry)."""
     cu = cu_seqlens.tolist()
     qlens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    return _varlen(q, k_cache, v_cache, qlens, seq_lens.tolist(), block_tables, scale, return_lse)
+    if entry is None:
+        return _varlen(q, k_cache, v_cache, qlens, seq_lens.tolist(), block_tables, scale, return_lse)
+    assert not return_lse, "the log-sum-exp of attention with an entry is not provided here"
+    return merge_entry(*_varlen(q, k_cache, v_cache, qlens, seq_lens.tolist(), block_tables, scale, True), q,
+                       *entry, scale)
 
 
 def _varlen(q, k_cache, v_cache, query_lens, seq_lens, block_tables, scale, return_lse):
@@ -75,6 +80,22 @@ def entry_logit(q: torch.Tensor, k_e: torch.Tensor, scale: float) -> torch.Tenso
     (query head h reads kv head h // (H / Hkv)): NanoHammer's state entry."""
     rep = q.shape[1] // k_e.shape[1]
     return (q.float() * k_e.float().repeat_interleave(rep, dim=1)).sum(-1) * scale
+
+
+def merge_entry(o_c: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_e: torch.Tensor,
+                v_e: torch.Tensor, scale: float) -> torch.Tensor:
+    """Add one extra key/value per query to an attention result exactly, via its log-sum-exp.
+
+    o_c [T, H, D], lse [T, H] (fp32) come from causal attention over the real tokens; k_e, v_e [T, Hkv, D]
+    are each query's extra entry (NanoHammer's state entry, specs/nanohammer.md §7.3). Returns softmax over
+    {entry} ∪ {tokens} applied to the values.
+    """
+    rep = q.shape[1] // v_e.shape[1]
+    logit = entry_logit(q, k_e, scale)
+    m = torch.maximum(lse, logit)
+    w_c, w_e = torch.exp(lse - m)[..., None], torch.exp(logit - m)[..., None]
+    v = v_e.float().repeat_interleave(rep, dim=1)
+    return ((w_c * o_c.float() + w_e * v) / (w_c + w_e)).to(o_c.dtype)
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -19,6 +19,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hybridserve.kernels import pdl
+from hybridserve.kernels.fused_triton import _rotate_half
 from hybridserve.kernels.paged_attention import write_kv  # noqa: F401  (one index_put per tensor: already one pass)
 
 BLOCK_N = 64          # keys per inner step
@@ -58,7 +59,7 @@ def _norm_rope(x_ptr, heads, d, md, c, sn, nw_ptr, eps, NORM: tl.constexpr, D: t
         x = (x * r * tl.load(nw_ptr + d, mask=md, other=0.).to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
         xp = (xp * r * tl.load(nw_ptr + partner, mask=d < ROT, other=0.).to(tl.float32)) \
             .to(x_ptr.dtype.element_ty).to(tl.float32)
-    return tl.where(d < ROT, x * c + tl.where(d < HALF, -xp, xp) * sn, x)
+    return _rotate_half(x, xp, c, sn, d, d < ROT, HALF)
 
 
 @triton.jit
@@ -88,10 +89,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, 
     end = tl.minimum(start + split_len, L)
     used = tl.cdiv(L, tl.maximum(split_len, 1))            # the splits holding keys
     run = start < L   # splits past the context do nothing; the merge reads only the used ones
-    if ENTRY:         # ... except split 0, which also holds the extra entry
-        run = run | (sp == 0)
-        used = tl.maximum(used, 1)
-    if FUSED:         # ... or writes the output of a row with nothing to attend to
+    if ENTRY or FUSED:  # ... except split 0: it holds the extra entry / writes a row with nothing to attend to
         run = run | (sp == 0)
         used = tl.maximum(used, 1)
 
@@ -371,6 +369,7 @@ def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, e
     fused = FUSED_MERGE
     cnt = _counters(dev, B * hkv) if fused else pm
     cos, sin, slots, q_norm, k_norm, eps = rope if rope is not None else (q, q, seq_lens, None, None, 0.)
+    rot = cos.shape[-1] if rope is not None else D
     BD = triton.next_power_of_2(D)
     if B:
         _split_kernel[(B, hkv, splits)](
@@ -383,7 +382,7 @@ def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, e
             H=H, HKV=hkv, G=G, BG=max(16, triton.next_power_of_2(G)), D=D, BD=BD, PAGE=page, BN=BLOCK_N,
             ENTRY=entry is not None, FUSED=fused, BGM=triton.next_power_of_2(G), BSC=MERGE_CHUNK,
             WRITE_LSE=return_lse, ROPE=rope is not None, NORM_Q=q_norm is not None, NORM_K=k_norm is not None,
-            ROT=cos.shape[-1] if rope is not None else D, HALF=(cos.shape[-1] if rope is not None else D) // 2,
+            ROT=rot, HALF=rot // 2,
             F32_DOT=INTERPRETED, num_warps=NUM_WARPS, **pdl.launch_kwargs(q.device))
         if not fused:
             _merge_kernel[(B, H)](po, pm, pl, o, lse, seq_lens, o.stride(0), o.stride(1), splits,
@@ -392,13 +391,63 @@ def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, e
     return (o, lse) if return_lse else o
 
 
+@triton.jit
+def _entry_merge_kernel(o_ptr, lse_ptr, q_ptr, k_ptr, v_ptr, out_ptr, so_t, so_h, sl_t, sq_t, sq_h, sk_t, sk_h,
+                        sv_t, sv_h, scale, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BG: tl.constexpr,
+                        BD: tl.constexpr, PDL: tl.constexpr):
+    """One extra key/value per query merged into a finished attention result through its log-sum-exp."""
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
+    t = tl.program_id(0).to(tl.int64)
+    kh = tl.program_id(1)
+    g = tl.arange(0, BG)
+    d = tl.arange(0, BD)[None, :]
+    mg = g < G
+    md = d < D
+    m = mg[:, None] & md
+    hq = kh * G + g
+    q = tl.load(q_ptr + t * sq_t + hq[:, None] * sq_h + d, mask=m, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + t * sk_t + kh * sk_h + d, mask=md, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + t * sv_t + kh * sv_h + d, mask=md, other=0.0).to(tl.float32)
+    logit = tl.sum(q * k, axis=1) * scale
+    lse = tl.load(lse_ptr + t * sl_t + hq, mask=mg, other=0.0)
+    mx = tl.maximum(lse, logit)
+    w_c = tl.exp(lse - mx)[:, None]
+    w_s = tl.exp(logit - mx)[:, None]
+    o = tl.load(o_ptr + t * so_t + hq[:, None] * so_h + d, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (t * H + hq[:, None]) * D + d, ((w_c * o + w_s * v) / (w_c + w_s)).to(out_ptr.dtype.element_ty),
+             mask=m)
+
+
+def merge_entry(o_c: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_s: torch.Tensor,
+                v_s: torch.Tensor, scale: float) -> torch.Tensor:
+    T, H, D = q.shape
+    hkv = k_s.shape[1]
+    assert all(t.stride(-1) == 1 for t in (o_c, q, k_s, v_s)) and lse.stride(-1) == 1
+    out = torch.empty(T, H, D, dtype=o_c.dtype, device=o_c.device)
+    if T:
+        G = H // hkv
+        _entry_merge_kernel[(T, hkv)](o_c, lse, q, k_s, v_s, out, o_c.stride(0), o_c.stride(1), lse.stride(0),
+                                      q.stride(0), q.stride(1), k_s.stride(0), k_s.stride(1), v_s.stride(0),
+                                      v_s.stride(1), scale, H=H, G=G, D=D, BG=triton.next_power_of_2(G),
+                                      BD=triton.next_power_of_2(D), num_warps=1 if G * D <= 512 else 4,
+                                      **pdl.launch_kwargs(out.device))
+    return out
+
+
 def varlen_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens: torch.Tensor,
                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_query_len: int,
-                   return_lse: bool = False):
+                   return_lse: bool = False, entry: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Packed queries q [T, H, D] (their k/v already written to the cache); sequence b's queries are
     q[cu_seqlens[b]:cu_seqlens[b+1]] and attend causally to its first seq_lens[b] cached tokens (the
-    prefix plus themselves). max_query_len (a host int) sizes the grid. Returns o [T, H, D] (and lse
-    [T, H] fp32 when return_lse)."""
+    prefix plus themselves), and each to its own extra key/value when `entry` = (k_e, v_e) [T, Hkv, D] is
+    given (merged after, `merge_entry`). max_query_len (a host int) sizes the grid. Returns o [T, H, D] (and
+    lse [T, H] fp32 when return_lse, no entry)."""
+    if entry is not None:
+        assert not return_lse, "the log-sum-exp of attention with an entry is not provided here"
+        o, lse = varlen_prefill(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, max_query_len, True)
+        return merge_entry(o, lse, q, *entry, scale)
     T, H, D = q.shape
     num_pages, page, hkv, dk = k_cache.shape
     assert dk == D and H % hkv == 0, f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}"

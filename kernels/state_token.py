@@ -121,18 +121,3 @@ def state_inputs(r: torch.Tensor, r_bias: torch.Tensor | None, weight: torch.Ten
     """A layer's attention input for its state entries: RMSNorm(r + r_bias) with the layer's input norm
     `weight` (r + r_bias rounded to r's dtype first, as the projection's stored output)."""
     return rms_norm(r if r_bias is None else r + r_bias, weight, eps)
-
-
-def merge_state_entry(o_c: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_s: torch.Tensor,
-                      v_s: torch.Tensor, scale: float) -> torch.Tensor:
-    """Add one extra key/value per query to an attention result exactly, via its log-sum-exp (§7.3).
-
-    o_c [T, H, D], lse [T, H] (fp32) come from causal attention over the real tokens; k_s, v_s [T, Hkv, D]
-    are each query's own state entry. Returns softmax over {state} ∪ {tokens} applied to the values.
-    """
-    rep = q.shape[1] // v_s.shape[1]
-    logit = state_logit(q, k_s, scale)
-    m = torch.maximum(lse, logit)
-    w_c, w_s = torch.exp(lse - m)[..., None], torch.exp(logit - m)[..., None]
-    v = v_s.float().repeat_interleave(rep, dim=1)
-    return ((w_c * o_c.float() + w_s * v) / (w_c + w_s)).to(o_c.dtype)

@@ -10,9 +10,8 @@ entry's norm, projection and log-sum-exp merge. Here:
   epilogue. The prologue needs whole state rows (512 wide), which every program recomputes; that is
   cheaper than a launch. Each s^l is yielded as soon as the kernel writing it is queued;
 - `state_inputs`: the norm of a layer's state entries (their projection's bias added first), the input
-  of the entries' k/v projection;
-- `merge_state_entry`: the state entry's logit and the log-sum-exp merge, one kernel (prefill; a decode
-  step folds the entry into the attention kernel itself, kernels/paged_attention_triton.py).
+  of the entries' k/v projection. The entries then join the attention as one extra key each
+  (kernels/paged_attention_triton.py).
 
 The integral for packed prefill chunks and the holographic rotations themselves stay the references.
 """
@@ -219,47 +218,3 @@ def state_inputs(r: torch.Tensor, r_bias: torch.Tensor | None, weight: torch.Ten
                                    BN=triton.next_power_of_2(N), HAS_RB=r_bias is not None,
                                    num_warps=4 if N >= 1024 else 1, **pdl.launch_kwargs(r.device))
     return x
-
-
-@triton.jit
-def _merge_kernel(o_ptr, lse_ptr, q_ptr, k_ptr, v_ptr, out_ptr, so_t, so_h, sl_t, sq_t, sq_h, sk_t, sk_h,
-                  sv_t, sv_h, scale, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BG: tl.constexpr,
-                  BD: tl.constexpr, PDL: tl.constexpr):
-    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
-        gdc_wait()
-        gdc_launch_dependents()
-    t = tl.program_id(0).to(tl.int64)
-    kh = tl.program_id(1)
-    g = tl.arange(0, BG)
-    d = tl.arange(0, BD)[None, :]
-    mg = g < G
-    md = d < D
-    m = mg[:, None] & md
-    hq = kh * G + g
-    q = tl.load(q_ptr + t * sq_t + hq[:, None] * sq_h + d, mask=m, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + t * sk_t + kh * sk_h + d, mask=md, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + t * sv_t + kh * sv_h + d, mask=md, other=0.0).to(tl.float32)
-    logit = tl.sum(q * k, axis=1) * scale
-    lse = tl.load(lse_ptr + t * sl_t + hq, mask=mg, other=0.0)
-    mx = tl.maximum(lse, logit)
-    w_c = tl.exp(lse - mx)[:, None]
-    w_s = tl.exp(logit - mx)[:, None]
-    o = tl.load(o_ptr + t * so_t + hq[:, None] * so_h + d, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + (t * H + hq[:, None]) * D + d, ((w_c * o + w_s * v) / (w_c + w_s)).to(out_ptr.dtype.element_ty),
-             mask=m)
-
-
-def merge_state_entry(o_c: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_s: torch.Tensor,
-                      v_s: torch.Tensor, scale: float) -> torch.Tensor:
-    T, H, D = q.shape
-    hkv = k_s.shape[1]
-    assert all(t.stride(-1) == 1 for t in (o_c, q, k_s, v_s)) and lse.stride(-1) == 1
-    out = torch.empty(T, H, D, dtype=o_c.dtype, device=o_c.device)
-    if T:
-        G = H // hkv
-        _merge_kernel[(T, hkv)](o_c, lse, q, k_s, v_s, out, o_c.stride(0), o_c.stride(1), lse.stride(0),
-                                q.stride(0), q.stride(1), k_s.stride(0), k_s.stride(1), v_s.stride(0),
-                                v_s.stride(1), scale, H=H, G=G, D=D, BG=triton.next_power_of_2(G),
-                                BD=triton.next_power_of_2(D), num_warps=1 if G * D <= 512 else 4,
-                                **pdl.launch_kwargs(out.device))
-    return out

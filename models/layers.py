@@ -101,16 +101,18 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 def cached_attention(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta, scale: float,
-                     return_lse: bool = False):
+                     return_lse: bool = False, entry: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Causal attention of q [T, H, D] over each sequence's pages, whose k/v for this step are already
-    written (kernels/fused*.py `rope_write_kv`): the decode kernel when every row has one token
-    (graph-capturable), the varlen prefill kernel otherwise."""
+    written (kernels/fused*.py `rope_write_kv`), plus each query's own extra key/value when `entry` =
+    (k_e, v_e) [T, Hkv, D] is given (NanoHammer's state entry): the decode kernel when every row has one
+    token (graph-capturable), the varlen prefill kernel otherwise."""
     attn = pick("paged_attention", q.device)
     k_cache, v_cache = kv
     if meta.is_decode:
-        return attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, return_lse=return_lse)
+        return attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, return_lse=return_lse,
+                           entry=entry)
     return attn.varlen_prefill(q, k_cache, v_cache, meta.cu_seqlens, meta.seq_lens, meta.block_tables, scale,
-                               max(meta.query_lens_cpu), return_lse=return_lse)
+                               max(meta.query_lens_cpu), return_lse=return_lse, entry=entry)
 
 
 # A decode step's QK-norm, RoPE, KV-page write and attention as one kernel (paged_attention_triton.decode_step)
@@ -130,18 +132,13 @@ def attention_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_
     """The attention sublayer between its projections on the engine path: the raw q|k|v heads
     qkv [T, H + 2·Hkv, D] → o [T, H, D]. QK-norm (q_norm / k_norm) and RoPE, the step's k/v written to
     their pages, then causal attention over each sequence's pages, plus one extra key/value per query when
-    `entry` = (k_e, v_e) [T, Hkv, D] (NanoHammer's state entry). A decode step is one kernel; prefill runs
-    rope_write_kv, the varlen kernel and, with an entry, its log-sum-exp merge."""
-    attn = pick("paged_attention", qkv.device)
+    `entry` = (k_e, v_e) [T, Hkv, D] (NanoHammer's state entry). With ATTN_STEP_FUSED a decode step is one
+    kernel; otherwise rope_write_kv, then `cached_attention`."""
     k_cache, v_cache = kv
     if meta.is_decode and ATTN_STEP_FUSED:
-        return attn.decode_step(qkv, cos, sin, num_heads, k_cache, v_cache, meta.slot_mapping, meta.block_tables,
-                                meta.seq_lens, scale, q_norm, k_norm, eps, entry)
+        return pick("paged_attention", qkv.device).decode_step(
+            qkv, cos, sin, num_heads, k_cache, v_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale,
+            q_norm, k_norm, eps, entry)
     q = pick("fused", qkv.device).rope_write_kv(qkv, cos, sin, num_heads, k_cache, v_cache, meta.slot_mapping,
                                                  q_norm, k_norm, eps)[:, :num_heads]
-    if entry is None:
-        return cached_attention(q, kv, meta, scale)
-    if meta.is_decode:
-        return attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, entry=entry)
-    o_c, lse = cached_attention(q, kv, meta, scale, return_lse=True)
-    return pick("state_token", qkv.device).merge_state_entry(o_c, lse, q, *entry, scale)
+    return cached_attention(q, kv, meta, scale, entry=entry)

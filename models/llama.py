@@ -152,19 +152,22 @@ class LlamaModel:
         and the KV-page write are one kernel, SiLU·mul goes with the gate/up matmul, and with AttnRes each
         residual add into the partial goes with the routing after it (kernels/fused_triton.py,
         kernels/attn_res_triton.py). A batch-1 decode layer is 7 kernels (4 GEMVs, RoPE + KV write, the
-        attention's split and merge), 9 with AttnRes (a route_add before each sublayer's first GEMV)."""
+        attention's split and merge), 9 with AttnRes (a route_add before each sublayer's first GEMV).
+        A subclass whose queries also attend to one extra entry each supplies them through
+        `_attention_entries` (NanoHammer's state entries)."""
         c, eps = self.config, self.config.rms_norm_eps
         fused = pick("fused", self.device)
         T, H, Hkv, D = meta.input_ids.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         cos, sin = self.rope_table(meta.positions, max(meta.seq_lens_cpu, default=0))
+        h = self.embed[meta.input_ids]
+        entries = self._attention_entries(meta, h, cache, cos, sin)
 
         def attention(i: int, lw: dict, qkv: torch.Tensor) -> torch.Tensor:
             """The attention sublayer from its q|k|v projection, up to the o projection's output."""
             o = attention_step(qkv.view(T, H + 2 * Hkv, D), cos, sin, H, cache.kv[i], meta, self.scale,
-                               lw.get("q_norm"), lw.get("k_norm"), eps)
+                               lw.get("q_norm"), lw.get("k_norm"), eps, None if entries is None else entries.take(i))
             return fused.linear(o.reshape(T, -1), lw["o"])
 
-        h = self.embed[meta.input_ids]
         if not c.attn_res:
             delta = None                                   # the pending sublayer output, added with the next norm
             for i, lw in enumerate(self.layers):
@@ -197,6 +200,12 @@ class LlamaModel:
             delta = None
         h, delta = logit_rows(meta, h, delta)
         return fused.add_norm_linear(h, delta, self.norm, self.lm_head, eps, out_dtype=torch.float32)[1]
+
+    def _attention_entries(self, meta: BatchMeta, h: torch.Tensor, cache: CacheView, cos: torch.Tensor,
+                           sin: torch.Tensor):
+        """Per-layer extra key/value of each query (an object whose `take(i)` gives layer i's), or None:
+        plain Llama has none."""
+        return None
 
     # -- shared body ----------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from hybridserve.kernels.state_token import (HOLO_BASE, holo_rope, holo_rope_inv
                                              state_logit, varlen_integral)
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, StateSpec
-from hybridserve.models.layers import apply_rope, attention_step, logit_rows, rms_norm, rope_cos_sin
+from hybridserve.models.layers import apply_rope, rms_norm, rope_cos_sin
 from hybridserve.models.llama import LlamaConfig, LlamaModel
 
 
@@ -171,40 +171,20 @@ class NanoHammerModel(LlamaModel):
 
         return self._logits(self._hidden(input_ids, positions, attend))
 
-    def forward(self, meta: BatchMeta, cache: CacheView) -> torch.Tensor:
-        """Engine forward: each layer's state entry built from the carried I, then paged attention with
-        each query's state entry. Logits [len(logits_indices), V].
+    def _attention_entries(self, meta: BatchMeta, h: torch.Tensor, cache: CacheView, cos: torch.Tensor,
+                           sin: torch.Tensor) -> StateEntries:
+        """The engine forward is Llama's (`LlamaModel.forward`: one-row q/k/v matmul, RoPE + KV write,
+        paged attention) with every query's state entry as one extra key: a decode step's attention kernel
+        starts its softmax from it, prefill merges it through the log-sum-exp. This builds the entries: key
+        (RoPE at its query's position) and value [T, Hkv, D] of every layer from the carried I.
 
-        The math of `reference_forward`, arranged for the decode step's critical path. The state entries
-        depend only on the tokens' embeddings and positions, so on a GPU their whole chain (integral
+        They depend only on the tokens' embeddings and positions, so on a GPU the whole chain (integral
         readout, the 16 cells at two fused kernels each, then per layer the state projection, the input
-        norm, the entry's k/v projection and its RoPE) runs on a side stream beside the backbone, and layer
-        i waits only for its own entry, just before its attention. The backbone layer is Llama's: one-row
-        q/k/v matmul, RoPE + KV write, attention with the entry folded in (a decode step: split 0 of the
-        attention kernel starts its softmax from it; prefill: a log-sum-exp merge after the attention)."""
+        norm, the entry's k/v projection and its RoPE) is queued on a side stream beside the backbone, and
+        layer i waits only for its own entry, just before its attention (in line elsewhere, or with
+        SIDE_STREAM off)."""
         c, eps = self.config, self.config.rms_norm_eps
-        fused = pick("fused", self.device)
-        T = meta.input_ids.shape[0]
-        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-        h = self.embed[meta.input_ids]
-        cos, sin = self.rope_table(meta.positions, max(meta.seq_lens_cpu, default=0))
-        entries = self._state_entries(meta, h, cache.states["integral"][0], cos, sin)
-        delta = None                                                       # pending sublayer output
-        for i, lw in enumerate(self.layers):
-            h, qkv = fused.add_norm_linear(h, delta, lw["attn_norm"], lw["qkv"], eps)
-            o = attention_step(qkv.view(T, H + 2 * Hkv, D), cos, sin, H, cache.kv[i], meta, self.scale,
-                               entry=entries.take(i))
-            h, g = fused.add_norm_linear_silu_mul(h, fused.linear(o.reshape(T, -1), lw["o"]), lw["ffn_norm"],
-                                                  lw["gate_up"], eps)
-            delta = fused.linear(g, lw["down"])
-        h, delta = logit_rows(meta, h, delta)
-        return fused.add_norm_linear(h, delta, self.norm, self.lm_head, eps, out_dtype=torch.float32)[1]
-
-    def _state_entries(self, meta: BatchMeta, h: torch.Tensor, pool: torch.Tensor, cos: torch.Tensor,
-                       sin: torch.Tensor) -> "StateEntries":
-        """Every layer's state entry key (RoPE at its query's position) and value [T, Hkv, D], queued on the
-        side stream on a GPU (inline elsewhere, or with SIDE_STREAM off)."""
-        c, eps = self.config, self.config.rms_norm_eps
+        pool = cache.states["integral"][0]
         ops, fused = pick("state_token", self.device), pick("fused", self.device)
         T, Hkv, D = h.shape[0], c.num_kv_heads, c.head_dim
         entries = StateEntries(self._side_stream() if SIDE_STREAM and h.is_cuda else None, keep=(h, cos, sin))

@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 from harness import Harness, assert_close, reference_logits
 from hybridserve.engine.model_runner import SeqChunk, build_meta
 from hybridserve.kernels import paged_attention, state_token
+from hybridserve.kernels.paged_attention import merge_entry
 from hybridserve.kernels.state_token import (decode_integral, holo_rope, holo_rope_inv, holo_theta,
-                                             integral_reference, merge_state_entry, state_logit,
+                                             integral_reference, state_logit,
                                              varlen_integral)
 from hybridserve.models import nanohammer
 from hybridserve.models.cache import KVSpec, StateSpec
@@ -189,7 +190,7 @@ def test_lse_merge_equals_explicit_attention(decode):
     q = torch.randn(T, H, D, generator=g)
     k_s, v_s = 2 * torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
     o_c, lse = paged_attention.reference(q, k_cache, v_cache, meta, D ** -0.5, return_lse=True)
-    got = merge_state_entry(o_c, lse, q, k_s, v_s, D ** -0.5)
+    got = merge_entry(o_c, lse, q, k_s, v_s, D ** -0.5)
     row = 0
     for k_all, v_all, cached in ctx:
         for t in range(cached, k_all.shape[0]):

@@ -234,8 +234,6 @@ def test_paged_decode_with_entry(device, dtype, split, fused_merge, monkeypatch)
     """One extra key/value per sequence (NanoHammer's state entry, strided views as the model passes
     them) folded into the decode kernel equals attention over the tokens merged with it through the
     log-sum-exp; a row with no tokens attends to the entry alone."""
-    from hybridserve.kernels import state_token as state_ref
-
     H, Hkv, D, page = DECODE_SHAPE
     ctx = [1, 7, 37, 0]
     k_cache, v_cache, bt, seq_lens = decode_setup(ctx, dtype, device, split, fused_merge, monkeypatch)
@@ -244,7 +242,7 @@ def test_paged_decode_with_entry(device, dtype, split, fused_merge, monkeypatch)
     entry = (kv[:, 0], kv[:, 1])
     o_c, lse = attn_ref.decode(q, k_cache, v_cache, bt, seq_lens, 0.25, return_lse=True)
     o_c = o_c.masked_fill((seq_lens == 0)[:, None, None], 0)    # the reference's row without tokens: NaN
-    want = state_ref.merge_state_entry(o_c, lse, q, *entry, 0.25)
+    want = attn_ref.merge_entry(o_c, lse, q, *entry, 0.25)
     ref = attn_ref.decode(q, k_cache, v_cache, bt, seq_lens, 0.25, entry=entry)
     got, got_lse = attn_tr.decode(q, k_cache, v_cache, bt, seq_lens, 0.25, return_lse=True, entry=entry)
     assert got.dtype == dtype and rel_err(got, want) < tol(dtype) and rel_err(ref, want) < tol(dtype)
@@ -734,7 +732,7 @@ def test_state_inputs(device, dtype, bias):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_state_merge_entry(device, dtype):
+def test_merge_entry(device, dtype):
     """Strided q / state k, v (views of a stacked projection, as the model passes them); a row with no
     tokens (lse = −inf) takes the state value alone."""
     T, H, Hkv, D = 4, 8, 2, 16
@@ -744,8 +742,8 @@ def test_state_merge_entry(device, dtype):
     lse = torch.randn(T, H, device=device)
     lse[1] = float("-inf")
     args = (o_c, lse, qk[:T, :H], qk[T:, H:], v_s, D ** -0.5)
-    got = state_tr.merge_state_entry(*args)
-    _close(got, state_ref.merge_state_entry(*args), dtype)
+    got = attn_tr.merge_entry(*args)
+    _close(got, attn_ref.merge_entry(*args), dtype)
     _close(got[1], v_s[1].repeat_interleave(H // Hkv, dim=0), dtype)
 
 
@@ -822,7 +820,7 @@ class _KernelLog(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kotodama", [False, True])
-@pytest.mark.parametrize("attn", ["default", "separate", "one_kernel"])
+@pytest.mark.parametrize("attn", ["separate", "one_kernel"])
 def test_llama_engine_on_triton_kernels(device, kotodama, attn, monkeypatch):
     """LlamaModel.forward with every kernel family on its Triton file (on CPU under the interpreter), fp32,
     against reference_forward: a mixed prefill of 3 sequences (one a 1-token prompt), decode steps at
@@ -836,9 +834,8 @@ def test_llama_engine_on_triton_kernels(device, kotodama, attn, monkeypatch):
     from harness import Harness, assert_close, reference_logits
     from hybridserve.kernels import backend
     from hybridserve.models import layers, llama
-    if attn != "default":
-        monkeypatch.setattr(layers, "ATTN_STEP_FUSED", attn == "one_kernel")
-        monkeypatch.setattr(attn_tr, "FUSED_MERGE", attn == "one_kernel")
+    monkeypatch.setattr(layers, "ATTN_STEP_FUSED", attn == "one_kernel")
+    monkeypatch.setattr(attn_tr, "FUSED_MERGE", attn == "one_kernel")
     from test_llama_engine import tiny_weights
     c = llama.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_layers=3 if kotodama else 2,
                           num_heads=2, num_kv_heads=1, head_dim=16, qk_norm=kotodama, attn_res=kotodama,
