@@ -8,6 +8,11 @@ storage beyond the request's own position.
 `integral_reference` is the plain sequential definition; `varlen_integral` (packed prefill chunks) and
 `decode_integral` (one token per sequence) start from and write back state_pool[slot_ids[b]] in place.
 Slot 0 is the pad slot: padding rows read and write only there.
+
+A layer's state entry (projection, input norm, k/v projection, RoPE) is folded into one GEMV and an
+epilogue (`fold_entry_weights`, `folded_entry`): the engine builds it on a side stream beside the
+backbone, where the unfolded chain's weight reads (~4× the fold's at full size) take bandwidth from the
+main layers.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from hybridserve.kernels.fused import rms_norm
+from hybridserve.kernels.fused import rms_norm, rope
 from hybridserve.kernels.paged_attention import entry_logit as state_logit  # noqa: F401  (the state entry's)
 
 HOLO_BASE = 10000.0
@@ -121,3 +126,43 @@ def state_inputs(r: torch.Tensor, r_bias: torch.Tensor | None, weight: torch.Ten
     """A layer's attention input for its state entries: RMSNorm(r + r_bias) with the layer's input norm
     `weight` (r + r_bias rounded to r's dtype first, as the projection's stored output)."""
     return rms_norm(r if r_bias is None else r + r_bias, weight, eps)
+
+
+# -- a layer's state entry from one GEMV (the fold) -----------------------------------------------------
+#
+# The entry's k/v is W_kv · RMSNorm(y)·w with y = W_p s + b (the state projection). With A = W_kv·diag(w):
+#     A y = M s + c                      M = A W_p [2·Hkv·D, S],  c = A b
+#     mean(y²) = sᵀG s + 2 gᵀs + β       G = W_pᵀW_p / N [S, S],  g = W_pᵀ b / N,  β = bᵀb / N
+# so one GEMV of s against F = [M; G] gives both the unnormalised k/v and the quadratic form of the norm
+# (G, g, β carry the 1/N of the mean, so the epilogue needs no N). It reads (2·Hkv·D + S)·S weights per
+# layer instead of the projection's N·S and W_kv's 2·Hkv·D·N.
+
+def fold_entry_weights(proj: torch.Tensor, proj_bias: torch.Tensor | None, norm_weight: torch.Tensor,
+                       kv_weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F [2·Hkv·D + S, S] in `dtype`, vec [2·Hkv·D + S + 1] fp32 = [c | g | β]) of one layer, from the state
+    projection proj [N, S] (+ proj_bias [N]), the layer's input norm weight [N] and its k/v rows of the qkv
+    weight kv_weight [2·Hkv·D, N]. Formed in fp64 on the weights' device and rounded once."""
+    N = proj.shape[0]
+    wp = proj.double()
+    a = kv_weight.double() * norm_weight.double()[None, :]
+    f = torch.cat([a @ wp, wp.T @ wp / N])
+    if proj_bias is None:
+        vec = torch.zeros(f.shape[0] + 1, dtype=torch.float64, device=proj.device)
+    else:
+        b = proj_bias.double()
+        vec = torch.cat([a @ b, wp.T @ b / N, (b @ b / N)[None]])
+    return f.to(dtype), vec.float()
+
+
+def folded_entry(u: torch.Tensor, s: torch.Tensor, vec: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 num_kv_heads: int, head_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's state entries from the folded GEMV u = s·Fᵀ [T, 2·Hkv·D + S] (any float dtype), its input
+    s [T, S] and the layer's vec (`fold_entry_weights`): kv = (u_kv + c) · rsqrt(s·(u_G + 2g) + β + eps), then
+    rotate-half RoPE on the keys' first cos.shape[-1] dims. fp32 inside; (k, v) [T, Hkv, D] in s's dtype."""
+    T, S = s.shape
+    KV = 2 * num_kv_heads * head_dim
+    uf, sf = u.float(), s.float()
+    ms = (sf * (uf[:, KV:] + 2 * vec[KV:KV + S])).sum(-1) + vec[KV + S]
+    kv = (uf[:, :KV] + vec[:KV]) * torch.rsqrt(ms.clamp_min(0) + eps)[:, None]   # ≥ 0 up to rounding
+    k, v = kv.view(T, 2, num_kv_heads, head_dim).unbind(1)
+    return rope(k, cos.float(), sin.float()).to(s.dtype), v.to(s.dtype)

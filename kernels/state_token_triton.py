@@ -10,8 +10,10 @@ entry's norm, projection and log-sum-exp merge. Here:
   epilogue. The prologue needs whole state rows (512 wide), which every program recomputes; that is
   cheaper than a launch. Each s^l is yielded as soon as the kernel writing it is queued;
 - `state_inputs`: the norm of a layer's state entries (their projection's bias added first), the input
-  of the entries' k/v projection. The entries then join the attention as one extra key each
-  (kernels/paged_attention_triton.py).
+  of the entries' k/v projection (the unfolded chain);
+- `folded_entry`: the folded chain's epilogue (kernels/state_token.py): after one GEMV of s^l against the
+  layer's folded weight, the norm's scale from its quadratic form, the bias and the keys' RoPE, one kernel.
+The entries then join the attention as one extra key each (kernels/paged_attention_triton.py).
 
 The integral for packed prefill chunks and the holographic rotations themselves stay the references.
 """
@@ -25,8 +27,10 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hybridserve.kernels import pdl
-from hybridserve.kernels.state_token import (HOLO_BASE, decode_integral, holo_rope, holo_rope_inv,  # noqa: F401
-                                             holo_theta, integral_reference, state_logit, varlen_integral)
+from hybridserve.kernels.fused_triton import _rotate_half
+from hybridserve.kernels.state_token import (HOLO_BASE, decode_integral, fold_entry_weights,  # noqa: F401
+                                             holo_rope, holo_rope_inv, holo_theta, integral_reference,
+                                             state_logit, varlen_integral)
 
 # (rows, fc1 outputs, fc2 outputs, fc2 K block) per program. Many rows: tensor-core tiles (tl.dot needs
 # >= 16 per dim). One row (a decode step of batch 1): a GEMV with narrow tiles, so that 128 programs
@@ -218,3 +222,61 @@ def state_inputs(r: torch.Tensor, r_bias: torch.Tensor | None, weight: torch.Ten
                                    BN=triton.next_power_of_2(N), HAS_RB=r_bias is not None,
                                    num_warps=4 if N >= 1024 else 1, **pdl.launch_kwargs(r.device))
     return x
+
+
+@triton.jit
+def _folded_entry_kernel(u_ptr, s_ptr, vec_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, su, ss, sc, eps,
+                         S: tl.constexpr, BS: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
+                         HALF: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+    """Row t, kv heads [BH·pid(1), +BH): the norm's quadratic form over the S state dims (each program
+    recomputes it: S is small), then k = RoPE(u_k + c_k)·rstd and v = (u_v + c_v)·rstd."""
+    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+        gdc_wait()
+        gdc_launch_dependents()
+    t = tl.program_id(0).to(tl.int64)
+    KV: tl.constexpr = 2 * HKV * D
+    j = tl.arange(0, BS)
+    mj = j < S
+    sv = tl.load(s_ptr + t * ss + j, mask=mj, other=0.0).to(tl.float32)
+    z = tl.load(u_ptr + t * su + KV + j, mask=mj, other=0.0).to(tl.float32)
+    g = tl.load(vec_ptr + KV + j, mask=mj, other=0.0)
+    ms = tl.sum(sv * (z + 2.0 * g), axis=0) + tl.load(vec_ptr + KV + S)
+    rstd = tl.rsqrt(tl.maximum(ms, 0.0) + eps)           # ms = mean(y²) ≥ 0 up to rounding
+    h = tl.program_id(1) * BH + tl.arange(0, BH)[:, None]
+    d = tl.arange(0, BD)[None, :]
+    m = (h < HKV) & (d < D)
+    col = h * D + d
+    is_rot = d < ROT
+    pcol = h * D + tl.where(d < HALF, d + HALF, d - HALF)
+    mp = m & is_rot
+    k = tl.load(u_ptr + t * su + col, mask=m, other=0.0).to(tl.float32) + tl.load(vec_ptr + col, mask=m, other=0.0)
+    kp = tl.load(u_ptr + t * su + pcol, mask=mp, other=0.0).to(tl.float32) + tl.load(vec_ptr + pcol, mask=mp,
+                                                                                      other=0.0)
+    c = tl.load(cos_ptr + t * sc + d, mask=is_rot, other=1.0).to(tl.float32)
+    sn = tl.load(sin_ptr + t * sc + d, mask=is_rot, other=0.0).to(tl.float32)
+    k = _rotate_half(k, kp, c, sn, d, is_rot, HALF) * rstd
+    v = (tl.load(u_ptr + t * su + HKV * D + col, mask=m, other=0.0).to(tl.float32)
+         + tl.load(vec_ptr + HKV * D + col, mask=m, other=0.0)) * rstd
+    out = (t * HKV + h) * D + d
+    tl.store(k_ptr + out, k.to(k_ptr.dtype.element_ty), mask=m)
+    tl.store(v_ptr + out, v.to(v_ptr.dtype.element_ty), mask=m)
+
+
+def folded_entry(u: torch.Tensor, s: torch.Tensor, vec: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 num_kv_heads: int, head_dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    T, S = s.shape
+    assert u.shape == (T, 2 * num_kv_heads * head_dim + S) and vec.dtype == torch.float32 and vec.is_contiguous()
+    u = u if u.stride(-1) == 1 else u.contiguous()
+    s = s if s.stride(-1) == 1 else s.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    k = torch.empty(T, num_kv_heads, head_dim, dtype=s.dtype, device=s.device)
+    v = torch.empty_like(k)
+    rot = cos.shape[-1]
+    BH = min(triton.next_power_of_2(num_kv_heads), 16)
+    if T:
+        _folded_entry_kernel[(T, triton.cdiv(num_kv_heads, BH))](
+            u, s, vec, cos, sin, k, v, u.stride(0), s.stride(0), cos.stride(0), eps, S=S,
+            BS=triton.next_power_of_2(S), HKV=num_kv_heads, D=head_dim, ROT=rot, HALF=rot // 2, BH=BH,
+            BD=triton.next_power_of_2(head_dim), num_warps=1 if BH * head_dim <= 1024 else 4,
+            **pdl.launch_kwargs(s.device))
+    return k, v

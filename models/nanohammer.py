@@ -17,6 +17,11 @@ step seeds the attention kernel's softmax with it; prefill merges it through the
 Reconstruction choices made here (§6.2 leaves them open): the cell MLP is fc2(SiLU(fc1(x))) on the full
 state vector; PreNorm and PostNorm are RMSNorm over the whole state vector with a weight and the
 backbone's eps; α is used as stored.
+
+The engine path builds each layer's state entry from the folded weight [W_kv·diag(norm)·W_p; W_pᵀW_p/N]
+(kernels/state_token.py, FOLD_ENTRY): one GEMV and an epilogue instead of the projection, the norm and the
+k/v projection, a quarter of their weight bytes on the side stream that shares bandwidth with the backbone.
+reference_forward keeps the unfolded definition.
 """
 from __future__ import annotations
 
@@ -27,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from hybridserve.kernels.backend import pick
-from hybridserve.kernels.state_token import (HOLO_BASE, holo_rope, holo_rope_inv, holo_theta, integral_reference,
-                                             state_logit, varlen_integral)
+from hybridserve.kernels.state_token import (HOLO_BASE, fold_entry_weights, holo_rope, holo_rope_inv, holo_theta,
+                                             integral_reference, state_logit, varlen_integral)
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, StateSpec
 from hybridserve.models.layers import apply_rope, rms_norm, rope_cos_sin
@@ -38,6 +43,12 @@ from hybridserve.models.llama import LlamaConfig, LlamaModel
 # Run the state entries' chain on a side stream beside the backbone (GPU). Off: the same kernels in line,
 # before the first layer (an A/B knob for bench/decode_latency.py).
 SIDE_STREAM = True
+
+# Build each layer's state entry from one GEMV against a folded weight (kernels/state_token.py): the
+# projection, input norm and k/v projection composed at load time, 1/4 of their weight bytes per layer at
+# full size, read on the side stream. Off: the unfolded chain (projection → norm → k/v → RoPE), 4 kernels.
+# Read at construction (a model built with it off has no fold and keeps the chain) and at each forward.
+FOLD_ENTRY = True
 
 
 class StateEntries:
@@ -137,12 +148,23 @@ class NanoHammerModel(LlamaModel):
                              for i in range(config.num_layers)]
         self.holo_theta = holo_theta(config.state_hidden_size, config.holo_base, self.device)
         self._side: torch.cuda.Stream | None = None      # the state entries' stream (GPU)
+        # (F [L, 2·Hkv·D + S, S], vec [L, 2·Hkv·D + S + 1] fp32): the folded state entries, engine path only
+        self.entry_fold = self._fold_entries() if FOLD_ENTRY else None
 
+    def _fold_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        kv_rows = self.config.num_heads * self.config.head_dim
+        folds = [fold_entry_weights(sl["proj"], sl["proj_bias"], lw["attn_norm"], lw["qkv"][kv_rows:], self.dtype)
+                 for sl, lw in zip(self.state_layers, self.layers)]
+        return torch.stack([f for f, _ in folds]), torch.stack([v for _, v in folds])
 
     def weights_bytes(self) -> int:
         state = [t for t in self.token_to_state if t is not None]
         state += [t for sl in self.state_layers for t in sl.values() if t is not None]
         return super().weights_bytes() + sum(t.numel() * t.element_size() for t in state)
+
+    def entry_fold_bytes(self) -> int:
+        # the engine path's state entries read these instead of the state projections and the k/v rows of qkv
+        return 0 if self.entry_fold is None else sum(t.numel() * t.element_size() for t in self.entry_fold)
 
     # -- the two entry points -------------------------------------------------------------------
 
@@ -182,7 +204,9 @@ class NanoHammerModel(LlamaModel):
         readout, the 16 cells at two fused kernels each, then per layer the state projection, the input
         norm, the entry's k/v projection and its RoPE) is queued on a side stream beside the backbone, and
         layer i waits only for its own entry, just before its attention (in line elsewhere, or with
-        SIDE_STREAM off)."""
+        SIDE_STREAM off). With the fold (FOLD_ENTRY, built at load) a layer's projection, norm, k/v
+        projection and RoPE are one GEMV against its folded weight and one epilogue kernel, reading a quarter
+        of the bytes (at full size) on that side stream, where they take bandwidth from the backbone."""
         c, eps = self.config, self.config.rms_norm_eps
         pool = cache.states["integral"][0]
         ops, fused = pick("state_token", self.device), pick("fused", self.device)
@@ -199,7 +223,11 @@ class NanoHammerModel(LlamaModel):
             st = self.state_stack
             cells = ops.state_cell_steps(s0, st["pre_norm"], st["fc1"], st["fc1_bias"], st["fc2"], st["fc2_bias"],
                                          st["alpha"], st["post_norm"], eps)
+            fold, vec = self.entry_fold if FOLD_ENTRY and self.entry_fold is not None else (None, None)
             for i, s in enumerate(cells):
+                if fold is not None:
+                    entries.add(*ops.folded_entry(fused.linear(s, fold[i]), s, vec[i], cos, sin, Hkv, D, eps))
+                    continue
                 r = fused.linear(s, st["proj"][i])
                 x = ops.state_inputs(r, None if st["proj_bias"] is None else st["proj_bias"][i],
                                      self.layers[i]["attn_norm"], eps)

@@ -730,6 +730,70 @@ def test_state_inputs(device, dtype, bias):
     _close(got, state_ref.state_inputs(*args), dtype)
 
 
+def entry_weights(S, N, Hkv, D, bias, dtype, device, seed=0):
+    """A layer's state projection (+ bias), input norm weight and k/v rows of qkv at trained-like scale
+    (std 0.02 matrices and bias, norm weight ~1)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device=device, dtype=dtype)
+    return (rnd(N, S, scale=0.02), rnd(N, scale=0.02) if bias else None, rnd(N, scale=0.1, shift=1.0),
+            rnd(2 * Hkv * D, N, scale=0.02))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("rot", [8, 16])           # partial and full rotary
+def test_state_folded_entry(device, dtype, bias, T, rot):
+    """The folded entry's epilogue (norm scale from the quadratic form, bias, RoPE on the keys) in one
+    kernel equals the reference on the same folded GEMV output."""
+    S, N, Hkv, D = 32, 64, 2, 16
+    fold, vec = state_ref.fold_entry_weights(*entry_weights(S, N, Hkv, D, bias, dtype, device), dtype)
+    assert fold.shape == (2 * Hkv * D + S, S) and fold.dtype == dtype and vec.shape == (2 * Hkv * D + S + 1,)
+    s = torch.randn(T, S, device=device).to(dtype)
+    u = F.linear(s, fold)
+    ang = torch.rand(T, rot // 2, device=device) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    got = state_tr.folded_entry(u, s, vec, cos, sin, Hkv, D, 1e-5)
+    want = state_ref.folded_entry(u, s, vec, cos, sin, Hkv, D, 1e-5)
+    for a, b in zip(got, want):
+        assert a.shape == (T, Hkv, D) and a.dtype == dtype and a.is_contiguous()
+        _close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_entry_equals_unfolded_chain(dtype, bias):
+    """One GEMV against [W_kv·diag(w)·W_p; W_pᵀW_p/N] and the epilogue equal projection → RMSNorm → k/v
+    projection → RoPE (the reference ops, model dtype), and are no further than that chain from the exact
+    (fp64) value: in bf16 each rounds its own intermediates, the fold fewer of them."""
+    T, S, N, Hkv, D, rot, eps = 7, 128, 256, 2, 32, 16, 1e-5
+    weights = entry_weights(S, N, Hkv, D, bias, dtype, "cpu", seed=1)
+    proj, proj_bias, norm_w, w_kv = weights
+    s = torch.randn(T, S).to(dtype)                                      # RMS ~1, as the cells' output
+    ang = torch.rand(T, rot // 2) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+
+    def chain(s, proj, proj_bias, norm_w, w_kv, cos, sin):
+        x = state_ref.state_inputs(F.linear(s, proj), proj_bias, norm_w, eps)
+        k, v = F.linear(x, w_kv).view(T, 2, Hkv, D).unbind(1)
+        return fused_ref.rope(k, cos, sin), v
+
+    unfolded = chain(s, *weights, cos, sin)
+    exact = chain(s.double(), *(None if w is None else w.double() for w in weights), cos.double(), sin.double())
+    fold, vec = state_ref.fold_entry_weights(*weights, dtype)
+    folded = state_ref.folded_entry(F.linear(s, fold), s, vec, cos, sin, Hkv, D, eps)
+    for a, b, x in zip(folded, unfolded, exact):
+        assert a.dtype == dtype
+        _close(a, b, dtype)
+        if dtype == torch.bfloat16:
+            assert rel_err(a, x) < 1.2 * rel_err(b, x), (rel_err(a, x), rel_err(b, x))
+        else:
+            assert rel_err(a, x) < 1e-6
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_merge_entry(device, dtype):
