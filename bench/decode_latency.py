@@ -94,6 +94,16 @@ def time_fn(fn, iters: int = 200, warmup: int = 50) -> float:
     return times[len(times) // 2]
 
 
+def step_weight_bytes(model) -> int:
+    """Weight bytes a decode step reads: every weight once, except an untied input embedding table, of
+    which a step reads one row per token (NanoHammer's 525 MB at full size; a tied table is the LM head
+    and is read whole). The floor's numerator, with the requests' state and KV bytes."""
+    n = model.weights_bytes()
+    if model.embed is not model.lm_head:
+        n -= model.embed.numel() * model.embed.element_size()
+    return n
+
+
 class Setup:
     """B requests, each with `context` tokens already in its KV pages / state slot (random contents:
     decode time does not depend on the values), ready for one decode step."""
@@ -128,13 +138,18 @@ def set_pdl(on: bool) -> None:
     pdl._supported.cache_clear()
 
 
-def graph_ms(model, s: Setup, B: int) -> float:
+def graph_step(model, s: Setup, B: int):
     """The Setup's decode step captured as a CUDA graph (as the engine runs it: a block table as wide as
-    the model's context, which sets the attention's split count) and replayed: median ms."""
+    the model's context, which sets the attention's split count): a function replaying it."""
     width = max(s.pages_per_seq, -(-model.max_model_len // PAGE))
     graphs = DecodeGraphs(model, s.pools.view, B, width, sizes=[B])
     graphs.capture()
-    return time_fn(lambda: graphs.run(s.meta))
+    return lambda: graphs.run(s.meta)
+
+
+def graph_ms(model, s: Setup, B: int) -> float:
+    """graph_step's replay: median ms."""
+    return time_fn(graph_step(model, s, B))
 
 
 def _knob(mod, attr):
@@ -152,37 +167,60 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "step_kernel_on": (*_knob(spartacus, "STEP_KERNEL"), True),  # Spartacus batch 1: one persistent kernel
             "side_stream_off": (*_knob(nanohammer, "SIDE_STREAM"), False),  # NanoHammer's state entries in line
             "merge_fused": (*_knob(pat, "FUSED_MERGE"), True),            # attention splits merged by the last one
-            "attn_one_kernel": (*_knob(layers, "ATTN_STEP_FUSED"), True)}  # RoPE + KV write inside the attention
+            "attn_one_kernel": (*_knob(layers, "ATTN_STEP_FUSED"), True),  # RoPE + KV write inside the attention
+            "entry_fold_off": (*_knob(nanohammer, "FOLD_ENTRY"), False)}  # NanoHammer's entries unfolded
 PDL_COMPARE = ("pdl_off", "gemv_one_row_only")
 
 
-def variant_ms(model, s: Setup, B: int, name: str) -> float | None:
+def variant_step(model, s: Setup, B: int, name: str):
+    """graph_step captured with the variant's knob set (None when the knob already has that value)."""
     get, put, value = VARIANTS[name]
     before = get()
     if before == value:
         return None
     put(value)
     try:
-        return graph_ms(model, s, B)
+        return graph_step(model, s, B)
     finally:
         put(before)
 
 
-def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=(), variants=(), variant_batches=()):
+def interleaved_ms(steps: dict, rounds: int) -> dict[str, list[float]]:
+    """Each captured step timed `rounds` times in turn (A B C A B C ...), so clock and thermal drift over
+    the run reach every variant alike: {name: [median ms of each round]}."""
+    runs = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            runs[name].append(time_fn(fn))
+    return runs
+
+
+def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=(), variants=(), variant_batches=(),
+                rounds=1):
+    """ms per decode step at each batch (context 128) against the floor; the variants' steps captured
+    beside the default one and all timed in turn, `rounds` times (the medians of the rounds' medians)."""
     rows = []
-    weights = model.weights_bytes()
+    weights = step_weight_bytes(model)
     for B in batches:
         s = Setup(model, B, 128)
-        ms = graph_ms(model, s, B)
+        steps = {"": graph_step(model, s, B)}
+        for name in (PDL_COMPARE if B in pdl_batches else ()) + tuple(variants if B in variant_batches else ()):
+            step = variant_step(model, s, B, name)
+            if step is not None:
+                steps[name] = step
+        runs = interleaved_ms(steps, rounds)
+        med = {name: sorted(r)[len(r) // 2] for name, r in runs.items()}
+        ms = med.pop("")
         floor_bytes = weights + B * (2 * s.state_bytes + s.kv_read)
         floor_ms = 1e3 * floor_bytes / bw
         row = {"arch": arch, "batch": B, "context": 128, "ms_per_step": ms, "tok_per_s": 1e3 * B / ms,
-               "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms, "weights_bytes": weights,
+               "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms, "weights_bytes": model.weights_bytes(),
+               "step_weight_bytes": weights,
                "state_bytes_per_request": s.state_bytes, "pdl": pdl.enabled(model.device)}
-        for name in (PDL_COMPARE if B in pdl_batches else ()) + tuple(variants if B in variant_batches else ()):
-            t = variant_ms(model, s, B, name)
-            if t is not None:
-                row[f"ms_per_step_{name}"] = t
+        row.update({f"ms_per_step_{name}": t for name, t in med.items()})
+        if rounds > 1:
+            row["rounds"] = {name or "default": r for name, r in runs.items()}
+        del steps
         if B <= baseline_max_batch:
             os.environ["HYBRIDSERVE_KERNELS"] = "reference"
             try:
@@ -207,7 +245,7 @@ def flatness_rows(model, arch, contexts, bw):
     for ctx in [c for c in contexts if c < model.max_model_len]:   # the engine admits no longer context
         s = Setup(model, 1, ctx)
         ms = graph_ms(model, s, 1)
-        floor_ms = 1e3 * (model.weights_bytes() + 2 * s.state_bytes + s.kv_read) / bw
+        floor_ms = 1e3 * (step_weight_bytes(model) + 2 * s.state_bytes + s.kv_read) / bw
         rows.append({"arch": arch, "context": ctx, "ms_per_step": ms, "floor_ms": floor_ms})
         print(f"{arch:11} ctx={ctx:6} {ms:8.3f} ms  floor {floor_ms:7.3f} ms", flush=True)
         torch.cuda.empty_cache()
@@ -221,7 +259,7 @@ def flatness_rows(model, arch, contexts, bw):
 
 def prefill_rows(model, arch, lengths, flops):
     rows = []
-    params = model.weights_bytes() // 2
+    params = step_weight_bytes(model) // 2      # matmul weights (an untied embedding is a lookup)
     for n in lengths:
         s = Setup(model, 1, n)             # a pool with pages for the n prompt tokens, all owned by the request
         slot = s.meta.slot_ids.tolist()[0]
@@ -292,6 +330,7 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: decode,flat,prefill,profile")
     ap.add_argument("--variants", default="", help=f"A/B knobs, comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--variant-batches", default="1", help="batches also timed with each variant")
+    ap.add_argument("--rounds", type=int, default=1, help="decode steps timed this many times in turn")
     ap.add_argument("--profile-batches", default="1", help="batch sizes of the per-kernel breakdown")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -311,7 +350,7 @@ def main():
                                             args.baseline_max_batch,
                                             [int(b) for b in args.pdl_compare.split(",") if b],
                                             [v for v in args.variants.split(",") if v],
-                                            [int(b) for b in args.variant_batches.split(",") if b])
+                                            [int(b) for b in args.variant_batches.split(",") if b], args.rounds)
         if "flat" not in skip and arch in ("spartacus", "nanohammer", "neollm"):
             result["flatness"] += flatness_rows(model, arch, [int(c) for c in args.contexts.split(",")], bw)
         if "prefill" not in skip:

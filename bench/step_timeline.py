@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from decode_latency import PAGE, Setup, load_full, measure_copy_bandwidth, time_fn
+from decode_latency import PAGE, Setup, load_full, measure_copy_bandwidth, step_weight_bytes, time_fn
 from hybridserve.engine.cuda_graphs import DecodeGraphs
 
 REPLAYS = 5
@@ -75,7 +75,8 @@ def one(arch: str, stream: bool, bw: float) -> dict:
     model = load_full(arch)
     ft.GEMV_STREAM = stream
     return {"arch": arch, "gemv_stream": stream, "weights_bytes": model.weights_bytes(),
-            "floor_ms": 1e3 * model.weights_bytes() / bw, **timeline(model)}
+            "step_weight_bytes": step_weight_bytes(model), "floor_ms": 1e3 * step_weight_bytes(model) / bw,
+            **timeline(model)}
 
 
 def main():
