@@ -162,10 +162,6 @@ class NanoHammerModel(LlamaModel):
         state += [t for sl in self.state_layers for t in sl.values() if t is not None]
         return super().weights_bytes() + sum(t.numel() * t.element_size() for t in state)
 
-    def entry_fold_bytes(self) -> int:
-        # the engine path's state entries read these instead of the state projections and the k/v rows of qkv
-        return 0 if self.entry_fold is None else sum(t.numel() * t.element_size() for t in self.entry_fold)
-
     # -- the two entry points -------------------------------------------------------------------
 
     def reference_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
