@@ -63,6 +63,12 @@ def _norm_rope(x_ptr, heads, d, md, c, sn, nw_ptr, eps, NORM: tl.constexpr, D: t
 
 
 @triton.jit
+def _split_len(L, num_splits, BN: tl.constexpr):
+    """Keys per split of a sequence of L keys: its context over the splits in whole BN steps (at least 1)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(L, num_splits), BN) * BN, 1)
+
+
+@triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, ek_ptr, ev_ptr,
                   o_ptr, lse_ptr, cnt_ptr, cos_ptr, sin_ptr, slot_ptr, qn_ptr, kn_ptr,
                   sq_b, sq_h, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, sbt_b, sek_b, sek_h, sev_b, sev_h, so_b, so_h,
@@ -84,10 +90,10 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, 
     mg = rg < G
     md = rd < D
     L = tl.load(len_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(L, num_splits), BN) * BN   # this sequence's context over the splits
+    split_len = _split_len(L, num_splits, BN)
     start = sp * split_len
     end = tl.minimum(start + split_len, L)
-    used = tl.cdiv(L, tl.maximum(split_len, 1))            # the splits holding keys
+    used = tl.cdiv(L, split_len)                           # the splits holding keys
     run = start < L   # splits past the context do nothing; the merge reads only the used ones
     if ENTRY or FUSED:  # ... except split 0: it holds the extra entry / writes a row with nothing to attend to
         run = run | (sp == 0)
@@ -217,7 +223,7 @@ def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, len_ptr, so_b, so_h, n
     rs = tl.arange(0, BS)
     rd = tl.arange(0, BD)
     L = tl.load(len_ptr + b)
-    used = tl.cdiv(L, tl.maximum(tl.cdiv(tl.cdiv(L, num_splits), BN) * BN, 1))   # the splits in use
+    used = tl.cdiv(L, _split_len(L, num_splits, BN))     # the splits in use
     if ENTRY:
         used = tl.maximum(used, 1)
     ms = rs < used

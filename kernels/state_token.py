@@ -27,12 +27,6 @@ from hybridserve.kernels.paged_attention import entry_logit as state_logit  # no
 
 HOLO_BASE = 10000.0
 
-# torch's CPU cos/sin (seen with 2.13) can return fp64 results good to only ~1e-8 from the first call that
-# runs on several threads; later calls are exact. One single-threaded call of each here, at import, takes
-# that first call away from the rotations below, whose angles need fp64 (tests pin them to 1e-12).
-for _dtype in (torch.float64, torch.float32):
-    torch.zeros(1, dtype=_dtype).cos(), torch.zeros(1, dtype=_dtype).sin()
-
 
 def holo_theta(dim: int, base: float = HOLO_BASE, device: torch.device | str | None = None) -> torch.Tensor:
     """θ_j = base^(−2j/dim), j = 0 … dim/2 − 1, in fp64."""
