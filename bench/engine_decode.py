@@ -1,15 +1,16 @@
 """Per-token decode latency through the whole engine step (scheduler → batch metadata → CUDA-graph replay →
-sampler → detokenizer), against the forward's own GPU time in the same steps: what a client sees per token
-beyond the kernels, and where that host time goes.
+sampler → detokenizer), against the decode graph replayed back to back in the same run: what a client sees per
+token beyond the kernels, with async scheduling (engine/inflight.py: the next step launched before the host
+reads this one's tokens) off and on.
 
 Synthetic full-size checkpoints (weights/synth.py, bf16) with the SmolLM2 tokenizer read from a directory
 (`--tokenizer`, e.g. one weights/synth.py `_write_tokenizer` wrote). Each row: B requests of a 64-token
 prompt, greedy or sampled (temperature 0.8, top_p 0.95; MODES), ignore_eos, timed over the decode steps after the
-prefill. Per step: wall time of `LLMEngine.step`, the forward's GPU time (CUDA events around the runner:
-includes the input copies), the host time before the graph launch returns (schedule + inputs + launch),
-the sampler's wall time (it ends in the one device→host read, so it includes waiting for the forward) and
-the time after it (append, detokenize, finish checks). The baseline: the same decode graph replayed back to
-back (no host work in between); overhead = step − replay.
+prefill. Per step: wall time of `LLMEngine.step`, the GPU time of the forward it launched (CUDA events around
+the runner: includes the input copies), the host time until that launch returned (schedule + inputs + launch)
+and the time after it (sampling, which ends in the one device→host read, then append, detokenize, finish
+checks; with async scheduling the read is the previous step's). The baseline: the same decode graph replayed
+back to back (no host work in between); overhead = step − replay.
 
 Usage (GPU machine): python bench/engine_decode.py --tokenizer DIR [--archs ...] → $OUT/engine_decode.json
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import itertools
 import json
 import os
 import pstats
@@ -42,42 +44,41 @@ MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, top_p
 
 
 class StepClock:
-    """Wraps an engine's runner and sampler to time the parts of each step."""
+    """Wraps an engine's runner to time the parts of each step."""
 
     def __init__(self, eng: LLMEngine):
-        self.eng, self.rows = eng, []
-        run, sample = eng.runner.run, eng.sampler
+        self.eng, self.rows, self.events = eng, [], []
+        run = eng.runner.run
 
         def timed_run(chunks, *a, **k):
-            self.ev0.record()
+            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ev0.record()
             out = run(chunks, *a, **k)
-            self.ev1.record()
-            self.t_run = time.perf_counter()
+            ev1.record()
+            self.t_run, self.launched = time.perf_counter(), (ev0, ev1)
             return out
-
-        def timed_sample(*a, **k):
-            out = sample(*a, **k)
-            self.t_sample = time.perf_counter()
-            return out
-        eng.runner.run, eng.sampler = timed_run, timed_sample
+        eng.runner.run = timed_run
 
     def step(self, record: bool) -> None:
-        self.ev0, self.ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.t_run = self.launched = None
         t0 = time.perf_counter()
         self.eng.step()
         t1 = time.perf_counter()
-        if record:
-            self.rows.append({"step": t1 - t0, "forward_gpu": self.ev0.elapsed_time(self.ev1) / 1e3,
-                              "host_to_launch": self.t_run - t0, "sampler": self.t_sample - self.t_run,
-                              "after_sampler": t1 - self.t_sample})
+        if record and self.t_run is not None:
+            self.rows.append({"step": t1 - t0, "host_to_launch": self.t_run - t0, "after_launch": t1 - self.t_run})
+            self.events.append(self.launched)
 
     def summary(self) -> dict:
+        torch.cuda.synchronize()        # with async scheduling the last launch is still running at step's end
+        for row, (ev0, ev1) in zip(self.rows, self.events):
+            row["forward_gpu"] = ev0.elapsed_time(ev1) / 1e3
         return {k + "_ms": 1e3 * statistics.median(r[k] for r in self.rows) for k in self.rows[0]}
 
 
-def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_seqs: int,
+def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_seqs: int, async_on: bool,
             profile_host: bool = False) -> dict:
-    cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=min(4096, model.max_model_len))
+    cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=min(4096, model.max_model_len),
+                       async_scheduling=async_on)
     layout = model.cache_layout()
     plan = plan_memory(layout, model.dtype, 4 << 30, cfg.page_size, cfg.max_num_seqs, cfg.max_model_len)
     pools = CachePools(layout, plan, cfg.page_size, model.dtype, model.device)
@@ -103,7 +104,8 @@ def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_se
             prof.enable()
         clock.step(record=n >= 8)                          # the first decode steps warm up clocks and caches
         n += 1
-    row = {"batch": batch, "mode": mode, "decode_steps": n, "engine_setup_s": setup_s, **clock.summary()}
+    row = {"batch": batch, "mode": mode, "async_scheduling": async_on, "decode_steps": n,
+           "async_steps": eng.num_async_steps, "engine_setup_s": setup_s, **clock.summary()}
     if prof is not None:        # host functions by own time per step (the profiler slows the host part)
         prof.disable()
         stats = pstats.Stats(prof).stats
@@ -118,7 +120,7 @@ def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_se
     row["overhead_ms"] = row["step_ms"] - row["graph_replay_ms"]
     row["step_over_replay"] = row["step_ms"] / row["graph_replay_ms"]
     row["tok_per_s"] = 1e3 * batch / row["step_ms"]
-    eng.runner.run = eng.sampler = None                     # the clock's wrappers hold the engine
+    eng.runner.run = None                                   # the clock's wrapper holds the engine
     del eng, pools, clock, graph
     gc.collect()
     torch.cuda.empty_cache()
@@ -132,6 +134,7 @@ def main():
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--modes", default="greedy,sampled")
     ap.add_argument("--tokens", type=int, default=72)
+    ap.add_argument("--async", dest="async_modes", default="off,on", help="async scheduling: off, on or both")
     ap.add_argument("--profile-host", action="store_true", help="cProfile the decode steps' host code")
     args = ap.parse_args()
     tokenizer, _ = read_sidecars(Path(args.tokenizer))
@@ -141,19 +144,18 @@ def main():
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     for arch in args.archs.split(","):
         model = load_full(arch)
-        for mode in args.modes.split(","):
-            for B in batches:
-                row = {"arch": arch, **run_row(model, tokenizer, B, mode, args.tokens, max(batches),
-                                               args.profile_host)}
-                out["rows"].append(row)
-                print(f"{arch:11} {mode:7} B={B:3}  step {row['step_ms']:6.3f} ms  graph replay "
-                      f"{row['graph_replay_ms']:6.3f}  overhead {row['overhead_ms']:6.3f} (to launch "
-                      f"{row['host_to_launch_ms']:.3f}, sampler {row['sampler_ms']:.3f}, after "
-                      f"{row['after_sampler_ms']:.3f})  {row['tok_per_s']:8.0f} tok/s", flush=True)
-                for f in row.get("host_profile", [])[:15]:
-                    print(f"    {f['function'][:60]:60} x{f['calls_per_step']:5.1f}  own {f['own_us_per_step']:7.1f} us"
-                          f"  cum {f['cum_us_per_step']:7.1f} us", flush=True)
-                (out_dir / "engine_decode.json").write_text(json.dumps(out, indent=1))
+        for mode, B, am in itertools.product(args.modes.split(","), batches, args.async_modes.split(",")):
+            row = {"arch": arch, **run_row(model, tokenizer, B, mode, args.tokens, max(batches), am == "on",
+                                           args.profile_host)}
+            out["rows"].append(row)
+            print(f"{arch:11} {mode:7} B={B:3} async {am:3}  step {row['step_ms']:6.3f} ms  graph replay "
+                  f"{row['graph_replay_ms']:6.3f}  overhead {row['overhead_ms']:6.3f} (to launch "
+                  f"{row['host_to_launch_ms']:.3f}, after {row['after_launch_ms']:.3f}; forward GPU "
+                  f"{row['forward_gpu_ms']:.3f})  {row['tok_per_s']:8.0f} tok/s", flush=True)
+            for f in row.get("host_profile", [])[:15]:
+                print(f"    {f['function'][:60]:60} x{f['calls_per_step']:5.1f}  own {f['own_us_per_step']:7.1f} us"
+                      f"  cum {f['cum_us_per_step']:7.1f} us", flush=True)
+            (out_dir / "engine_decode.json").write_text(json.dumps(out, indent=1))
         del model
         torch.cuda.empty_cache()
 

@@ -17,6 +17,8 @@ class EngineConfig:
     page_size: int = 16                  # tokens per KV page
     num_kv_pages: int | None = None      # fixed KV page count instead of the budget split (tests, tuning)
     enforce_eager: bool = False          # disable CUDA graphs
+    async_scheduling: bool | None = None  # launch each decode step before reading the last one's tokens
+                                         # (engine/inflight.py); None = on where decode runs as CUDA graphs
     seed: int = 0
     # Admission and liveness, enforced by AsyncEngine (the engine core never sees them).
     max_queued_requests: int = 256       # submitted but not yet running; beyond this new requests get 503

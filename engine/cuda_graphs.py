@@ -81,9 +81,10 @@ class HostMirror:
 
 class DecodeGraphs:
     """Decode-step graphs per padded batch size over persistent inputs. `run_chunks` fills them from the
-    scheduled chunks through pinned host mirrors: one copy for the four int64 rows (token, position, state
-    slot, KV slot), one for the sequence lengths and, when the model has KV, one for the block tables' used
-    columns, so the step costs its copies and one replay instead of a metadata build and a copy per field.
+    scheduled chunks through pinned host mirrors: one copy for the five int64 rows (token, position, state
+    slot, KV slot, previous-step row), one for the sequence lengths and, when the model has KV, one for the
+    block tables' used columns, so the step costs its copies and one replay instead of a metadata build and
+    a copy per field.
     Each graph also leaves each row's argmax beside the logits (`last_argmax`) for all-greedy batches."""
 
     def __init__(self, model, cache: CacheView, max_bs: int, max_blocks: int, sizes: list[int] | None = None):
@@ -91,8 +92,9 @@ class DecodeGraphs:
         self.max_bs, self.max_blocks = max_bs, max_blocks
         self.uses_kv = bool(cache.kv)
         dev = model.device
-        self.i64 = torch.zeros(4, max_bs, dtype=torch.long, device=dev)
-        self.input_ids, self.positions, self.slot_ids, self.slot_mapping = self.i64.unbind(0)
+        self.i64 = torch.zeros(5, max_bs, dtype=torch.long, device=dev)
+        # prev_rows: for an overlapped step, which row of the previous step's device tokens each row takes
+        self.input_ids, self.positions, self.slot_ids, self.slot_mapping, self.prev_rows = self.i64.unbind(0)
         self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev)
         self.cu_seqlens = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
@@ -102,7 +104,7 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.argmax: dict[int, torch.Tensor] = {}
         self.last_argmax: torch.Tensor | None = None
-        self.host = HostMirror(torch.zeros(4, max_bs, dtype=torch.long, pin_memory=True),
+        self.host = HostMirror(torch.zeros(5, max_bs, dtype=torch.long, pin_memory=True),
                                torch.ones(max_bs, dtype=torch.int32, pin_memory=True),
                                torch.zeros(max_bs, max_blocks if self.uses_kv else 1, dtype=torch.int32,
                                            pin_memory=True))
@@ -136,10 +138,11 @@ class DecodeGraphs:
         return next((s for s in self.sizes if s >= batch), None)
 
     @torch.inference_mode()
-    def run_chunks(self, chunks: list, page_size: int) -> torch.Tensor:
+    def run_chunks(self, chunks: list, page_size: int, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, V] of one-token chunks (engine/model_runner.py SeqChunk, each wanting logits); pad rows
-        [B, bs) use slot 0, KV slot 0 and page 0 with one token of context. A view of the graph's output,
-        valid until the next replay."""
+        [B, bs) use slot 0, KV slot 0 and page 0 with one token of context. With `prev_tokens` (the previous
+        step's tokens on the device) every chunk's token is its `prev_row` of them, gathered on the device
+        before the replay. A view of the graph's output, valid until the next replay."""
         B = len(chunks)
         bs = self.padded_size(B)
         h64, h32, hbt = self.host.tensors
@@ -149,7 +152,7 @@ class DecodeGraphs:
         w = 1
         for r, c in enumerate(chunks):
             t = c.start
-            a64[0, r], a64[1, r], a64[2, r] = c.tokens[0], t, c.slot
+            a64[0, r], a64[1, r], a64[2, r], a64[4, r] = c.tokens[0], t, c.slot, c.prev_row
             a32[r] = t + 1
             if c.pages:
                 a64[3, r] = c.pages[t // page_size] * page_size + t % page_size
@@ -162,6 +165,9 @@ class DecodeGraphs:
                 abt[r, :len(c.pages)] = c.pages
             self.block_tables[:bs, :w].copy_(hbt[:bs, :w], non_blocking=True)
         self.host.copied()
+        if prev_tokens is not None:
+            assert all(c.prev_row >= 0 for c in chunks), "an overlapped step takes every token from the last"
+            torch.index_select(prev_tokens, 0, self.prev_rows[:B], out=self.input_ids[:B])
         self.graphs[bs].replay()
         self.last_argmax = self.argmax[bs][:B]
         return self.outputs[bs][:B]

@@ -10,9 +10,10 @@ import logging
 from hybridserve.engine.cache_pools import CachePools
 from hybridserve.engine.config import EngineConfig, EngineStats, StateGroupStats
 from hybridserve.engine.detokenizer import IncrementalDetokenizer
+from hybridserve.engine.inflight import InFlight, TokenReadback
 from hybridserve.engine.model_runner import ModelRunner, SeqChunk
 from hybridserve.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
-from hybridserve.engine.sampler import Sampler, make_generator
+from hybridserve.engine.sampler import Sampler, SamplerOutput, make_generator, on_device
 from hybridserve.engine.scheduler import Scheduler
 from hybridserve.engine.sequence import Sequence, SeqStatus
 
@@ -31,6 +32,11 @@ class LLMEngine:
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
         self.eos_ids = frozenset(tokenizer.eos_token_ids if tokenizer else [])
+        self.async_scheduling = (self.runner.graphs is not None if config.async_scheduling is None
+                                 else config.async_scheduling)
+        self.readback = TokenReadback(max(1, pools.plan.max_concurrency), model.device)
+        self._inflight: InFlight | None = None   # a launched step whose tokens the host has not read yet
+        self.num_async_steps = 0                 # steps launched before their predecessor's tokens were read
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -73,7 +79,7 @@ class LLMEngine:
             self.scheduler.finish(seq)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     def is_waiting(self, request_id: str) -> bool:
         """Still queued for its first admission (or back in the queue after a preemption)."""
@@ -83,6 +89,10 @@ class LLMEngine:
     # -- one step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One scheduled step's outputs. With async scheduling a decode step's outputs come from the call after
+        the one that launched it: each call launches the next step, then reads the one before."""
+        if self._inflight is not None:
+            return self._advance()
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -94,12 +104,21 @@ class LLMEngine:
         try:
             logits = self.runner.run(chunks)
             sampling = [s for s, c in zip(batch.seqs, chunks) if c.want_logits]
-            out = self.sampler(
-                logits, [s.params for s in sampling], [s.output_ids for s in sampling],
-                [s.prompt_ids for s in sampling], [s.generator for s in sampling],
-                stop_ids_per_row=[s.stop_ids for s in sampling], argmax=self.runner.last_argmax,
-                graphs=self.runner.graph_sampler(len(sampling)),
-            ) if sampling else None
+            tokens = self.sampler.device_tokens(
+                logits, [s.params for s in sampling], [len(s.output_ids) for s in sampling],
+                self.runner.last_argmax, self.runner.graph_sampler(len(sampling))) if sampling else None
+            if tokens is not None and self.async_scheduling and len(sampling) == len(chunks):
+                for seq, n in zip(batch.seqs, batch.num_new):
+                    seq.num_computed += n
+                self._inflight = self.readback.start(sampling, tokens)
+                return self._advance()
+            if tokens is not None:
+                out = SamplerOutput(tokens.tolist())
+            elif sampling:
+                out = self.sampler(
+                    logits, [s.params for s in sampling], [s.output_ids for s in sampling],
+                    [s.prompt_ids for s in sampling], [s.generator for s in sampling],
+                    stop_ids_per_row=[s.stop_ids for s in sampling])
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")
             return [self._fail(seq, f"engine error: {type(e).__name__}: {e}") for seq in batch.seqs]
@@ -112,6 +131,51 @@ class LLMEngine:
                 lp = self._logprob(out, row)
             outputs.append(self._append(seq, out.token_ids[row], lp))
         return outputs
+
+    # -- async scheduling (engine/inflight.py) -------------------------------------------------------
+
+    def _advance(self) -> list[RequestOutput]:
+        """Launch the step after the in-flight one if it may follow without the host's knowing its tokens,
+        then read the in-flight step's tokens and hand out its outputs."""
+        prev, self._inflight = self._inflight, None
+        try:
+            self._inflight = self._launch_next(prev)
+            ids = prev.read()
+        except Exception as e:
+            log.exception("engine step failed")
+            rows = {id(s): s for s in prev.seqs + (self._inflight.seqs if self._inflight is not None else [])}
+            self._inflight = None
+            return [self._fail(s, f"engine error: {type(e).__name__}: {e}") for s in rows.values()
+                    if s.status is SeqStatus.RUNNING]
+        # a row finished or aborted since its launch (its extra token is dropped) is no longer running
+        return [self._append(seq, t, None) for seq, t in zip(prev.seqs, ids) if seq.status is SeqStatus.RUNNING]
+
+    def _launch_next(self, prev: InFlight) -> InFlight | None:
+        """The next decode step, launched with its tokens taken on the device from `prev`'s, when that is the
+        step the scheduler would run anyway: every running request is a row of `prev` (no prefill to continue),
+        none waiting could be admitted, each continuing row samples on the device, and the pages for one more
+        token are free (preemption waits for a synchronous step). Rows `prev` finishes by length are left
+        out; None when nothing may follow."""
+        sched = self.scheduler
+        rows_of = {id(s): r for r, s in enumerate(prev.seqs)}
+        if not sched.running or sched.can_admit() or any(id(s) not in rows_of for s in sched.running):
+            return None
+        seqs = [s for s in sched.running if len(s.output_ids) + 1 < s.params.max_tokens
+                and s.num_computed + 1 < self.max_model_len]
+        graphs = self.runner.sampler_graphs is not None and self.runner.sampler_graphs.covers(len(seqs))
+        if not seqs or not all(on_device(s.params, len(s.output_ids) + 1, graphs) for s in seqs) \
+                or not sched.reserve_next(seqs):
+            return None
+        chunks = [SeqChunk([0], s.num_computed, s.pages, s.slot, True, prev_row=rows_of[id(s)]) for s in seqs]
+        logits = self.runner.run(chunks, prev_tokens=prev.tokens)
+        tokens = self.sampler.device_tokens(logits, [s.params for s in seqs],
+                                            [len(s.output_ids) + 1 for s in seqs], self.runner.last_argmax,
+                                            self.runner.graph_sampler(len(seqs)))
+        assert tokens is not None, "rows checked on_device above"
+        for s in seqs:
+            s.num_computed += 1
+        self.num_async_steps += 1
+        return self.readback.start(seqs, tokens)
 
     def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> RequestOutput:
         p = seq.params

@@ -20,6 +20,8 @@ class SeqChunk:
     pages: list[int]
     slot: int
     want_logits: bool
+    prev_row: int = -1         # overlapped decode: the one token is row prev_row of the previous step's device
+                               # tokens (ModelRunner.run's prev_tokens); `tokens` then holds a placeholder
 
 
 def build_meta(chunks: list[SeqChunk], page_size: int, device: torch.device,
@@ -87,18 +89,30 @@ class ModelRunner:
         return self.sampler_graphs
 
     @torch.inference_mode()
-    def run(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
+    def run(self, chunks: list[SeqChunk], all_logits: bool = False,
+            prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the chunks that want them, in chunk order. After a decode-graph step `last_argmax`
-        holds each row's argmax on the device (None after other steps)."""
+        holds each row's argmax on the device (None after other steps). `prev_tokens`: the previous step's
+        tokens on the device, which one-token chunks with a `prev_row` take as their input (overlapped
+        decode: nothing is read back to the host in between)."""
         self.last_argmax = None
         if self.graphs is not None and not all_logits and self.graphs.padded_size(len(chunks)) is not None \
                 and all(len(c.tokens) == 1 and c.want_logits for c in chunks):
-            logits = self.graphs.run_chunks(chunks, self.pools.page_size)
+            logits = self.graphs.run_chunks(chunks, self.pools.page_size, prev_tokens)
             self.last_argmax = self.graphs.last_argmax
             return logits
         meta = build_meta(chunks, self.pools.page_size, self.device, all_logits)
+        if prev_tokens is not None:
+            meta.input_ids = take_previous(meta.input_ids, prev_tokens,
+                                           [c.prev_row for c in chunks for _ in c.tokens])
         if self.prefill_graphs is not None and not all_logits:
             bucket = self.prefill_graphs.bucket_for(meta)
             if bucket is not None:
                 return self.prefill_graphs.run(meta, bucket)
         return self.model.forward(meta, self.pools.view)
+
+
+def take_previous(ids: torch.Tensor, prev_tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """`ids` with each token whose row is >= 0 replaced by that row of `prev_tokens` (on the device)."""
+    rows_t = torch.tensor(rows, dtype=torch.long).to(ids.device, non_blocking=True)
+    return torch.where(rows_t >= 0, prev_tokens.to(ids.dtype).index_select(0, rows_t.clamp(min=0)), ids)

@@ -202,26 +202,42 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
+def plain_row(p: SamplingParams, num_outputs: int) -> bool:
+    """A row whose next token needs nothing from the host: no penalties (they read the token history), no
+    min_tokens ban left, no logprobs."""
+    return (p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
+            and not p.logprobs and not p.top_logprobs and num_outputs >= p.min_tokens)
+
+
+def on_device(p: SamplingParams, num_outputs: int, sampler_graphs: bool) -> bool:
+    """Whether `Sampler.device_tokens` takes this row's token without the eager sampler: a plain greedy row,
+    or a plain unseeded sampled one where the sampler graphs cover the batch."""
+    return plain_row(p, num_outputs) and (p.greedy or (sampler_graphs and p.seed is None))
+
+
 class Sampler:
     def __call__(self, logits: Tensor, params: list[SamplingParams], output_token_ids: list[list[int]],
                  prompt_token_ids: list[list[int]], generators: list[torch.Generator | None],
                  stop_ids_per_row: list[set[int]] | None = None,
                  argmax: Tensor | None = None, graphs=None) -> SamplerOutput:
-        """`argmax`: each row's argmax of `logits` if already computed (the decode graph takes it); an
-        all-greedy batch with no penalties, no min_tokens ban and no logprobs then reads it and nothing else.
-        `graphs`: engine/sampler_graphs.py SamplerGraphs holding this step's logits, used for such batches
-        with sampled rows (no seeds)."""
-        plain = argmax is not None and all(
-            p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
-            and not p.logprobs and not p.top_logprobs and len(out) >= p.min_tokens
-            for p, out in zip(params, output_token_ids))
-        if plain and all(p.greedy for p in params):
-            return SamplerOutput(argmax.tolist())
-        if plain and graphs is not None and all(p.seed is None for p in params):
-            return SamplerOutput(graphs.run(params).tolist())
+        """`argmax` and `graphs` as in `device_tokens`, which takes the batch when it can."""
+        ids = self.device_tokens(logits, params, [len(out) for out in output_token_ids], argmax, graphs)
+        if ids is not None:
+            return SamplerOutput(ids.tolist())
         tensors = SamplingTensors.build(params, output_token_ids, prompt_token_ids, stop_ids_per_row,
                                         logits.shape[-1], logits.device)
         return self.sample(logits, tensors, generators)
+
+    def device_tokens(self, logits: Tensor, params: list[SamplingParams], num_outputs: list[int],
+                      argmax: Tensor | None = None, graphs=None) -> Tensor | None:
+        """Each row's token as a device tensor [B], with nothing read back, when every row is `on_device`
+        (else None). `argmax`: each row's argmax of `logits` if already computed (the decode graph takes it);
+        `graphs`: engine/sampler_graphs.py SamplerGraphs holding this step's logits, for sampled rows."""
+        if not all(on_device(p, n, graphs is not None) for p, n in zip(params, num_outputs)):
+            return None
+        if all(p.greedy for p in params):
+            return argmax if argmax is not None else logits.argmax(-1)
+        return graphs.run(params)
 
     def sample(self, logits: Tensor, t: SamplingTensors, generators: list[torch.Generator | None]) -> SamplerOutput:
         """Split from `__call__` so a runner can build the tensors while the forward pass is still running."""

@@ -78,13 +78,35 @@ class Scheduler:
 
     # -- resources ------------------------------------------------------------------------------
 
-    def _admit(self, seq: Sequence) -> bool:
+    def can_admit(self) -> bool:
+        """Whether schedule() would start the head of the queue now."""
+        return bool(self.waiting) and len(self.running) < self.max_num_seqs and self._fits(self.waiting[0])
+
+    def reserve_next(self, seqs: list[Sequence]) -> bool:
+        """Pages for one more token than each of `seqs` has computed, without preempting anyone: False (and
+        nothing allocated) when the free pages do not cover them all."""
+        pages = self.pools.pages
+        if self.pools.layout.kv is None:
+            return True
+        need = [pages.pages_for(s.num_computed + 1) - len(s.pages) for s in seqs]
+        if sum(n for n in need if n > 0) > pages.num_free:
+            return False
+        for s, n in zip(seqs, need):
+            if n > 0:
+                s.pages.extend(pages.allocate(n))
+        return True
+
+    def _fits(self, seq: Sequence) -> bool:
         pools = self.pools
         if pools.has_state and pools.slots.num_free == 0:
             return False
-        need = pools.pages.pages_for(seq.num_tokens) if pools.layout.kv else 0
-        if need > pools.pages.num_free:
+        return not pools.layout.kv or pools.pages.pages_for(seq.num_tokens) <= pools.pages.num_free
+
+    def _admit(self, seq: Sequence) -> bool:
+        pools = self.pools
+        if not self._fits(seq):
             return False
+        need = pools.pages.pages_for(seq.num_tokens) if pools.layout.kv else 0
         if need:
             seq.pages = pools.pages.allocate(need)
         if pools.has_state:

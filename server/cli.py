@@ -74,6 +74,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                    help="bytes for KV pages + state slots, e.g. 2GiB or 512MB (default: from device memory)")
     p.add_argument("--page-size", type=int, default=defaults.page_size, help="tokens per KV page")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each decode step before the host reads the previous step's tokens, so the "
+                        "host's per-token work overlaps the GPU's (default: on when decode runs as CUDA graphs)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="engine seed for unseeded requests")
     # The default comes from the environment so the key need not appear in `ps`; never echo it in --help.
     p.add_argument("--api-key", default=os.environ.get("HYBRIDSERVE_API_KEY"),
@@ -122,7 +125,8 @@ def run_serve(args: argparse.Namespace) -> None:
         model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
-        page_size=args.page_size, enforce_eager=args.enforce_eager, seed=args.seed,
+        page_size=args.page_size, enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling, seed=args.seed,
         max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
         request_timeout=args.request_timeout, watchdog_timeout=args.watchdog_timeout,
     )

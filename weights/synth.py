@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,13 @@ def _write_tokenizer(out: Path) -> None:
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.eos_token_ids}))
 
 
-def write_synthetic(arch: str, size: str, out: str | Path, seed: int = 0) -> Path:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def write_synthetic(arch: str, size: str, out: str | Path, seed: int = 0, tokenizer_from: Path | None = None) -> Path:
+    """A random-weight checkpoint of `arch` in its real on-disk format, with the SmolLM2 tokenizer files: derived
+    from the embedded GGUF, or copied from `tokenizer_from` (a directory an earlier call wrote, for machines
+    without the embedded package)."""
     if arch not in GENERATORS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(GENERATORS)}")
     if size not in ("tiny", "full"):
@@ -136,5 +143,9 @@ def write_synthetic(arch: str, size: str, out: str | Path, seed: int = 0) -> Pat
 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
                   metadata={"format": "pt"})
-    _write_tokenizer(out)
+    if tokenizer_from is None:
+        _write_tokenizer(out)
+    else:
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(Path(tokenizer_from) / name, out / name)
     return out
