@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from typing import TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
@@ -73,7 +73,11 @@ from hybridserve.server.protocol import (
 
 logger = logging.getLogger(__name__)
 
-SYSTEM_FINGERPRINT = f"hybridserve-{version('hybridserve')}"
+try:
+    VERSION = version("hybridserve")
+except PackageNotFoundError:      # run from a source tree on the path, not installed
+    VERSION = "0+source"
+SYSTEM_FINGERPRINT = f"hybridserve-{VERSION}"
 SSE_DONE = "data: [DONE]\n\n"
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
@@ -594,7 +598,7 @@ def create_app(engine: AsyncEngine | None = None, *, load: Callable[[], AsyncEng
             if state.engine is not None:
                 await state.engine.shutdown()
 
-    app = FastAPI(title="hybridserve", version=version("hybridserve"), lifespan=lifespan)
+    app = FastAPI(title="hybridserve", version=VERSION, lifespan=lifespan)
     app.state.hybridserve = state
     install_error_handlers(app)
     app.add_middleware(RequestGuard, api_key=api_key, max_request_bytes=max_request_bytes)

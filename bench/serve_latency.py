@@ -1,0 +1,126 @@
+"""Served latency: a real `hybridserve serve` process (uvicorn) on a synthetic full-size checkpoint, C streaming
+clients at once through /v1/completions (token-id prompts, ignore_eos), with async scheduling off and on in the
+same run. Per request, from the SSE events' arrival times: TTFT, time per output token after the first (TPOT)
+and the gaps between events (ITL); per run: their medians and p99, output tokens/s, and after the run the
+server's /metrics must show no KV page or state slot in use.
+
+Usage (GPU machine; fastapi, uvicorn, pydantic from wheels): python bench/serve_latency.py --tokenizer DIR
+[--archs spartacus,kotodama] [--concurrency 1,8,32] → $OUT/serve_latency.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from server_process import running_server  # noqa: E402
+from hybridserve.weights.synth import write_synthetic  # noqa: E402
+
+SAMPLING = {"greedy": {"temperature": 0.0}, "sampled": {"temperature": 0.8, "top_p": 0.95}}
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def one_request(http: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int, knobs: dict) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}, **knobs}
+    t0 = time.perf_counter()
+    arrivals, usage = [], None
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            if event.get("choices") and event["choices"][0].get("text"):
+                arrivals.append(time.perf_counter())
+    n = usage["completion_tokens"]
+    assert n == max_tokens, usage
+    return {"ttft": arrivals[0] - t0, "tpot": (arrivals[-1] - arrivals[0]) / (n - 1),
+            "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])], "end": arrivals[-1] - t0, "tokens": n}
+
+
+async def run_round(url: str, model: str, clients: int, prompt_len: int, max_tokens: int, knobs: dict,
+                    seed: int) -> dict:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(100, 40000) for _ in range(prompt_len)] for _ in range(clients)]
+    async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*[one_request(http, model, p, max_tokens, knobs) for p in prompts])
+        wall = time.perf_counter() - t0
+    gaps = [g for d in done for g in d["gaps"]]
+    return {"clients": clients, "wall_s": wall, "output_tok_per_s": sum(d["tokens"] for d in done) / wall,
+            "ttft_ms_median": 1e3 * statistics.median(d["ttft"] for d in done),
+            "ttft_ms_max": 1e3 * max(d["ttft"] for d in done),
+            "tpot_ms_median": 1e3 * statistics.median(d["tpot"] for d in done),
+            "itl_ms_median": 1e3 * statistics.median(gaps), "itl_ms_p99": 1e3 * pct(gaps, 0.99)}
+
+
+def held(url: str) -> dict:
+    """KV pages and state slots in use, from /metrics, once the server has settled."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = httpx.get(f"{url}/metrics").text
+        pages = sum(float(v) for v in re.findall(r"^hybridserve:kv_pages_used\{[^}]*\} (\S+)$", text, re.M))
+        slots = sum(float(v) for v in re.findall(r"^hybridserve:state_slots_used\{[^}]*\} (\S+)$", text, re.M))
+        if pages == slots == 0 or time.monotonic() > deadline:
+            return {"kv_pages_used": pages, "state_slots_used": slots}
+        time.sleep(0.2)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokenizer", required=True, help="a directory with the files weights/synth.py writes")
+    ap.add_argument("--archs", default="spartacus,kotodama")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--modes", default="greedy,sampled")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    args = ap.parse_args()
+    conc = [int(c) for c in args.concurrency.split(",")]
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "prompt_len": args.prompt_len,
+           "max_tokens": args.max_tokens, "rows": []}
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    for arch in args.archs.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_synthetic(arch, "full", Path(tmp) / arch, seed=0, tokenizer_from=Path(args.tokenizer))
+            for flag in ("--no-async-scheduling", "--async-scheduling"):
+                t0 = time.perf_counter()
+                with running_server("--model", str(path), "--max-num-seqs", str(max(conc)), "--max-model-len",
+                                    "2048", "--log-level", "warning", flag, timeout=600) as (url, _):
+                    start_s = time.perf_counter() - t0
+                    model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+                    for mode in args.modes.split(","):
+                        for c in conc:
+                            asyncio.run(run_round(url, model, c, args.prompt_len, 16, SAMPLING[mode], 1))  # warm-up
+                            row = {"arch": arch, "async_scheduling": flag == "--async-scheduling", "mode": mode,
+                                   "server_start_s": start_s,
+                                   **asyncio.run(run_round(url, model, c, args.prompt_len, args.max_tokens,
+                                                           SAMPLING[mode], 2)), **held(url)}
+                            out["rows"].append(row)
+                            print(f"{arch:10} {flag:21} {mode:7} C={c:3}  TPOT {row['tpot_ms_median']:6.3f} ms  "
+                                  f"ITL p50 {row['itl_ms_median']:6.3f} p99 {row['itl_ms_p99']:6.3f}  TTFT "
+                                  f"{row['ttft_ms_median']:7.2f} ms  {row['output_tok_per_s']:8.0f} tok/s  held "
+                                  f"{row['kv_pages_used']:.0f} pages {row['state_slots_used']:.0f} slots", flush=True)
+                            (out_dir / "serve_latency.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
