@@ -32,6 +32,7 @@ import torch
 from decode_latency import load_full, measure_copy_bandwidth, time_fn
 from hybridserve.engine.cache_pools import CachePools, plan_memory
 from hybridserve.engine.config import EngineConfig
+from hybridserve.engine import model_runner
 from hybridserve.engine.llm_engine import LLMEngine
 from hybridserve.engine.request import SamplingParams
 from hybridserve.kernels import sampling, sampling_triton
@@ -127,6 +128,51 @@ def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_se
     return row
 
 
+def run_mixed(model, tokenizer, batch: int, prompt_len: int, arrivals: int, split: bool) -> dict:
+    """The step that admits a request while `batch` others decode (its prompt beside their decode rows): wall
+    time of that engine step, with the mixed step as two graph replays (`split`) or one eager forward."""
+    cfg = EngineConfig(max_num_seqs=batch + 1, max_model_len=min(4096, model.max_model_len),
+                       max_num_batched_tokens=2048)
+    layout = model.cache_layout()
+    plan = plan_memory(layout, model.dtype, 4 << 30, cfg.page_size, cfg.max_num_seqs, cfg.max_model_len)
+    pools = CachePools(layout, plan, cfg.page_size, model.dtype, model.device)
+    model_runner.MIXED_GRAPHS = split
+    eng = LLMEngine(model, tokenizer, pools, cfg, cfg.max_model_len)
+    run, mixed = eng.runner.run, []
+    eng.runner.run = lambda chunks, *a, **k: (mixed.append(any(len(c.tokens) > 1 for c in chunks) and
+                                                          len(chunks) > 1), run(chunks, *a, **k))[1]
+    g = torch.Generator().manual_seed(batch)
+    for b in range(batch):
+        prompt = torch.randint(100, 40000, (64,), generator=g).tolist()
+        eng.add_request(f"r{b}", prompt, SamplingParams(max_tokens=cfg.max_model_len - 64, ignore_eos=True,
+                                                           temperature=0.0))
+    for _ in range(8):
+        eng.step()
+    times = []
+    for k in range(arrivals):
+        prompt = torch.randint(100, 40000, (prompt_len,), generator=g).tolist()
+        eng.add_request(f"new{k}", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+        for _ in range(6):       # drain the in-flight step, the mixed step, back to decoding
+            mixed.clear()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            eng.step()
+            torch.cuda.synchronize()
+            if any(mixed):
+                times.append(time.perf_counter() - t0)
+    for b in range(batch):
+        eng.abort(f"r{b}")
+    while eng.has_work():
+        eng.step()
+    model_runner.MIXED_GRAPHS = True
+    eng.runner.run = None
+    del eng, pools
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"batch": batch, "prompt_len": prompt_len, "mixed_as_graphs": split, "mixed_steps": len(times),
+            "mixed_step_ms": 1e3 * statistics.median(times[2:] or times)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", required=True, help="a directory with tokenizer.json (+ its config)")
@@ -136,6 +182,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=72)
     ap.add_argument("--async", dest="async_modes", default="off,on", help="async scheduling: off, on or both")
     ap.add_argument("--profile-host", action="store_true", help="cProfile the decode steps' host code")
+    ap.add_argument("--mixed", default="", help="instead: the step admitting a prompt of N tokens (comma-"
+                    "separated N) while the batches decode, as two graphs and eagerly")
     args = ap.parse_args()
     tokenizer, _ = read_sidecars(Path(args.tokenizer))
     batches = [int(b) for b in args.batches.split(",")]
@@ -144,6 +192,18 @@ def main():
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     for arch in args.archs.split(","):
         model = load_full(arch)
+        if args.mixed:
+            for B, n, split in itertools.product(batches, map(int, args.mixed.split(",")), (False, True)):
+                if n + 1 > min(4096, model.max_model_len):
+                    continue
+                row = {"arch": arch, **run_mixed(model, tokenizer, B, n, 12, split)}
+                out["rows"].append(row)
+                print(f"{arch:11} B={B:3} prompt {n:5}  mixed step as {'graphs' if split else 'eager '} "
+                      f"{row['mixed_step_ms']:7.3f} ms ({row['mixed_steps']} steps)", flush=True)
+                (out_dir / "engine_mixed.json").write_text(json.dumps(out, indent=1))
+            del model
+            torch.cuda.empty_cache()
+            continue
         for mode, B, am in itertools.product(args.modes.split(","), batches, args.async_modes.split(",")):
             row = {"arch": arch, **run_row(model, tokenizer, B, mode, args.tokens, max(batches), am == "on",
                                            args.profile_host)}

@@ -11,6 +11,9 @@ from hybridserve.engine.sampler_graphs import SamplerGraphs
 from hybridserve.models.batch import BatchMeta
 
 
+MIXED_GRAPHS = True     # a mixed step as a decode-graph + prefill-graph pair (False: eager, for A/B)
+
+
 @dataclass
 class SeqChunk:
     """What one sequence feeds a forward: tokens [start, start + len(tokens)) of its context."""
@@ -62,8 +65,9 @@ def build_meta(chunks: list[SeqChunk], page_size: int, device: torch.device,
 
 
 class ModelRunner:
-    """CUDA-graph replay on GPU for decode steps (and their sampling) and a lone prefill chunk of up to
-    `max_chunk_tokens` (the scheduler's chunk size; at most PREFILL_GRAPH_MAX_TOKENS); eager otherwise."""
+    """CUDA-graph replay on GPU for decode steps (and their sampling), a lone prefill chunk of up to
+    `max_chunk_tokens` (the scheduler's chunk size; at most PREFILL_GRAPH_MAX_TOKENS) and a step of decode rows
+    beside one such chunk (the two graphs in turn); eager otherwise."""
 
     def __init__(self, model, pools: CachePools, max_model_len: int, max_num_seqs: int,
                  enforce_eager: bool = False, max_chunk_tokens: int = 512):
@@ -96,11 +100,17 @@ class ModelRunner:
         tokens on the device, which one-token chunks with a `prev_row` take as their input (overlapped
         decode: nothing is read back to the host in between)."""
         self.last_argmax = None
-        if self.graphs is not None and not all_logits and self.graphs.padded_size(len(chunks)) is not None \
-                and all(len(c.tokens) == 1 and c.want_logits for c in chunks):
-            logits = self.graphs.run_chunks(chunks, self.pools.page_size, prev_tokens)
-            self.last_argmax = self.graphs.last_argmax
-            return logits
+        if self.graphs is not None and not all_logits:
+            rows = [i for i, c in enumerate(chunks) if len(c.tokens) == 1 and c.want_logits]
+            if len(rows) == len(chunks) and self.graphs.padded_size(len(chunks)) is not None:
+                logits = self.graphs.run_chunks(chunks, self.pools.page_size, prev_tokens)
+                self.last_argmax = self.graphs.last_argmax
+                return logits
+            if MIXED_GRAPHS and prev_tokens is None and 0 < len(rows) == len(chunks) - 1 \
+                    and self.graphs.padded_size(len(rows)) is not None:
+                logits = self._run_split(chunks, rows)
+                if logits is not None:
+                    return logits
         meta = build_meta(chunks, self.pools.page_size, self.device, all_logits)
         if prev_tokens is not None:
             meta.input_ids = take_previous(meta.input_ids, prev_tokens,
@@ -110,6 +120,22 @@ class ModelRunner:
             if bucket is not None:
                 return self.prefill_graphs.run(meta, bucket)
         return self.model.forward(meta, self.pools.view)
+
+
+    def _run_split(self, chunks: list[SeqChunk], rows: list[int]) -> torch.Tensor | None:
+        """A mixed step (decode rows + one prompt chunk, as when a request is admitted while others decode) as
+        two graph replays, the decode graph for the rows and the prompt chunk's bucket graph, instead of one
+        eager forward (~10 ms of launches at these sizes); None if the chunk fits no bucket. The two parts
+        touch disjoint slots and pages, so their order does not matter."""
+        (rest,) = (i for i in range(len(chunks)) if i not in set(rows))
+        meta = build_meta([chunks[rest]], self.pools.page_size, self.device)
+        bucket = self.prefill_graphs.bucket_for(meta)
+        if bucket is None:
+            return None
+        decoded = self.graphs.run_chunks([chunks[i] for i in rows], self.pools.page_size)
+        prompt = self.prefill_graphs.run(meta, bucket)
+        k = sum(i < rest for i in rows)         # the prompt's logit row (if it wants one) goes after these
+        return torch.cat([decoded[:k], prompt, decoded[k:]])
 
 
 def take_previous(ids: torch.Tensor, prev_tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:

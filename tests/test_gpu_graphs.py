@@ -97,3 +97,39 @@ def test_prefill_graph_matches_eager(model, first_wants_logits):
             assert torch.equal(k[p], k0[p]) and torch.equal(v[p], v0[p])
     for t in cont:
         assert_close(graphed.step([(sg, [t])])[0], eager.step([(se, [t])])[0], 1e-4)
+
+
+@pytest.mark.parametrize("prompt_wants_logits", [True, False])
+def test_mixed_step_as_two_graphs_matches_eager(model, prompt_wants_logits):
+    """A step of decode rows beside one prompt chunk (a request admitted while others decode) replays the
+    decode graph for the rows and the chunk's prefill graph (engine/model_runner.py `_run_split`): the same
+    logits, in chunk order, as one eager forward, and the same caches after (decoding continues alike)."""
+    from hybridserve.engine.model_runner import ModelRunner
+    rng = random.Random(11)
+    vocab = model.config.vocab_size
+    eager, graphed = Harness(model, num_pages=128), Harness(model, num_pages=128)
+    runner = ModelRunner(model, graphed.pools, max_model_len=128, max_num_seqs=4, max_chunk_tokens=64)
+    olds = [[rng.randrange(vocab) for _ in range(n)] for n in (6, 11, 3)]
+    pe, pg = [eager.new_seq() for _ in olds], [graphed.new_seq() for _ in olds]
+    for se, sg, toks in zip(pe, pg, olds):
+        eager.step([(se, toks)])
+        graphed.step([(sg, toks)])
+    prompt = [rng.randrange(vocab) for _ in range(20)]
+    ne, ng = eager.new_seq(), graphed.new_seq()
+    nxt = [rng.randrange(vocab) for _ in olds]
+    # the prompt chunk sits between decode rows, so its logit row must land in the middle
+    want = eager.step([(pe[0], [nxt[0]]), (ne, prompt), (pe[1], [nxt[1]]), (pe[2], [nxt[2]])])
+    chunks = [graphed.book(pg[0], [nxt[0]]), graphed.book(ng, prompt), graphed.book(pg[1], [nxt[1]]),
+              graphed.book(pg[2], [nxt[2]])]
+    chunks[1].want_logits = prompt_wants_logits
+    got = runner.run(chunks)
+    rows = [want[0], want[1][-1:], want[2], want[3]] if prompt_wants_logits else [want[0], want[2], want[3]]
+    assert got.shape[0] == len(rows)
+    assert_close(got, torch.cat(rows), 1e-4)
+    assert runner.last_argmax is None       # the engine samples this step from the logits
+    for _ in range(3):
+        toks = [rng.randrange(vocab) for _ in range(4)]
+        seqs_e, seqs_g = pe + [ne], pg + [ng]
+        want = eager.step([(s, [t]) for s, t in zip(seqs_e, toks)])
+        got = runner.run([graphed.book(s, [t]) for s, t in zip(seqs_g, toks)])
+        assert_close(got, torch.cat(want), 1e-4)
