@@ -4,7 +4,10 @@ memory-bandwidth / FLOP floor and a plain-PyTorch baseline measured in the same 
 - floor: bytes a decode step must move (weights once + each request's state read and written + the KV it
   reads) over the copy bandwidth measured here; prefill: 2 * params * tokens over the measured bf16
   matmul rate.
-- ours: the engine's CUDA-graph decode step (Triton kernels, in-place slots, one replay per step).
+- ours: the engine's CUDA-graph decode step (Triton kernels, in-place slots, inputs through the pinned
+  mirrors, one replay per step), timed back to back as the engine runs it with async scheduling
+  (`ms_per_step`). Until the ninth session each step was waited for and its inputs copied from a BatchMeta
+  (~8 device copies), which added the host's launches to every step: `ms_per_step_each_waited` is that.
 - baseline: the same model, eager PyTorch with the reference kernels (per-op launches, no graph).
 
 Usage (on the GPU machine): python bench/decode_latency.py [--archs spartacus,...] [--batches 1,8,...]
@@ -94,6 +97,22 @@ def time_fn(fn, iters: int = 200, warmup: int = 50) -> float:
     return times[len(times) // 2]
 
 
+def time_steps(fn, iters: int = 200, warmup: int = 50) -> float:
+    """ms per call of `iters` calls launched back to back (one pair of events around them all), as the engine
+    runs decode steps with async scheduling: each launched before the last has finished, so the GPU does not
+    wait for the host between steps (time_fn waits for each call, so it adds the host's launch to each)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def step_weight_bytes(model) -> int:
     """Weight bytes a decode step reads: every weight once, except an untied input embedding table, of
     which a step reads one row per token (NanoHammer's 525 MB at full size; a tied table is the LM head
@@ -127,6 +146,7 @@ class Setup:
                 for t in self.pools.view.states.values():
                     t[:, slot].normal_(0, 0.1)
             chunks.append(SeqChunk([b % 1000 + 1], context, pages, slot, True))
+        self.chunks = chunks
         self.meta = build_meta(chunks, PAGE, model.device)
         self.pages_per_seq = pages_per_seq
         self.state_bytes = sum(plan.state_slot_bytes.values())
@@ -140,16 +160,21 @@ def set_pdl(on: bool) -> None:
 
 def graph_step(model, s: Setup, B: int):
     """The Setup's decode step captured as a CUDA graph (as the engine runs it: a block table as wide as
-    the model's context, which sets the attention's split count): a function replaying it."""
+    the model's context, which sets the attention's split count): a function running it as the engine does,
+    inputs through the pinned host mirrors (three copies), then the replay."""
     width = max(s.pages_per_seq, -(-model.max_model_len // PAGE))
     graphs = DecodeGraphs(model, s.pools.view, B, width, sizes=[B])
     graphs.capture()
-    return lambda: graphs.run(s.meta)
+
+    def step():
+        return graphs.run_chunks(s.chunks, PAGE)
+    step.from_meta = lambda: graphs.run(s.meta)      # the earlier sessions' input path (~8 device copies)
+    return step
 
 
 def graph_ms(model, s: Setup, B: int) -> float:
-    """graph_step's replay: median ms."""
-    return time_fn(graph_step(model, s, B))
+    """graph_step's ms per step, back to back (time_steps)."""
+    return time_steps(graph_step(model, s, B))
 
 
 def _knob(mod, attr):
@@ -185,13 +210,13 @@ def variant_step(model, s: Setup, B: int, name: str):
         put(before)
 
 
-def interleaved_ms(steps: dict, rounds: int) -> dict[str, list[float]]:
+def interleaved_ms(steps: dict, rounds: int, timer=time_steps) -> dict[str, list[float]]:
     """Each captured step timed `rounds` times in turn (A B C A B C ...), so clock and thermal drift over
-    the run reach every variant alike: {name: [median ms of each round]}."""
+    the run reach every variant alike: {name: [ms of each round]}."""
     runs = {name: [] for name in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
-            runs[name].append(time_fn(fn))
+            runs[name].append(timer(fn))
     return runs
 
 
@@ -211,9 +236,11 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=(), va
         runs = interleaved_ms(steps, rounds)
         med = {name: sorted(r)[len(r) // 2] for name, r in runs.items()}
         ms = med.pop("")
+        synced = sorted(interleaved_ms({"": steps[""].from_meta}, rounds, time_fn)[""])[rounds // 2]
         floor_bytes = weights + B * (2 * s.state_bytes + s.kv_read)
         floor_ms = 1e3 * floor_bytes / bw
-        row = {"arch": arch, "batch": B, "context": 128, "ms_per_step": ms, "tok_per_s": 1e3 * B / ms,
+        row = {"arch": arch, "batch": B, "context": 128, "ms_per_step": ms, "ms_per_step_each_waited": synced,
+               "tok_per_s": 1e3 * B / ms,
                "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms, "weights_bytes": model.weights_bytes(),
                "step_weight_bytes": weights,
                "state_bytes_per_request": s.state_bytes, "pdl": pdl.enabled(model.device)}
