@@ -93,7 +93,8 @@ class DecodeGraphs:
         self.uses_kv = bool(cache.kv)
         dev = model.device
         self.i64 = torch.zeros(5, max_bs, dtype=torch.long, device=dev)
-        # prev_rows: for an overlapped step, which row of the previous step's device tokens each row takes
+        # prev_rows: in an async-scheduled step (engine/inflight.py), the row of the previous step's device
+        # tokens each row takes as its input
         self.input_ids, self.positions, self.slot_ids, self.slot_mapping, self.prev_rows = self.i64.unbind(0)
         self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev)
@@ -166,7 +167,7 @@ class DecodeGraphs:
             self.block_tables[:bs, :w].copy_(hbt[:bs, :w], non_blocking=True)
         self.host.copied()
         if prev_tokens is not None:
-            assert all(c.prev_row >= 0 for c in chunks), "an overlapped step takes every token from the last"
+            assert all(c.prev_row >= 0 for c in chunks), "an async-scheduled step takes every token from the last"
             torch.index_select(prev_tokens, 0, self.prev_rows[:B], out=self.input_ids[:B])
         self.graphs[bs].replay()
         self.last_argmax = self.argmax[bs][:B]

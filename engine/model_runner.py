@@ -23,7 +23,7 @@ class SeqChunk:
     pages: list[int]
     slot: int
     want_logits: bool
-    prev_row: int = -1         # overlapped decode: the one token is row prev_row of the previous step's device
+    prev_row: int = -1         # async scheduling: the one token is row prev_row of the previous step's device
                                # tokens (ModelRunner.run's prev_tokens); `tokens` then holds a placeholder
 
 
@@ -97,8 +97,8 @@ class ModelRunner:
             prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the chunks that want them, in chunk order. After a decode-graph step `last_argmax`
         holds each row's argmax on the device (None after other steps). `prev_tokens`: the previous step's
-        tokens on the device, which one-token chunks with a `prev_row` take as their input (overlapped
-        decode: nothing is read back to the host in between)."""
+        tokens on the device, which one-token chunks with a `prev_row` take as their input (async scheduling:
+        nothing is read back to the host in between)."""
         self.last_argmax = None
         if self.graphs is not None and not all_logits:
             rows = [i for i, c in enumerate(chunks) if len(c.tokens) == 1 and c.want_logits]
