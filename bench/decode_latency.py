@@ -123,6 +123,12 @@ def step_weight_bytes(model) -> int:
     return n
 
 
+def floor_ms(model, s: "Setup", bw: float) -> float:
+    """The Setup's decode floor: the weight bytes a step reads, each request's state read and written and its
+    KV read, over the copy bandwidth `bw`."""
+    return 1e3 * (step_weight_bytes(model) + s.batch * (2 * s.state_bytes + s.kv_read)) / bw
+
+
 class Setup:
     """B requests, each with `context` tokens already in its KV pages / state slot (random contents:
     decode time does not depend on the values), ready for one decode step."""
@@ -146,7 +152,7 @@ class Setup:
                 for t in self.pools.view.states.values():
                     t[:, slot].normal_(0, 0.1)
             chunks.append(SeqChunk([b % 1000 + 1], context, pages, slot, True))
-        self.chunks = chunks
+        self.batch, self.chunks = batch, chunks
         self.meta = build_meta(chunks, PAGE, model.device)
         self.pages_per_seq = pages_per_seq
         self.state_bytes = sum(plan.state_slot_bytes.values())
@@ -237,11 +243,10 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=(), va
         med = {name: sorted(r)[len(r) // 2] for name, r in runs.items()}
         ms = med.pop("")
         synced = sorted(interleaved_ms({"": steps[""].from_meta}, rounds, time_fn)[""])[rounds // 2]
-        floor_bytes = weights + B * (2 * s.state_bytes + s.kv_read)
-        floor_ms = 1e3 * floor_bytes / bw
+        floor = floor_ms(model, s, bw)
         row = {"arch": arch, "batch": B, "context": 128, "ms_per_step": ms, "ms_per_step_each_waited": synced,
                "tok_per_s": 1e3 * B / ms,
-               "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms, "weights_bytes": model.weights_bytes(),
+               "floor_ms": floor, "ratio_to_floor": ms / floor, "weights_bytes": model.weights_bytes(),
                "step_weight_bytes": weights,
                "state_bytes_per_request": s.state_bytes, "pdl": pdl.enabled(model.device)}
         row.update({f"ms_per_step_{name}": t for name, t in med.items()})
@@ -258,7 +263,7 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=(), va
             row["baseline_eager_reference_ms"] = base
             row["speedup_vs_baseline"] = base / ms
         rows.append(row)
-        print(f"{arch:11} B={B:4} {ms:8.3f} ms  floor {floor_ms:7.3f} ms  x{ms / floor_ms:5.2f}  "
+        print(f"{arch:11} B={B:4} {ms:8.3f} ms  floor {floor:7.3f} ms  x{ms / floor:5.2f}  "
               f"{row['tok_per_s']:9.0f} tok/s" + (f"  baseline {row['baseline_eager_reference_ms']:8.2f} ms"
                                                   if "baseline_eager_reference_ms" in row else "")
               + "".join(f"  {k[12:]} {v:.3f} ms" for k, v in row.items() if k.startswith("ms_per_step_")),
@@ -271,10 +276,9 @@ def flatness_rows(model, arch, contexts, bw):
     rows = []
     for ctx in [c for c in contexts if c < model.max_model_len]:   # the engine admits no longer context
         s = Setup(model, 1, ctx)
-        ms = graph_ms(model, s, 1)
-        floor_ms = 1e3 * (step_weight_bytes(model) + 2 * s.state_bytes + s.kv_read) / bw
-        rows.append({"arch": arch, "context": ctx, "ms_per_step": ms, "floor_ms": floor_ms})
-        print(f"{arch:11} ctx={ctx:6} {ms:8.3f} ms  floor {floor_ms:7.3f} ms", flush=True)
+        ms, floor = graph_ms(model, s, 1), floor_ms(model, s, bw)
+        rows.append({"arch": arch, "context": ctx, "ms_per_step": ms, "floor_ms": floor})
+        print(f"{arch:11} ctx={ctx:6} {ms:8.3f} ms  floor {floor:7.3f} ms", flush=True)
         torch.cuda.empty_cache()
     if not rows:
         return rows

@@ -76,21 +76,26 @@ class StepClock:
         return {k + "_ms": 1e3 * statistics.median(r[k] for r in self.rows) for k in self.rows[0]}
 
 
-def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_seqs: int, async_on: bool,
-            profile_host: bool = False) -> dict:
-    cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=min(4096, model.max_model_len),
-                       async_scheduling=async_on)
+def new_engine(model, tokenizer, **config) -> LLMEngine:
+    """An engine over `model` with a 4 GiB cache budget and a context of at most 4096 (EngineConfig fields)."""
+    cfg = EngineConfig(max_model_len=min(4096, model.max_model_len), **config)
     layout = model.cache_layout()
     plan = plan_memory(layout, model.dtype, 4 << 30, cfg.page_size, cfg.max_num_seqs, cfg.max_model_len)
     pools = CachePools(layout, plan, cfg.page_size, model.dtype, model.device)
+    return LLMEngine(model, tokenizer, pools, cfg, cfg.max_model_len)
+
+
+def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_seqs: int, async_on: bool,
+            profile_host: bool = False) -> dict:
     t = time.perf_counter()
     search = sampling_triton.truncation_floor
     if mode.endswith("_sort"):          # captured into the sampler graphs at engine start
         sampling_triton.truncation_floor = sampling.truncation_floor
     try:
-        eng = LLMEngine(model, tokenizer, pools, cfg, cfg.max_model_len)
+        eng = new_engine(model, tokenizer, max_num_seqs=max_num_seqs, async_scheduling=async_on)
     finally:
         sampling_triton.truncation_floor = search
+    pools = eng.pools
     setup_s = time.perf_counter() - t
     clock = StepClock(eng)
     g = torch.Generator().manual_seed(batch)
@@ -131,20 +136,18 @@ def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_se
 def run_mixed(model, tokenizer, batch: int, prompt_len: int, arrivals: int, split: bool) -> dict:
     """The step that admits a request while `batch` others decode (its prompt beside their decode rows): wall
     time of that engine step, with the mixed step as two graph replays (`split`) or one eager forward."""
-    cfg = EngineConfig(max_num_seqs=batch + 1, max_model_len=min(4096, model.max_model_len),
-                       max_num_batched_tokens=2048)
-    layout = model.cache_layout()
-    plan = plan_memory(layout, model.dtype, 4 << 30, cfg.page_size, cfg.max_num_seqs, cfg.max_model_len)
-    pools = CachePools(layout, plan, cfg.page_size, model.dtype, model.device)
     model_runner.MIXED_GRAPHS = split
-    eng = LLMEngine(model, tokenizer, pools, cfg, cfg.max_model_len)
+    eng = new_engine(model, tokenizer, max_num_seqs=batch + 1, max_num_batched_tokens=2048)
     run, mixed = eng.runner.run, []
-    eng.runner.run = lambda chunks, *a, **k: (mixed.append(any(len(c.tokens) > 1 for c in chunks) and
-                                                          len(chunks) > 1), run(chunks, *a, **k))[1]
+
+    def noting_mixed(chunks, *a, **k):      # a step of several chunks, one of them a prompt's
+        mixed.append(len(chunks) > 1 and any(len(c.tokens) > 1 for c in chunks))
+        return run(chunks, *a, **k)
+    eng.runner.run = noting_mixed
     g = torch.Generator().manual_seed(batch)
     for b in range(batch):
         prompt = torch.randint(100, 40000, (64,), generator=g).tolist()
-        eng.add_request(f"r{b}", prompt, SamplingParams(max_tokens=cfg.max_model_len - 64, ignore_eos=True,
+        eng.add_request(f"r{b}", prompt, SamplingParams(max_tokens=eng.max_model_len - 64, ignore_eos=True,
                                                            temperature=0.0))
     for _ in range(8):
         eng.step()
@@ -166,7 +169,7 @@ def run_mixed(model, tokenizer, batch: int, prompt_len: int, arrivals: int, spli
         eng.step()
     model_runner.MIXED_GRAPHS = True
     eng.runner.run = None
-    del eng, pools
+    del eng
     gc.collect()
     torch.cuda.empty_cache()
     return {"batch": batch, "prompt_len": prompt_len, "mixed_as_graphs": split, "mixed_steps": len(times),

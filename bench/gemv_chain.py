@@ -282,7 +282,7 @@ def step_ab(archs, stream_config, bw):
     for arch in archs:
         model = dl.load_full(arch)
         s = dl.Setup(model, 1, 128)
-        row = {"arch": arch, "floor_ms": 1e3 * (dl.step_weight_bytes(model) + 2 * s.state_bytes + s.kv_read) / bw}
+        row = {"arch": arch, "floor_ms": dl.floor_ms(model, s, bw)}
         for label, on in (("gemv", False), ("stream", True), ("gemv_again", False), ("stream_again", True)):
             with knobs(GEMV_STREAM=on, gemv_stream_config=stream_config):
                 row[f"ms_{label}"] = dl.graph_ms(model, s, 1)
@@ -303,7 +303,7 @@ def knob_ab(archs, settings: dict, bw, rounds: int = 2):
     for arch in archs:
         model = dl.load_full(arch)
         s = dl.Setup(model, 1, 128)
-        row = {"arch": arch, "floor_ms": 1e3 * (dl.step_weight_bytes(model) + 2 * s.state_bytes + s.kv_read) / bw}
+        row = {"arch": arch, "floor_ms": dl.floor_ms(model, s, bw)}
         for r in range(rounds):
             for label, setting in settings.items():
                 with knobs(**setting):

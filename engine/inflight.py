@@ -40,21 +40,18 @@ class TokenReadback:
     one while the host reads step N's from the other (read before N+2 takes it back)."""
 
     def __init__(self, max_rows: int, device: torch.device):
-        self.max_rows, self.device = max_rows, device
-        self.buffers: dict[torch.dtype, list[torch.Tensor]] = {}
-        self.events = [torch.cuda.Event(), torch.cuda.Event()] if device.type == "cuda" else []
+        self.device = device
+        on_gpu = device.type == "cuda"
+        self.buffers = [torch.empty(max_rows, dtype=torch.long, pin_memory=True) for _ in range(2)] if on_gpu else []
+        self.events = [torch.cuda.Event(), torch.cuda.Event()] if on_gpu else []
         self.turn = 0
 
     def start(self, seqs: list[Sequence], tokens: torch.Tensor) -> InFlight:
-        """Enqueue the copy of `tokens` (this step's, one per row of `seqs`) behind the step."""
+        """Enqueue the copy of `tokens` (this step's int64 ids, one per row of `seqs`) behind the step."""
         if self.device.type != "cuda":
             return InFlight(seqs, tokens, tokens, None)
-        pair = self.buffers.get(tokens.dtype)
-        if pair is None:
-            pair = self.buffers[tokens.dtype] = [torch.empty(self.max_rows, dtype=tokens.dtype, pin_memory=True)
-                                                 for _ in range(2)]
         i, self.turn = self.turn, self.turn ^ 1
-        host = pair[i][:len(seqs)]
+        host = self.buffers[i][:len(seqs)]
         host.copy_(tokens, non_blocking=True)
         self.events[i].record()
         return InFlight(seqs, tokens, host, self.events[i])

@@ -104,9 +104,7 @@ class LLMEngine:
         try:
             logits = self.runner.run(chunks)
             sampling = [s for s, c in zip(batch.seqs, chunks) if c.want_logits]
-            tokens = self.sampler.device_tokens(
-                logits, [s.params for s in sampling], [len(s.output_ids) for s in sampling],
-                self.runner.last_argmax, self.runner.graph_sampler(len(sampling))) if sampling else None
+            tokens = self._device_tokens(logits, sampling, 0) if sampling else None
             if tokens is not None and self.async_scheduling and len(sampling) == len(chunks):
                 for seq, n in zip(batch.seqs, batch.num_new):
                     seq.num_computed += n
@@ -115,7 +113,7 @@ class LLMEngine:
             if tokens is not None:
                 out = SamplerOutput(tokens.tolist())
             elif sampling:
-                out = self.sampler(
+                out = self.sampler.eager(
                     logits, [s.params for s in sampling], [s.output_ids for s in sampling],
                     [s.prompt_ids for s in sampling], [s.generator for s in sampling],
                     stop_ids_per_row=[s.stop_ids for s in sampling])
@@ -167,15 +165,18 @@ class LLMEngine:
                 or not sched.reserve_next(seqs):
             return None
         chunks = [SeqChunk([0], s.num_computed, s.pages, s.slot, True, prev_row=rows_of[id(s)]) for s in seqs]
-        logits = self.runner.run(chunks, prev_tokens=prev.tokens)
-        tokens = self.sampler.device_tokens(logits, [s.params for s in seqs],
-                                            [len(s.output_ids) + 1 for s in seqs], self.runner.last_argmax,
-                                            self.runner.graph_sampler(len(seqs)))
+        tokens = self._device_tokens(self.runner.run(chunks, prev_tokens=prev.tokens), seqs, 1)
         assert tokens is not None, "rows checked on_device above"
         for s in seqs:
             s.num_computed += 1
         self.num_async_steps += 1
         return self.readback.start(seqs, tokens)
+
+    def _device_tokens(self, logits, seqs: list[Sequence], unread: int):
+        """The step's tokens on the device if every row samples there (Sampler.device_tokens), else None;
+        `unread`: tokens each row has generated that the host has not read yet (its min_tokens count)."""
+        return self.sampler.device_tokens(logits, [s.params for s in seqs], [len(s.output_ids) + unread for s in seqs],
+                                          self.runner.last_argmax, self.runner.graph_sampler(len(seqs)))
 
     def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> RequestOutput:
         p = seq.params
@@ -213,7 +214,8 @@ class LLMEngine:
     def _logprob(self, out, row: int) -> TokenLogprob:
         tok = out.token_ids[row]
         conv = self.tokenizer.decode
-        top = [(i, conv([i], skip_special_tokens=False), v) for i, v in (out.top_logprobs[row] if out.top_logprobs else [])]
+        top = [(i, conv([i], skip_special_tokens=False), v)
+               for i, v in (out.top_logprobs[row] if out.top_logprobs else [])]
         return TokenLogprob(tok, conv([tok], skip_special_tokens=False), out.logprobs[row], top)
 
     def _state_bytes(self, seq: Sequence) -> int:

@@ -101,44 +101,42 @@ class ModelRunner:
         nothing is read back to the host in between)."""
         self.last_argmax = None
         if self.graphs is not None and not all_logits:
-            rows = [i for i, c in enumerate(chunks) if len(c.tokens) == 1 and c.want_logits]
-            if len(rows) == len(chunks) and self.graphs.padded_size(len(chunks)) is not None:
+            others = [i for i, c in enumerate(chunks) if len(c.tokens) != 1 or not c.want_logits]   # not decode rows
+            if not others and self.graphs.padded_size(len(chunks)) is not None:
                 logits = self.graphs.run_chunks(chunks, self.pools.page_size, prev_tokens)
                 self.last_argmax = self.graphs.last_argmax
                 return logits
-            if MIXED_GRAPHS and prev_tokens is None and 0 < len(rows) == len(chunks) - 1 \
-                    and self.graphs.padded_size(len(rows)) is not None:
-                logits = self._run_split(chunks, rows)
+            if MIXED_GRAPHS and prev_tokens is None and len(others) == 1 < len(chunks) \
+                    and self.graphs.padded_size(len(chunks) - 1) is not None:
+                logits = self._run_split(chunks, others[0])
                 if logits is not None:
                     return logits
         meta = build_meta(chunks, self.pools.page_size, self.device, all_logits)
         if prev_tokens is not None:
-            meta.input_ids = take_previous(meta.input_ids, prev_tokens,
-                                           [c.prev_row for c in chunks for _ in c.tokens])
+            meta.input_ids = take_previous(prev_tokens, [c.prev_row for c in chunks], meta.input_ids.device)
         if self.prefill_graphs is not None and not all_logits:
             bucket = self.prefill_graphs.bucket_for(meta)
             if bucket is not None:
                 return self.prefill_graphs.run(meta, bucket)
         return self.model.forward(meta, self.pools.view)
 
-
-    def _run_split(self, chunks: list[SeqChunk], rows: list[int]) -> torch.Tensor | None:
+    def _run_split(self, chunks: list[SeqChunk], rest: int) -> torch.Tensor | None:
         """A mixed step (decode rows + one prompt chunk, as when a request is admitted while others decode) as
         two graph replays, the decode graph for the rows and the prompt chunk's bucket graph, instead of one
         eager forward (~10 ms of launches at these sizes); None if the chunk fits no bucket. The two parts
-        touch disjoint slots and pages, so their order does not matter."""
-        (rest,) = (i for i in range(len(chunks)) if i not in set(rows))
+        touch disjoint slots and pages, so their order does not matter. `rest`: the prompt chunk's index, which
+        is also where its logit row (if it wants one) goes among the decode rows'."""
         meta = build_meta([chunks[rest]], self.pools.page_size, self.device)
         bucket = self.prefill_graphs.bucket_for(meta)
         if bucket is None:
             return None
-        decoded = self.graphs.run_chunks([chunks[i] for i in rows], self.pools.page_size)
+        decoded = self.graphs.run_chunks(chunks[:rest] + chunks[rest + 1:], self.pools.page_size)
         prompt = self.prefill_graphs.run(meta, bucket)
-        k = sum(i < rest for i in rows)         # the prompt's logit row (if it wants one) goes after these
-        return torch.cat([decoded[:k], prompt, decoded[k:]])
+        return torch.cat([decoded[:rest], prompt, decoded[rest:]])
 
 
-def take_previous(ids: torch.Tensor, prev_tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """`ids` with each token whose row is >= 0 replaced by that row of `prev_tokens` (on the device)."""
-    rows_t = torch.tensor(rows, dtype=torch.long).to(ids.device, non_blocking=True)
-    return torch.where(rows_t >= 0, prev_tokens.to(ids.dtype).index_select(0, rows_t.clamp(min=0)), ids)
+def take_previous(prev_tokens: torch.Tensor, rows: list[int], device: torch.device) -> torch.Tensor:
+    """The input ids of an async-scheduled step run eagerly: row `rows[i]` of `prev_tokens`, gathered on the
+    device (every chunk of such a step is one token taken from the last step, as in DecodeGraphs.run_chunks)."""
+    assert min(rows) >= 0, "an async-scheduled step takes every token from the last"
+    return prev_tokens.index_select(0, torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True))

@@ -220,10 +220,16 @@ class Sampler:
                  prompt_token_ids: list[list[int]], generators: list[torch.Generator | None],
                  stop_ids_per_row: list[set[int]] | None = None,
                  argmax: Tensor | None = None, graphs=None) -> SamplerOutput:
-        """`argmax` and `graphs` as in `device_tokens`, which takes the batch when it can."""
+        """`argmax` and `graphs` as in `device_tokens`, which takes the batch when it can; `eager` otherwise."""
         ids = self.device_tokens(logits, params, [len(out) for out in output_token_ids], argmax, graphs)
         if ids is not None:
             return SamplerOutput(ids.tolist())
+        return self.eager(logits, params, output_token_ids, prompt_token_ids, generators, stop_ids_per_row)
+
+    def eager(self, logits: Tensor, params: list[SamplingParams], output_token_ids: list[list[int]],
+              prompt_token_ids: list[list[int]], generators: list[torch.Generator | None],
+              stop_ids_per_row: list[set[int]] | None = None) -> SamplerOutput:
+        """Every knob, with the token histories and per-row generators the host holds."""
         tensors = SamplingTensors.build(params, output_token_ids, prompt_token_ids, stop_ids_per_row,
                                         logits.shape[-1], logits.device)
         return self.sample(logits, tensors, generators)
