@@ -29,6 +29,7 @@ from hybridserve.engine.config import EngineConfig
 from hybridserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_buckets
 from hybridserve.engine.model_runner import SeqChunk, build_meta
 from hybridserve.kernels import fused_triton as ft
+from hybridserve.kernels import monoid_triton as mt
 from hybridserve.kernels import paged_attention_triton as pat
 from hybridserve.kernels import pdl
 from hybridserve.models import layers, nanohammer, spartacus
@@ -199,7 +200,10 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "side_stream_off": (*_knob(nanohammer, "SIDE_STREAM"), False),  # NanoHammer's state entries in line
             "merge_fused": (*_knob(pat, "FUSED_MERGE"), True),            # attention splits merged by the last one
             "attn_one_kernel": (*_knob(layers, "ATTN_STEP_FUSED"), True),  # RoPE + KV write inside the attention
-            "entry_fold_off": (*_knob(nanohammer, "FOLD_ENTRY"), False)}  # NanoHammer's entries unfolded
+            "entry_fold_off": (*_knob(nanohammer, "FOLD_ENTRY"), False),  # NanoHammer's entries unfolded
+            # Spartacus batch 1: the recurrence inside the qkvz GEMV (its programs-per-head sweep is in
+            # bench/results/decode_latency_projection-h100.json, taken when it was on by default)
+            "projection_on": (*_knob(mt, "PROJECTION_FUSED"), True)}
 PDL_COMPARE = ("pdl_off", "gemv_one_row_only")
 
 

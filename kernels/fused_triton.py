@@ -317,6 +317,20 @@ def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for kernels whose last program to finish a group does the group's
+    epilogue (and zeroes its counter again). Shared by every such call on the device, which therefore must
+    not run concurrently with one another (one engine stream). Grown buffers are kept: graphs captured
+    earlier still point at the old ones."""
+    bufs = _COUNTERS.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
 @triton.jit
 def _load_f32(p, m, CG: tl.constexpr = False):
     """A masked load as fp32; CG reads from L2, past this SM's L1 (for data other programs of the same kernel
@@ -353,15 +367,28 @@ def _stream_span(N, pid, G, BN: tl.constexpr, KT: tl.constexpr):
 
 
 @triton.jit
+def _row_of(r, h, NH: tl.constexpr, HD: tl.constexpr, GD: tl.constexpr):
+    """The weight row of a streamed GEMV's output row r: r itself, or, with NH heads, row r of head h's own
+    [q; k; v; gate] rows (HD, HD, HD and GD of them) inside a [q | k | v | gate] weight
+    (kernels/monoid_triton.py `projection_decode`: a program's rows all belong to one head)."""
+    if NH == 0:
+        return r
+    W = NH * HD
+    sec = r // HD
+    return tl.where(r < 3 * HD, sec * W + h * HD + (r - sec * HD), 3 * W + h * GD + (r - 3 * HD))
+
+
+@triton.jit
 def _stream_tile(w_ptr, N, K, b0, t, T, BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr,
-                 SILU_MUL: tl.constexpr):
-    """Weight tile t of a program's run (zeros past its end), and its [up] half for a stacked pair."""
+                 SILU_MUL: tl.constexpr, h=0, NH: tl.constexpr = 0, HD: tl.constexpr = 0, GD: tl.constexpr = 0):
+    """Weight tile t of a program's run (zeros past its end), and its [up] half for a stacked pair; NH > 0:
+    the rows of head h (`_row_of`), N of them."""
     rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    n = (b0 + t // KT) * BN + rn
+    r = (b0 + t // KT) * BN + rn
     k = (t % KT) * BK + rk
-    m = ((n < N) & (rn * 0 + t < T))[:, None] & (k < K)[None, :]
-    off = n[:, None].to(tl.int64) * K + k[None, :]
+    m = ((r < N) & (rn * 0 + t < T))[:, None] & (k < K)[None, :]
+    off = _row_of(r, h, NH, HD, GD)[:, None].to(tl.int64) * K + k[None, :]
     w = tl.load(w_ptr + off, mask=m, other=0.0)
     u = w
     if SILU_MUL:
@@ -372,8 +399,10 @@ def _stream_tile(w_ptr, N, K, b0, t, T, BN: tl.constexpr, BK: tl.constexpr, KT: 
 @triton.jit
 def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w, u, STORE_H,
                  BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
-                 SILU_MUL: tl.constexpr, CG: tl.constexpr):
-    """A program's run of a streamed GEMV, its first weight tile (w, u) already loaded."""
+                 SILU_MUL: tl.constexpr, CG: tl.constexpr, h=0, NH: tl.constexpr = 0, HD: tl.constexpr = 0,
+                 GD: tl.constexpr = 0):
+    """A program's run of a streamed GEMV, its first weight tile (w, u) already loaded; NH > 0: the rows of
+    head h (`_row_of`), each output stored at its weight row's place."""
     rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
     ss = 0.0
@@ -392,7 +421,7 @@ def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w,
     for t in range(0, T):
         kt = t % KT
         # the next tile's load goes out before this tile's product
-        w_next, u_next = _stream_tile(w_ptr, N, K, b0, t + 1, T, BN, BK, KT, SILU_MUL)
+        w_next, u_next = _stream_tile(w_ptr, N, K, b0, t + 1, T, BN, BK, KT, SILU_MUL, h, NH, HD, GD)
         if KT > 1:
             if CG:      # x comes from L2: its next tile goes out with the next weight tile
                 kn = ((t + 1) % KT) * BK + rk
@@ -405,8 +434,8 @@ def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w,
             acc_up += tl.sum(u.to(tl.float32) * xn[None, :], axis=1)
         if kt == KT - 1:
             y = _gemv_out(acc, acc_up, tl.rsqrt(ss / K + eps), w_ptr, NORM, SILU_MUL)
-            n = (b0 + t // KT) * BN + rn
-            tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
+            r = (b0 + t // KT) * BN + rn
+            tl.store(y_ptr + _row_of(r, h, NH, HD, GD), y.to(y_ptr.dtype.element_ty), mask=r < N)
             acc = tl.zeros((BN,), dtype=tl.float32)
             acc_up = tl.zeros((BN,), dtype=tl.float32)
         w = w_next

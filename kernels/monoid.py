@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridserve.kernels.fused import monoid_prep
+from hybridserve.kernels.fused import add_norm_linear, monoid_prep
 
 
 def _initial(initial_state: torch.Tensor | None, H: int, dk: int, dv: int, device) -> torch.Tensor:
@@ -99,3 +99,14 @@ def fused_decode(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor,
     the glue of kernels/fused.py `monoid_prep`, then `decode_step` on the slots. Returns o [B, H, d]."""
     q, k, v, log_a = monoid_prep(qkvz, q_norm, k_norm, decay_bias, num_heads, head_dim, eps, decay_gate)
     return decode_step(q, k, v, log_a, state_pool, slot_ids)
+
+
+def projection_decode(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, qkvz_weight: torch.Tensor,
+                      q_norm: torch.Tensor, k_norm: torch.Tensor, decay_bias: torch.Tensor | None, num_heads: int,
+                      head_dim: int, eps: float, decay_gate: str, state_pool: torch.Tensor,
+                      slot_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's attention core from the residual stream: h += delta, the RMSNorm and q|k|v|z
+    projection (kernels/fused.py `add_norm_linear`), then `fused_decode`. Returns (h, o [B, H, d])."""
+    h, qkvz = add_norm_linear(h, delta, norm_weight, qkvz_weight, eps)
+    return h, fused_decode(qkvz, q_norm, k_norm, decay_bias, num_heads, head_dim, eps, decay_gate, state_pool,
+                           slot_ids)

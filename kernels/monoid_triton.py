@@ -24,7 +24,9 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hybridserve.kernels import pdl
-from hybridserve.kernels.fused_triton import _head_norm, _load_f32, _log_decay
+from hybridserve.kernels import fused_triton
+from hybridserve.kernels.fused_triton import (_head_norm, _load_f32, _log_decay, _stream_rows, _stream_span,
+                                             _stream_tile, arrival_counters)
 
 # From the sweeps in bench/kernels.py (H100, H 32, d 64; bench/results/kernels-h100.json).
 DECODE_BV = 64
@@ -338,6 +340,92 @@ def fused_decode(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor,
             HAS_ZB=decay_bias is not None, SOFTPLUS=decay_gate == "neg_softplus", num_warps=DECODE_WARPS,
             **pdl.launch_kwargs(qkvz.device))
     return o
+
+
+# A batch-1 decode step's q|k|v|z projection and the recurrence in one kernel (`projection_decode`): the
+# streamed GEMV's programs each own a run of one head's rows (q, k, v and gate rows of that head, P
+# programs a head); each stores its outputs, then counts itself in on the head's arrival counter, and the
+# last of the head's P programs runs that head's recurrence (monoid_prep + decode, `_fused_head_step`) on
+# the full 64×64 state tile. The recurrence kernel's boundary (its launch wait, and the o projection
+# waiting on it) leaves the step. Per-head q/k norms only (a full-width norm needs every head's row).
+# Off: slower where measured. H100, same process, three rounds in turn: the Spartacus batch-1 step 1.082 ms
+# separate vs 1.102–1.104 inside (16 or 12 programs a head, state read early or late; 8 or 17 a head 1.144–1.159;
+# bench/results/decode_latency_projection-h100.json); the 16-layer chain alone (bench/projection_chain.py)
+# 1.070 vs 1.088–1.091 ms, 1.011 with no recurrence at all. The outputs' store, the release fence and the
+# atomic, then the last program's reads of its head's row and state, are a chain longer than the kernel
+# boundary they replace (the recurrence kernel costs ~3.7 µs a layer, its state read before its wait). Its
+# registers (72–78 a thread, the stream GEMV's 58–64) leave 3 programs an SM, not 4; capped at 64 or 80: slower.
+PROJECTION_FUSED = False
+PROJECTION_PROGRAMS = 16       # programs per head
+PROJECTION_EARLY_STATE = False  # every program loads the head's state tile before counting in (the last
+                                # one then has it in registers); otherwise the last one loads it after
+PROJECTION_MAXNREG: int | None = None   # a register cap (A/B knob, as fused_triton.GEMV_STREAM_MAXNREG)
+
+
+@triton.jit
+def _projection_decode_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, cnt_ptr, qw_ptr, kw_ptr, zb_ptr,
+                              s_ptr, slot_ptr, o_ptr, K, eps, H: tl.constexpr, D: tl.constexpr,
+                              GD: tl.constexpr, BD: tl.constexpr, P: tl.constexpr, BN: tl.constexpr,
+                              BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, HAS_ZB: tl.constexpr,
+                              SOFTPLUS: tl.constexpr, EARLY_STATE: tl.constexpr, PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    h = pid % H           # program j of head h: every head's first programs are in the first wave
+    R = 3 * D + GD
+    b0, T = _stream_span(R, pid // H, P, BN, KT)
+    w, u = _stream_tile(w_ptr, R, K, b0, 0, T, BN, BK, KT, False, h, H, D, GD)   # weights: before the wait
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, R, K, eps, b0, T, w, u, pid == 0, BN, BK, KT,
+                 ADD, True, False, False, h, H, D, GD)
+    rk = tl.arange(0, BD)
+    ms = (rk < D)[:, None] & (rk < D)[None, :]
+    s_off = ((tl.load(slot_ptr).to(tl.int64) * H + h) * D + rk[:, None]) * D + rk[None, :]
+    if EARLY_STATE:
+        S = tl.load(s_ptr + s_off, mask=ms, other=0.)      # only the head's last program changes it
+    tl.debug_barrier()                                    # every warp's outputs are stored before counting in
+    cnt = cnt_ptr + h
+    if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == P - 1:
+        if not EARLY_STATE:
+            S = tl.load(s_ptr + s_off, mask=ms, other=0.)
+        dt = o_ptr.dtype.element_ty
+        S, o = _fused_head_step(y_ptr, qw_ptr, kw_ptr, zb_ptr, S, h, rk, eps, dt, H, D, GD, BD, BD, False, False,
+                                HAS_ZB, SOFTPLUS, True)
+        tl.store(s_ptr + s_off, S, mask=ms)
+        tl.store(o_ptr + h * D + rk, o.to(dt), mask=rk < D)
+        tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")   # zero again for the next call
+
+
+def projection_decode(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, qkvz_weight: torch.Tensor,
+                      q_norm: torch.Tensor, k_norm: torch.Tensor, decay_bias: torch.Tensor | None, num_heads: int,
+                      head_dim: int, eps: float, decay_gate: str, state_pool: torch.Tensor,
+                      slot_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """See kernels/monoid.py `projection_decode`. One row with per-head q/k norms and a streamed GEMV shape:
+    one kernel (above); otherwise the projection, then `fused_decode`."""
+    H, D = num_heads, head_dim
+    N, K = qkvz_weight.shape
+    config = fused_triton.gemv_stream_config(N, K)
+    if not (PROJECTION_FUSED and fused_triton.GEMV_STREAM and config and h.shape[0] == 1 and q_norm.numel() == D
+            and k_norm.numel() == D and qkvz_weight.is_contiguous() and (N - 3 * H * D) % H == 0):
+        h, qkvz = fused_triton.add_norm_linear(h, delta, norm_weight, qkvz_weight, eps)
+        return h, fused_decode(qkvz, q_norm, k_norm, decay_bias, H, D, eps, decay_gate, state_pool, slot_ids)
+    _check_pool(state_pool, H, D, D)
+    x = h if h.stride(-1) == 1 else h.contiguous()
+    if delta is not None:
+        delta = delta if delta.stride(-1) == 1 else delta.contiguous()
+        h = torch.empty(x.shape, dtype=torch.result_type(x, delta), device=x.device)
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    o = torch.empty(1, H, D, dtype=x.dtype, device=x.device)
+    BN, BK, warps, _ = config
+    P = PROJECTION_PROGRAMS
+    _projection_decode_kernel[(H * P,)](
+        x, delta if delta is not None else x, h, norm_weight, qkvz_weight, y, arrival_counters(x.device, H),
+        q_norm, k_norm, decay_bias if decay_bias is not None else q_norm, state_pool, slot_ids, o, K, eps,
+        H=H, D=D, GD=(N - 3 * H * D) // H, BD=triton.next_power_of_2(D), P=P, BN=BN, BK=BK,
+        KT=triton.cdiv(K, BK), ADD=delta is not None, HAS_ZB=decay_bias is not None,
+        SOFTPLUS=decay_gate == "neg_softplus", EARLY_STATE=PROJECTION_EARLY_STATE, num_warps=warps, num_stages=1,
+        **pdl.launch_kwargs(x.device), **({"maxnreg": PROJECTION_MAXNREG} if PROJECTION_MAXNREG else {}))
+    return h, o
 
 
 def _check_pool(state_pool: torch.Tensor, H: int, dk: int, dv: int) -> None:

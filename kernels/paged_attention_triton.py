@@ -19,7 +19,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hybridserve.kernels import pdl
-from hybridserve.kernels.fused_triton import _rotate_half
+from hybridserve.kernels.fused_triton import _rotate_half, arrival_counters
 from hybridserve.kernels.paged_attention import write_kv  # noqa: F401  (one index_put per tensor: already one pass)
 
 BLOCK_N = 64          # keys per inner step
@@ -344,17 +344,6 @@ def decode_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_hea
 # under PDL. An A/B knob.
 FUSED_MERGE = False
 MERGE_CHUNK = 8   # partials merged per step by that program
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters, one per (sequence, kv head); each call leaves them zero again. Shared
-    by every decode call on the device, which therefore must not run concurrently with one another (one
-    engine stream). Grown buffers are kept: graphs captured earlier still point at the old ones."""
-    bufs = _COUNTERS.setdefault(device, [])
-    if not bufs or bufs[-1].numel() < n:
-        bufs.append(torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device))
-    return bufs[-1]
 
 
 def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, entry, rope):
@@ -373,7 +362,7 @@ def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, e
     o = torch.empty(B, H, D, dtype=q.dtype, device=dev)
     lse = torch.empty(B, H, dtype=torch.float32, device=dev) if return_lse else pm
     fused = FUSED_MERGE
-    cnt = _counters(dev, B * hkv) if fused else pm
+    cnt = arrival_counters(dev, B * hkv) if fused else pm   # one per (sequence, kv head)
     cos, sin, slots, q_norm, k_norm, eps = rope if rope is not None else (q, q, seq_lens, None, None, 0.)
     rot = cos.shape[-1] if rope is not None else D
     BD = triton.next_power_of_2(D)

@@ -171,8 +171,10 @@ class SpartacusModel:
         launch count: each residual add and RMSNorm go with the matmul after them (one GEMV kernel at
         batch 1, kernels/fused_triton.py), and q/k norms, SiLU, the q scale and the decay gate are one
         kernel that reads the qkvz row and leaves v in place; in a decode step that kernel is the
-        recurrence itself (monoid `fused_decode`). With STEP_KERNEL a CUDA decode step of one sequence is all
-        of this in one persistent kernel (kernels/spartacus_step_triton.py, same arithmetic)."""
+        recurrence itself (monoid `projection_decode`: the projection, then `fused_decode`; with its
+        PROJECTION_FUSED knob, at batch 1, each head's last qkvz GEMV program to finish steps that head). With
+        STEP_KERNEL a CUDA decode step of one sequence is all of this in one persistent kernel
+        (kernels/spartacus_step_triton.py, same arithmetic)."""
         c, eps = self.config, self.config.rms_norm_eps
         pools = cache.states["monoid"]
         if meta.is_decode and meta.num_tokens == 1 and STEP_KERNEL:
@@ -181,12 +183,12 @@ class SpartacusModel:
         fused, ops = pick("fused", self.device), pick("monoid", self.device)
         h, delta = self.embed[meta.input_ids], None    # the residual stream and the pending sublayer output
         for i, lw in enumerate(self.layers):
-            h, qkvz = fused.add_norm_linear(h, delta, lw["attn_norm"], lw["qkvz"], eps)
             norms = (lw["q_norm_scaled"], lw["k_norm"], lw["decay_bias"], c.num_heads, c.head_dim, eps,
                      c.decay_gate)
             if meta.is_decode:    # the glue goes into the recurrence kernel
-                o = ops.fused_decode(qkvz, *norms, pools[i], meta.slot_ids)
+                h, o = ops.projection_decode(h, delta, lw["attn_norm"], lw["qkvz"], *norms, pools[i], meta.slot_ids)
             else:
+                h, qkvz = fused.add_norm_linear(h, delta, lw["attn_norm"], lw["qkvz"], eps)
                 q, k, v, log_a = fused.monoid_prep(qkvz, *norms)
                 o = ops.varlen_prefill(q, k, v, log_a, meta.cu_seqlens, pools[i], meta.slot_ids)
             h, g = fused.add_norm_linear_silu_mul(h, fused.linear(o.reshape(o.shape[0], -1), lw["o"]),

@@ -623,6 +623,69 @@ def test_monoid_fused_decode(device, dtype, gate, full_q, bias, bv, monkeypatch)
     check_pools(new_pool, ref_pool, pool, slots, 1e-5 if dtype == torch.float32 else tol(dtype))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate,bias,add,early", [("sigmoid", True, True, False), ("neg_softplus", False, False, True),
+                                                 ("scalar_sigmoid", True, True, True)])
+def test_monoid_projection_decode(device, dtype, gate, bias, add, early, monkeypatch):
+    """The q|k|v|z GEMV with each head's recurrence run by its last program = add_norm_linear then
+    fused_decode: every gate (the per-head one leaves a head 3·d + 1 rows, not a whole number of row blocks),
+    with and without the residual add; state read before or after counting in; only the step's slot moves,
+    and the arrival counters are zero again after each of two steps."""
+    monkeypatch.setattr(monoid_tr, "PROJECTION_FUSED", True)       # an opt-in knob (slower where measured)
+    monkeypatch.setattr(monoid_tr, "PROJECTION_EARLY_STATE", early)
+    H, D, E = 3, 16, 2048                      # rows of 2048: the streamed GEMV's shapes
+    W = H * D
+    G = H if gate == "scalar_sigmoid" else W
+    weight = (torch.randn(3 * W + G, E, device=device) * E ** -0.5).to(dtype)
+    norm_w = (torch.rand(E, device=device) + 0.5).to(dtype)
+    q_norm = (torch.rand(D, device=device) + 0.5) * D ** -0.5
+    k_norm = (torch.rand(D, device=device) + 0.5).to(dtype)
+    zb = torch.randn(G, device=device) if bias else None
+    pool = torch.randn(NUM_SLOTS + 1, H, D, D, device=device)
+    ref_pool, new_pool = pool.clone(), pool.clone()
+    slots = torch.tensor([3], device=device)
+    for _ in range(2):
+        h = torch.randn(1, E, device=device, dtype=dtype)
+        delta = torch.randn(1, E, device=device, dtype=dtype) if add else None
+        args = (norm_w, weight, q_norm, k_norm, zb, H, D, 1e-5, gate)
+        ref_h, ref = monoid_ref.projection_decode(h, delta, *args, ref_pool, slots)
+        if dtype == torch.bfloat16:   # the projection rounded as the Triton GEMV rounds it (the interpreter
+            # truncates to bf16), the recurrence by the reference: the state carries any rounding flip forward
+            ref_pool.copy_(new_pool)
+            ref = monoid_ref.fused_decode(fused_tr.add_norm_linear(h, delta, norm_w, weight, 1e-5)[1], *args[2:],
+                                          ref_pool, slots)
+        got_h, got = monoid_tr.projection_decode(h, delta, *args, new_pool, slots)
+        assert got.shape == (1, H, D) and got.dtype == dtype and rel_err(got, ref) < tol(dtype)
+        _close(got_h, ref_h, dtype)
+        check_pools(new_pool, ref_pool, pool, slots, 1e-5 if dtype == torch.float32 else tol(dtype))
+        assert not fused_tr.arrival_counters(torch.device(device), H)[:H].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs CUDA, compiled Triton")
+def test_monoid_projection_decode_bitwise(monkeypatch):
+    """At Spartacus' shapes the one-kernel step gives the two-kernel step's outputs and states to the bit."""
+    monkeypatch.setattr(monoid_tr, "PROJECTION_FUSED", True)
+    H, D, E = 32, 64, 2048
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    weight = (torch.randn(4 * H * D, E, device=dev) * E ** -0.5).to(dtype)
+    norm_w = (torch.rand(E, device=dev) + 0.5).to(dtype)
+    q_norm = (torch.rand(D, device=dev) + 0.5) * D ** -0.5
+    k_norm = (torch.rand(D, device=dev) + 0.5).to(dtype)
+    zb = torch.randn(H * D, device=dev)
+    pool = torch.randn(NUM_SLOTS + 1, H, D, D, device=dev)
+    two, one = pool.clone(), pool.clone()
+    slots = torch.tensor([2], device=dev)
+    for _ in range(3):
+        h, delta = torch.randn(2, 1, E, device=dev, dtype=dtype)
+        args = (norm_w, weight, q_norm, k_norm, zb, H, D, 1e-5, "sigmoid")
+        h2, qkvz = fused_tr.add_norm_linear(h, delta, norm_w, weight, 1e-5)
+        o2 = monoid_tr.fused_decode(qkvz, *args[2:], two, slots)
+        h1, o1 = monoid_tr.projection_decode(h, delta, *args, one, slots)
+        assert torch.equal(h1, h2) and torch.equal(o1, o2) and torch.equal(one, two)
+
+
 def _check_kv_written(caches, ref_caches, slots, dtype):
     """The rows at `slots` of each flattened [pages, page, Hkv, D] cache match the reference; no other moved."""
     written = torch.zeros(caches[0].shape[0] * caches[0].shape[1], dtype=torch.bool, device=caches[0].device)
