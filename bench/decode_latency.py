@@ -203,7 +203,8 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "entry_fold_off": (*_knob(nanohammer, "FOLD_ENTRY"), False),  # NanoHammer's entries unfolded
             # Spartacus batch 1: the recurrence inside the qkvz GEMV (its programs-per-head sweep is in
             # bench/results/decode_latency_projection-h100.json, taken when it was on by default)
-            "projection_on": (*_knob(mt, "PROJECTION_FUSED"), True)}
+            "projection_on": (*_knob(mt, "PROJECTION_FUSED"), True),
+            "rope_in_gemv_on": (*_knob(ft, "ROPE_IN_GEMV"), True)}   # batch 1: RoPE + KV write in the qkv GEMV
 PDL_COMPARE = ("pdl_off", "gemv_one_row_only")
 
 

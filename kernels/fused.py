@@ -54,6 +54,19 @@ def add_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: to
     return h, y if out_dtype is None else y.to(out_dtype)
 
 
+def add_norm_linear_rope_kv(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
+                            weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                            k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                            q_norm: torch.Tensor | None = None,
+                            k_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention sublayer's input side: `add_norm_linear` into its q|k|v weight, then `rope_write_kv`
+    (QK-norm, RoPE, the k/v written at slot_mapping). Returns (h', q [T, H, D] normed and rotated)."""
+    h, qkv = add_norm_linear(h, delta, norm_weight, weight, eps)
+    q = rope_write_kv(qkv.view(h.shape[0], -1, k_cache.shape[-1]), cos, sin, num_heads, k_cache, v_cache,
+                      slot_mapping, q_norm, k_norm, eps)
+    return h, q[:, :num_heads]
+
+
 def add_norm_linear_silu_mul(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
                              gate_up: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`add_norm_linear` into a stacked [gate; up] weight, then silu(g)·u: the first half of a SwiGLU MLP."""

@@ -367,10 +367,15 @@ def _stream_span(N, pid, G, BN: tl.constexpr, KT: tl.constexpr):
 
 
 @triton.jit
-def _row_of(r, h, NH: tl.constexpr, HD: tl.constexpr, GD: tl.constexpr):
+def _row_of(r, h, NH: tl.constexpr, HD: tl.constexpr, GD: tl.constexpr, PD: tl.constexpr = 0):
     """The weight row of a streamed GEMV's output row r: r itself, or, with NH heads, row r of head h's own
     [q; k; v; gate] rows (HD, HD, HD and GD of them) inside a [q | k | v | gate] weight
-    (kernels/monoid_triton.py `projection_decode`: a program's rows all belong to one head)."""
+    (kernels/monoid_triton.py `projection_decode`: a program's rows all belong to one head), or, with PD (a
+    head dim), rows in RoPE pairs: each run of 4 is dims 2t, 2t+1, 2t+PD/2, 2t+1+PD/2 of one head, so a
+    4-row tile holds both halves of what it rotates (`add_norm_linear_rope_kv`)."""
+    if PD > 0:
+        d = r % PD
+        return r - d + (d // 4) * 2 + d % 2 + ((d // 2) % 2) * (PD // 2)
     if NH == 0:
         return r
     W = NH * HD
@@ -380,15 +385,16 @@ def _row_of(r, h, NH: tl.constexpr, HD: tl.constexpr, GD: tl.constexpr):
 
 @triton.jit
 def _stream_tile(w_ptr, N, K, b0, t, T, BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr,
-                 SILU_MUL: tl.constexpr, h=0, NH: tl.constexpr = 0, HD: tl.constexpr = 0, GD: tl.constexpr = 0):
+                 SILU_MUL: tl.constexpr, h=0, NH: tl.constexpr = 0, HD: tl.constexpr = 0, GD: tl.constexpr = 0,
+                 PD: tl.constexpr = 0):
     """Weight tile t of a program's run (zeros past its end), and its [up] half for a stacked pair; NH > 0:
-    the rows of head h (`_row_of`), N of them."""
+    the rows of head h, N of them; PD > 0: rows in RoPE pairs (`_row_of`)."""
     rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
     r = (b0 + t // KT) * BN + rn
     k = (t % KT) * BK + rk
     m = ((r < N) & (rn * 0 + t < T))[:, None] & (k < K)[None, :]
-    off = _row_of(r, h, NH, HD, GD)[:, None].to(tl.int64) * K + k[None, :]
+    off = _row_of(r, h, NH, HD, GD, PD)[:, None].to(tl.int64) * K + k[None, :]
     w = tl.load(w_ptr + off, mask=m, other=0.0)
     u = w
     if SILU_MUL:
@@ -400,9 +406,11 @@ def _stream_tile(w_ptr, N, K, b0, t, T, BN: tl.constexpr, BK: tl.constexpr, KT: 
 def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w, u, STORE_H,
                  BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
                  SILU_MUL: tl.constexpr, CG: tl.constexpr, h=0, NH: tl.constexpr = 0, HD: tl.constexpr = 0,
-                 GD: tl.constexpr = 0):
+                 GD: tl.constexpr = 0, PD: tl.constexpr = 0, NQ: tl.constexpr = 0, NKV: tl.constexpr = 0,
+                 cos_ptr=0, sin_ptr=0, kc_ptr=0, vc_ptr=0, slot_ptr=0):
     """A program's run of a streamed GEMV, its first weight tile (w, u) already loaded; NH > 0: the rows of
-    head h (`_row_of`), each output stored at its weight row's place."""
+    head h, PD > 0: rows in RoPE pairs (`_row_of`), each output stored at its weight row's place (PD: as
+    `_rope_kv_store` stores it)."""
     rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
     ss = 0.0
@@ -421,7 +429,7 @@ def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w,
     for t in range(0, T):
         kt = t % KT
         # the next tile's load goes out before this tile's product
-        w_next, u_next = _stream_tile(w_ptr, N, K, b0, t + 1, T, BN, BK, KT, SILU_MUL, h, NH, HD, GD)
+        w_next, u_next = _stream_tile(w_ptr, N, K, b0, t + 1, T, BN, BK, KT, SILU_MUL, h, NH, HD, GD, PD)
         if KT > 1:
             if CG:      # x comes from L2: its next tile goes out with the next weight tile
                 kn = ((t + 1) % KT) * BK + rk
@@ -435,7 +443,10 @@ def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w,
         if kt == KT - 1:
             y = _gemv_out(acc, acc_up, tl.rsqrt(ss / K + eps), w_ptr, NORM, SILU_MUL)
             r = (b0 + t // KT) * BN + rn
-            tl.store(y_ptr + _row_of(r, h, NH, HD, GD), y.to(y_ptr.dtype.element_ty), mask=r < N)
+            if PD > 0:
+                _rope_kv_store(y, r, N, y_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, NQ, NKV, PD)
+            else:
+                tl.store(y_ptr + _row_of(r, h, NH, HD, GD), y.to(y_ptr.dtype.element_ty), mask=r < N)
             acc = tl.zeros((BN,), dtype=tl.float32)
             acc_up = tl.zeros((BN,), dtype=tl.float32)
         w = w_next
@@ -443,6 +454,30 @@ def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w,
         if KT > 1:
             if CG:
                 xn = xn_next
+
+
+@triton.jit
+def _rope_kv_store(y, r, N, y_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, NQ: tl.constexpr, NKV: tl.constexpr,
+                   PD: tl.constexpr):
+    """A 4-row tile (rows in RoPE pairs, `_row_of`) of one token's q|k|v projection, stored as rope_write_kv
+    leaves it: q and k heads rotated (rotate-half, this token's cos/sin rows), all heads at their rows of
+    y, and k and v heads also at the token's slot of the KV cache."""
+    n = _row_of(r, 0, 0, 0, 0, PD)
+    d = n % PD
+    head = n // PD
+    # each element's partner (the other half of its rotation) is two places over: (y2, y3, y0, y1)
+    a, b = tl.split(tl.permute(tl.reshape(y, (2, 2)), (1, 0)))
+    yp = tl.reshape(tl.permute(tl.join(b, a), (1, 0)), (4,))
+    c = tl.load(cos_ptr + d).to(tl.float32)
+    s = tl.load(sin_ptr + d).to(tl.float32)
+    y = _rotate_half(y, yp, c, s, d, head < NQ + NKV, PD // 2).to(y_ptr.dtype.element_ty)
+    m = r < N
+    tl.store(y_ptr + n, y, mask=m)
+    slot = tl.load(slot_ptr).to(tl.int64)
+    tl.store(kc_ptr + (slot * NKV + head - NQ) * PD + d, y.to(kc_ptr.dtype.element_ty),
+             mask=m & (head >= NQ) & (head < NQ + NKV))
+    tl.store(vc_ptr + (slot * NKV + head - NQ - NKV) * PD + d, y.to(vc_ptr.dtype.element_ty),
+             mask=m & (head >= NQ + NKV))
 
 
 @triton.jit
@@ -458,6 +493,20 @@ def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, BN
         gdc_launch_dependents()
     _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w, u, pid == 0, BN, BK, KT,
                  ADD, NORM, SILU_MUL, False)
+
+
+@triton.jit
+def _gemv_rope_kv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, N,
+                         K, eps, NQ: tl.constexpr, NKV: tl.constexpr, PD: tl.constexpr, BN: tl.constexpr,
+                         BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    b0, T = _stream_span(N, pid, tl.num_programs(0), BN, KT)
+    w, u = _stream_tile(w_ptr, N, K, b0, 0, T, BN, BK, KT, False, 0, 0, 0, 0, PD)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w, u, pid == 0, BN, BK, KT,
+                 ADD, True, False, False, 0, 0, 0, 0, PD, NQ, NKV, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr)
 
 
 def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, config):
@@ -575,6 +624,47 @@ def add_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: to
         h, x = _add_norm(h, delta, norm_weight, eps)
         return h, _matmul(x, weight, out_dtype)
     return _gemv(h, delta, norm_weight, weight, weight.shape[0], eps, out_dtype)
+
+
+# A batch-1 decode step's attention projection with RoPE and the KV write in its epilogue
+# (`add_norm_linear_rope_kv`): the streamed GEMV's 4-row tiles hold RoPE pairs, so each program rotates what it
+# computed and stores k/v into the cache itself; the rope_write_kv kernel and its boundary leave the step.
+# Off: slower where measured. NanoHammer batch 1 on an H100, three rounds in turn in one process: 1.128 ms with
+# the separate kernel, 1.161 with it in the epilogue (bench/results/decode_latency_rope_in_gemv-h100.json).
+# Each tile's store waits on its own cos/sin loads (L2) and a register shuffle for the partner rows, inside
+# the weight stream's loop (not profiled further). An A/B knob; models with QK-norm never take it.
+ROPE_IN_GEMV = False
+
+
+def add_norm_linear_rope_kv(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
+                            weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                            k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                            q_norm: torch.Tensor | None = None,
+                            k_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """See kernels/fused.py. One row, full rotary, no QK-norm, a streamed GEMV shape: one kernel; otherwise
+    `add_norm_linear`, then `rope_write_kv`."""
+    hkv, D = k_cache.shape[2], k_cache.shape[3]
+    N, K = weight.shape
+    config = gemv_stream_config(N, K)
+    if not (ROPE_IN_GEMV and GEMV_STREAM and config and config[0] == 4 and h.shape[0] == 1 and q_norm is None
+            and k_norm is None and cos.shape[-1] == D and D % 4 == 0 and weight.is_contiguous()
+            and slot_mapping.shape[0] == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        h, qkv = add_norm_linear(h, delta, norm_weight, weight, eps)
+        q = rope_write_kv(qkv.view(h.shape[0], -1, D), cos, sin, num_heads, k_cache, v_cache, slot_mapping, q_norm,
+                          k_norm, eps)
+        return h, q[:, :num_heads]
+    x = h if h.stride(-1) == 1 else h.contiguous()
+    if delta is not None:
+        delta = delta if delta.stride(-1) == 1 else delta.contiguous()
+        h = torch.empty(x.shape, dtype=torch.result_type(x, delta), device=x.device)
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    BN, BK, warps, per_sm = config
+    grid = min(triton.cdiv(N, BN), per_sm * _sm_count(x.device.index if x.is_cuda else None))
+    _gemv_rope_kv_kernel[(grid,)](
+        x, delta if delta is not None else x, h, norm_weight, weight, y, cos.contiguous(), sin.contiguous(),
+        k_cache, v_cache, slot_mapping, N, K, eps, NQ=num_heads, NKV=hkv, PD=D, BN=BN, BK=BK,
+        KT=triton.cdiv(K, BK), ADD=delta is not None, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device))
+    return h, y.view(1, -1, D)[:, :num_heads]
 
 
 def add_norm_linear_silu_mul(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,

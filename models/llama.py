@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec
-from hybridserve.models.layers import (RopeTable, apply_rope, attention_step, causal_attention, logit_rows,
+from hybridserve.models.layers import (RopeTable, apply_rope, causal_attention, logit_rows, norm_attention,
                                        rms_norm, rope_cos_sin, rope_inv_freq, rope_params, swiglu, unique_bytes)
 
 
@@ -157,22 +157,22 @@ class LlamaModel:
         `_attention_entries` (NanoHammer's state entries)."""
         c, eps = self.config, self.config.rms_norm_eps
         fused = pick("fused", self.device)
-        T, H, Hkv, D = meta.input_ids.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        T, H = meta.input_ids.shape[0], c.num_heads
         cos, sin = self.rope_table(meta.positions, max(meta.seq_lens_cpu, default=0))
         h = self.embed[meta.input_ids]
         entries = self._attention_entries(meta, h, cache, cos, sin)
 
-        def attention(i: int, lw: dict, qkv: torch.Tensor) -> torch.Tensor:
-            """The attention sublayer from its q|k|v projection, up to the o projection's output."""
-            o = attention_step(qkv.view(T, H + 2 * Hkv, D), cos, sin, H, cache.kv[i], meta, self.scale,
-                               lw.get("q_norm"), lw.get("k_norm"), eps, None if entries is None else entries.take(i))
-            return fused.linear(o.reshape(T, -1), lw["o"])
+        def attention(i: int, lw: dict, h: torch.Tensor, delta: torch.Tensor | None):
+            """(h + delta, the attention sublayer's output up to the o projection's) from the residual stream."""
+            h, o = norm_attention(h, delta, lw["attn_norm"], lw["qkv"], cos, sin, H, cache.kv[i], meta, self.scale,
+                                  lw.get("q_norm"), lw.get("k_norm"), eps, None if entries is None else entries.take(i))
+            return h, fused.linear(o.reshape(T, -1), lw["o"])
 
         if not c.attn_res:
             delta = None                                   # the pending sublayer output, added with the next norm
             for i, lw in enumerate(self.layers):
-                h, qkv = fused.add_norm_linear(h, delta, lw["attn_norm"], lw["qkv"], eps)
-                h, g = fused.add_norm_linear_silu_mul(h, attention(i, lw, qkv), lw["ffn_norm"], lw["gate_up"], eps)
+                h, a = attention(i, lw, h, delta)
+                h, g = fused.add_norm_linear_silu_mul(h, a, lw["ffn_norm"], lw["gate_up"], eps)
                 delta = fused.linear(g, lw["down"])
         else:
             attn_res = pick("attn_res", self.device)
@@ -192,8 +192,7 @@ class LlamaModel:
                 if i in c.attn_res_boundaries:
                     committed.append(partial)
                     partial = None
-                qkv = fused.add_norm_linear(x, None, lw["attn_norm"], lw["qkv"], eps)[1]
-                partial, x = add_route(partial, attention(i, lw, qkv), lw["mlp_res_query"], lw["mlp_res_norm"])
+                partial, x = add_route(partial, attention(i, lw, x, None)[1], lw["mlp_res_query"], lw["mlp_res_norm"])
                 delta = fused.linear(fused.add_norm_linear_silu_mul(x, None, lw["ffn_norm"], lw["gate_up"], eps)[1],
                                      lw["down"])
             h = add_route(partial, delta, self.final_res_query, self.final_res_norm)[1]
