@@ -175,8 +175,9 @@ class LLMEngine:
     def _device_tokens(self, logits, seqs: list[Sequence], unread: int):
         """The step's tokens on the device if every row samples there (Sampler.device_tokens), else None;
         `unread`: tokens each row has generated that the host has not read yet (its min_tokens count)."""
-        return self.sampler.device_tokens(logits, [s.params for s in seqs], [len(s.output_ids) + unread for s in seqs],
-                                          self.runner.last_argmax, self.runner.graph_sampler(len(seqs)))
+        return self.sampler.device_tokens(logits, [s.params for s in seqs],
+                                          [len(s.output_ids) + unread for s in seqs], self.runner.last_argmax,
+                                          self.runner.graph_sampler(len(seqs)))
 
     def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> RequestOutput:
         p = seq.params

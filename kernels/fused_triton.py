@@ -255,16 +255,23 @@ def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, eps, BM
              mask=(rm < M)[:, None] & mn[None, :])
 
 
-def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu_mul=False):
-    """A few rows: returns (x + delta or x, y)."""
-    M, K = x.shape
-    assert weight.is_contiguous() and weight.shape[-1] == K and M <= GEMV_MAX_ROWS
+def _gemv_inputs(x, delta):
+    """A GEMV's input rows and residual delta with unit column stride, and the tensor for x + delta (x itself
+    without a delta): (x, delta, h)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     h = x
     if delta is not None:
         delta = delta if delta.stride(-1) == 1 else delta.contiguous()
         assert delta.stride(0) == x.stride(0), "x and delta rows must share a stride"
         h = torch.empty(x.shape, dtype=torch.result_type(x, delta), device=x.device)
+    return x, delta, h
+
+
+def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu_mul=False):
+    """A few rows: returns (x + delta or x, y)."""
+    M, K = x.shape
+    assert weight.is_contiguous() and weight.shape[-1] == K and M <= GEMV_MAX_ROWS
+    x, delta, h = _gemv_inputs(x, delta)
     y = torch.empty(M, out_features, dtype=out_dtype or x.dtype, device=x.device)
     if M == 0:
         return h, y
@@ -509,11 +516,16 @@ def _gemv_rope_kv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, cos_ptr, sin
                  ADD, True, False, False, 0, 0, 0, 0, PD, NQ, NKV, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr)
 
 
+def _stream_grid(N: int, config, device: torch.device) -> int:
+    """Programs of a streamed GEMV over N rows: a few per SM (config's last field), at most one per row block."""
+    BN, _, _, per_sm = config
+    return min(triton.cdiv(N, BN), per_sm * _sm_count(device.index if device.type == "cuda" else None))
+
+
 def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, config):
     N, K = y.shape[1], x.shape[1]
-    BN, BK, warps, per_sm = config
-    grid = min(triton.cdiv(N, BN), per_sm * _sm_count(x.device.index if x.is_cuda else None))
-    _gemv_stream_kernel[(grid,)](
+    BN, BK, warps, _ = config
+    _gemv_stream_kernel[(_stream_grid(N, config, x.device),)](
         x, delta if delta is not None else x, h, norm_weight if norm_weight is not None else x, weight, y,
         N, K, eps, BN=BN, BK=BK, KT=triton.cdiv(K, BK), ADD=delta is not None, NORM=norm_weight is not None,
         SILU_MUL=silu_mul, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device),
@@ -653,14 +665,10 @@ def add_norm_linear_rope_kv(h: torch.Tensor, delta: torch.Tensor | None, norm_we
         q = rope_write_kv(qkv.view(h.shape[0], -1, D), cos, sin, num_heads, k_cache, v_cache, slot_mapping, q_norm,
                           k_norm, eps)
         return h, q[:, :num_heads]
-    x = h if h.stride(-1) == 1 else h.contiguous()
-    if delta is not None:
-        delta = delta if delta.stride(-1) == 1 else delta.contiguous()
-        h = torch.empty(x.shape, dtype=torch.result_type(x, delta), device=x.device)
+    x, delta, h = _gemv_inputs(h, delta)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    BN, BK, warps, per_sm = config
-    grid = min(triton.cdiv(N, BN), per_sm * _sm_count(x.device.index if x.is_cuda else None))
-    _gemv_rope_kv_kernel[(grid,)](
+    BN, BK, warps, _ = config
+    _gemv_rope_kv_kernel[(_stream_grid(N, config, x.device),)](
         x, delta if delta is not None else x, h, norm_weight, weight, y, cos.contiguous(), sin.contiguous(),
         k_cache, v_cache, slot_mapping, N, K, eps, NQ=num_heads, NKV=hkv, PD=D, BN=BN, BK=BK,
         KT=triton.cdiv(K, BK), ADD=delta is not None, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device))

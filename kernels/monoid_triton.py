@@ -410,10 +410,7 @@ def projection_decode(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: 
         h, qkvz = fused_triton.add_norm_linear(h, delta, norm_weight, qkvz_weight, eps)
         return h, fused_decode(qkvz, q_norm, k_norm, decay_bias, H, D, eps, decay_gate, state_pool, slot_ids)
     _check_pool(state_pool, H, D, D)
-    x = h if h.stride(-1) == 1 else h.contiguous()
-    if delta is not None:
-        delta = delta if delta.stride(-1) == 1 else delta.contiguous()
-        h = torch.empty(x.shape, dtype=torch.result_type(x, delta), device=x.device)
+    x, delta, h = fused_triton._gemv_inputs(h, delta)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     o = torch.empty(1, H, D, dtype=x.dtype, device=x.device)
     BN, BK, warps, _ = config

@@ -131,7 +131,8 @@ def norm_attention(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: tor
                    eps: float = 1e-5, entry: tuple[torch.Tensor, torch.Tensor] | None = None):
     """The attention sublayer from the residual stream, up to the o projection: h' = h + delta (h when delta is
     None), its RMSNorm and q|k|v projection, then `attention_step`. Returns (h', o [T, H, D]). A decode step
-    takes RoPE and the KV write into the projection's epilogue where it can (fused `add_norm_linear_rope_kv`)."""
+    goes through fused `add_norm_linear_rope_kv`, which takes RoPE and the KV write into the projection's
+    epilogue where its opt-in ROPE_IN_GEMV knob and the shapes allow (else the same two steps)."""
     fused = pick("fused", h.device)
     if meta.is_decode and not ATTN_STEP_FUSED:
         h, q = fused.add_norm_linear_rope_kv(h, delta, norm_weight, qkv_weight, eps, cos, sin, num_heads, kv[0],
