@@ -32,6 +32,7 @@ from hybridserve.kernels import fused_triton as ft
 from hybridserve.kernels import monoid_triton as mt
 from hybridserve.kernels import paged_attention_triton as pat
 from hybridserve.kernels import pdl
+from hybridserve.kernels import sampling_triton
 from hybridserve.models import layers, nanohammer, spartacus
 from hybridserve.models.registry import build_model
 from hybridserve.weights.checkpoint import Checkpoint
@@ -204,7 +205,13 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             # Spartacus batch 1: the recurrence inside the qkvz GEMV (its programs-per-head sweep is in
             # bench/results/decode_latency_projection-h100.json, taken when it was on by default)
             "projection_on": (*_knob(mt, "PROJECTION_FUSED"), True),
-            "rope_in_gemv_on": (*_knob(ft, "ROPE_IN_GEMV"), True)}   # batch 1: RoPE + KV write in the qkv GEMV
+            "rope_in_gemv_on": (*_knob(ft, "ROPE_IN_GEMV"), True),   # batch 1: RoPE + KV write in the qkv GEMV
+            "gather_torch": (*_knob(ft, "GATHER_KERNEL"), False),  # torch index kernels for embedding, cos/sin
+            "select_pdl_off": (*_knob(sampling_triton, "SELECT_PDL"), False),  # argmax kernels without PDL
+            # the step's ends as before: torch index kernels for the embedding and cos/sin, argmax without PDL
+            "step_ends_torch": (lambda: (ft.GATHER_KERNEL, sampling_triton.SELECT_PDL),
+                                lambda v: (setattr(ft, "GATHER_KERNEL", v[0]),
+                                           setattr(sampling_triton, "SELECT_PDL", v[1])), (False, False))}
 PDL_COMPARE = ("pdl_off", "gemv_one_row_only")
 
 

@@ -44,6 +44,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+def gather_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of a [L, R] table ([T, R]), or of each of a [G, L, R] stack of tables ([G, T, R]): a step's
+    token embeddings, its positions' cos/sin rows."""
+    return table.index_select(-2, ids)
+
+
 def add_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, weight: torch.Tensor,
                     eps: float, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h', weight · RMSNorm(h')) for h' = h + delta (h when delta is None): the residual add, the next

@@ -72,6 +72,45 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return y.view(*gate_up.shape[:-1], I)
 
 
+# A step's first reads: its tokens' embedding rows and its positions' cos/sin rows (a [2, L, R] stack, both in
+# one launch). Torch's index kernels (one each for the embedding, cos and sin) were not on PDL; here the next
+# kernel launches at once and streams its first weight tile while the rows are copied. H100, whole decode
+# steps, three rounds in turn (bench/results/decode_latency_step_ends-h100.json, with the argmax on PDL):
+# batch 1 Spartacus 1.0811 → 1.0800 ms, NanoHammer 1.1250 → 1.1230, Kotodama-3B 2.6317 → 2.6297; batch 8
+# −6 / −7 / −11 µs. Reading the row inside the first layer's GEMV instead (batch 1) measured 0.7 µs slower
+# than this kernel on Spartacus (1.0799 vs 1.0792 ms, decode_latency_gather_in_gemv-h100.json): not kept.
+GATHER_KERNEL = True     # False: torch's index_select (an A/B knob for bench/decode_latency.py)
+
+
+@triton.jit
+def _gather_rows_kernel(t_ptr, ids_ptr, y_ptr, L, T, R, BR: tl.constexpr, PDL: tl.constexpr):
+    t = tl.program_id(0)
+    g = tl.program_id(1)
+    if PDL:   # the ids may come from the kernel before (an async-scheduled step's token gather)
+        gdc_wait()
+        gdc_launch_dependents()
+    row = tl.load(ids_ptr + t).to(tl.int64)
+    cols = tl.program_id(2) * BR + tl.arange(0, BR)
+    m = cols < R
+    v = tl.load(t_ptr + (g * L + row) * R + cols, mask=m)
+    tl.store(y_ptr + (g * T + t) * R + cols, v, mask=m)
+
+
+def gather_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    if not GATHER_KERNEL:
+        return table.index_select(-2, ids)
+    lead = table.shape[:-2]
+    L, R = table.shape[-2:]
+    G = table.numel() // max(L * R, 1)
+    table = table if table.is_contiguous() else table.contiguous()
+    y = torch.empty(*lead, ids.shape[0], R, dtype=table.dtype, device=table.device)
+    BR = min(triton.next_power_of_2(R), 2048)
+    if ids.numel() and G and R:
+        _gather_rows_kernel[(ids.shape[0], G, triton.cdiv(R, BR))](
+            table, ids, y, L, ids.shape[0], R, BR=BR, num_warps=4, **pdl.launch_kwargs(table.device))
+    return y
+
+
 @triton.jit
 def _rotate_half(x, xp, c, s, d, is_rot, HALF: tl.constexpr):
     """Rotate-half RoPE where is_rot: x·cos + (−x[d+half] | x[d−half])·sin, from x and its partner column xp

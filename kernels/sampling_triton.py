@@ -8,13 +8,21 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from hybridserve.kernels import pdl
 
 BLOCK = 4096
+# argmax / race on PDL: the first stage launches during the LM head's tail (an A/B knob)
+SELECT_PDL = True
 
 
 @triton.jit
 def _block_best_kernel(x_ptr, scale_ptr, seed_ptr, floor_ptr, val_ptr, idx_ptr, V, sx, NB, BLOCK: tl.constexpr,
-                       RACE: tl.constexpr, FLOOR: tl.constexpr):
+                       RACE: tl.constexpr, FLOOR: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # kernels/pdl.py: the logits come from the kernel before
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     blk = tl.program_id(1)
     cols = blk * BLOCK + tl.arange(0, BLOCK)
@@ -35,7 +43,10 @@ def _block_best_kernel(x_ptr, scale_ptr, seed_ptr, floor_ptr, val_ptr, idx_ptr, 
 
 
 @triton.jit
-def _row_best_kernel(val_ptr, idx_ptr, out_ptr, NB, BNB: tl.constexpr):
+def _row_best_kernel(val_ptr, idx_ptr, out_ptr, NB, BNB: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     b = tl.arange(0, BNB)
     m = b < NB
@@ -56,10 +67,12 @@ def _best(logits: torch.Tensor, scale: torch.Tensor | None, seed: torch.Tensor |
     out = torch.empty(B, dtype=torch.long, device=logits.device)
     if B:
         race = scale is not None
+        launch = pdl.launch_kwargs(logits.device) if SELECT_PDL else {"PDL": False}
         _block_best_kernel[(B, nb)](logits, scale if race else logits, seed if race else logits,
                                     floor if floor is not None else logits, val, idx, V, logits.stride(0), nb,
-                                    BLOCK=BLOCK, RACE=race, FLOOR=floor is not None, num_warps=8)
-        _row_best_kernel[(B,)](val, idx, out, nb, BNB=max(16, triton.next_power_of_2(nb)), num_warps=1)
+                                    BLOCK=BLOCK, RACE=race, FLOOR=floor is not None, num_warps=8,
+                                    **launch)
+        _row_best_kernel[(B,)](val, idx, out, nb, BNB=max(16, triton.next_power_of_2(nb)), num_warps=1, **launch)
     return out
 
 

@@ -62,17 +62,19 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 class RopeTable:
     """cos/sin rows of every position in [0, length) (the model's context: the engine admits no longer),
-    computed once at load with `rope_cos_sin`, so an engine step gathers its rows (2 kernels) instead of
-    recomputing them (~7). Positions past the table are computed as before."""
+    computed once at load with `rope_cos_sin` into one [2, length, R] stack, so an engine step gathers its
+    rows of both (one kernel, kernels/fused*.py `gather_rows`) instead of recomputing them (~7). Positions
+    past the table are computed as before."""
 
     def __init__(self, inv_freq: torch.Tensor, length: int, dtype: torch.dtype, device: torch.device):
         self.inv_freq, self.dtype, self.length = inv_freq, dtype, length
-        self.cos, self.sin = rope_cos_sin(torch.arange(length, device=device), inv_freq, dtype)
+        self.table = torch.stack(rope_cos_sin(torch.arange(length, device=device), inv_freq, dtype))
 
     def __call__(self, positions: torch.Tensor, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows for `positions`; `longest` (a host int, the batch's longest context) picks table or compute."""
         if longest <= self.length:
-            return self.cos[positions], self.sin[positions]
+            cos, sin = pick("fused", positions.device).gather_rows(self.table, positions)
+            return cos, sin
         return rope_cos_sin(positions, self.inv_freq, self.dtype)
 
 

@@ -159,7 +159,7 @@ class LlamaModel:
         fused = pick("fused", self.device)
         T, H = meta.input_ids.shape[0], c.num_heads
         cos, sin = self.rope_table(meta.positions, max(meta.seq_lens_cpu, default=0))
-        h = self.embed[meta.input_ids]
+        h = fused.gather_rows(self.embed, meta.input_ids)
         entries = self._attention_entries(meta, h, cache, cos, sin)
 
         def attention(i: int, lw: dict, h: torch.Tensor, delta: torch.Tensor | None):

@@ -216,7 +216,7 @@ class NeoLLMModel:
         p, _ = c.fan_sizes
         cos, sin = self.rope_table(meta.positions, max(meta.seq_lens_cpu, default=0))
         # the residual stream, the pending sublayer output, and the GPAS scale that goes with it
-        h, delta, scale = self.embed[meta.input_ids], None, 1.0
+        h, delta, scale = fused.gather_rows(self.embed, meta.input_ids), None, 1.0
         for i, lw in enumerate(self.layers):
             attn = c.layer_types[i] == FULL
             w_in = lw["qkv"] if attn else lw["gdn"].in_proj

@@ -181,7 +181,8 @@ class SpartacusModel:
             return pick("spartacus_step", self.device).decode_step(self.step_weights, meta.input_ids,
                                                                     meta.slot_ids, pools)
         fused, ops = pick("fused", self.device), pick("monoid", self.device)
-        h, delta = self.embed[meta.input_ids], None    # the residual stream and the pending sublayer output
+        # the residual stream and the pending sublayer output
+        h, delta = fused.gather_rows(self.embed, meta.input_ids), None
         for i, lw in enumerate(self.layers):
             norms = (lw["q_norm_scaled"], lw["k_norm"], lw["decay_bias"], c.num_heads, c.head_dim, eps,
                      c.decay_gate)

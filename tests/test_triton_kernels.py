@@ -537,6 +537,21 @@ def test_fused_linears_stream(device, dtype, with_delta, cfg, N, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_rows(device, dtype):
+    """A table's rows at ids (repeats, the last row, a column count that is not a power of two, an empty id
+    list) and a [2, L, R] stack's rows of both tables, as the reference's index_select."""
+    table = torch.randn(20, 300, device=device, dtype=dtype)
+    stack = torch.randn(2, 20, 24, device=device, dtype=dtype)
+    for ids in ([19, 0, 19, 5], [], [7]):
+        ids = torch.tensor(ids, dtype=torch.long, device=device)
+        for t in (table, stack):
+            got = fused_tr.gather_rows(t, ids)
+            assert got.shape == fused_ref.gather_rows(t, ids).shape
+            assert torch.equal(got, fused_ref.gather_rows(t, ids))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,cfg", [(3, (16, 16, 128, 4, 3)), (40, (16, 32, 64, 4, 2)), (17, (32, 16, 64, 4, 3))])
 def test_fused_linears_multi_row(device, dtype, rows, cfg, monkeypatch):
     """The multi-row GEMM (row blocks, a partial last K tile and column block) with its SiLU·mul and fp32
