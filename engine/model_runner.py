@@ -51,11 +51,17 @@ def build_meta(chunks: list[SeqChunk], page_size: int, device: torch.device,
         elif c.want_logits:
             logits_idx.append(first + n - 1)
 
-    # one host-to-device copy per step: every index list packed into a single int64 tensor, then split
+    # one host-to-device copy per step: every index list packed into a single int64 tensor, then split. Each
+    # part is padded to an even length, so every view starts 16-byte aligned: Triton compiles a kernel variant
+    # per pointer alignment, and an odd token count would otherwise give the views after it variants of their
+    # own, compiled (a second or more) in the middle of serving
     parts = [ids, pos, slot_map, [c.slot for c in chunks], logits_idx, cu, seq_lens,
              [p for row in tables for p in row]]
-    packed = torch.tensor([v for part in parts for v in part], dtype=torch.long).to(device, non_blocking=True)
-    ids_t, pos_t, slot_map_t, slots_t, logits_t, cu_t, lens_t, tables_t = packed.split([len(p) for p in parts])
+    sizes = [len(p) + len(p) % 2 for p in parts]
+    flat = [v for part, size in zip(parts, sizes) for v in (*part, *[0] * (size - len(part)))]
+    packed = torch.tensor(flat, dtype=torch.long).to(device, non_blocking=True)
+    ids_t, pos_t, slot_map_t, slots_t, logits_t, cu_t, lens_t, tables_t = (
+        view[:len(part)] for view, part in zip(packed.split(sizes), parts))
     return BatchMeta(
         input_ids=ids_t, positions=pos_t, cu_seqlens=cu_t.int(), seq_lens=lens_t.int(),
         block_tables=tables_t.view(len(chunks), max_pages).int(), slot_mapping=slot_map_t, slot_ids=slots_t,

@@ -82,7 +82,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 GATHER_KERNEL = True     # False: torch's index_select (an A/B knob for bench/decode_latency.py)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])    # one variant for every token count (eager steps vary it)
 def _gather_rows_kernel(t_ptr, ids_ptr, y_ptr, L, T, R, BR: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0)
     g = tl.program_id(1)

@@ -48,6 +48,7 @@ from hybridserve.server.errors import (
 )
 from hybridserve.server.guard import RequestGuard
 from hybridserve.server.metrics import ServerMetrics
+from hybridserve.server.sse import TextEvents
 from hybridserve.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -79,6 +80,12 @@ except PackageNotFoundError:      # run from a source tree on the path, not inst
     VERSION = "0+source"
 SYSTEM_FINGERPRINT = f"hybridserve-{VERSION}"
 SSE_DONE = "data: [DONE]\n\n"
+# Text-only stream events from a template (server/sse.py) instead of a pydantic model each; an A/B knob
+# for bench/serve_host_cost.py
+FAST_TEXT_EVENTS = True
+# A one-choice response reads its engine stream directly rather than through a pump task and a merged
+# queue (one task switch less per token); an A/B knob for bench/serve_host_cost.py
+DIRECT_SINGLE_STREAM = True
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 MAX_GENERATIONS = 64    # prompts x n in one request: each is an engine request holding a slot and pages
@@ -156,6 +163,26 @@ Render = Callable[[_Job, RequestOutput, _Choice], "str | None"]
 
 def _sse(payload: str) -> str:
     return f"data: {payload}\n\n"
+
+
+def _text_only(out: RequestOutput, want_logprobs: bool) -> bool:
+    """An output whose event carries nothing but new text (no logprobs, not the last)."""
+    return FAST_TEXT_EVENTS and bool(out.new_text) and not out.finished and not want_logprobs \
+        and out.stop_reason is None
+
+
+class _TextEventsByIndex:
+    """A stream's text-only events per choice index, each template made on first use."""
+
+    def __init__(self, render: Callable[[int, str], str]) -> None:
+        self._render = render
+        self._events: dict[int, TextEvents] = {}
+
+    def __call__(self, index: int, text: str) -> str:
+        events = self._events.get(index)
+        if events is None:
+            events = self._events[index] = TextEvents(lambda t: self._render(index, t))
+        return events(text)
 
 
 def _finite(logprob: float) -> float:
@@ -302,10 +329,37 @@ class _Serving:
 
     async def _outputs(self, jobs: list[_Job], streams: list[RequestStream]
                        ) -> AsyncIterator[tuple[_Job, RequestOutput]]:
-        """Merge the engine streams of all jobs. Closing this generator closes the engine streams, which
-        aborts whatever has not finished."""
-        queue: asyncio.Queue[tuple[_Job, RequestOutput | Exception | None]] = asyncio.Queue()
+        """Merge the engine streams of all jobs (one job: its stream, read directly). Closing this generator
+        closes the engine streams, which aborts whatever has not finished."""
         trackers = {job.index: self.metrics.track(len(job.prompt_ids)) for job in jobs}
+
+        def checked(job: _Job, item: RequestOutput | Exception) -> RequestOutput:
+            """The output, observed; an ended stream or an engine error raised as the client's failure."""
+            if isinstance(item, Exception):
+                failure = _failure(job.request_id, item)
+                self.metrics.failed(failure.reason)
+                raise failure from item
+            trackers[job.index].observe(item)
+            if item.error is not None:
+                self.metrics.failed("engine_error")
+                raise EngineFailure(engine_error(item.error), "engine_error")
+            return item
+
+        if len(jobs) == 1 and DIRECT_SINGLE_STREAM:     # one choice: its stream read here, no pump task
+            job, stream = jobs[0], streams[0]
+            try:
+                while True:
+                    try:
+                        out = await anext(stream)
+                    except StopAsyncIteration:
+                        return
+                    except Exception as exc:
+                        checked(job, exc)
+                    yield job, checked(job, out)
+            finally:
+                _close_all(streams)
+                trackers[job.index].finish("abort")  # no-op if it finished
+        queue: asyncio.Queue[tuple[_Job, RequestOutput | Exception | None]] = asyncio.Queue()
 
         async def pump(job: _Job, stream: RequestStream) -> None:
             try:
@@ -324,15 +378,7 @@ class _Serving:
                 if item is None:
                     running -= 1
                     continue
-                if isinstance(item, Exception):
-                    failure = _failure(job.request_id, item)
-                    self.metrics.failed(failure.reason)
-                    raise failure from item
-                trackers[job.index].observe(item)
-                if item.error is not None:
-                    self.metrics.failed("engine_error")
-                    raise EngineFailure(engine_error(item.error), "engine_error")
-                yield job, item
+                yield job, checked(job, item)
         finally:
             # Nothing before the await may be skipped: inside Starlette's cancelled task group (a streaming
             # client that disconnected) every await raises CancelledError again at once. Closing the streams
@@ -411,9 +457,14 @@ class _Serving:
                 return _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage,
                                                 system_fingerprint=SYSTEM_FINGERPRINT).model_dump_json())
 
+            plain = _TextEventsByIndex(lambda i, text: chunk([ChatStreamChoice(index=i,
+                                                                                 delta=DeltaMessage(content=text))]))
+
             def render(job: _Job, out: RequestOutput, _: _Choice) -> str | None:
                 if not (out.new_text or out.finished or (want_logprobs and out.logprobs)):
                     return None  # e.g. a token that ends mid-character: its text comes with the next one
+                if _text_only(out, want_logprobs):
+                    return plain(job.index, out.new_text)
                 return chunk([ChatStreamChoice(
                     index=job.index, delta=DeltaMessage(content=out.new_text or None),
                     logprobs=_chat_logprobs(out.logprobs) if want_logprobs else None,
@@ -468,9 +519,13 @@ class _Serving:
                 return _sse(CompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage,
                                             system_fingerprint=SYSTEM_FINGERPRINT).model_dump_json())
 
+            plain = _TextEventsByIndex(lambda i, text: chunk([CompletionChoice(index=i, text=text)]))
+
             def render(job: _Job, out: RequestOutput, so_far: _Choice) -> str | None:
                 if not (out.new_text or out.finished or (want_logprobs and out.logprobs)):
                     return None
+                if _text_only(out, want_logprobs):
+                    return plain(job.index, out.new_text)
                 return chunk([CompletionChoice(
                     index=job.index, text=out.new_text,
                     logprobs=_completion_logprobs(out.logprobs, so_far.text_len) if want_logprobs else None,

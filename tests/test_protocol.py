@@ -327,3 +327,48 @@ def test_model_sampling_defaults_fill_only_omitted_fields():
     assert (p.temperature, p.top_p, p.top_k) == (0.0, 0.5, 40)
     p = ChatCompletionRequest(model="m", messages=msgs).sampling_params(8, None)
     assert (p.temperature, p.top_p, p.top_k) == (1.0, 1.0, -1)
+
+
+TRICKY_TEXTS = [" hello", 'a "quote" and a \\ backslash', "new\nline\ttab\rreturn", "\x00\x01\x1f\x7f control",
+                "é日本語🙂", "\u2028\u2029 separators", "</script>", "{\"not\": json}", ""]
+
+
+def test_text_events_are_the_models_bytes():
+    """The text-event template (server/sse.py) gives byte for byte what the response models render, for
+    completions and chat chunks and texts that need escaping, non-ASCII and JSON look-alikes."""
+    from hybridserve.server.protocol import ChatCompletionChunk, ChatStreamChoice, CompletionChoice, CompletionChunk
+    from hybridserve.server.protocol import DeltaMessage
+    from hybridserve.server.sse import TextEvents
+
+    def completion(text):
+        return "data: " + CompletionChunk(id="cmpl-1", created=7, model="m/x", system_fingerprint="fp", choices=[
+            CompletionChoice(index=2, text=text)]).model_dump_json() + "\n\n"
+
+    def chat(text):
+        return "data: " + ChatCompletionChunk(id="chatcmpl-1", created=7, model="m", system_fingerprint="fp", choices=[
+            ChatStreamChoice(index=0, delta=DeltaMessage(content=text))]).model_dump_json() + "\n\n"
+
+    for render in (completion, chat):
+        events = TextEvents(render)
+        for text in TRICKY_TEXTS:
+            assert events(text) == render(text), text
+    with pytest.raises(ValueError):
+        TextEvents(lambda text: text + text)        # a render that repeats the text cannot be a template
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_streamed_events_same_with_or_without_text_templates(engine, path, monkeypatch):
+    """A streamed response (two choices, a stop string, usage) has the same events whether its text events
+    come from the template or from the models; only the response id and creation time differ."""
+    import hybridserve.server.app as app_module
+    body = {"max_tokens": 12, "n": 2, "temperature": 0.9, "seed": 5, "stop": ["qqqz"], "stream": True,
+            "stream_options": {"include_usage": True}}
+    body |= {"prompt": "Once upon"} if path == "/v1/completions" else {"messages": MSGS}
+    runs = []
+    for fast in (True, False):
+        monkeypatch.setattr(app_module, "FAST_TEXT_EVENTS", fast)
+        events = sse_events(post(engine, path, body))
+        assert events[-1] == "[DONE]"
+        runs.append([{k: v for k, v in json.loads(e).items() if k not in ("id", "created")} for e in events[:-1]])
+    assert runs[0] == runs[1]
+    assert sum(bool(c.get("text") or c.get("delta", {}).get("content")) for e in runs[0] for c in e["choices"]) > 6

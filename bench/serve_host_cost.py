@@ -1,0 +1,139 @@
+"""Host cost of streaming: CPU time of the server's event-loop thread per streamed event.
+
+A real uvicorn server in this process (its event loop on the main thread, the engine on its own thread) on a
+small synthetic checkpoint, C clients streaming /v1/completions from a separate process (httpx), greedy,
+ignore_eos. Per round: the event-loop thread's CPU seconds (time.thread_time) over the SSE events the
+clients received. The engine's step time does not enter the figure (another thread), so it runs on a CPU
+machine as well; rounds alternate the server's A/B knobs in one process.
+
+Usage: python bench/serve_host_cost.py [--concurrency 32] [--max-tokens 128] [--rounds 3] → $OUT/serve_host_cost.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import uvicorn
+
+import hybridserve.server.app as app_module
+from hybridserve.engine.build import build_engine
+from hybridserve.engine.config import EngineConfig
+from hybridserve.server.app import create_app
+from hybridserve.weights.synth import write_synthetic
+
+CLIENTS = r'''
+import asyncio, json, sys, time
+import httpx
+C, tokens, url = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+async def one(http, model, i):
+    body = {"model": model, "prompt": [100 + i, 200, 300], "max_tokens": tokens, "ignore_eos": True,
+            "stream": True, "temperature": 0}
+    n = 0
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            n += line.startswith("data: {")
+    return n
+async def main():
+    async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+        model = (await http.get("/v1/models")).json()["data"][0]["id"]
+        t = time.perf_counter()
+        events = await asyncio.gather(*[one(http, model, i) for i in range(C)])
+        print(json.dumps({"events": sum(events), "wall_s": time.perf_counter() - t}))
+asyncio.run(main())
+'''
+
+# A/B knobs: name -> (module, attribute, value)
+VARIANTS = {"text_events_off": (app_module, "FAST_TEXT_EVENTS", False),
+            "direct_single_off": (app_module, "DIRECT_SINGLE_STREAM", False)}
+
+
+async def clients(url: str, C: int, tokens: int) -> dict:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", CLIENTS, str(C), str(tokens), url,
+                                                stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, "the client process failed"
+    return json.loads(out)
+
+
+async def measure(url: str, C: int, tokens: int) -> dict:
+    cpu0 = time.thread_time()
+    res = await clients(url, C, tokens)
+    cpu = time.thread_time() - cpu0
+    assert res["events"] >= C * tokens // 2, res     # a token that ends mid-character has no event of its own
+    return {"events": res["events"], "wall_s": res["wall_s"], "loop_cpu_s": cpu,
+            "loop_cpu_us_per_event": 1e6 * cpu / res["events"]}
+
+
+async def run(args, model_dir: Path) -> dict:
+    engine = build_engine(EngineConfig(model=str(model_dir), device=args.device, max_num_seqs=args.concurrency,
+                                       max_model_len=512))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=args.port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started or engine.health() is not None:
+        await asyncio.sleep(0.05)
+    url = f"http://127.0.0.1:{args.port}"
+    names = [""] + [v for v in args.variants.split(",") if v]
+    runs = {name or "default": [] for name in names}
+    try:
+        await measure(url, args.concurrency, 16)          # warm-up
+        for _ in range(args.rounds):
+            for name in names:
+                mod, attr, value = VARIANTS[name] if name else (None, None, None)
+                before = getattr(mod, attr) if mod else None
+                if mod:
+                    setattr(mod, attr, value)
+                try:
+                    runs[name or "default"].append(await measure(url, args.concurrency, args.max_tokens))
+                finally:
+                    if mod:
+                        setattr(mod, attr, before)
+    finally:
+        server.should_exit = True
+        await serving
+    return runs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="kotodama")
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", default="text_events_off,direct_single_off",
+                    help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--tokenizer", default=os.environ.get("HYBRIDSERVE_TOKENIZER_DIR"),
+                    help="a directory with the tokenizer files weights/synth.py writes (machines without the "
+                         "embedded package)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_synthetic(args.arch, args.size, Path(tmp) / args.arch, seed=0,
+                                    tokenizer_from=Path(args.tokenizer) if args.tokenizer else None)
+        runs = asyncio.run(run(args, model_dir))
+    import torch
+    out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+           "torch": torch.__version__, "arch": args.arch, "size": args.size, "concurrency": args.concurrency,
+           "max_tokens": args.max_tokens, "runs": runs,
+           "median_loop_cpu_us_per_event": {k: statistics.median(r["loop_cpu_us_per_event"] for r in v)
+                                            for k, v in runs.items()}}
+    for k, v in out["median_loop_cpu_us_per_event"].items():
+        each = ", ".join(f"{r['loop_cpu_us_per_event']:.1f}" for r in runs[k])
+        print(f"{k:18} {v:7.1f} us of event-loop CPU per streamed event ({each})")
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    (out_dir / "serve_host_cost.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
