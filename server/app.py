@@ -171,20 +171,6 @@ def _text_only(out: RequestOutput, want_logprobs: bool) -> bool:
         and out.stop_reason is None
 
 
-class _TextEventsByIndex:
-    """A stream's text-only events per choice index, each template made on first use."""
-
-    def __init__(self, render: Callable[[int, str], str]) -> None:
-        self._render = render
-        self._events: dict[int, TextEvents] = {}
-
-    def __call__(self, index: int, text: str) -> str:
-        events = self._events.get(index)
-        if events is None:
-            events = self._events[index] = TextEvents(lambda t: self._render(index, t))
-        return events(text)
-
-
 def _finite(logprob: float) -> float:
     return max(logprob, MIN_LOGPROB)
 
@@ -457,8 +443,7 @@ class _Serving:
                 return _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage,
                                                 system_fingerprint=SYSTEM_FINGERPRINT).model_dump_json())
 
-            plain = _TextEventsByIndex(lambda i, text: chunk([ChatStreamChoice(index=i,
-                                                                                 delta=DeltaMessage(content=text))]))
+            plain = TextEvents(lambda i, text: chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=text))]))
 
             def render(job: _Job, out: RequestOutput, _: _Choice) -> str | None:
                 if not (out.new_text or out.finished or (want_logprobs and out.logprobs)):
@@ -519,7 +504,7 @@ class _Serving:
                 return _sse(CompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage,
                                             system_fingerprint=SYSTEM_FINGERPRINT).model_dump_json())
 
-            plain = _TextEventsByIndex(lambda i, text: chunk([CompletionChoice(index=i, text=text)]))
+            plain = TextEvents(lambda i, text: chunk([CompletionChoice(index=i, text=text)]))
 
             def render(job: _Job, out: RequestOutput, so_far: _Choice) -> str | None:
                 if not (out.new_text or out.finished or (want_logprobs and out.logprobs)):

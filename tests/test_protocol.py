@@ -340,20 +340,21 @@ def test_text_events_are_the_models_bytes():
     from hybridserve.server.protocol import DeltaMessage
     from hybridserve.server.sse import TextEvents
 
-    def completion(text):
+    def completion(index, text):
         return "data: " + CompletionChunk(id="cmpl-1", created=7, model="m/x", system_fingerprint="fp", choices=[
-            CompletionChoice(index=2, text=text)]).model_dump_json() + "\n\n"
+            CompletionChoice(index=index, text=text)]).model_dump_json() + "\n\n"
 
-    def chat(text):
+    def chat(index, text):
         return "data: " + ChatCompletionChunk(id="chatcmpl-1", created=7, model="m", system_fingerprint="fp", choices=[
-            ChatStreamChoice(index=0, delta=DeltaMessage(content=text))]).model_dump_json() + "\n\n"
+            ChatStreamChoice(index=index, delta=DeltaMessage(content=text))]).model_dump_json() + "\n\n"
 
     for render in (completion, chat):
         events = TextEvents(render)
-        for text in TRICKY_TEXTS:
-            assert events(text) == render(text), text
+        for index in (0, 2):
+            for text in TRICKY_TEXTS:
+                assert events(index, text) == render(index, text), text
     with pytest.raises(ValueError):
-        TextEvents(lambda text: text + text)        # a render that repeats the text cannot be a template
+        TextEvents(lambda index, text: text + text)(0, "x")   # a render that repeats the text cannot be a template
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
