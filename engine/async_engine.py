@@ -20,8 +20,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from hybridserve.engine import warmup
 from hybridserve.engine.config import EngineStats
 from hybridserve.engine.request import FinishReason, RequestOutput, SamplingParams
+from hybridserve.kernels.jit_watch import Compile, JitWatch
 
 if TYPE_CHECKING:
     from hybridserve.engine.llm_engine import LLMEngine
@@ -118,6 +120,27 @@ class RequestStream:
         self._engine._close(self.request_id)
 
 
+def resolve_warmup(mode: str, device_type: str) -> str:
+    """EngineConfig.warmup → a warm-up plan mode: `auto` meets the step shapes where kernels JIT-compile."""
+    if mode == "auto":
+        return "shapes" if device_type == "cuda" else "basic"
+    if mode not in warmup.MODES:
+        raise ValueError(f"unknown warm-up {mode!r}; choose from auto, {', '.join(warmup.MODES)}")
+    return mode
+
+
+async def _consume_warmup(stream: RequestStream, first: asyncio.Event) -> None:
+    """Read a warm-up request to its end; `first` is set at its first output (or its end)."""
+    try:
+        async for out in stream:
+            first.set()
+            if out.error is not None:
+                raise RuntimeError(f"warm-up generation failed: {out.error}")
+    finally:
+        first.set()
+        stream.close()
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, model_name: str):
         self.engine = engine
@@ -145,6 +168,11 @@ class AsyncEngine:
         self._stats = engine.stats()
         self._step_started: float | None = None   # written by the engine thread, read by the watchdog
         self._engine_waiting: set[str] = set()    # engine thread only: added, not yet seen running
+        self.warmup_mode = resolve_warmup(config.warmup, engine.model.device.type)
+        # Triton compiles in this process (CUDA only): those after ready are counted and logged, each being a
+        # step shape the warm-up did not meet and a pause inside somebody's request.
+        self.jit_compiles_after_ready = 0
+        self._jit = JitWatch(self._on_compile) if engine.model.device.type == "cuda" else None
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
@@ -161,6 +189,8 @@ class AsyncEngine:
         self._engine_waiting = set()
         self._thread = threading.Thread(target=self._run, name="hybridserve-engine", daemon=True)
         self._thread.start()
+        if self._jit is not None:
+            self._jit.start()
         if warm_up:
             await self._warm_up()
         if self.watchdog_timeout > 0:
@@ -168,18 +198,46 @@ class AsyncEngine:
         self.ready = True
 
     async def _warm_up(self) -> None:
-        """A 1-token prompt, 1 generated token, through schedule → forward → sample → detokenize: the first
-        step pays one-off costs (lazy init, allocator growth), and an engine that cannot generate must never
-        report ready."""
-        ids = self.tokenizer.encode("Hello", add_special_tokens=False)[:1] or [0]
-        stream = self._register(f"warmup-{uuid.uuid4().hex}", ids, SamplingParams(max_tokens=1, temperature=0),
-                                timeout=None, queued=False)
+        """Serve the warm-up's waves (engine/warmup.py) through schedule → forward → sample → detokenize: the
+        first steps pay one-off costs (lazy init, allocator growth, kernel compiles for the eager step shapes),
+        and an engine that cannot generate must never report ready. A wave is submitted once every request of
+        the one before has its first token, so its prompts arrive while those decode."""
+        t0, compiled = time.monotonic(), len(self._jit.compiles) if self._jit is not None else 0
+        eng = self.engine
+        kv = eng.pools.pages.capacity * eng.pools.page_size if eng.pools.layout.kv else None
+        waves = warmup.plan(self.warmup_mode, self.tokenizer, self.max_model_len, eng.scheduler.budget,
+                            eng.scheduler.max_num_seqs, kv)
+        tasks: list[asyncio.Task] = []
         try:
-            async for out in stream:
-                if out.error is not None:
-                    raise RuntimeError(f"warm-up generation failed: {out.error}")
+            for i, wave in enumerate(waves):
+                started = []
+                for req in wave:
+                    if i:   # the first wave is the one generation that must work; later ones only if servable
+                        try:
+                            eng.validate(req.prompt_ids, req.params)
+                        except ValueError:
+                            continue
+                    stream = self._register(f"warmup-{uuid.uuid4().hex}", req.prompt_ids, req.params,
+                                            timeout=None, queued=False)
+                    first = asyncio.Event()
+                    tasks.append(asyncio.create_task(_consume_warmup(stream, first)))
+                    started.append(first)
+                for first in started:
+                    await first.wait()
+            await asyncio.gather(*tasks)
         finally:
-            stream.close()
+            for task in tasks:
+                task.cancel()
+        n = sum(len(w) for w in waves)
+        log.info("warm-up (%s): %d requests in %.2f s%s", self.warmup_mode, n, time.monotonic() - t0,
+                 f", {len(self._jit.compiles) - compiled} kernel variants compiled" if self._jit is not None else "")
+
+    def _on_compile(self, c: Compile) -> None:
+        """A Triton compile (on whichever thread launched the kernel)."""
+        if self.ready:
+            self.jit_compiles_after_ready += 1
+            log.warning("kernel %s compiled after the server turned ready (%.2f s, blocking the engine step): a "
+                        "step shape the start-up warm-up did not meet; variant %s", c.kernel, c.seconds, c.variant)
 
     async def drain(self, timeout: float, cut_short: asyncio.Event | None = None, grace: float = 5.0) -> int:
         """Graceful shutdown: refuse new requests, let in-flight ones finish for up to `timeout` seconds (or
@@ -199,6 +257,8 @@ class AsyncEngine:
 
     async def shutdown(self) -> None:
         self.ready = False
+        if self._jit is not None:
+            self._jit.stop()
         self._stop = True
         self._wake.set()
         if self._watchdog is not None:

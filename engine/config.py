@@ -20,6 +20,8 @@ class EngineConfig:
     async_scheduling: bool | None = None  # launch each decode step before reading the last one's tokens
                                          # (engine/inflight.py); None = on where decode runs as CUDA graphs
     seed: int = 0
+    warmup: str = "auto"                 # start-up warm-up before ready (engine/warmup.py): basic | shapes;
+                                         # auto = shapes where kernels JIT-compile (CUDA), basic elsewhere
     # Admission and liveness, enforced by AsyncEngine (the engine core never sees them).
     max_queued_requests: int = 256       # submitted but not yet running; beyond this new requests get 503
     max_queued_tokens: int = 65536       # prompt tokens of those queued requests; same

@@ -14,10 +14,20 @@ from hybridserve.kernels import pdl
 from hybridserve.kernels.attn_res import MAX_SOURCES
 
 
-@triton.jit
+# Source offsets are distances between allocations, anywhere in ±2^46 elements: passed with this bias added, so
+# Triton always types them int64 (it types an int argument by its value, i32 or i64, and compiles a variant
+# per combination, which turned up as compiles in the middle of serving) and never specialises on their value.
+# They are passed in units of UNIT elements (16 bytes where every offset allows it), so the kernel still knows
+# each source row is 16-byte aligned and loads it in vectors, as the specialisation used to tell it.
+OFFSET_BIAS = 1 << 48
+_BIAS = tl.constexpr(OFFSET_BIAS)
+_OFFSETS = ("o1", "o2", "o3", "o4", "o5", "o6", "o7")
+
+
+@triton.jit(do_not_specialize=_OFFSETS)
 def _route_kernel(s0_ptr, o1, o2, o3, o4, o5, o6, o7, d_ptr, p_ptr, q_ptr, w_ptr, y_ptr, stride, eps,
                   S: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, ADD: tl.constexpr,
-                  PDL: tl.constexpr):
+                  UNIT: tl.constexpr, PDL: tl.constexpr):
     """Source i lives at s0_ptr + o_i (element offsets from the first source): all S rows load as one
     [BS, BD] tile, so their loads are in flight together instead of one after another."""
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
@@ -28,9 +38,11 @@ def _route_kernel(s0_ptr, o1, o2, o3, o4, o5, o6, o7, d_ptr, p_ptr, q_ptr, w_ptr
     m = offs < D
     si = tl.arange(0, BS)
     zero = si.to(tl.int64) * 0
-    src = tl.where(si == 1, zero + o1, tl.where(si == 2, zero + o2, tl.where(si == 3, zero + o3, zero)))
-    src = tl.where(si == 4, zero + o4, tl.where(si == 5, zero + o5, tl.where(si == 6, zero + o6, src)))
-    src = tl.where(si == 7, zero + o7, src)
+    src = tl.where(si == 1, zero + (o1 - _BIAS), tl.where(si == 2, zero + (o2 - _BIAS),
+                                                          tl.where(si == 3, zero + (o3 - _BIAS), zero)))
+    src = tl.where(si == 4, zero + (o4 - _BIAS), tl.where(si == 5, zero + (o5 - _BIAS),
+                                                          tl.where(si == 6, zero + (o6 - _BIAS), src)))
+    src = tl.where(si == 7, zero + (o7 - _BIAS), src) * UNIT
     ms = si < S
     x = tl.load(s0_ptr + src[:, None] + row * stride + offs[None, :], mask=ms[:, None] & m[None, :],
                 other=0.0).to(tl.float32)
@@ -56,14 +68,16 @@ def _launch(sources, delta, partial, query, norm_w, eps):
     assert all(s.dtype == src[0].dtype and s.shape == src[0].shape for s in src)
     size = src[0].element_size()
     offsets = [(s.data_ptr() - src[0].data_ptr()) // size for s in src[1:]]
-    offsets += [0] * (MAX_SOURCES - 1 - len(offsets))
+    unit = 16 // size if all(o % (16 // size) == 0 for o in offsets) and 16 % size == 0 else 1
+    offsets = [o // unit + OFFSET_BIAS for o in offsets]
+    offsets += [OFFSET_BIAS] * (MAX_SOURCES - 1 - len(offsets))
     y = torch.empty_like(src[0])
     BD = triton.next_power_of_2(D)
     BS = triton.next_power_of_2(len(src))
     if T:
         _route_kernel[(T,)](src[0], *offsets, delta if delta is not None else y,
                             partial if partial is not None else y, query, norm_w, y, D, eps, S=len(src), BS=BS,
-                            D=D, BD=BD, ADD=delta is not None,
+                            D=D, BD=BD, ADD=delta is not None, UNIT=unit,
                             num_warps=16 if BS * BD >= 16384 else 8 if BS * BD >= 4096 else 4,
                             **pdl.launch_kwargs(y.device))
     return y

@@ -599,7 +599,7 @@ def mm_config(M: int, N: int, K: int, stacked: int = 1) -> tuple[int, int, int, 
     return (BM, 64, 128, 8, 3 if stacked > 1 else 4) if N >= 8192 else None
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])   # the step's token count: one variant for all
 def _mm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, sx, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                SILU_MUL: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)

@@ -104,7 +104,8 @@ def _chunk_span(s, cu_ptr, N, n_search, C: tl.constexpr):
     return t0, tl.minimum(t0 + C, eos)
 
 
-@triton.jit
+# N (sequences in the step) and n_search vary per step: not specialised on (jit_watch.py).
+@triton.jit(do_not_specialize=["N", "n_search"])
 def _chunk_local_kernel(k_ptr, v_ptr, la_ptr, cu_ptr, h_ptr, g_ptr,
                         sk_t, sk_h, sv_t, sv_h, sa_t, sa_h, N, n_search,
                         H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
@@ -181,7 +182,7 @@ def _chunk_scan_kernel(s_ptr, slot_ptr, cu_ptr, h_ptr, g_ptr,
     tl.store(s_ptr + s_off, S, mask=mr[:, None] & mv[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "n_search"])
 def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, la_ptr, h_ptr, cu_ptr, o_ptr,
                          sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sa_t, sa_h, so_t, so_h, N, n_search,
                          H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,

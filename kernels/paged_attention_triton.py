@@ -243,7 +243,9 @@ def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, len_ptr, so_b, so_h, n
         lse = tl.where(l_all > 0, (m_all + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         tl.store(lse_ptr + b * H + h, lse)
 
-@triton.jit
+# The block-table row stride is the step's longest page list: not specialised on (1, a multiple of 16 or
+# neither would each be a variant compiled while serving).
+@triton.jit(do_not_specialize=["sbt_b"])
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, len_ptr, bt_ptr, o_ptr, lse_ptr,
                     sq_t, sq_h, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, sbt_b, so_t, so_h, scale_log2,
                     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PAGE: tl.constexpr,

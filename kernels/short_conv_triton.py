@@ -43,7 +43,7 @@ def _decode_kernel(x_ptr, w_ptr, pool_ptr, slot_ptr, y_ptr, sx_b, sy_b,
              mask=mc[:, None] & (rj[None, :] < K - 1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])   # the step's token count: one variant for all
 def _prefill_conv_kernel(x_ptr, w_ptr, pool_ptr, slot_ptr, cu_ptr, seq_ptr, y_ptr, sx_t, sy_t,
                          T, C: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """Token-parallel: each tap is one [BT, BC] load, from x or, before the sequence start, the window."""

@@ -78,6 +78,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                    help="launch each decode step before the host reads the previous step's tokens, so the "
                         "host's per-token work overlaps the GPU's (default: on when decode runs as CUDA graphs)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="engine seed for unseeded requests")
+    p.add_argument("--warmup", default=defaults.warmup, choices=["auto", "basic", "shapes"],
+                   help="requests served before /health turns ready: 'shapes' meets the eagerly run step shapes "
+                        "so their kernels compile at start, not in a user's request; 'basic' one token; 'auto' "
+                        "(default) shapes on CUDA, basic elsewhere")
     # The default comes from the environment so the key need not appear in `ps`; never echo it in --help.
     p.add_argument("--api-key", default=os.environ.get("HYBRIDSERVE_API_KEY"),
                    help="require 'Authorization: Bearer <key>' on /v1/* (also env HYBRIDSERVE_API_KEY)")
@@ -126,7 +130,7 @@ def run_serve(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
         page_size=args.page_size, enforce_eager=args.enforce_eager,
-        async_scheduling=args.async_scheduling, seed=args.seed,
+        async_scheduling=args.async_scheduling, seed=args.seed, warmup=args.warmup,
         max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
         request_timeout=args.request_timeout, watchdog_timeout=args.watchdog_timeout,
     )

@@ -71,6 +71,12 @@ class _EngineStatsCollector(Collector):
                                           labels=["model_name"])
         preemptions.add_metric([m], s.num_preemptions)
         yield preemptions
+        compiles = CounterMetricFamily(PREFIX + "jit_compiles_after_ready",
+                                       "Triton kernel variants compiled after the server turned ready (each one "
+                                       "a pause in the step that met it; the start-up warm-up should leave none).",
+                                       labels=["model_name"])
+        compiles.add_metric([m], self.engine.jit_compiles_after_ready)
+        yield compiles
 
         groups = s.state_groups.items()
         memory = GaugeMetricFamily(PREFIX + "memory_bytes", "Engine memory by component, in bytes.",

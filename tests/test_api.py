@@ -256,7 +256,7 @@ def test_metrics(client):
                  "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
                  "e2e_request_latency_seconds_bucket", "request_prompt_tokens_bucket",
                  "request_generation_tokens_bucket", "memory_bytes", "kv_pages_used", "kv_pages_total",
-                 "max_concurrency"):
+                 "max_concurrency", "jit_compiles_after_ready_total"):
         assert f"hybridserve:{name}{{" in text, name
     assert f'model_name="{MODEL}"' in text
     for name in ("state_slots_used", "state_slots_total", "state_bytes_per_slot", "state_usage_perc"):

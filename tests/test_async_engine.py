@@ -85,6 +85,46 @@ def test_not_accepting_before_start_and_ready_after_warm_up(llm):
     asyncio.run(run())
 
 
+def test_shapes_warm_up_serves_its_waves_and_returns_everything(tmp_path):
+    """The shapes warm-up (what CUDA starts run) on the CPU engine: several waves, the later arriving while the
+    earlier decode, a prompt over the step budget, the eager sampler's paths. It ends ready with every page and
+    slot back and no request left, and the engine serves normally after it."""
+    async def run():
+        llm, name = build_llm_engine(engine_config(synth("llama", tmp_path), max_num_seqs=8, max_model_len=2048,
+                                                   max_num_batched_tokens=256, warmup="shapes"))
+        engine = AsyncEngine(llm, name)
+        assert engine.warmup_mode == "shapes"
+        steps = []
+        original = llm.runner.run
+        llm.runner.run = lambda chunks, *a, **k: steps.append([len(c.tokens) for c in chunks]) or original(
+            chunks, *a, **k)
+        try:
+            await engine.start()
+        finally:
+            llm.runner.run = original
+        try:
+            assert engine.ready and idle(engine) and engine.num_inflight == 0
+            assert all(g.used == 0 for g in engine.stats().state_groups.values())
+            # prompts prefilled together, a decode step beside a prompt chunk, and a full-budget chunk
+            assert any(sum(n > 1 for n in s) >= 2 for s in steps)
+            assert any(1 in s and any(n > 1 for n in s) for s in steps)
+            assert any(sum(s) == 256 and max(s) > 200 for s in steps)
+            outs = [o async for o in engine.generate("after", prompt_ids(5, 1), SamplingParams(max_tokens=3))]
+            assert sum(len(o.new_token_ids) for o in outs) == 3
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+
+
+def test_warm_up_modes():
+    from hybridserve.engine.async_engine import resolve_warmup
+    assert resolve_warmup("auto", "cuda") == "shapes" and resolve_warmup("auto", "cpu") == "basic"
+    assert resolve_warmup("basic", "cuda") == "basic"
+    with pytest.raises(ValueError, match="unknown warm-up"):
+        resolve_warmup("everything", "cpu")
+
+
 def test_request_bound_is_exact_under_a_burst(llm):
     """Ten submissions within one event-loop turn, bound 4: exactly 4 admitted, whatever the engine thread does
     meanwhile (its reports only land when the loop runs)."""

@@ -301,6 +301,7 @@ def test_dashboard_covers_the_operator_questions():
     assert has("inter_token_latency_seconds_bucket", rate=True, quantiles=("0.5", "0.95"))
     assert has("generation_tokens_total", rate=True)
     assert has("num_preemptions_total", rate=True)
+    assert has("jit_compiles_after_ready_total")
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "kv_pages_used",
                   "kv_pages_total", "state_usage_perc", "memory_bytes"):
         assert has(gauge), gauge

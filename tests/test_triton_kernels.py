@@ -429,6 +429,19 @@ def test_attn_res_route(device, dtype, n_sources):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gap", [0, 3, 8])
+def test_attn_res_route_sources_anywhere(device, dtype, gap):
+    """Sources before and after the first one in memory (negative offsets), packed with gaps that leave rows
+    off 16-byte alignment (the offsets then go in single elements instead of 16-byte units)."""
+    big = torch.randn(5 * (4 * 40 + gap) + 1, device=device, dtype=dtype)
+    parts = [big[1 + i * (160 + gap):1 + i * (160 + gap) + 160].view(4, 40) for i in range(5)]
+    sources = [parts[3], parts[0], parts[4], parts[1], parts[2]]
+    q, w = torch.randn(40, device=device, dtype=dtype), torch.rand(40, device=device, dtype=dtype) + 0.5
+    _close(route_tr.route(sources, q, w, 1e-5), route_ref.route(sources, q, w, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_sources", [1, 2, 7])
 def test_attn_res_route_add(device, dtype, n_sources):
     """The residual add into the partial (the last source) is stored exactly as the unfused add rounds it,
