@@ -2,7 +2,8 @@
 clients at once through /v1/completions (token-id prompts, ignore_eos), with async scheduling off and on in the
 same run. Per request, from the SSE events' arrival times: TTFT, time per output token after the first (TPOT)
 and the gaps between events (ITL); per run: their medians and p99, output tokens/s, and after the run the
-server's /metrics must show no KV page or state slot in use.
+server's /metrics must show no KV page or state slot in use; it also gives the Triton compiles since the
+server turned ready (a stall each on a machine with an empty Triton cache).
 
 Usage (GPU machine; fastapi, uvicorn, pydantic from wheels): python bench/serve_latency.py --tokenizer DIR
 [--archs spartacus,kotodama] [--concurrency 1,8,32] → $OUT/serve_latency.json
@@ -80,8 +81,10 @@ def held(url: str) -> dict:
         text = httpx.get(f"{url}/metrics").text
         pages = sum(float(v) for v in re.findall(r"^hybridserve:kv_pages_used\{[^}]*\} (\S+)$", text, re.M))
         slots = sum(float(v) for v in re.findall(r"^hybridserve:state_slots_used\{[^}]*\} (\S+)$", text, re.M))
+        jit = sum(float(v) for v in re.findall(r"^hybridserve:jit_compiles_after_ready_total\{[^}]*\} (\S+)$",
+                                               text, re.M))
         if pages == slots == 0 or time.monotonic() > deadline:
-            return {"kv_pages_used": pages, "state_slots_used": slots}
+            return {"kv_pages_used": pages, "state_slots_used": slots, "jit_compiles_after_ready": jit}
         time.sleep(0.2)
 
 
@@ -117,8 +120,10 @@ def main():
                             out["rows"].append(row)
                             print(f"{arch:10} {flag:21} {mode:7} C={c:3}  TPOT {row['tpot_ms_median']:6.3f} ms  "
                                   f"ITL p50 {row['itl_ms_median']:6.3f} p99 {row['itl_ms_p99']:6.3f}  TTFT "
-                                  f"{row['ttft_ms_median']:7.2f} ms  {row['output_tok_per_s']:8.0f} tok/s  held "
-                                  f"{row['kv_pages_used']:.0f} pages {row['state_slots_used']:.0f} slots", flush=True)
+                                  f"{row['ttft_ms_median']:7.2f} ms (max {row['ttft_ms_max']:7.1f})  "
+                                  f"{row['output_tok_per_s']:8.0f} tok/s  held "
+                                  f"{row['kv_pages_used']:.0f} pages {row['state_slots_used']:.0f} slots; "
+                                  f"{row['jit_compiles_after_ready']:.0f} compiles after ready", flush=True)
                             (out_dir / "serve_latency.json").write_text(json.dumps(out, indent=1))
 
 
