@@ -228,8 +228,7 @@ class AsyncEngine:
         finally:
             for task in tasks:
                 task.cancel()
-        n = sum(len(w) for w in waves)
-        log.info("warm-up (%s): %d requests in %.2f s%s", self.warmup_mode, n, time.monotonic() - t0,
+        log.info("warm-up (%s): %d requests in %.2f s%s", self.warmup_mode, len(tasks), time.monotonic() - t0,
                  f", {len(self._jit.compiles) - compiled} kernel variants compiled" if self._jit is not None else "")
 
     def _on_compile(self, c: Compile) -> None:
