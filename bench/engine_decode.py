@@ -76,11 +76,11 @@ class StepClock:
         return {k + "_ms": 1e3 * statistics.median(r[k] for r in self.rows) for k in self.rows[0]}
 
 
-def new_engine(model, tokenizer, **config) -> LLMEngine:
-    """An engine over `model` with a 4 GiB cache budget and a context of at most 4096 (EngineConfig fields)."""
+def new_engine(model, tokenizer, budget: int = 4 << 30, **config) -> LLMEngine:
+    """An engine over `model` with a `budget`-byte cache and a context of at most 4096 (EngineConfig fields)."""
     cfg = EngineConfig(max_model_len=min(4096, model.max_model_len), **config)
     layout = model.cache_layout()
-    plan = plan_memory(layout, model.dtype, 4 << 30, cfg.page_size, cfg.max_num_seqs, cfg.max_model_len)
+    plan = plan_memory(layout, model.dtype, budget, cfg.page_size, cfg.max_num_seqs, cfg.max_model_len)
     pools = CachePools(layout, plan, cfg.page_size, model.dtype, model.device)
     return LLMEngine(model, tokenizer, pools, cfg, cfg.max_model_len)
 

@@ -38,62 +38,51 @@ import varied_workload  # noqa: E402
 
 def child(arch: str, warmup: str, tokenizer: str) -> dict:
     from decode_latency import load_full
+    from engine_decode import new_engine
     from hybridserve.engine.async_engine import AsyncEngine
-    from hybridserve.engine.cache_pools import CachePools, plan_memory
-    from hybridserve.engine.config import EngineConfig
-    from hybridserve.engine.llm_engine import LLMEngine
     from hybridserve.kernels.jit_watch import JitWatch
     from hybridserve.weights.tokenizer import Tokenizer
 
     watch = JitWatch().start()
-    marks = {}
     t0 = time.perf_counter()
     model = load_full(arch)
     tok = Tokenizer.from_hf_dir(tokenizer)
-    t_load = time.perf_counter()
-    marks["load"] = len(watch.compiles)
-    cfg = EngineConfig(max_model_len=min(4096, model.max_model_len), max_num_seqs=64, warmup=warmup)
-    layout = model.cache_layout()
-    plan = plan_memory(layout, model.dtype, 2 << 30, cfg.page_size, cfg.max_num_seqs, cfg.max_model_len)
-    eng = LLMEngine(model, tok, CachePools(layout, plan, cfg.page_size, model.dtype, model.device), cfg,
-                    cfg.max_model_len)
-    t_build = time.perf_counter()
-    marks["build"] = len(watch.compiles)
-    phase_rows = []
+    t_load, at_load = time.perf_counter(), len(watch.compiles)
+    # 2 GiB of cache each: ten of these processes share one GPU
+    eng = new_engine(model, tok, budget=2 << 30, max_num_seqs=64, warmup=warmup)
+    t_build, at_build = time.perf_counter(), len(watch.compiles)
+    row = {"arch": arch, "warmup": warmup, "load_s": t_load - t0, "build_s": t_build - t_load}
+    phases = []
 
-    async def run() -> None:
+    async def run() -> int:
         ae = AsyncEngine(eng, arch)
         await ae.start()
-        t_ready = time.perf_counter()
-        marks["warmup"] = len(watch.compiles)
-        row_times = {"load_s": t_load - t0, "build_s": t_build - t_load, "warmup_s": t_ready - t_build}
-        phase_rows.append(row_times)
-        state = {"t": time.perf_counter(), "mark": len(watch.compiles)}
+        row["warmup_s"] = time.perf_counter() - t_build
+        at_ready = len(watch.compiles)
+        since = {"t": time.perf_counter(), "mark": at_ready}
 
         def phase_done(name: str) -> None:
-            new = watch.since(state["mark"])
-            wall = time.perf_counter() - state["t"]
-            phase_rows.append({"phase": name, "wall_s": wall, "compiles": len(new),
-                               "compile_s": sum(c.seconds for c in new),
-                               "variants": [[c.kernel, round(c.seconds, 3), c.variant] for c in new]})
+            new = watch.since(since["mark"])
+            wall = time.perf_counter() - since["t"]
+            phases.append({"phase": name, "wall_s": wall, "compiles": len(new),
+                           "compile_s": sum(c.seconds for c in new),
+                           "variants": [[c.kernel, round(c.seconds, 3), c.variant] for c in new]})
             print(f"{arch:10} {warmup:6} {name:16} {len(new):3} compiles {sum(c.seconds for c in new):6.2f} s  "
                   f"wall {wall:6.2f} s", flush=True)
-            state["t"], state["mark"] = time.perf_counter(), len(watch.compiles)
+            since["t"], since["mark"] = time.perf_counter(), len(watch.compiles)
 
         await varied_workload.run(ae, phase_done=phase_done)
-        row_times["after_ready_compiles"] = len(watch.compiles) - marks["warmup"]
-        row_times["after_ready_jit_counter"] = ae.jit_compiles_after_ready
+        row["after_ready_compiles"] = len(watch.compiles) - at_ready
+        row["after_ready_jit_counter"] = ae.jit_compiles_after_ready
         await ae.shutdown()
+        return at_ready
 
-    asyncio.run(run())
-    build = watch.compiles[marks["load"]:marks["build"]]
-    warm = watch.compiles[marks["build"]:marks["warmup"]]
+    at_ready = asyncio.run(run())
     watch.stop()
-    return {"arch": arch, "warmup": warmup, **phase_rows[0],
-            "build_compiles": len(build), "build_compile_s": sum(c.seconds for c in build),
+    build, warm = watch.compiles[at_load:at_build], watch.compiles[at_build:at_ready]
+    return {**row, "build_compiles": len(build), "build_compile_s": sum(c.seconds for c in build),
             "warmup_compiles": len(warm), "warmup_compile_s": sum(c.seconds for c in warm),
-            "warmup_variants": [[c.kernel, round(c.seconds, 3)] for c in warm],
-            "phases": phase_rows[1:]}
+            "warmup_variants": [[c.kernel, round(c.seconds, 3)] for c in warm], "phases": phases}
 
 
 def main():

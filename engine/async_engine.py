@@ -120,15 +120,6 @@ class RequestStream:
         self._engine._close(self.request_id)
 
 
-def resolve_warmup(mode: str, device_type: str) -> str:
-    """EngineConfig.warmup → a warm-up plan mode: `auto` meets the step shapes where kernels JIT-compile."""
-    if mode == "auto":
-        return "shapes" if device_type == "cuda" else "basic"
-    if mode not in warmup.MODES:
-        raise ValueError(f"unknown warm-up {mode!r}; choose from auto, {', '.join(warmup.MODES)}")
-    return mode
-
-
 async def _consume_warmup(stream: RequestStream, first: asyncio.Event) -> None:
     """Read a warm-up request to its end; `first` is set at its first output (or its end)."""
     try:
@@ -168,7 +159,7 @@ class AsyncEngine:
         self._stats = engine.stats()
         self._step_started: float | None = None   # written by the engine thread, read by the watchdog
         self._engine_waiting: set[str] = set()    # engine thread only: added, not yet seen running
-        self.warmup_mode = resolve_warmup(config.warmup, engine.model.device.type)
+        self.warmup_mode = warmup.resolve(config.warmup, engine.model.device.type)
         # Triton compiles in this process (CUDA only): those after ready are counted and logged, each being a
         # step shape the warm-up did not meet and a pause inside somebody's request.
         self.jit_compiles_after_ready = 0

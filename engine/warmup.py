@@ -37,6 +37,15 @@ def _ids(tokenizer, n: int) -> list[int]:
     return out[:n]
 
 
+def resolve(mode: str, device_type: str) -> str:
+    """EngineConfig.warmup → a plan mode: `auto` meets the step shapes where kernels JIT-compile (CUDA)."""
+    if mode == "auto":
+        return "shapes" if device_type == "cuda" else "basic"
+    if mode not in MODES:
+        raise ValueError(f"unknown warm-up {mode!r}; choose from auto, {', '.join(MODES)}")
+    return mode
+
+
 def plan(mode: str, tokenizer, max_model_len: int, max_num_batched_tokens: int, max_concurrency: int,
          kv_token_capacity: int | None) -> list[list[WarmupRequest]]:
     """The warm-up as waves of requests. `kv_token_capacity`: tokens the KV pool holds in all (None: no KV

@@ -38,11 +38,10 @@ def _route_kernel(s0_ptr, o1, o2, o3, o4, o5, o6, o7, d_ptr, p_ptr, q_ptr, w_ptr
     m = offs < D
     si = tl.arange(0, BS)
     zero = si.to(tl.int64) * 0
-    src = tl.where(si == 1, zero + (o1 - _BIAS), tl.where(si == 2, zero + (o2 - _BIAS),
-                                                          tl.where(si == 3, zero + (o3 - _BIAS), zero)))
-    src = tl.where(si == 4, zero + (o4 - _BIAS), tl.where(si == 5, zero + (o5 - _BIAS),
-                                                          tl.where(si == 6, zero + (o6 - _BIAS), src)))
-    src = tl.where(si == 7, zero + (o7 - _BIAS), src) * UNIT
+    first = zero + _BIAS   # the first source (and padding): a biased offset of 0; the bias comes off once below
+    src = tl.where(si == 1, zero + o1, tl.where(si == 2, zero + o2, tl.where(si == 3, zero + o3, first)))
+    src = tl.where(si == 4, zero + o4, tl.where(si == 5, zero + o5, tl.where(si == 6, zero + o6, src)))
+    src = (tl.where(si == 7, zero + o7, src) - _BIAS) * UNIT
     ms = si < S
     x = tl.load(s0_ptr + src[:, None] + row * stride + offs[None, :], mask=ms[:, None] & m[None, :],
                 other=0.0).to(tl.float32)

@@ -19,7 +19,6 @@ class Compile:
     kernel: str        # the @triton.jit function's name
     variant: str       # Triton's description of the specialisation compiled
     seconds: float     # wall time from the cache hook to the post-compile hook (includes a disk-cache load)
-    at: float          # time.monotonic() when it finished
 
 
 def _knobs():
@@ -78,7 +77,7 @@ def forget_compiled() -> int:
 
 
 class JitWatch:
-    """Records every Triton compile in this process between `start()` and `stop()` (also a context manager).
+    """Records every Triton compile in this process between `start()` and `stop()`.
 
     `on_compile(Compile)`, if given, is called from the compiling thread right after each one."""
 
@@ -87,7 +86,8 @@ class JitWatch:
         self.on_compile = on_compile
         self._lock = threading.Lock()
         self._begun: dict[tuple[int, str], float] = {}
-        self._prev: tuple | None = None
+        self._prev: tuple | None = None    # the hooks ours replaced, while started
+        self._hooks: tuple | None = None   # ours
 
     def start(self) -> "JitWatch":
         runtime = _knobs()
@@ -108,7 +108,7 @@ class JitWatch:
             fn = kwargs.get("fn")
             name = getattr(fn, "name", None) or key.split("[", 1)[0]
             variant = describe(kwargs.get("compile") or {}) or key
-            record = Compile(kernel=name.rsplit(".", 1)[-1], variant=variant, seconds=now - begun, at=now)
+            record = Compile(kernel=name.rsplit(".", 1)[-1], variant=variant, seconds=now - begun)
             with self._lock:
                 self.compiles.append(record)
             if self.on_compile is not None:
@@ -132,9 +132,3 @@ class JitWatch:
         """The compiles recorded after the first `mark` (a `len(watch.compiles)` taken earlier)."""
         with self._lock:
             return list(self.compiles[mark:])
-
-    def __enter__(self) -> "JitWatch":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

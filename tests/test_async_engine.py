@@ -118,7 +118,7 @@ def test_shapes_warm_up_serves_its_waves_and_returns_everything(tmp_path):
 
 
 def test_warm_up_modes():
-    from hybridserve.engine.async_engine import resolve_warmup
+    from hybridserve.engine.warmup import resolve as resolve_warmup
     assert resolve_warmup("auto", "cuda") == "shapes" and resolve_warmup("auto", "cpu") == "basic"
     assert resolve_warmup("basic", "cuda") == "basic"
     with pytest.raises(ValueError, match="unknown warm-up"):
