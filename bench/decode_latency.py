@@ -320,11 +320,10 @@ def prefill_rows(model, arch, lengths, flops):
         pieces = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
         buckets = [next((b for b in prefill_buckets(CHUNK) if b > hi - lo), None) for lo, hi in pieces]
         if all(buckets):
-            metas = [build_meta([SeqChunk(ids[lo:hi], lo, all_pages, slot, hi == n)], PAGE, model.device)
-                     for lo, hi in pieces]
+            steps = [[SeqChunk(ids[lo:hi], lo, all_pages, slot, hi == n)] for lo, hi in pieces]
             graphs = PrefillGraphs(model, s.pools.view, meta.block_tables.shape[1], buckets=tuple(set(buckets)))
             graphs.capture()
-            row["ttft_ms_graph"] = time_fn(lambda: [graphs.run(m, b) for m, b in zip(metas, buckets)],
+            row["ttft_ms_graph"] = time_fn(lambda: [graphs.run(c, b) for c, b in zip(steps, buckets)],
                                            iters=20, warmup=5)
             row["graph_bucket"] = buckets[-1]
             row["graph_chunks"] = len(pieces)

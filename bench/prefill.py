@@ -207,7 +207,7 @@ def sweep(shapes, rows):
             for bk, bv, w in LOCAL_TILES[chunk]:
                 res[("local", bk, bv, w)] = timed(lambda: tr._chunk_local_kernel[(keys, H, (D // bk) * (D // bv))](
                     k, v, la, cu, h, g, k.stride(0), k.stride(1), v.stride(0), v.stride(1), la.stride(0),
-                    la.stride(1), N, N.bit_length(), H=H, DK=D, DV=D, BK=bk, BV=bv, C=chunk, PREC="tf32x3",
+                    la.stride(1), N, H=H, DK=D, DV=D, BK=bk, BV=bv, C=chunk, PREC="tf32x3", SB=tr.SPAN_SEQS,
                     num_warps=w))
             for br, w, st in SCAN_TILES[chunk]:
                 res[("scan", br, w, st)] = timed(lambda: tr._chunk_scan_kernel[(N, H, D // br)](
@@ -241,7 +241,7 @@ def local_us(k, v, la, cu, ids, cfg) -> float:
     g = torch.empty(keys, H, D, device=DEV)
     return us(lambda: tr._chunk_local_kernel[(keys, H, (D // cfg.local_bk) * (D // cfg.local_bv))](
         k, v, la, cu, h, g, k.stride(0), k.stride(1), v.stride(0), v.stride(1), la.stride(0), la.stride(1),
-        N, N.bit_length(), H=H, DK=D, DV=D, BK=cfg.local_bk, BV=cfg.local_bv, C=cfg.chunk, PREC="tf32x3",
+        N, H=H, DK=D, DV=D, BK=cfg.local_bk, BV=cfg.local_bv, C=cfg.chunk, PREC="tf32x3", SB=tr.SPAN_SEQS,
         num_warps=cfg.local_warps))
 
 

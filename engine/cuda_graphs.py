@@ -1,11 +1,11 @@
-"""CUDA graphs for the two step shapes that are launch-bound: decode (the whole step captured once per
-padded batch size) and a lone short prefill (one graph per token bucket), both replayed with persistent
-input buffers.
+"""CUDA graphs for the step shapes that are launch-bound: decode (the whole step captured once per padded
+batch size) and short prefill steps (one graph per token bucket and capacity: up to
+max(PREFILL_GRAPH_CAPACITIES) prompt chunks and decode rows), both replayed with persistent input buffers.
 
 Pad rows point at state slot 0 and KV page 0 (both reserved), so replaying a padded graph never touches
-a live request. A prefill of T tokens replays the graph of the smallest bucket > T: the other tokens form
-a second sequence on the pad slot, whose keys and values all go to slot 0 of page 0. Mixed steps, longer
-prefills and steps that need every token's logits run eagerly.
+a live request. A prefill step of T tokens replays the graph of the smallest bucket > T: the other tokens
+form a pad sequence on the pad slot, whose keys and values all go to slot 0 of page 0. Longer steps, steps
+of more sequences and steps that need every token's logits run eagerly.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import gc
 import logging
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from hybridserve.kernels.backend import pick
@@ -200,6 +201,16 @@ class DecodeGraphs:
 
 PREFILL_BUCKETS = (32, 64, 128, 256, 512)
 PREFILL_GRAPH_MAX_TOKENS = 4096      # longer chunks run eagerly (their GPU time outweighs the launches)
+# Sequences a prefill-graph step holds (prompt chunks and decode rows), one set of graphs per capacity: a step
+# replays the smallest that fits it. Every unused sequence costs each recurrent prefill kernel idle programs,
+# so a lone prompt keeps a graph of one (H100, Spartacus-1.4B, 128-token prompt: 2.32 ms replayed at capacity 1,
+# 2.72 ms at 64; bench/results/prof_prefill-h100.json).
+PREFILL_GRAPH_CAPACITIES = (1, 8, 64)
+
+
+def prefill_capacities(max_num_seqs: int) -> tuple[int, ...]:
+    """The prefill graphs' capacities for an engine of `max_num_seqs` concurrent requests."""
+    return tuple(sorted({min(c, max(1, max_num_seqs)) for c in PREFILL_GRAPH_CAPACITIES}))
 
 
 def prefill_buckets(max_chunk: int) -> tuple[int, ...]:
@@ -213,89 +224,152 @@ def prefill_buckets(max_chunk: int) -> tuple[int, ...]:
 
 
 class PrefillGraphs:
-    """One sequence's prefill chunk of fewer than max(buckets) tokens, as a graph replay: a prompt's forward
-    is a few hundred small launches whose host cost (~10 ms) would otherwise be its TTFT. A chunk that wants
-    no logits (not the prompt's last) replays the same graph; its one logit row is left unread."""
+    """A step of up to max(capacities) sequences (prompt chunks, and decode rows beside them) holding fewer
+    tokens than a bucket, as one graph replay per (capacity, token bucket): a forward of a few hundred small
+    launches would otherwise cost ~10 ms of host time, every time prompts arrive together or while others
+    decode. A step replays the smallest capacity that holds its sequences, then the smallest bucket.
 
-    def __init__(self, model, cache: CacheView, max_blocks: int, buckets: tuple[int, ...] = PREFILL_BUCKETS):
+    Layout of a replay with k sequences and T tokens at capacity S, bucket b: sequences [0, k) as scheduled;
+    sequences [k, S) unused, with no tokens (their cu_seqlens entries repeat T, seq_len 0, state slot 0); then
+    the pad sequence, tokens [T, b) on slot 0 at position 0 with one token of context, whose keys and values
+    all land in slot 0 of page 0. Logit rows: one per sequence that wants them, in order, the rest read row
+    0 and are left unread. A chunk that wants no logits (not its prompt's last) runs the same way.
+
+    The inputs are filled through pinned host mirrors (one set, sized for the largest capacity; a smaller
+    capacity uses their prefixes): one copy each for the token rows (ids, positions, KV slots), the
+    per-sequence int64 rows (state slots, logit rows), the int32 rows (cu_seqlens, seq_lens) and the block
+    tables' used columns."""
+
+    def __init__(self, model, cache: CacheView, max_blocks: int, buckets: tuple[int, ...] = PREFILL_BUCKETS,
+                 capacities: tuple[int, ...] = (1,)):
         self.model, self.cache, self.max_blocks = model, cache, max_blocks
         self.buckets = tuple(sorted(buckets))
+        self.capacities = tuple(sorted({max(1, c) for c in capacities}))
+        S = self.capacities[-1]
+        self.page_size = cache.page_size
+        self._width = 1          # block-table columns the last fill wrote
+        self.wanted = 0
         dev = model.device
-        n = self.buckets[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slot_mapping = torch.zeros(n, dtype=torch.long, device=dev)
-        self.cu_seqlens = torch.zeros(3, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.zeros(2, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(2, max_blocks, dtype=torch.int32, device=dev)
-        self.slot_ids = torch.zeros(2, dtype=torch.long, device=dev)
-        self.logits_indices = torch.zeros(1, dtype=torch.long, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.i64 = torch.zeros(3, self.buckets[-1], dtype=torch.long, device=dev)
+        self.seq64 = torch.zeros(2 * S + 1, dtype=torch.long, device=dev)
+        self.i32 = torch.zeros(2 * S + 3, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(S + 1, max_blocks, dtype=torch.int32, device=dev)
+        self.host = HostMirror(*(torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)
+                                 for t in (self.i64, self.seq64, self.i32, self.block_tables)))
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _meta(self, bucket: int) -> BatchMeta:
-        # the host lists size grids only (the largest query of the bucket); their values are never read
-        return BatchMeta(
-            input_ids=self.input_ids[:bucket], positions=self.positions[:bucket], cu_seqlens=self.cu_seqlens,
-            seq_lens=self.seq_lens, block_tables=self.block_tables, slot_mapping=self.slot_mapping[:bucket],
-            slot_ids=self.slot_ids, logits_indices=self.logits_indices, query_lens_cpu=[bucket, 1],
-            seq_lens_cpu=[bucket, 1], is_decode=False,
-        )
+    @staticmethod
+    def _parts(S: int, seq64, i32, block_tables) -> tuple:
+        """Capacity S's prefixes of the per-sequence buffers (device tensors or host arrays)."""
+        return seq64[:2 * S + 1], i32[:2 * S + 3], block_tables[:S + 1]
 
-    def _fill(self, bucket: int, T: int) -> None:
-        """Pad tokens [T, bucket): a second sequence on slot 0 whose k/v all land in slot 0 of page 0. It
-        sits at position 0 with one token of context, so it reads no block-table entry but the first and
-        no RoPE row but the first, whatever the bucket (its rows attend to at most that one key)."""
-        self.input_ids[T:bucket].zero_()
-        self.positions[T:bucket].zero_()
-        self.slot_mapping[T:bucket].zero_()
-        self.cu_seqlens[2].fill_(bucket)
-        self.seq_lens[1].fill_(1)
-        self.block_tables[1].zero_()
-        self.slot_ids[1].zero_()
+    def _fill(self, chunks: list, key: tuple[int, int]) -> None:
+        """Copies the step's inputs into the buffers of graph `key` = (capacity, bucket), through the mirrors."""
+        S, bucket = key
+        a64, s64, a32, abt = self.host.arrays()
+        abt[:, :self._width] = 0           # the last fill's pages (its copy has been read: arrays() waited)
+        self._width, self.wanted = fill_prefill_inputs(chunks, bucket, self.page_size, a64,
+                                                       *self._parts(S, s64, a32, abt))
+        h64, hs64, h32, hbt = self.host.tensors
+        d64, d32, dbt = self._parts(S, self.seq64, self.i32, self.block_tables)
+        s64h, s32h, bth = self._parts(S, hs64, h32, hbt)
+        self.i64.copy_(h64, non_blocking=True)
+        d64.copy_(s64h, non_blocking=True)
+        d32.copy_(s32h, non_blocking=True)
+        if self.cache.kv:
+            dbt[:, :self._width].copy_(bth[:, :self._width], non_blocking=True)
+        self.host.copied()
 
     @torch.inference_mode()
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
-        for bucket in reversed(self.buckets):
-            meta = self._meta(bucket)     # a 1-token prompt on the pad slot / page 0 (zeroed buffers)
-            self.cu_seqlens[1].fill_(1)
-            self.seq_lens[0].fill_(1)
-            self._fill(bucket, 1)
-            self.graphs[bucket], self.outputs[bucket] = capture(lambda: self.model.forward(meta, self.cache),
-                                                                pool, stream)
+        for S in reversed(self.capacities):
+            for bucket in reversed(self.buckets):
+                # captured as a 1-token prompt on the pad slot / page 0
+                key = (S, bucket)
+                self._fill([_PadChunk()], key)
+                meta = padded_prefill_meta(self.i64, *self._parts(S, self.seq64, self.i32, self.block_tables),
+                                           bucket)
+                self.graphs[key], self.outputs[key] = capture(lambda: self.model.forward(meta, self.cache),
+                                                              pool, stream)
         torch.cuda.synchronize()
-        log.info("captured prefill graphs for token buckets %s", self.buckets)
+        log.info("captured prefill graphs for token buckets %s at capacities of %s sequences", self.buckets,
+                 self.capacities)
 
-    def bucket_for(self, meta: BatchMeta) -> int | None:
-        """The graph that can run this step, if any: one sequence, fewer tokens than a bucket, at most one
-        logit row."""
-        if meta.is_decode or meta.num_seqs != 1 or meta.logits_indices.shape[0] > 1 \
-                or meta.block_tables.shape[1] > self.max_blocks:
+    def bucket_for(self, chunks: list) -> tuple[int, int] | None:
+        """The graph (capacity, token bucket) that runs these chunks (engine/model_runner.py SeqChunk), if any:
+        at most max(capacities) of them, fewer tokens than a bucket, none taking its token from the previous
+        step on the device."""
+        if any(c.prev_row >= 0 or len(c.pages) > self.max_blocks for c in chunks):
             return None
-        T = meta.num_tokens
-        return next((b for b in self.buckets if b > T), None)
+        S = next((c for c in self.capacities if c >= len(chunks)), None)
+        T = sum(len(c.tokens) for c in chunks)
+        bucket = next((b for b in self.buckets if b > T), None)
+        return (S, bucket) if chunks and S is not None and bucket is not None else None
 
     @torch.inference_mode()
-    def run(self, meta: BatchMeta, bucket: int) -> torch.Tensor:
-        """Logits [1, V] ([0, V] for a chunk that wants none); a view of the graph's output buffer, valid
-        until the next replay."""
-        T = meta.num_tokens
-        w = meta.block_tables.shape[1]
-        self.input_ids[:T].copy_(meta.input_ids)
-        self.positions[:T].copy_(meta.positions)
-        self.slot_mapping[:T].copy_(meta.slot_mapping)
-        self.cu_seqlens[:2].copy_(meta.cu_seqlens)
-        self.seq_lens[:1].copy_(meta.seq_lens)
-        self.block_tables[0, :w].copy_(meta.block_tables[0])
-        self.block_tables[0, w:].zero_()
-        self.slot_ids[:1].copy_(meta.slot_ids)
-        wanted = meta.logits_indices.shape[0]
-        if wanted:
-            self.logits_indices.copy_(meta.logits_indices)
+    def run(self, chunks: list, key: tuple[int, int]) -> torch.Tensor:
+        """Logits [N, V] of the N chunks that want them, in chunk order; a view of the graph's output buffer,
+        valid until the next replay."""
+        self._fill(chunks, key)
+        self.graphs[key].replay()
+        return self.outputs[key][:self.wanted]
+
+
+class _PadChunk:
+    """The capture's one sequence: a 1-token prompt on the pad slot with no pages."""
+    tokens, start, pages, slot, want_logits, prev_row = [0], 0, [], 0, True, -1
+
+
+def fill_prefill_inputs(chunks: list, bucket: int, page_size: int, a64: np.ndarray, s64: np.ndarray, a32: np.ndarray,
+                        block_tables: np.ndarray) -> tuple[int, int]:
+    """A prefill-graph step's inputs, laid out as PrefillGraphs describes, at capacity S = block_tables rows − 1:
+    a64 [3, ≥ bucket] token ids / positions / KV slots, s64 [2·S + 1] state slots (S + 1) then logit rows (S),
+    a32 [2·S + 3] cu_seqlens (S + 2) then seq_lens (S + 1), block_tables [S + 1, W] (zero on entry).
+    Returns (block-table columns written, at least 1; logit rows wanted)."""
+    S, P = block_tables.shape[0] - 1, page_size
+    cu, lens = a32[:S + 2], a32[S + 2:]
+    slots, rows = s64[:S + 1], s64[S + 1:]
+    T = wanted = width = 0
+    for i, c in enumerate(chunks):
+        n = len(c.tokens)
+        pos = np.arange(c.start, c.start + n)
+        a64[0, T:T + n] = c.tokens
+        a64[1, T:T + n] = pos
+        if c.pages:
+            pages = np.asarray(c.pages)
+            a64[2, T:T + n] = pages[pos // P] * P + pos % P
+            block_tables[i, :len(pages)] = pages
+            width = max(width, len(pages))
         else:
-            self.logits_indices.fill_(T - 1)
-        self._fill(bucket, T)
-        self.graphs[bucket].replay()
-        return self.outputs[bucket][:wanted]
+            a64[2, T:T + n] = 0
+        cu[i] = T
+        T += n
+        lens[i] = c.start + n
+        slots[i] = c.slot
+        if c.want_logits:
+            rows[wanted] = T - 1
+            wanted += 1
+    k = len(chunks)
+    a64[:, T:bucket] = 0
+    cu[k:S + 1] = T
+    cu[S + 1] = bucket
+    lens[k:S] = 0
+    lens[S] = 1
+    slots[k:] = 0
+    rows[wanted:] = 0
+    return max(width, 1), wanted
+
+
+def padded_prefill_meta(i64: torch.Tensor, seq64: torch.Tensor, i32: torch.Tensor, block_tables: torch.Tensor,
+                        bucket: int) -> BatchMeta:
+    """The BatchMeta over a prefill graph's buffers (fill_prefill_inputs' layout) for one token bucket."""
+    S = block_tables.shape[0] - 1
+    sizes = [bucket] + [1] * S     # host lists size grids only (the largest query and context); values unread
+    return BatchMeta(
+        input_ids=i64[0, :bucket], positions=i64[1, :bucket], cu_seqlens=i32[:S + 2], seq_lens=i32[S + 2:],
+        block_tables=block_tables, slot_mapping=i64[2, :bucket], slot_ids=seq64[:S + 1],
+        logits_indices=seq64[S + 1:], query_lens_cpu=sizes, seq_lens_cpu=sizes, is_decode=False,
+    )

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 import torch
 
 from hybridserve.engine.cache_pools import CachePools
-from hybridserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_buckets
+from hybridserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_buckets, prefill_capacities
 from hybridserve.engine.sampler_graphs import SamplerGraphs
 from hybridserve.models.batch import BatchMeta
 
 
-MIXED_GRAPHS = True     # a mixed step as a decode-graph + prefill-graph pair (False: eager, for A/B)
+MIXED_GRAPHS = True     # a mixed step may run as a decode-graph + prefill-graph pair (False: not, for A/B)
 
 
 @dataclass
@@ -71,9 +71,11 @@ def build_meta(chunks: list[SeqChunk], page_size: int, device: torch.device,
 
 
 class ModelRunner:
-    """CUDA-graph replay on GPU for decode steps (and their sampling), a lone prefill chunk of up to
-    `max_chunk_tokens` (the scheduler's chunk size; at most PREFILL_GRAPH_MAX_TOKENS) and a step of decode rows
-    beside one such chunk (the two graphs in turn); eager otherwise."""
+    """CUDA-graph replay on GPU for decode steps (and their sampling) and for steps of prompt chunks (with any
+    decode rows beside them) of fewer than `max_chunk_tokens` + 16 tokens in all (the scheduler's chunk size;
+    at most PREFILL_GRAPH_MAX_TOKENS) and at most max(PREFILL_GRAPH_CAPACITIES) sequences: one prefill-graph replay,
+    or the decode graph for the rows and a prefill graph for the chunks where the rows would move the step
+    to a larger token bucket; eager otherwise."""
 
     def __init__(self, model, pools: CachePools, max_model_len: int, max_num_seqs: int,
                  enforce_eager: bool = False, max_chunk_tokens: int = 512):
@@ -86,7 +88,8 @@ class ModelRunner:
             max_blocks = -(-max_model_len // pools.page_size)
             self.graphs = DecodeGraphs(model, pools.view, max(1, max_num_seqs), max_blocks)
             self.graphs.capture()
-            self.prefill_graphs = PrefillGraphs(model, pools.view, max_blocks, prefill_buckets(max_chunk_tokens))
+            self.prefill_graphs = PrefillGraphs(model, pools.view, max_blocks, prefill_buckets(max_chunk_tokens),
+                                                prefill_capacities(max_num_seqs))
             self.prefill_graphs.capture()
             self.sampler_graphs = SamplerGraphs(self.graphs)
             self.sampler_graphs.capture()
@@ -112,33 +115,42 @@ class ModelRunner:
                 logits = self.graphs.run_chunks(chunks, self.pools.page_size, prev_tokens)
                 self.last_argmax = self.graphs.last_argmax
                 return logits
-            if MIXED_GRAPHS and prev_tokens is None and len(others) == 1 < len(chunks) \
-                    and self.graphs.padded_size(len(chunks) - 1) is not None:
-                logits = self._run_split(chunks, others[0])
+            if prev_tokens is None:
+                logits = self._run_prefill_graphs(chunks, others)
                 if logits is not None:
                     return logits
         meta = build_meta(chunks, self.pools.page_size, self.device, all_logits)
         if prev_tokens is not None:
             meta.input_ids = take_previous(prev_tokens, [c.prev_row for c in chunks], meta.input_ids.device)
-        if self.prefill_graphs is not None and not all_logits:
-            bucket = self.prefill_graphs.bucket_for(meta)
-            if bucket is not None:
-                return self.prefill_graphs.run(meta, bucket)
         return self.model.forward(meta, self.pools.view)
 
-    def _run_split(self, chunks: list[SeqChunk], rest: int) -> torch.Tensor | None:
-        """A mixed step (decode rows + one prompt chunk, as when a request is admitted while others decode) as
-        two graph replays, the decode graph for the rows and the prompt chunk's bucket graph, instead of one
-        eager forward (~10 ms of launches at these sizes); None if the chunk fits no bucket. The two parts
-        touch disjoint slots and pages, so their order does not matter. `rest`: the prompt chunk's index, which
-        is also where its logit row (if it wants one) goes among the decode rows'."""
-        meta = build_meta([chunks[rest]], self.pools.page_size, self.device)
-        bucket = self.prefill_graphs.bucket_for(meta)
-        if bucket is None:
-            return None
-        decoded = self.graphs.run_chunks(chunks[:rest] + chunks[rest + 1:], self.pools.page_size)
-        prompt = self.prefill_graphs.run(meta, bucket)
-        return torch.cat([decoded[:rest], prompt, decoded[rest:]])
+    def _run_prefill_graphs(self, chunks: list[SeqChunk], others: list[int]) -> torch.Tensor | None:
+        """A step with prompt chunks (`others`: their indices) as graph replays, None if it fits none. The
+        whole step is one prefill-graph replay, unless its decode rows would move it to a larger token bucket
+        than the chunks alone take: then the decode graph runs the rows and a prefill graph the chunks (the
+        two touch disjoint slots and pages, so their order does not matter). Logit rows in chunk order."""
+        pg = self.prefill_graphs
+        whole = pg.bucket_for(chunks)
+        num_rows = len(chunks) - len(others)
+        if MIXED_GRAPHS and num_rows and self.graphs.padded_size(num_rows) is not None:
+            part = pg.bucket_for([chunks[i] for i in others])
+            if part is not None and (whole is None or part[1] < whole[1]):
+                skip = set(others)
+                prompt = pg.run([chunks[i] for i in others], part)
+                decoded = self.graphs.run_chunks([c for i, c in enumerate(chunks) if i not in skip],
+                                                 self.pools.page_size)
+                # logit rows in chunk order: decode rows from the first part, wanting prompt chunks from the second
+                order, row, chunk_row = [], 0, num_rows
+                for i, c in enumerate(chunks):
+                    if i not in skip:
+                        order.append(row)
+                        row += 1
+                    elif c.want_logits:
+                        order.append(chunk_row)
+                        chunk_row += 1
+                both = torch.cat([decoded, prompt])
+                return both if order == list(range(len(order))) else both[torch.tensor(order, device=both.device)]
+        return pg.run(chunks, whole) if whole is not None else None
 
 
 def take_previous(prev_tokens: torch.Tensor, rows: list[int], device: torch.device) -> torch.Tensor:

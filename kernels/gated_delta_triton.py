@@ -75,6 +75,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, slot_ptr, cu_pt
     slot = tl.load(slot_ptr + n).to(tl.int64)
     bos = tl.load(cu_ptr + n).to(tl.int64)
     eos = tl.load(cu_ptr + n + 1).to(tl.int64)
+    if bos >= eos:        # no token: the state stays (a prefill graph's unused sequences all sit on slot 0)
+        return
 
     s_off = ((slot * HV + hv) * DK + rk[:, None]) * DV + rv[None, :]
     ms = mk[:, None] & mv[None, :]

@@ -55,6 +55,7 @@ class PrefillConfig:
 
 
 PREFILL = PrefillConfig()
+SPAN_SEQS = 128       # sequences a chunk program scans per vector load of cu_seqlens to find its chunk
 
 
 @triton.jit
@@ -85,37 +86,42 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, la_ptr, s_ptr, slot_ptr, o_ptr,
 
 
 @triton.jit
-def _chunk_span(s, cu_ptr, N, n_search, C: tl.constexpr):
+def _chunk_span(s, cu_ptr, N, C: tl.constexpr, SB: tl.constexpr):
     """Tokens [t0, t1) of chunk key s (t0 >= t1: no chunk has this key).
 
     Chunk j of sequence n has key cu[n] // C + n + j. Keys never collide and stay below T // C + N, so
-    every pass finds its chunk by a binary search over cu, without a host-side chunk table (no sync).
-    """
-    lo = s * 0
-    hi = lo + N
-    for _ in range(n_search):            # the last n with cu[n] // C + n <= s (keys increase with n)
-        mid = (lo + hi) // 2
-        go = tl.load(cu_ptr + mid) // C + mid <= s
-        lo = tl.where(go, mid, lo)
-        hi = tl.where(go, hi, mid)
-    bos = tl.load(cu_ptr + lo)
-    eos = tl.load(cu_ptr + lo + 1)
+    every pass finds its chunk from cu alone, without a host-side chunk table (no sync): the sequence is
+    the last n with cu[n] // C + n <= s (first keys increase with n), counted over SB sequences per vector
+    load of cu (a graph's unused sequences cost one more lane each, not a step of a dependent search)."""
+    lo = s * 0 - 1
+    bos = s * 0
+    eos = s * 0
+    for c0 in range(0, N, SB):
+        idx = c0 + tl.arange(0, SB)
+        ok = idx < N
+        a = tl.load(cu_ptr + idx, mask=ok, other=0)
+        b = tl.load(cu_ptr + idx + 1, mask=ok, other=0)
+        hit = ok & (a // C + idx <= s)
+        lo += tl.sum(hit.to(tl.int32), 0)
+        last = hit & (idx == lo)          # the last hit so far is in this block
+        bos = tl.where(tl.sum(last.to(tl.int32), 0) > 0, tl.sum(tl.where(last, a, 0), 0), bos)
+        eos = tl.where(tl.sum(last.to(tl.int32), 0) > 0, tl.sum(tl.where(last, b, 0), 0), eos)
     t0 = bos + (s - bos // C - lo) * C
     return t0, tl.minimum(t0 + C, eos)
 
 
-# N (sequences in the step) and n_search vary per step: not specialised on (jit_watch.py).
-@triton.jit(do_not_specialize=["N", "n_search"])
+# N (sequences in the step) varies per step: not specialised on (jit_watch.py).
+@triton.jit(do_not_specialize=["N"])
 def _chunk_local_kernel(k_ptr, v_ptr, la_ptr, cu_ptr, h_ptr, g_ptr,
-                        sk_t, sk_h, sv_t, sv_h, sa_t, sa_h, N, n_search,
+                        sk_t, sk_h, sv_t, sv_h, sa_t, sa_h, N,
                         H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+                        BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, SB: tl.constexpr):
     """Prefill pass 1, every chunk in parallel: what the chunk alone adds to the state,
     ΔS = Σ_j diag(exp(b_C − b_j)) k_j v_jᵀ (one matmul), into h[chunk], and its total log2-decay b_C
     into g[chunk]. b is the inclusive cumulative log-decay from the chunk start, so b_C − b_j <= 0."""
     s = tl.program_id(0)
     h = tl.program_id(1)
-    t0, t1 = _chunk_span(s, cu_ptr, N, n_search, C)
+    t0, t1 = _chunk_span(s, cu_ptr, N, C, SB)
     if t0 >= t1:
         return
     NV: tl.constexpr = (DV + BV - 1) // BV
@@ -160,6 +166,8 @@ def _chunk_scan_kernel(s_ptr, slot_ptr, cu_ptr, h_ptr, g_ptr,
     slot = tl.load(slot_ptr + n).to(tl.int64)
     bos = tl.load(cu_ptr + n)
     eos = tl.load(cu_ptr + n + 1)
+    if bos >= eos:        # no token: the state stays (a prefill graph's unused sequences all sit on slot 0)
+        return
     s_off = (slot * H + h) * (DK * DV) + tile
     S = tl.load(s_ptr + s_off, mask=mr[:, None] & mv[None, :], other=0.)
     c0 = bos // C + n
@@ -182,12 +190,12 @@ def _chunk_scan_kernel(s_ptr, slot_ptr, cu_ptr, h_ptr, g_ptr,
     tl.store(s_ptr + s_off, S, mask=mr[:, None] & mv[None, :])
 
 
-@triton.jit(do_not_specialize=["N", "n_search"])
+@triton.jit(do_not_specialize=["N"])
 def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, la_ptr, h_ptr, cu_ptr, o_ptr,
-                         sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sa_t, sa_h, so_t, so_h, N, n_search,
+                         sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sa_t, sa_h, so_t, so_h, N,
                          H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-                         SPAN: tl.constexpr, PREC: tl.constexpr):
+                         SPAN: tl.constexpr, PREC: tl.constexpr, SB: tl.constexpr):
     """Prefill pass 3, every chunk in parallel: from the chunk's entering state h[chunk], run the chunk
     as sub-chunks of BC tokens. Per sub-chunk: the carried state through q·exp(b) (one matmul), the
     intra-sub-chunk term, then one matmul to advance the local state to the next sub-chunk.
@@ -200,7 +208,7 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, la_ptr, h_ptr, cu_ptr, o_ptr,
     """
     s = tl.program_id(0)
     h = tl.program_id(1)
-    t0, t1 = _chunk_span(s, cu_ptr, N, n_search, C)
+    t0, t1 = _chunk_span(s, cu_ptr, N, C, SB)
     if t0 >= t1:
         return
     rk = tl.arange(0, BK)
@@ -474,8 +482,8 @@ def prefill_states(k, v, log_a, cu_seqlens, state_pool, slot_ids, cfg: PrefillCo
     # tf32x3: ΔS feeds the final state and every later token, so it keeps fp32 accuracy
     _chunk_local_kernel[(keys, H, triton.cdiv(dk, BK) * triton.cdiv(dv, BV))](
         k, v, log_a, cu_seqlens, h, g,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), log_a.stride(0), log_a.stride(1), N, N.bit_length(),
-        H=H, DK=dk, DV=dv, BK=BK, BV=BV, C=cfg.chunk, PREC="tf32x3", num_warps=cfg.local_warps)
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), log_a.stride(0), log_a.stride(1), N,
+        H=H, DK=dk, DV=dv, BK=BK, BV=BV, C=cfg.chunk, PREC="tf32x3", SB=SPAN_SEQS, num_warps=cfg.local_warps)
     BR = min(cfg.scan_rows, triton.next_power_of_2(dk))
     _chunk_scan_kernel[(N, H, triton.cdiv(dk, BR))](
         state_pool, slot_ids, cu_seqlens, h, g, H=H, DK=dk, DV=dv, BR=BR, BV=triton.next_power_of_2(dv),
@@ -495,9 +503,9 @@ def prefill_outputs(q, k, v, log_a, cu_seqlens, h, cfg: PrefillConfig) -> torch.
     _chunk_output_kernel[(T // cfg.chunk + N, H, triton.cdiv(dv, BV))](
         q, k, v, log_a, h, cu_seqlens, o,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        log_a.stride(0), log_a.stride(1), o.stride(0), o.stride(1), N, N.bit_length(),
+        log_a.stride(0), log_a.stride(1), o.stride(0), o.stride(1), N,
         H=H, DK=dk, DV=dv, BK=max(16, triton.next_power_of_2(dk)), BV=BV, C=cfg.chunk, BC=cfg.sub,
-        SPAN=cfg.factor_span, PREC=prec, num_warps=cfg.out_warps, num_stages=cfg.out_stages)
+        SPAN=cfg.factor_span, PREC=prec, SB=SPAN_SEQS, num_warps=cfg.out_warps, num_stages=cfg.out_stages)
     return o
 
 

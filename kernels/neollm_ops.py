@@ -37,11 +37,13 @@ def poly_norm(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torc
 
 def add_scale_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, scale: float, norm_weight: torch.Tensor,
                           weight: torch.Tensor, eps: float, bias: torch.Tensor | None = None, fan_p: int = 0,
-                          out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          out_dtype: torch.dtype | None = None,
+                          padded_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h', y): h' = (h + delta)·scale, the residual stream after a sublayer and its GPAS gate, rounded as
     it is stored (h itself when delta is None); y = weight · RMSNorm(h') + bias, followed by FAN's
     cat(cos P, sin P, G) over its first fan_p outputs when fan_p > 0 (y is then fan_p wider than weight's
-    rows); out_dtype: y cast after."""
+    rows); out_dtype: y cast after. `padded_weight`: weight in a row-padded buffer (layers.padded_rows), which
+    the fast kernels' multi-row product may use instead; the same y."""
     if delta is not None:
         h = (h + delta) * scale
     y = F.linear(rms_norm(h, norm_weight, eps), weight, bias)

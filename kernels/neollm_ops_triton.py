@@ -208,7 +208,8 @@ def _row_warps(n: int) -> int:
 
 def add_scale_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, scale: float, norm_weight: torch.Tensor,
                           weight: torch.Tensor, eps: float, bias: torch.Tensor | None = None, fan_p: int = 0,
-                          out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          out_dtype: torch.dtype | None = None,
+                          padded_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if h.shape[0] <= fused_triton.GEMV_MAX_ROWS:
         return _gemv(h, delta, scale, norm_weight, None, weight, bias, eps, fan_p, out_dtype)
     M, N = h.shape
@@ -221,6 +222,9 @@ def add_scale_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, scale: fl
     _add_scale_norm_kernel[(M,)](h, delta if delta is not None else h, norm_weight, out, x, h.stride(0),
                                  delta.stride(0) if delta is not None else 0, scale, eps, N=N,
                                  BN=triton.next_power_of_2(N), ADD=delta is not None, num_warps=_row_warps(N))
+    if padded_weight is not None and bias is None and not fan_p:     # an aligned output row, then the N columns
+        y = F.linear(x, padded_weight)[:, :weight.shape[0]]
+        return out, (y if out_dtype is None else y.to(out_dtype)).contiguous()
     y = F.linear(x, weight, bias)
     if fan_p:
         pg, P = y, y.shape[1]

@@ -27,6 +27,7 @@ TARGET_PROGRAMS = 1024  # enough (seq, kv head, split) programs to fill 132 SMs 
 MIN_SPLIT = 64        # tokens: the most programs a sequence gets is its table width / MIN_SPLIT
 NUM_WARPS = 4
 PREFILL_ROWS = 64     # query rows (tokens × heads of one kv head) per prefill tile
+PREFILL_SEQS = 128    # sequences whose query blocks a prefill program counts per vector load
 LOG2E = 1.4426950408889634
 
 @triton.jit
@@ -243,23 +244,46 @@ def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, len_ptr, so_b, so_h, n
         lse = tl.where(l_all > 0, (m_all + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         tl.store(lse_ptr + b * H + h, lse)
 
-# The block-table row stride is the step's longest page list: not specialised on (1, a multiple of 16 or
-# neither would each be a variant compiled while serving).
-@triton.jit(do_not_specialize=["sbt_b"])
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, len_ptr, bt_ptr, o_ptr, lse_ptr,
+@triton.jit
+def _query_block(cu_ptr, B, p, BM: tl.constexpr, SB: tl.constexpr):
+    """The sequence b and first query m0 of flat query block p, where sequence b owns cdiv(q_len_b, BM)
+    consecutive blocks; b = -1 past the last. The sequences' block counts are summed SB at a time from one
+    vector load of cu_seqlens each (no dependent search), so an empty sequence owns no block."""
+    b = p * 0 - 1
+    m0 = p * 0
+    base = p * 0
+    for c0 in range(0, B, SB):
+        idx = c0 + tl.arange(0, SB)
+        ok = idx < B
+        lo = tl.load(cu_ptr + idx, mask=ok, other=0)
+        hi = tl.load(cu_ptr + idx + 1, mask=ok, other=0)
+        nb = tl.where(ok, (hi - lo + BM - 1) // BM, 0)
+        incl = tl.cumsum(nb, 0) + base
+        hit = (incl - nb <= p) & (p < incl)
+        b = tl.where(tl.sum(hit.to(tl.int32), 0) > 0, tl.sum(tl.where(hit, idx, 0), 0), b)
+        m0 = tl.where(tl.sum(hit.to(tl.int32), 0) > 0, tl.sum(tl.where(hit, (p - incl + nb) * BM, 0), 0), m0)
+        base += tl.sum(nb, 0)
+    return b, m0
+
+
+# The block-table row stride is the step's longest page list and B the step's sequence count: not specialised
+# (1, a multiple of 16 or neither would each be a variant compiled while serving).
+@triton.jit(do_not_specialize=["sbt_b", "B"])
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, len_ptr, bt_ptr, o_ptr, lse_ptr, B,
                     sq_t, sq_h, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, sbt_b, so_t, so_h, scale_log2,
                     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PAGE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, WRITE_LSE: tl.constexpr,
-                    F32_DOT: tl.constexpr):
+                    F32_DOT: tl.constexpr, SB: tl.constexpr):
     """BM query tokens × the G query heads of one kv head form the BM·G rows of one tile, so each k/v
-    tile is loaded once per G heads. Query i of a sequence sits at position seq_len − q_len + i."""
-    b = tl.program_id(0)
-    hkv = tl.program_id(2)
-    bos = tl.load(cu_ptr + b)
-    qlen = tl.load(cu_ptr + b + 1) - bos
-    L = tl.load(len_ptr + b)
-    m0 = tl.program_id(1) * BM
-    if m0 < qlen:
+    tile is loaded once per G heads. Query i of a sequence sits at position seq_len − q_len + i. The grid's
+    first axis runs over the step's query blocks, cdiv(T, BM) + B of them at most, whatever the lengths (a
+    graph's grid comes from shapes; an empty or short sequence takes no idle programs)."""
+    hkv = tl.program_id(1)
+    b, m0 = _query_block(cu_ptr, B, tl.program_id(0), BM, SB)
+    if b >= 0:
+        bos = tl.load(cu_ptr + b)
+        qlen = tl.load(cu_ptr + b + 1) - bos
+        L = tl.load(len_ptr + b)
         rr = tl.arange(0, ROWS)                 # BM·G rows, padded to a power of two (G = 3, 5, ...)
         ri = m0 + rr // G                       # query index inside the sequence
         rh = hkv * G + rr % G                   # query head
@@ -439,8 +463,8 @@ def varlen_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     """Packed queries q [T, H, D] (their k/v already written to the cache); sequence b's queries are
     q[cu_seqlens[b]:cu_seqlens[b+1]] and attend causally to its first seq_lens[b] cached tokens (the
     prefix plus themselves), and each to its own extra key/value when `entry` = (k_e, v_e) [T, Hkv, D] is
-    given (merged after, `merge_entry`). max_query_len (a host int) sizes the grid. Returns o [T, H, D] (and
-    lse [T, H] fp32 when return_lse, no entry)."""
+    given (merged after, `merge_entry`). max_query_len (a host int) serves the reference; the grid comes
+    from shapes alone. Returns o [T, H, D] (and lse [T, H] fp32 when return_lse, no entry)."""
     if entry is not None:
         assert not return_lse, "the log-sum-exp of attention with an entry is not provided here"
         o, lse = varlen_prefill(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, max_query_len, True)
@@ -454,11 +478,12 @@ def varlen_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     B = seq_lens.shape[0]
     o = torch.empty_like(q)
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device) if return_lse else o
-    _prefill_kernel[(B, triton.cdiv(max(max_query_len, 1), BM), hkv)](
-        q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, o, lse,
+    _prefill_kernel[(triton.cdiv(T, BM) + B, hkv)](
+        q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, o, lse, B,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         o.stride(0), o.stride(1), scale * LOG2E,
         H=H, G=G, D=D, BD=triton.next_power_of_2(D), PAGE=page, BM=BM, BN=BLOCK_N,
-        ROWS=max(16, triton.next_power_of_2(BM * G)), WRITE_LSE=return_lse, F32_DOT=INTERPRETED, num_warps=NUM_WARPS)
+        ROWS=max(16, triton.next_power_of_2(BM * G)), WRITE_LSE=return_lse, F32_DOT=INTERPRETED,
+        SB=PREFILL_SEQS, num_warps=NUM_WARPS)
     return (o, lse) if return_lse else o

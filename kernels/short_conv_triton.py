@@ -81,6 +81,8 @@ def _prefill_window_kernel(x_ptr, pool_ptr, slot_ptr, cu_ptr, sx_t,
     slot = tl.load(slot_ptr + n).to(tl.int64)
     bos = tl.load(cu_ptr + n)
     L = tl.load(cu_ptr + n + 1) - bos
+    if L <= 0:            # no input: the window stays
+        return
     src = L - (K - 1) + rj
     m = mc[:, None] & (rj < K - 1)[None, :]
     win_ptr = pool_ptr + slot * C * (K - 1) + rc[:, None] * (K - 1)

@@ -28,7 +28,7 @@ from hybridserve.kernels.neollm_ops import fan, poly_norm
 from hybridserve.models import gated_deltanet as gdn
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec, StateSpec
-from hybridserve.models.layers import (RopeTable, apply_rope, attention_step, causal_attention, logit_rows,
+from hybridserve.models.layers import (RopeTable, apply_rope, attention_step, causal_attention, logit_rows, padded_rows,
                                        rms_norm, rope_cos_sin, rope_inv_freq, rope_params, unique_bytes)
 
 FULL, LINEAR = "full_attention", "linear_attention"
@@ -141,7 +141,12 @@ class NeoLLMModel:
             return 1.0 - F.silu(weights[name].float()).item()
 
         self.embed = w("embed_tokens.weight")
-        self.lm_head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
+        tied = c.tie_word_embeddings or "lm_head.weight" not in weights
+        # the head's multi-row products run against a row-padded copy (layers.padded_rows; the vocabulary,
+        # 151,665 words, is odd); tied, the embedding is a view of the same buffer
+        self.lm_head, self.lm_head_padded = padded_rows(self.embed if tied else w("lm_head.weight"))
+        if tied:
+            self.embed = self.lm_head
         self.norm = norm_weight("norm.weight")
         self.layers = []
         for i, kind in enumerate(c.layer_types):
@@ -235,7 +240,8 @@ class NeoLLMModel:
             h, gu = ops.add_scale_norm_linear(h, mixed, lw["gpas_attn"], lw["post_norm"], lw["gate_up"], eps)
             delta, scale = ops.poly_mul_linear(gu, lw["poly_w"], lw["poly_b"], lw["down"]), lw["gpas_mlp"]
         h, delta = logit_rows(meta, h, delta)
-        return ops.add_scale_norm_linear(h, delta, scale, self.norm, self.lm_head, eps, out_dtype=torch.float32)[1]
+        return ops.add_scale_norm_linear(h, delta, scale, self.norm, self.lm_head, eps, out_dtype=torch.float32,
+                                         padded_weight=self.lm_head_padded)[1]
 
     def _paged_attention(self, j: int, lw: dict, qkv: torch.Tensor, cos, sin, meta: BatchMeta,
                          cache: CacheView) -> torch.Tensor:

@@ -81,10 +81,9 @@ def test_prefill_graph_matches_eager(model, first_wants_logits):
         want = eager.step([(se, chunk)])[0][-1:]
         booked = graphed.book(sg, chunk)
         booked.want_logits = first_wants_logits or i > 0
-        meta = build_meta([booked], graphed.pools.page_size, model.device)
-        bucket = graphs.bucket_for(meta)
-        assert bucket == (32 if len(chunk) < 32 else 64)
-        got = graphs.run(meta, bucket)
+        bucket = graphs.bucket_for([booked])
+        assert bucket == (1, 32 if len(chunk) < 32 else 64)
+        got = graphs.run([booked], bucket)
         if booked.want_logits:
             assert_close(got, want, 1e-4)
         else:
@@ -99,22 +98,35 @@ def test_prefill_graph_matches_eager(model, first_wants_logits):
         assert_close(graphed.step([(sg, [t])])[0], eager.step([(se, [t])])[0], 1e-4)
 
 
+def replays(runner, monkeypatch) -> list:
+    """Records the graphs a runner replays: ("decode", rows) / ("prefill", (capacity, bucket))."""
+    seen = []
+    dec, pre = runner.graphs.run_chunks, runner.prefill_graphs.run
+    monkeypatch.setattr(runner.graphs, "run_chunks", lambda chunks, *a, **k: seen.append(("decode", len(chunks)))
+                        or dec(chunks, *a, **k))
+    monkeypatch.setattr(runner.prefill_graphs, "run", lambda chunks, bucket: seen.append(("prefill", bucket))
+                        or pre(chunks, bucket))
+    return seen
+
+
 @pytest.mark.parametrize("prompt_wants_logits", [True, False])
-def test_mixed_step_as_two_graphs_matches_eager(model, prompt_wants_logits):
-    """A step of decode rows beside one prompt chunk (a request admitted while others decode) replays the
-    decode graph for the rows and the chunk's prefill graph (engine/model_runner.py `_run_split`): the same
-    logits, in chunk order, as one eager forward, and the same caches after (decoding continues alike)."""
+def test_mixed_step_as_two_graphs_matches_eager(model, prompt_wants_logits, monkeypatch):
+    """A step of decode rows beside one prompt chunk (a request admitted while others decode) whose rows
+    would move it past the chunk's token bucket (20 + 3 tokens: bucket 32; 30 + 3: 64) replays the decode
+    graph for the rows and the chunk's prefill graph: the same logits, in chunk order, as one eager forward,
+    and the same caches after (decoding continues alike). A 20-token chunk takes the rows into its graph."""
     from hybridserve.engine.model_runner import ModelRunner
     rng = random.Random(11)
     vocab = model.config.vocab_size
     eager, graphed = Harness(model, num_pages=128), Harness(model, num_pages=128)
     runner = ModelRunner(model, graphed.pools, max_model_len=128, max_num_seqs=4, max_chunk_tokens=64)
+    seen = replays(runner, monkeypatch)
     olds = [[rng.randrange(vocab) for _ in range(n)] for n in (6, 11, 3)]
     pe, pg = [eager.new_seq() for _ in olds], [graphed.new_seq() for _ in olds]
     for se, sg, toks in zip(pe, pg, olds):
         eager.step([(se, toks)])
         graphed.step([(sg, toks)])
-    prompt = [rng.randrange(vocab) for _ in range(20)]
+    prompt = [rng.randrange(vocab) for _ in range(30)]
     ne, ng = eager.new_seq(), graphed.new_seq()
     nxt = [rng.randrange(vocab) for _ in olds]
     # the prompt chunk sits between decode rows, so its logit row must land in the middle
@@ -123,6 +135,7 @@ def test_mixed_step_as_two_graphs_matches_eager(model, prompt_wants_logits):
               graphed.book(pg[2], [nxt[2]])]
     chunks[1].want_logits = prompt_wants_logits
     got = runner.run(chunks)
+    assert seen == [("prefill", (1, 32)), ("decode", 3)]
     rows = [want[0], want[1][-1:], want[2], want[3]] if prompt_wants_logits else [want[0], want[2], want[3]]
     assert got.shape[0] == len(rows)
     assert_close(got, torch.cat(rows), 1e-4)
@@ -133,3 +146,59 @@ def test_mixed_step_as_two_graphs_matches_eager(model, prompt_wants_logits):
         want = eager.step([(s, [t]) for s, t in zip(seqs_e, toks)])
         got = runner.run([graphed.book(s, [t]) for s, t in zip(seqs_g, toks)])
         assert_close(got, torch.cat(want), 1e-4)
+
+
+@pytest.mark.parametrize("rows_first", [True, False])
+def test_batched_prefill_graph_matches_eager(model, rows_first, monkeypatch):
+    """Prompts arriving together, beside decode rows: a step of two whole prompts, a prompt's first chunk
+    (no logits) and decode rows is one prefill-graph replay (capacity 6 sequences: the engine's 6; the rest
+    empty), with the
+    eager forward's logits in chunk order; the next step (the rest of that prompt, a new prompt, the rows)
+    too; decoding then continues alike. A request outside the steps keeps its slot and pages. (3e-4: the graph's
+    matmuls run over the bucket's 32 rows, the eager ones over the step's 18, and TF32 rounds them apart.)"""
+    from hybridserve.engine.model_runner import ModelRunner
+    rng = random.Random(13)
+    vocab = model.config.vocab_size
+    eager, graphed = Harness(model, num_pages=128), Harness(model, num_pages=128)
+    runner = ModelRunner(model, graphed.pools, max_model_len=128, max_num_seqs=6, max_chunk_tokens=64)
+    seen = replays(runner, monkeypatch)
+    olds = [[rng.randrange(vocab) for _ in range(n)] for n in (6, 11, 4)]
+    pe, pg = [eager.new_seq() for _ in olds], [graphed.new_seq() for _ in olds]
+    for se, sg, toks in zip(pe, pg, olds):
+        eager.step([(se, toks)])
+        graphed.step([(sg, toks)])
+    idle_state = graphed.live_state()
+    idle_kv = [(k[pg[2].pages].clone(), v[pg[2].pages].clone()) for k, v in graphed.pools.view.kv]
+    a, b1, b2, c = ([rng.randrange(vocab) for _ in range(n)] for n in (9, 7, 5, 3))
+    new_e, new_g = [eager.new_seq() for _ in range(3)], [graphed.new_seq() for _ in range(3)]
+    nxt = [rng.randrange(vocab) for _ in range(2)]
+    rows_e, rows_g = [(pe[i], [nxt[i]]) for i in range(2)], [(pg[i], [nxt[i]]) for i in range(2)]
+    prompts_e, prompts_g = [(new_e[0], a), (new_e[1], b1)], [(new_g[0], a), (new_g[1], b1)]
+    feeds_e = rows_e + prompts_e if rows_first else prompts_e[:1] + rows_e + prompts_e[1:]
+    feeds_g = rows_g + prompts_g if rows_first else prompts_g[:1] + rows_g + prompts_g[1:]
+    want = eager.step(feeds_e)
+    chunks = [graphed.book(s, t) for s, t in feeds_g]
+    b_index = [s for s, _ in feeds_g].index(new_g[1])
+    chunks[b_index].want_logits = False
+    got = runner.run(chunks)
+    assert seen == [("prefill", (6, 32))]
+    rows = [w[-1:] for i, w in enumerate(want) if i != b_index]
+    assert_close(got, torch.cat(rows), 3e-4)
+    # the rest of prompt b, a new prompt c and the rows again
+    nxt = [rng.randrange(vocab) for _ in range(3)]
+    want = eager.step([(new_e[1], b2), (pe[0], [nxt[0]]), (new_e[2], c), (pe[1], [nxt[1]]), (new_e[0], [nxt[2]])])
+    got = runner.run([graphed.book(s, t) for s, t in [(new_g[1], b2), (pg[0], [nxt[0]]), (new_g[2], c),
+                                                       (pg[1], [nxt[1]]), (new_g[0], [nxt[2]])]])
+    assert seen[1:] == [("prefill", (6, 32))]
+    assert_close(got, torch.cat([w[-1:] for w in want]), 3e-4)
+    slot = pg[2].slot - 1
+    for g, t in graphed.live_state().items():
+        assert torch.equal(t[:, slot], idle_state[g][:, slot]), g
+    for (k, v), (k0, v0) in zip(graphed.pools.view.kv, idle_kv):
+        assert torch.equal(k[pg[2].pages], k0) and torch.equal(v[pg[2].pages], v0)
+    seqs_e, seqs_g = pe + new_e, pg + new_g
+    for _ in range(3):
+        toks = [rng.randrange(vocab) for _ in seqs_e]
+        want = eager.step([(s, [t]) for s, t in zip(seqs_e, toks)])
+        got = runner.run([graphed.book(s, [t]) for s, t in zip(seqs_g, toks)])
+        assert_close(got, torch.cat(want), 3e-4)

@@ -308,12 +308,18 @@ def test_paged_decode_empty_row(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H", [4, 6])          # G = 3: BM·G = 15 rows padded to 16 (SmolLM2-135M has 9/3)
-def test_paged_prefill(device, dtype, H, monkeypatch):
+@pytest.mark.parametrize("empty", [False, True])
+def test_paged_prefill(device, dtype, H, empty, monkeypatch):
+    """Against the reference; with `empty`, sequences of no new token (a batched prefill graph's unused
+    sequences) first, between and last, and the query-block map counted 2 sequences per load."""
     monkeypatch.setattr(attn_tr, "BLOCK_N", 16)
     monkeypatch.setattr(attn_tr, "PREFILL_ROWS", 16)
     Hkv, D, page = 2, 16, 4
     qlens = [3, 1, 20, 6]                   # prefix + chunk, decode row, fresh prompt, long prefix
     ctx = [9, 12, 20, 40]
+    if empty:
+        monkeypatch.setattr(attn_tr, "PREFILL_SEQS", 2)
+        qlens, ctx = [0, 3, 1, 0, 0, 20, 6, 0], [0, 9, 12, 0, 0, 20, 40, 0]
     k_cache, v_cache, bt = paged_setup(ctx, H, Hkv, D, page, dtype, device)
     q = torch.randn(sum(qlens), H, D, device=device).to(dtype)
     meta = meta_for(qlens, ctx, bt, device)

@@ -91,6 +91,23 @@ def test_add_scale_norm_linear(device, dtype, rows, with_delta, fan_p):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+def test_add_scale_norm_linear_padded_head(device, rows, out_dtype):
+    """An odd number of output rows (NeoLLM's 151,665-word head) with the weight in a row-padded buffer
+    (layers.padded_rows): the same y as the unpadded weight, contiguous, N columns wide."""
+    from hybridserve.models.layers import padded_rows
+    K, N = 64, 37
+    h = torch.randn(rows, K, device=device)
+    nw = torch.rand(K, device=device) + 0.5
+    w, buf = padded_rows(torch.randn(N, K, device=device) * K ** -0.5)
+    assert buf.shape == (64, K) and w.data_ptr() == buf.data_ptr() and w.is_contiguous() and not buf[N:].any()
+    got = ops_tr.add_scale_norm_linear(h, None, 1.0, nw, w, 1e-6, out_dtype=out_dtype, padded_weight=buf)[1]
+    want = ops_ref.add_scale_norm_linear(h, None, 1.0, nw, w, 1e-6, out_dtype=out_dtype)[1]
+    assert got.shape == (rows, N) and got.is_contiguous() and rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_poly_mul_linear(device, dtype, rows):
