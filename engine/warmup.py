@@ -3,8 +3,10 @@ the step shapes that serving meets, so that the Triton kernel variants they need
 user's request (on a machine with an empty Triton cache each new variant costs 0.1-1 s of compile time, and a
 burst of them stalls every stream for seconds).
 
-Graph-captured steps compiled their kernels while being captured; what is left is what runs eagerly:
-  - several prompts prefilled in one step (prompts arriving together), and each prompt's last-chunk logits;
+Graph-captured steps compiled their kernels while being captured; what is left is what runs eagerly, and the
+first replays of each graph kind:
+  - several prompts prefilled in one step (prompts arriving together; eager past 64 sequences or the largest
+    token bucket), and each prompt's last-chunk logits;
   - a decode step beside more than one prompt chunk, and a prompt arriving while others decode;
   - a prompt longer than the step's token budget (chunked prefill, a chunk above the prefill graphs);
   - the eager sampler: seeded rows, penalties, logprobs with alternatives, min_tokens, top_k / min_p;
