@@ -133,10 +133,11 @@ class ModelRunner:
         whole = pg.bucket_for(chunks)
         num_rows = len(chunks) - len(others)
         if MIXED_GRAPHS and num_rows and self.graphs.padded_size(num_rows) is not None:
-            part = pg.bucket_for([chunks[i] for i in others])
+            prompts = [chunks[i] for i in others]
+            part = pg.bucket_for(prompts)
             if part is not None and (whole is None or part[1] < whole[1]):
                 skip = set(others)
-                prompt = pg.run([chunks[i] for i in others], part)
+                prompt = pg.run(prompts, part)
                 decoded = self.graphs.run_chunks([c for i, c in enumerate(chunks) if i not in skip],
                                                  self.pools.page_size)
                 # logit rows in chunk order: decode rows from the first part, wanting prompt chunks from the second
