@@ -30,6 +30,7 @@ from hybridserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_
 from hybridserve.engine.model_runner import SeqChunk, build_meta
 from hybridserve.kernels import fused_triton as ft
 from hybridserve.kernels import monoid_triton as mt
+from hybridserve.kernels import neollm_ops_triton
 from hybridserve.kernels import paged_attention_triton as pat
 from hybridserve.kernels import pdl
 from hybridserve.kernels import sampling_triton
@@ -194,6 +195,9 @@ def _knob(mod, attr):
 VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, False),
             "gemv_one_row_only": (*_knob(ft, "GEMV_MAX_ROWS"), 1),      # cuBLAS/GEMM for 2+ rows
             "gemv_two_rows": (*_knob(ft, "GEMV_MAX_ROWS"), 2),          # the GEMV for 2-row matmuls too
+            "gemv_rows_4": (*_knob(ft, "GEMV_MAX_ROWS"), 4),            # ... and up to 4 rows
+            "gemv_rows_8": (*_knob(ft, "GEMV_MAX_ROWS"), 8),            # ... and up to 8 rows
+            "gemv_narrow_off": (*_knob(ft, "GEMV_NARROW_ROWS"), 1),     # narrow models' 2-row matmuls on cuBLAS
             "mm_off": (*_knob(ft, "MM_MAX_ROWS"), 0),                     # cuBLAS for every multi-row matmul
             "min_split_256": (*_knob(pat, "MIN_SPLIT"), 256),             # attention splits of >= 256 keys
             "stream_off": (*_knob(ft, "GEMV_STREAM"), False),             # the plain GEMV at batch 1
@@ -207,6 +211,7 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "projection_on": (*_knob(mt, "PROJECTION_FUSED"), True),
             "rope_in_gemv_on": (*_knob(ft, "ROPE_IN_GEMV"), True),   # batch 1: RoPE + KV write in the qkv GEMV
             "gather_torch": (*_knob(ft, "GATHER_KERNEL"), False),  # torch index kernels for embedding, cos/sin
+            "head_unpadded": (*_knob(neollm_ops_triton, "PADDED_HEAD"), False),  # NeoLLM's head on its own rows
             "select_pdl_off": (*_knob(sampling_triton, "SELECT_PDL"), False),  # argmax kernels without PDL
             # the step's ends as before: torch index kernels for the embedding and cos/sin, argmax without PDL
             "step_ends_torch": (lambda: (ft.GATHER_KERNEL, sampling_triton.SELECT_PDL),

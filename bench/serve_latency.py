@@ -96,6 +96,7 @@ def main():
     ap.add_argument("--modes", default="greedy,sampled")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--scheduling", default="sync,async", help="engine step modes served, comma list")
     args = ap.parse_args()
     conc = [int(c) for c in args.concurrency.split(",")]
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "prompt_len": args.prompt_len,
@@ -104,7 +105,8 @@ def main():
     for arch in args.archs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             path = write_synthetic(arch, "full", Path(tmp) / arch, seed=0, tokenizer_from=Path(args.tokenizer))
-            for flag in ("--no-async-scheduling", "--async-scheduling"):
+            for flag in [{"sync": "--no-async-scheduling", "async": "--async-scheduling"}[m]
+                         for m in args.scheduling.split(",")]:
                 t0 = time.perf_counter()
                 with running_server("--model", str(path), "--max-num-seqs", str(max(conc)), "--max-model-len",
                                     "2048", "--log-level", "warning", flag, timeout=600) as (url, _):

@@ -39,8 +39,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return h, rms_norm(h, weight, eps)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """weight · x (F.linear): a sublayer's output projection, whose residual add goes with the next norm."""
+def linear(x: torch.Tensor, weight: torch.Tensor, side: bool = False) -> torch.Tensor:
+    """weight · x (F.linear): a sublayer's output projection, whose residual add goes with the next norm.
+    `side`: a product off the step's critical path (a side stream), which the GPU version runs differently."""
     return F.linear(x, weight)
 
 

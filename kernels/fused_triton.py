@@ -196,9 +196,22 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 # flight: each program loads a [BN, BK] tile at once (BK up to the whole row), shaped per matrix by a
 # measured rule (gemv_config). With programmatic dependent launch (kernels/pdl.py)
 # a program loads its first weight tile before waiting for the kernel that produces its input. More rows
-# keep cuBLAS, with the add + norm in one kernel before it.
+# (gemv_rows) take the multi-row GEMM or cuBLAS, with the add + norm in one kernel before it.
 GEMV_MAX_ROWS = 1      # 2 rows measured slower than cuBLAS (Spartacus batch 2: 1.78 vs 1.47 ms, H100)
 GEMV_STAGES = 3
+# ... except for inputs narrower than GEMV_NARROW_K (the ~100M models, launch-bound), where 2 rows run faster
+# as the GEMV than as an add-norm kernel + cuBLAS (the batch-2 step on an H100, three rounds in turn:
+# SmolLM2-135M 0.807 vs 0.939 ms, Kotodama-108M 0.896 vs 1.028, NeoLLM 0.441 vs 0.494,
+# bench/results/decode_latency_narrow_rows-h100.json). 4 rows as the GEMV were slower than cuBLAS (SmolLM2
+# batch 4: 1.173 vs 0.941 ms, decode_latency_gemv_rows-h100.json; not profiled: each row adds a reduction
+# across the program's warps per K tile).
+GEMV_NARROW_ROWS = 2
+GEMV_NARROW_K = 2048
+
+
+def gemv_rows(M: int, K: int) -> bool:
+    """Whether an [M, K] input's matmul runs as the GEMV (else the multi-row GEMM or cuBLAS)."""
+    return M <= GEMV_MAX_ROWS or (M <= GEMV_NARROW_ROWS and K < GEMV_NARROW_K)
 
 
 def gemv_config(M: int, N: int, K: int, stacked: int = 1) -> tuple[int, int, int]:
@@ -309,7 +322,7 @@ def _gemv_inputs(x, delta):
 def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu_mul=False):
     """A few rows: returns (x + delta or x, y)."""
     M, K = x.shape
-    assert weight.is_contiguous() and weight.shape[-1] == K and M <= GEMV_MAX_ROWS
+    assert weight.is_contiguous() and weight.shape[-1] == K and gemv_rows(M, K)
     x, delta, h = _gemv_inputs(x, delta)
     y = torch.empty(M, out_features, dtype=out_dtype or x.dtype, device=x.device)
     if M == 0:
@@ -663,15 +676,17 @@ def _add_norm(h, delta, norm_weight, eps):
     return add_rms_norm(delta, h, norm_weight, eps) if delta is not None else (h, rms_norm(h, norm_weight, eps))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if x.shape[0] > GEMV_MAX_ROWS:
+def linear(x: torch.Tensor, weight: torch.Tensor, side: bool = False) -> torch.Tensor:
+    # on a side stream (NanoHammer's state entries) two narrow rows keep cuBLAS: as the GEMV they slowed its
+    # batch-2 step (1.376 vs 1.331 ms, bench/results/decode_latency_narrow_rows-h100.json)
+    if x.shape[0] > GEMV_MAX_ROWS if side else not gemv_rows(*x.shape):
         return _matmul(x, weight)
     return _gemv(x, None, None, weight, weight.shape[0], 0.0)[1]
 
 
 def add_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, weight: torch.Tensor,
                     eps: float, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    if h.shape[0] > GEMV_MAX_ROWS:
+    if not gemv_rows(*h.shape):
         h, x = _add_norm(h, delta, norm_weight, eps)
         return h, _matmul(x, weight, out_dtype)
     return _gemv(h, delta, norm_weight, weight, weight.shape[0], eps, out_dtype)
@@ -716,7 +731,7 @@ def add_norm_linear_rope_kv(h: torch.Tensor, delta: torch.Tensor | None, norm_we
 
 def add_norm_linear_silu_mul(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
                              gate_up: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if h.shape[0] > GEMV_MAX_ROWS:
+    if not gemv_rows(*h.shape):
         h, x = _add_norm(h, delta, norm_weight, eps)
         return h, _matmul(x, gate_up, gated=True)
     return _gemv(h, delta, norm_weight, gate_up, gate_up.shape[0] // 2, eps, silu_mul=True)

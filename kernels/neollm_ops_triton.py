@@ -133,7 +133,7 @@ def _gemv(x, delta, scale, norm_weight, poly, weight, bias, eps, fan_p, out_dtyp
     """A few rows; x is the input (or [g | u] with poly = (weight, bias)). Returns (h, y)."""
     M = x.shape[0]
     N, K = weight.shape
-    assert weight.is_contiguous() and M <= fused_triton.GEMV_MAX_ROWS
+    assert weight.is_contiguous() and fused_triton.gemv_rows(M, K)
     x = x if x.stride(-1) == 1 else x.contiguous()
     h = x
     if delta is not None:
@@ -206,11 +206,13 @@ def _row_warps(n: int) -> int:
 
 # -- the functions of kernels/neollm_ops.py ---------------------------------------------------------
 
+PADDED_HEAD = True   # multi-row products against the row-padded weight when one is given (A/B knob)
+
 def add_scale_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, scale: float, norm_weight: torch.Tensor,
                           weight: torch.Tensor, eps: float, bias: torch.Tensor | None = None, fan_p: int = 0,
                           out_dtype: torch.dtype | None = None,
                           padded_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    if h.shape[0] <= fused_triton.GEMV_MAX_ROWS:
+    if fused_triton.gemv_rows(*h.shape):
         return _gemv(h, delta, scale, norm_weight, None, weight, bias, eps, fan_p, out_dtype)
     M, N = h.shape
     h = h if h.stride(-1) == 1 else h.contiguous()
@@ -222,7 +224,7 @@ def add_scale_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, scale: fl
     _add_scale_norm_kernel[(M,)](h, delta if delta is not None else h, norm_weight, out, x, h.stride(0),
                                  delta.stride(0) if delta is not None else 0, scale, eps, N=N,
                                  BN=triton.next_power_of_2(N), ADD=delta is not None, num_warps=_row_warps(N))
-    if padded_weight is not None and bias is None and not fan_p:     # an aligned output row, then the N columns
+    if PADDED_HEAD and padded_weight is not None and bias is None and not fan_p:   # an aligned row, then N columns
         y = F.linear(x, padded_weight)[:, :weight.shape[0]]
         return out, (y if out_dtype is None else y.to(out_dtype)).contiguous()
     y = F.linear(x, weight, bias)
@@ -235,7 +237,7 @@ def add_scale_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, scale: fl
 
 def poly_mul_linear(gate_up: torch.Tensor, poly_weight: torch.Tensor, poly_bias: torch.Tensor,
                     weight: torch.Tensor) -> torch.Tensor:
-    if gate_up.shape[0] <= fused_triton.GEMV_MAX_ROWS:
+    if fused_triton.gemv_rows(gate_up.shape[0], weight.shape[1]):
         return _gemv(gate_up, None, 1.0, None, (poly_weight, poly_bias), weight, None, 0.0, 0, None)[1]
     gu = gate_up if gate_up.stride(-1) == 1 else gate_up.contiguous()
     M, N = gu.shape[0], gu.shape[1] // 2

@@ -222,12 +222,13 @@ class NanoHammerModel(LlamaModel):
             fold, vec = self.entry_fold if FOLD_ENTRY and self.entry_fold is not None else (None, None)
             for i, s in enumerate(cells):
                 if fold is not None:
-                    entries.add(*ops.folded_entry(fused.linear(s, fold[i]), s, vec[i], cos, sin, Hkv, D, eps))
+                    entry = fused.linear(s, fold[i], side=True)
+                    entries.add(*ops.folded_entry(entry, s, vec[i], cos, sin, Hkv, D, eps))
                     continue
-                r = fused.linear(s, st["proj"][i])
+                r = fused.linear(s, st["proj"][i], side=True)
                 x = ops.state_inputs(r, None if st["proj_bias"] is None else st["proj_bias"][i],
                                      self.layers[i]["attn_norm"], eps)
-                kv = fused.linear(x, self.layers[i]["qkv"][c.num_heads * D:]).view(T, 2, Hkv, D)
+                kv = fused.linear(x, self.layers[i]["qkv"][c.num_heads * D:], side=True).view(T, 2, Hkv, D)
                 entries.add(fused.rope(kv[:, 0], cos, sin), kv[:, 1])
         return entries
 

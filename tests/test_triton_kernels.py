@@ -537,6 +537,21 @@ def test_fused_linears(device, dtype, rows, with_delta, tiles, monkeypatch):
     check_fused_linears(h, delta, N, dtype)
 
 
+def test_gemv_rows_rule(monkeypatch):
+    """One row always runs as the GEMV; two rows only for inputs narrower than GEMV_NARROW_K (the ~100M
+    models), and not for a product on a side stream; more rows never."""
+    assert fused_tr.gemv_rows(1, 4096) and fused_tr.gemv_rows(2, 576) and fused_tr.gemv_rows(2, 1536)
+    assert not fused_tr.gemv_rows(2, 2048) and not fused_tr.gemv_rows(3, 576) and not fused_tr.gemv_rows(8, 64)
+
+    def no_gemv(*args, **kwargs):
+        raise AssertionError("the GEMV ran")
+    monkeypatch.setattr(fused_tr, "_gemv", no_gemv)
+    x, w = torch.randn(2, 64), torch.randn(32, 64)
+    assert torch.equal(fused_tr.linear(x, w, side=True), F.linear(x, w))
+    with pytest.raises(AssertionError, match="the GEMV ran"):
+        fused_tr.linear(x, w)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_delta", [True, False])
