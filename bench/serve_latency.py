@@ -3,7 +3,9 @@ clients at once through /v1/completions (token-id prompts, ignore_eos), with asy
 same run. Per request, from the SSE events' arrival times: TTFT, time per output token after the first (TPOT)
 and the gaps between events (ITL); per run: their medians and p99, output tokens/s, and after the run the
 server's /metrics must show no KV page or state slot in use; it also gives the Triton compiles since the
-server turned ready (a stall each on a machine with an empty Triton cache).
+server turned ready (a stall each on a machine with an empty Triton cache). The server's own mean TTFT over
+the round (its time_to_first_token histogram: engine submission to first token) sits beside the clients'
+median, so the part spent in the client and on the HTTP side before submission shows.
 
 Usage (GPU machine; fastapi, uvicorn, pydantic from wheels): python bench/serve_latency.py --tokenizer DIR
 [--archs spartacus,kotodama] [--concurrency 1,8,32] → $OUT/serve_latency.json
@@ -58,18 +60,31 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: list[int], ma
             "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])], "end": arrivals[-1] - t0, "tokens": n}
 
 
+def server_ttft(url: str) -> tuple[float, float]:
+    """(sum of seconds, count) of the server's time_to_first_token histogram."""
+    text = httpx.get(f"{url}/metrics").text
+    total = sum(float(v) for v in re.findall(r"^hybridserve:time_to_first_token_seconds_sum\{[^}]*\} (\S+)$",
+                                             text, re.M))
+    count = sum(float(v) for v in re.findall(r"^hybridserve:time_to_first_token_seconds_count\{[^}]*\} (\S+)$",
+                                             text, re.M))
+    return total, count
+
+
 async def run_round(url: str, model: str, clients: int, prompt_len: int, max_tokens: int, knobs: dict,
                     seed: int) -> dict:
     rng = random.Random(seed)
+    before = server_ttft(url)
     prompts = [[rng.randrange(100, 40000) for _ in range(prompt_len)] for _ in range(clients)]
     async with httpx.AsyncClient(base_url=url, timeout=300) as http:
         t0 = time.perf_counter()
         done = await asyncio.gather(*[one_request(http, model, p, max_tokens, knobs) for p in prompts])
         wall = time.perf_counter() - t0
+    after = server_ttft(url)
     gaps = [g for d in done for g in d["gaps"]]
     return {"clients": clients, "wall_s": wall, "output_tok_per_s": sum(d["tokens"] for d in done) / wall,
             "ttft_ms_median": 1e3 * statistics.median(d["ttft"] for d in done),
             "ttft_ms_max": 1e3 * max(d["ttft"] for d in done),
+            "ttft_ms_server_mean": 1e3 * (after[0] - before[0]) / max(after[1] - before[1], 1),
             "tpot_ms_median": 1e3 * statistics.median(d["tpot"] for d in done),
             "itl_ms_median": 1e3 * statistics.median(gaps), "itl_ms_p99": 1e3 * pct(gaps, 0.99)}
 
@@ -97,14 +112,16 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--scheduling", default="sync,async", help="engine step modes served, comma list")
+    ap.add_argument("--size", default="full", help="synthetic checkpoint size: full, or tiny (a CPU run)")
     args = ap.parse_args()
     conc = [int(c) for c in args.concurrency.split(",")]
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "prompt_len": args.prompt_len,
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    out = {"device": device, "torch": torch.__version__, "prompt_len": args.prompt_len,
            "max_tokens": args.max_tokens, "rows": []}
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     for arch in args.archs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            path = write_synthetic(arch, "full", Path(tmp) / arch, seed=0, tokenizer_from=Path(args.tokenizer))
+            path = write_synthetic(arch, args.size, Path(tmp) / arch, seed=0, tokenizer_from=Path(args.tokenizer))
             for flag in [{"sync": "--no-async-scheduling", "async": "--async-scheduling"}[m]
                          for m in args.scheduling.split(",")]:
                 t0 = time.perf_counter()
@@ -122,7 +139,8 @@ def main():
                             out["rows"].append(row)
                             print(f"{arch:10} {flag:21} {mode:7} C={c:3}  TPOT {row['tpot_ms_median']:6.3f} ms  "
                                   f"ITL p50 {row['itl_ms_median']:6.3f} p99 {row['itl_ms_p99']:6.3f}  TTFT "
-                                  f"{row['ttft_ms_median']:7.2f} ms (max {row['ttft_ms_max']:7.1f})  "
+                                  f"{row['ttft_ms_median']:7.2f} ms (max {row['ttft_ms_max']:7.1f}, server mean "
+                                  f"{row['ttft_ms_server_mean']:6.1f})  "
                                   f"{row['output_tok_per_s']:8.0f} tok/s  held "
                                   f"{row['kv_pages_used']:.0f} pages {row['state_slots_used']:.0f} slots; "
                                   f"{row['jit_compiles_after_ready']:.0f} compiles after ready", flush=True)
