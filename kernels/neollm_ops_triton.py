@@ -208,6 +208,7 @@ def _row_warps(n: int) -> int:
 
 PADDED_HEAD = True   # multi-row products against the row-padded weight when one is given (A/B knob)
 
+
 def add_scale_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, scale: float, norm_weight: torch.Tensor,
                           weight: torch.Tensor, eps: float, bias: torch.Tensor | None = None, fan_p: int = 0,
                           out_dtype: torch.dtype | None = None,
