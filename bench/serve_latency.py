@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from server_process import running_server  # noqa: E402
+from tiny import metric  # noqa: E402
 from hybridserve.weights.synth import write_synthetic  # noqa: E402
 
 SAMPLING = {"greedy": {"temperature": 0.0}, "sampled": {"temperature": 0.8, "top_p": 0.95}}
@@ -63,11 +63,8 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: list[int], ma
 def server_ttft(url: str) -> tuple[float, float]:
     """(sum of seconds, count) of the server's time_to_first_token histogram."""
     text = httpx.get(f"{url}/metrics").text
-    total = sum(float(v) for v in re.findall(r"^hybridserve:time_to_first_token_seconds_sum\{[^}]*\} (\S+)$",
-                                             text, re.M))
-    count = sum(float(v) for v in re.findall(r"^hybridserve:time_to_first_token_seconds_count\{[^}]*\} (\S+)$",
-                                             text, re.M))
-    return total, count
+    return (sum(metric(text, "hybridserve:time_to_first_token_seconds_sum")),
+            sum(metric(text, "hybridserve:time_to_first_token_seconds_count")))
 
 
 async def run_round(url: str, model: str, clients: int, prompt_len: int, max_tokens: int, knobs: dict,
@@ -94,10 +91,9 @@ def held(url: str) -> dict:
     deadline = time.monotonic() + 10
     while True:
         text = httpx.get(f"{url}/metrics").text
-        pages = sum(float(v) for v in re.findall(r"^hybridserve:kv_pages_used\{[^}]*\} (\S+)$", text, re.M))
-        slots = sum(float(v) for v in re.findall(r"^hybridserve:state_slots_used\{[^}]*\} (\S+)$", text, re.M))
-        jit = sum(float(v) for v in re.findall(r"^hybridserve:jit_compiles_after_ready_total\{[^}]*\} (\S+)$",
-                                               text, re.M))
+        pages = sum(metric(text, "hybridserve:kv_pages_used"))
+        slots = sum(metric(text, "hybridserve:state_slots_used"))
+        jit = sum(metric(text, "hybridserve:jit_compiles_after_ready_total"))
         if pages == slots == 0 or time.monotonic() > deadline:
             return {"kv_pages_used": pages, "state_slots_used": slots, "jit_compiles_after_ready": jit}
         time.sleep(0.2)
