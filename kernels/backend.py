@@ -1,7 +1,8 @@
 """Picks a kernel implementation per device: the Triton file on CUDA, the plain reference elsewhere.
 
 Every fast kernel `kernels/<name>_triton.py` exposes the same functions as its reference
-`kernels/<name>.py`. HYBRIDSERVE_KERNELS=reference forces the references everywhere (debugging).
+`kernels/<name>.py`. HYBRIDSERVE_KERNELS=reference forces the references everywhere (debugging);
+HYBRIDSERVE_KERNELS=triton forces the Triton files on every device (on CPU: under TRITON_INTERPRET=1, for tests).
 """
 from __future__ import annotations
 
@@ -24,5 +25,6 @@ def _load(name: str, fast: bool) -> ModuleType:
 
 
 def pick(name: str, device: torch.device) -> ModuleType:
-    fast = device.type == "cuda" and os.environ.get("HYBRIDSERVE_KERNELS", "auto") != "reference"
+    mode = os.environ.get("HYBRIDSERVE_KERNELS", "auto")
+    fast = mode == "triton" or (device.type == "cuda" and mode != "reference")
     return _load(name, fast)

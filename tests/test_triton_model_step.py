@@ -1,38 +1,25 @@
 """Whole decode steps of tiny models through the Triton kernel files, against the same steps through the
-references. On CPU the Triton kernels run under the interpreter (the models pick the references there, so
-the test hands them the Triton files); on a GPU they run compiled. Batches of 1, 2 and 3 rows reach the
+references. On CPU the Triton kernels run under the interpreter (HYBRIDSERVE_KERNELS=triton: the models would
+pick the references there); on a GPU they run compiled. Batches of 1, 2 and 3 rows reach the
 three matmul paths of these narrow models: the one-row GEMV, the two-row GEMV (kernels/fused_triton.py
 `gemv_rows`) and cuBLAS. Under the interpreter every program costs milliseconds, so the vocabulary is cut
 to 512 rows and the GEMV takes 16 rows a program (its tile rule is the kernel tests' matter)."""
 from __future__ import annotations
 
-import importlib
 import random
-import sys
 
 import pytest
 import torch
 from triton_mode import DEVICES, fresh_process_test, rel_err
 
-from hybridserve.kernels import backend, fused_triton
-from hybridserve.models.registry import build_model
-from hybridserve.weights.checkpoint import Checkpoint
+from hybridserve.kernels import fused_triton
 from hybridserve.weights.synth import GENERATORS
 
 from harness import Harness
+from model_zoo import tiny_model
 
 VOCAB = 512
 test_cpu_kernels_in_fresh_process = fresh_process_test(__file__)
-
-
-def small_vocab_model(arch: str, device: str):
-    mod, fn = GENERATORS[arch].split(":")
-    config, tensors = getattr(importlib.import_module(mod), fn)("tiny", 0)
-    vocab = config["vocab_size"]
-    tensors = {k: (t[:VOCAB] if t.shape and t.shape[0] == vocab else t) for k, t in tensors.items()}
-    config = dict(config, vocab_size=VOCAB)
-    ckpt = Checkpoint(arch=arch, config=config, tensors=tensors, source=f"synth:{arch}")
-    return build_model(ckpt, torch.float32, torch.device(device))
 
 
 def steps(model, batch: int) -> torch.Tensor:
@@ -49,11 +36,10 @@ def steps(model, batch: int) -> torch.Tensor:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", sorted(GENERATORS))
 def test_decode_steps_through_triton_files(device, arch, monkeypatch):
-    model = small_vocab_model(arch, device)
+    model = tiny_model(arch, device, torch.float32, vocab=VOCAB)
+    monkeypatch.setenv("HYBRIDSERVE_KERNELS", "reference")     # on CUDA too
     want = {b: steps(model, b) for b in (1, 2, 3)}
-    fast = [m for n, m in list(sys.modules.items()) if n.startswith("hybridserve.models.") and hasattr(m, "pick")]
-    for m in fast:
-        monkeypatch.setattr(m, "pick", lambda name, dev: backend._load(name, True))
+    monkeypatch.setenv("HYBRIDSERVE_KERNELS", "triton")
     if device == "cpu":
         monkeypatch.setattr(fused_triton, "gemv_config", lambda M, N, K, stacked=1: (16, 128, 4))
     rows, gemv = [], fused_triton._gemv
