@@ -109,26 +109,35 @@ def replays(runner, monkeypatch) -> list:
     return seen
 
 
+def paired_runner(model, monkeypatch, rng, lens, max_num_seqs: int):
+    """An eager harness and a graphed one driven through a ModelRunner (its replays recorded by `replays`), with
+    one request of each length in `lens` prefilled alike in both: (eager, graphed, runner, seen, the eager
+    requests, the graphed ones)."""
+    from hybridserve.engine.model_runner import ModelRunner
+    vocab = model.config.vocab_size
+    eager, graphed = Harness(model, num_pages=128), Harness(model, num_pages=128)
+    runner = ModelRunner(model, graphed.pools, max_model_len=128, max_num_seqs=max_num_seqs, max_chunk_tokens=64)
+    seen = replays(runner, monkeypatch)
+    olds = [[rng.randrange(vocab) for _ in range(n)] for n in lens]
+    pe, pg = [eager.new_seq() for _ in olds], [graphed.new_seq() for _ in olds]
+    for se, sg, toks in zip(pe, pg, olds):
+        eager.step([(se, toks)])
+        graphed.step([(sg, toks)])
+    return eager, graphed, runner, seen, pe, pg
+
+
 @pytest.mark.parametrize("prompt_wants_logits", [True, False])
 def test_mixed_step_as_two_graphs_matches_eager(model, prompt_wants_logits, monkeypatch):
     """A step of decode rows beside one prompt chunk (a request admitted while others decode) whose rows
     would move it past the chunk's token bucket (20 + 3 tokens: bucket 32; 30 + 3: 64) replays the decode
     graph for the rows and the chunk's prefill graph: the same logits, in chunk order, as one eager forward,
     and the same caches after (decoding continues alike). A 20-token chunk takes the rows into its graph."""
-    from hybridserve.engine.model_runner import ModelRunner
     rng = random.Random(11)
     vocab = model.config.vocab_size
-    eager, graphed = Harness(model, num_pages=128), Harness(model, num_pages=128)
-    runner = ModelRunner(model, graphed.pools, max_model_len=128, max_num_seqs=4, max_chunk_tokens=64)
-    seen = replays(runner, monkeypatch)
-    olds = [[rng.randrange(vocab) for _ in range(n)] for n in (6, 11, 3)]
-    pe, pg = [eager.new_seq() for _ in olds], [graphed.new_seq() for _ in olds]
-    for se, sg, toks in zip(pe, pg, olds):
-        eager.step([(se, toks)])
-        graphed.step([(sg, toks)])
+    eager, graphed, runner, seen, pe, pg = paired_runner(model, monkeypatch, rng, (6, 11, 3), 4)
     prompt = [rng.randrange(vocab) for _ in range(30)]
     ne, ng = eager.new_seq(), graphed.new_seq()
-    nxt = [rng.randrange(vocab) for _ in olds]
+    nxt = [rng.randrange(vocab) for _ in pe]
     # the prompt chunk sits between decode rows, so its logit row must land in the middle
     want = eager.step([(pe[0], [nxt[0]]), (ne, prompt), (pe[1], [nxt[1]]), (pe[2], [nxt[2]])])
     chunks = [graphed.book(pg[0], [nxt[0]]), graphed.book(ng, prompt), graphed.book(pg[1], [nxt[1]]),
@@ -156,17 +165,9 @@ def test_batched_prefill_graph_matches_eager(model, rows_first, monkeypatch):
     eager forward's logits in chunk order; the next step (the rest of that prompt, a new prompt, the rows)
     too; decoding then continues alike. A request outside the steps keeps its slot and pages. (3e-4: the graph's
     matmuls run over the bucket's 32 rows, the eager ones over the step's 18, and TF32 rounds them apart.)"""
-    from hybridserve.engine.model_runner import ModelRunner
     rng = random.Random(13)
     vocab = model.config.vocab_size
-    eager, graphed = Harness(model, num_pages=128), Harness(model, num_pages=128)
-    runner = ModelRunner(model, graphed.pools, max_model_len=128, max_num_seqs=6, max_chunk_tokens=64)
-    seen = replays(runner, monkeypatch)
-    olds = [[rng.randrange(vocab) for _ in range(n)] for n in (6, 11, 4)]
-    pe, pg = [eager.new_seq() for _ in olds], [graphed.new_seq() for _ in olds]
-    for se, sg, toks in zip(pe, pg, olds):
-        eager.step([(se, toks)])
-        graphed.step([(sg, toks)])
+    eager, graphed, runner, seen, pe, pg = paired_runner(model, monkeypatch, rng, (6, 11, 4), 6)
     idle_state = graphed.live_state()
     idle_kv = [(k[pg[2].pages].clone(), v[pg[2].pages].clone()) for k, v in graphed.pools.view.kv]
     a, b1, b2, c = ([rng.randrange(vocab) for _ in range(n)] for n in (9, 7, 5, 3))
