@@ -19,6 +19,7 @@ import argparse
 import importlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -167,11 +168,16 @@ def set_pdl(on: bool) -> None:
     pdl._supported.cache_clear()
 
 
+# The decode graph's block-table width: the model's context (False, as the engine captures it), or the
+# Setup's own pages (True: fewer attention splits, the split count coming from the table's width)
+NARROW_TABLE = False
+
+
 def graph_step(model, s: Setup, B: int):
     """The Setup's decode step captured as a CUDA graph (as the engine runs it: a block table as wide as
     the model's context, which sets the attention's split count): a function running it as the engine does,
     inputs through the pinned host mirrors (three copies), then the replay."""
-    width = max(s.pages_per_seq, -(-model.max_model_len // PAGE))
+    width = s.pages_per_seq if NARROW_TABLE else max(s.pages_per_seq, -(-model.max_model_len // PAGE))
     graphs = DecodeGraphs(model, s.pools.view, B, width, sizes=[B])
     graphs.capture()
 
@@ -213,6 +219,8 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "gather_torch": (*_knob(ft, "GATHER_KERNEL"), False),  # torch index kernels for embedding, cos/sin
             "head_unpadded": (*_knob(neollm_ops_triton, "PADDED_HEAD"), False),  # NeoLLM's head on its own rows
             "select_pdl_off": (*_knob(sampling_triton, "SELECT_PDL"), False),  # argmax kernels without PDL
+            "table_narrow": (*_knob(sys.modules[__name__], "NARROW_TABLE"), True),  # the Setup's pages only
+            "idle_wait": (*_knob(pat, "IDLE_EXIT"), False),   # attention splits with no keys wait all the same
             # the step's ends as before: torch index kernels for the embedding and cos/sin, argmax without PDL
             "step_ends_torch": (lambda: (ft.GATHER_KERNEL, sampling_triton.SELECT_PDL),
                                 lambda v: (setattr(ft, "GATHER_KERNEL", v[0]),
