@@ -8,7 +8,7 @@ the round (its time_to_first_token histogram: engine submission to first token) 
 median, so the part spent in the client and on the HTTP side before submission shows.
 
 Usage (GPU machine; fastapi, uvicorn, pydantic from wheels): python bench/serve_latency.py --tokenizer DIR
-[--archs spartacus,kotodama] [--concurrency 1,8,32] → $OUT/serve_latency.json
+[--archs spartacus,kotodama] [--concurrency 1,8,32] [--clients httpx,raw] → $OUT/serve_latency.json
 """
 from __future__ import annotations
 
@@ -60,6 +60,47 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: list[int], ma
             "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])], "end": arrivals[-1] - t0, "tokens": n}
 
 
+async def one_request_raw(url: str, model: str, prompt: list[int], max_tokens: int, knobs: dict) -> dict:
+    """`one_request` over a bare asyncio connection: one write, then the chunked SSE body read chunk by chunk.
+    It costs the client's event loop far less per event than httpx, whose own per-event work at C = 32 delays
+    the arrival times the bench records (a client-side share of TTFT and TPOT, not the server's)."""
+    u = httpx.URL(url)
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                       "stream": True, "stream_options": {"include_usage": True}, **knobs}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {u.host}:{u.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection(u.host, u.port)
+    arrivals, usage, buf = [], None, b""
+    try:
+        writer.write(head + body)
+        status = await reader.readline()
+        assert b" 200 " in status, status
+        headers = []
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            headers.append(line.lower())
+        assert b"transfer-encoding: chunked\r\n" in headers, headers
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            buf += await reader.readexactly(size)
+            await reader.readexactly(2)
+            now = time.perf_counter()
+            *events, buf = buf.split(b"\n\n")
+            for ev in events:
+                if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
+                    continue
+                event = json.loads(ev[6:])
+                if event.get("usage"):
+                    usage = event["usage"]
+                if event.get("choices") and event["choices"][0].get("text"):
+                    arrivals.append(now)
+    finally:
+        writer.close()
+    n = usage["completion_tokens"]
+    assert n == max_tokens, usage
+    return {"ttft": arrivals[0] - t0, "tpot": (arrivals[-1] - arrivals[0]) / (n - 1),
+            "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])], "end": arrivals[-1] - t0, "tokens": n}
+
+
 def server_ttft(url: str) -> tuple[float, float]:
     """(sum of seconds, count) of the server's time_to_first_token histogram."""
     text = httpx.get(f"{url}/metrics").text
@@ -68,17 +109,21 @@ def server_ttft(url: str) -> tuple[float, float]:
 
 
 async def run_round(url: str, model: str, clients: int, prompt_len: int, max_tokens: int, knobs: dict,
-                    seed: int) -> dict:
+                    seed: int, client: str = "httpx") -> dict:
     rng = random.Random(seed)
     before = server_ttft(url)
     prompts = [[rng.randrange(100, 40000) for _ in range(prompt_len)] for _ in range(clients)]
     async with httpx.AsyncClient(base_url=url, timeout=300) as http:
         t0 = time.perf_counter()
-        done = await asyncio.gather(*[one_request(http, model, p, max_tokens, knobs) for p in prompts])
+        if client == "raw":
+            done = await asyncio.gather(*[one_request_raw(url, model, p, max_tokens, knobs) for p in prompts])
+        else:
+            done = await asyncio.gather(*[one_request(http, model, p, max_tokens, knobs) for p in prompts])
         wall = time.perf_counter() - t0
     after = server_ttft(url)
     gaps = [g for d in done for g in d["gaps"]]
-    return {"clients": clients, "wall_s": wall, "output_tok_per_s": sum(d["tokens"] for d in done) / wall,
+    return {"client": client, "clients": clients, "wall_s": wall,
+            "output_tok_per_s": sum(d["tokens"] for d in done) / wall,
             "ttft_ms_median": 1e3 * statistics.median(d["ttft"] for d in done),
             "ttft_ms_max": 1e3 * max(d["ttft"] for d in done),
             "ttft_ms_server_mean": 1e3 * (after[0] - before[0]) / max(after[1] - before[1], 1),
@@ -109,6 +154,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--scheduling", default="sync,async", help="engine step modes served, comma list")
     ap.add_argument("--size", default="full", help="synthetic checkpoint size: full, or tiny (a CPU run)")
+    ap.add_argument("--clients", default="httpx", help="client kinds, comma list: httpx, raw (bare asyncio "
+                    "connections, a lighter client); each round is run with each in turn")
     args = ap.parse_args()
     conc = [int(c) for c in args.concurrency.split(",")]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -126,14 +173,16 @@ def main():
                     start_s = time.perf_counter() - t0
                     model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
                     for mode in args.modes.split(","):
-                        for c in conc:
-                            asyncio.run(run_round(url, model, c, args.prompt_len, 16, SAMPLING[mode], 1))  # warm-up
+                        for c, client in [(c, k) for c in conc for k in args.clients.split(",")]:
+                            asyncio.run(run_round(url, model, c, args.prompt_len, 16, SAMPLING[mode], 1,
+                                                  client))  # warm-up
                             row = {"arch": arch, "async_scheduling": flag == "--async-scheduling", "mode": mode,
                                    "server_start_s": start_s,
                                    **asyncio.run(run_round(url, model, c, args.prompt_len, args.max_tokens,
-                                                           SAMPLING[mode], 2)), **held(url)}
+                                                           SAMPLING[mode], 2, client)), **held(url)}
                             out["rows"].append(row)
-                            print(f"{arch:10} {flag:21} {mode:7} C={c:3}  TPOT {row['tpot_ms_median']:6.3f} ms  "
+                            print(f"{arch:10} {flag:21} {mode:7} C={c:3} {client:5}  "
+                                  f"TPOT {row['tpot_ms_median']:6.3f} ms  "
                                   f"ITL p50 {row['itl_ms_median']:6.3f} p99 {row['itl_ms_p99']:6.3f}  TTFT "
                                   f"{row['ttft_ms_median']:7.2f} ms (max {row['ttft_ms_max']:7.1f}, server mean "
                                   f"{row['ttft_ms_server_mean']:6.1f})  "
