@@ -8,7 +8,8 @@ the round (its time_to_first_token histogram: engine submission to first token) 
 median, so the part spent in the client and on the HTTP side before submission shows.
 
 Usage (GPU machine; fastapi, uvicorn, pydantic from wheels): python bench/serve_latency.py --tokenizer DIR
-[--archs spartacus,kotodama] [--concurrency 1,8,32] [--clients httpx,raw] → $OUT/serve_latency.json
+[--archs spartacus,kotodama] [--concurrency 1,8,32] [--clients httpx,raw] [--merge on,off]
+→ $OUT/serve_latency.json
 """
 from __future__ import annotations
 
@@ -154,6 +155,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--scheduling", default="sync,async", help="engine step modes served, comma list")
     ap.add_argument("--size", default="full", help="synthetic checkpoint size: full, or tiny (a CPU run)")
+    ap.add_argument("--merge", default="on", help="server settings of HYBRIDSERVE_STREAM_MERGE, comma list: on, "
+                    "off (one event per token even for a stream that fell behind)")
     ap.add_argument("--clients", default="httpx", help="client kinds, comma list: httpx, raw (bare asyncio "
                     "connections, a lighter client); each round is run with each in turn")
     args = ap.parse_args()
@@ -165,8 +168,9 @@ def main():
     for arch in args.archs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             path = write_synthetic(arch, args.size, Path(tmp) / arch, seed=0, tokenizer_from=Path(args.tokenizer))
-            for flag in [{"sync": "--no-async-scheduling", "async": "--async-scheduling"}[m]
-                         for m in args.scheduling.split(",")]:
+            for flag, merge in [({"sync": "--no-async-scheduling", "async": "--async-scheduling"}[m], g)
+                                for m in args.scheduling.split(",") for g in args.merge.split(",")]:
+                os.environ["HYBRIDSERVE_STREAM_MERGE"] = "1" if merge == "on" else "0"
                 t0 = time.perf_counter()
                 with running_server("--model", str(path), "--max-num-seqs", str(max(conc)), "--max-model-len",
                                     "2048", "--log-level", "warning", flag, timeout=600) as (url, _):
@@ -177,11 +181,11 @@ def main():
                             asyncio.run(run_round(url, model, c, args.prompt_len, 16, SAMPLING[mode], 1,
                                                   client))  # warm-up
                             row = {"arch": arch, "async_scheduling": flag == "--async-scheduling", "mode": mode,
-                                   "server_start_s": start_s,
+                                   "stream_merge": merge == "on", "server_start_s": start_s,
                                    **asyncio.run(run_round(url, model, c, args.prompt_len, args.max_tokens,
                                                            SAMPLING[mode], 2, client)), **held(url)}
                             out["rows"].append(row)
-                            print(f"{arch:10} {flag:21} {mode:7} C={c:3} {client:5}  "
+                            print(f"{arch:10} {flag:21} merge {merge:3} {mode:7} C={c:3} {client:5}  "
                                   f"TPOT {row['tpot_ms_median']:6.3f} ms  "
                                   f"ITL p50 {row['itl_ms_median']:6.3f} p99 {row['itl_ms_p99']:6.3f}  TTFT "
                                   f"{row['ttft_ms_median']:7.2f} ms (max {row['ttft_ms_max']:7.1f}, server mean "

@@ -102,6 +102,7 @@ class RequestStream:
         self.request_id = request_id
         self._queue = q
         self._ended = False
+        self._held: RequestOutput | BaseException | None = None   # taken from the queue, not yet returned
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -109,12 +110,33 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._ended:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            item = await self._queue.get()
         if isinstance(item, BaseException):
             self._ended = True
             raise item
         self._ended = item.finished
         return item
+
+    async def next_merged(self) -> RequestOutput:
+        """The next output, merged with every output already queued behind it (`RequestOutput.then`): a reader
+        that fell behind the engine catches up in one step instead of one per token, and waits for nothing
+        that has not arrived. An engine error or an ending from outside is never merged: it comes next, alone.
+        Raises StopAsyncIteration after the last output, as iteration ends."""
+        out = await self.__anext__()
+        while not out.finished and out.error is None and self._held is None:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if isinstance(item, BaseException) or item.error is not None:
+                self._held = item
+                break
+            out = out.then(item)
+            self._ended = out.finished
+        return out
 
     def close(self) -> None:
         self._engine._close(self.request_id)

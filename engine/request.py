@@ -61,3 +61,14 @@ class RequestOutput:
     state_bytes: int = 0                   # this request's fixed state memory (all groups)
     kv_bytes: int = 0                      # this request's KV pages at the last step
     error: str | None = None
+
+    def then(self, later: RequestOutput) -> RequestOutput:
+        """This update and the next one as one: both updates' tokens, text and logprobs in order, the later
+        one's status and counts (memory: the larger)."""
+        return RequestOutput(
+            request_id=self.request_id, new_token_ids=self.new_token_ids + later.new_token_ids,
+            new_text=self.new_text + later.new_text, finished=later.finished, finish_reason=later.finish_reason,
+            stop_reason=later.stop_reason, logprobs=self.logprobs + later.logprobs,
+            num_prompt_tokens=later.num_prompt_tokens, num_output_tokens=later.num_output_tokens,
+            state_bytes=max(self.state_bytes, later.state_bytes), kv_bytes=max(self.kv_bytes, later.kv_bytes),
+            error=later.error)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -86,6 +87,10 @@ FAST_TEXT_EVENTS = True
 # A one-choice response reads its engine stream directly rather than through a pump task and a merged
 # queue (one task switch less per token); an A/B knob for bench/serve_host_cost.py
 DIRECT_SINGLE_STREAM = True
+# A one-choice stream that fell behind its engine request (outputs of several steps queued when the event loop
+# comes back to it: many streams at once) sends them as one event, not one event per token.
+# HYBRIDSERVE_STREAM_MERGE=0 turns it off (bench/serve_latency.py --merge compares).
+MERGE_QUEUED = os.environ.get("HYBRIDSERVE_STREAM_MERGE", "1") != "0"
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 MAX_GENERATIONS = 64    # prompts x n in one request: each is an engine request holding a slot and pages
@@ -336,7 +341,7 @@ class _Serving:
             try:
                 while True:
                     try:
-                        out = await anext(stream)
+                        out = await (stream.next_merged() if MERGE_QUEUED else anext(stream))
                     except StopAsyncIteration:
                         return
                     except Exception as exc:

@@ -165,6 +165,9 @@ class RequestTracker:
         metrics.prompt_tokens.inc(num_prompt_tokens)
 
     def observe(self, out: RequestOutput) -> None:
+        """An output as the client gets it: its first token after the wait since the last, the others with it
+        (an output of several tokens: a stream that caught up, server/app.py MERGE_QUEUED). So the latencies
+        are one per token after the first, and they add up to the time from the first token to the last."""
         n = len(out.new_token_ids)
         if n:
             now = time.monotonic()
@@ -172,6 +175,8 @@ class RequestTracker:
                 self.metrics.ttft.observe(now - self.start)
             else:
                 self.metrics.itl.observe(now - self.last_token_time)
+            for _ in range(n - 1):
+                self.metrics.itl.observe(0.0)
             self.last_token_time = now
             self.num_output_tokens += n
             self.metrics.generation_tokens.inc(n)
