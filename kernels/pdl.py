@@ -5,8 +5,9 @@ starts during its predecessor's tail instead of after a full drain and launch ga
 
 Contract for a kernel launched with `launch_pdl`: it must call `gdc_wait` before any load of data an
 earlier kernel wrote (activations, caches, states touched this step) and before any store. Only reads of
-data constant during the step (weights) and of its own slot state before anything else touches it may
-come first. Kernels that do not opt in behave as usual.
+data constant during the step (weights, and the step's metadata that the host copied in before it, such as
+the sequence lengths) and of its own slot state before anything else touches it may come first. Kernels that
+do not opt in behave as usual.
 
 HYBRIDSERVE_PDL=0 turns it off (debugging, or to measure its effect).
 """
