@@ -6,15 +6,19 @@ ignore_eos. Per round: the event-loop thread's CPU seconds (time.thread_time) ov
 clients received. The engine's step time does not enter the figure (another thread), so it runs on a CPU
 machine as well; rounds alternate the server's A/B knobs in one process.
 
-Usage: python bench/serve_host_cost.py [--concurrency 32] [--max-tokens 128] [--rounds 3] → $OUT/serve_host_cost.json
+Usage: python bench/serve_host_cost.py [--concurrency 32] [--max-tokens 128] [--rounds 3] [--profile 30]
+→ $OUT/serve_host_cost.json
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import io
 import json
 import os
 import platform
+import pstats
 import statistics
 import sys
 import tempfile
@@ -53,7 +57,8 @@ asyncio.run(main())
 
 # A/B knobs: name -> (module, attribute, value)
 VARIANTS = {"text_events_off": (app_module, "FAST_TEXT_EVENTS", False),
-            "direct_single_off": (app_module, "DIRECT_SINGLE_STREAM", False)}
+            "direct_single_off": (app_module, "DIRECT_SINGLE_STREAM", False),
+            "stream_merge_off": (app_module, "MERGE_QUEUED", False)}
 
 
 async def clients(url: str, C: int, tokens: int) -> dict:
@@ -64,13 +69,19 @@ async def clients(url: str, C: int, tokens: int) -> dict:
     return json.loads(out)
 
 
-async def measure(url: str, C: int, tokens: int) -> dict:
+async def measure(url: str, C: int, tokens: int, profiler=None) -> dict:
+    """One round: the loop's CPU time per event the clients got and per token generated (a stream that fell
+    behind gets several tokens in one event: server/app.py MERGE_QUEUED)."""
+    if profiler is not None:
+        profiler.enable()
     cpu0 = time.thread_time()
     res = await clients(url, C, tokens)
     cpu = time.thread_time() - cpu0
-    assert res["events"] >= C * tokens // 2, res     # a token that ends mid-character has no event of its own
-    return {"events": res["events"], "wall_s": res["wall_s"], "loop_cpu_s": cpu,
-            "loop_cpu_us_per_event": 1e6 * cpu / res["events"]}
+    if profiler is not None:
+        profiler.disable()
+    assert res["events"] >= C, res
+    return {"events": res["events"], "tokens": C * tokens, "wall_s": res["wall_s"], "loop_cpu_s": cpu,
+            "loop_cpu_us_per_event": 1e6 * cpu / res["events"], "loop_cpu_us_per_token": 1e6 * cpu / (C * tokens)}
 
 
 async def run(args, model_dir: Path) -> dict:
@@ -96,6 +107,12 @@ async def run(args, model_dir: Path) -> dict:
                 finally:
                     if mod:
                         setattr(mod, attr, before)
+        if args.profile:      # one more default round under cProfile (this thread only: the event loop)
+            prof = cProfile.Profile()
+            await measure(url, args.concurrency, args.max_tokens, prof)
+            stats = io.StringIO()
+            pstats.Stats(prof, stream=stats).sort_stats("tottime").print_stats(args.profile)
+            runs["profile"] = stats.getvalue()
     finally:
         server.should_exit = True
         await serving
@@ -113,6 +130,8 @@ def main():
     ap.add_argument("--variants", default="text_events_off,direct_single_off",
                     help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--profile", type=int, default=0, help="also profile one default round (cProfile, the event "
+                    "loop's thread) and print this many functions by own time")
     ap.add_argument("--tokenizer", default=os.environ.get("HYBRIDSERVE_TOKENIZER_DIR"),
                     help="a directory with the tokenizer files weights/synth.py writes (machines without the "
                          "embedded package)")
@@ -121,16 +140,23 @@ def main():
         model_dir = write_synthetic(args.arch, args.size, Path(tmp) / args.arch, seed=0,
                                     tokenizer_from=Path(args.tokenizer) if args.tokenizer else None)
         runs = asyncio.run(run(args, model_dir))
+    profile = runs.pop("profile", None)
     import torch
     out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
            "torch": torch.__version__, "arch": args.arch, "size": args.size, "concurrency": args.concurrency,
            "max_tokens": args.max_tokens, "runs": runs,
            "median_loop_cpu_us_per_event": {k: statistics.median(r["loop_cpu_us_per_event"] for r in v)
+                                            for k, v in runs.items()},
+           "median_loop_cpu_us_per_token": {k: statistics.median(r["loop_cpu_us_per_token"] for r in v)
                                             for k, v in runs.items()}}
     for k, v in out["median_loop_cpu_us_per_event"].items():
         each = ", ".join(f"{r['loop_cpu_us_per_event']:.1f}" for r in runs[k])
-        print(f"{k:18} {v:7.1f} us of event-loop CPU per streamed event ({each})")
+        print(f"{k:18} {v:7.1f} us of event-loop CPU per streamed event ({each}), "
+              f"{out['median_loop_cpu_us_per_token'][k]:.1f} per token", flush=True)
+    if profile:
+        out["profile"] = profile
+        print(profile)
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     (out_dir / "serve_host_cost.json").write_text(json.dumps(out, indent=1))
 

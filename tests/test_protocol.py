@@ -371,5 +371,8 @@ def test_streamed_events_same_with_or_without_text_templates(engine, path, monke
         events = sse_events(post(engine, path, body))
         assert events[-1] == "[DONE]"
         runs.append([{k: v for k, v in json.loads(e).items() if k not in ("id", "created")} for e in events[:-1]])
-    assert runs[0] == runs[1]
+    # the two choices' events interleave as the engine steps them (whether both were admitted in the same step
+    # is timing), so each choice's events are compared in order
+    by_choice = [sorted(r, key=lambda e: [c["index"] for c in e["choices"]] or [len(r)]) for r in runs]
+    assert by_choice[0] == by_choice[1]
     assert sum(bool(c.get("text") or c.get("delta", {}).get("content")) for e in runs[0] for c in e["choices"]) > 6
