@@ -40,25 +40,45 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def one_request(http: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int, knobs: dict) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+def request_body(model: str, prompt: list[int], max_tokens: int, knobs: dict) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}, **knobs}
-    t0 = time.perf_counter()
-    arrivals, usage = [], None
-    async with http.stream("POST", "/v1/completions", json=body) as r:
+
+
+class Arrivals:
+    """A stream's SSE events as they arrive: the times of those carrying text, and the usage at the end."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.times: list[float] = []
+        self.usage: dict | None = None
+
+    def event(self, data: bytes | str, now: float) -> None:
+        """One event's data (after "data: ")."""
+        if data in ("[DONE]", b"[DONE]"):
+            return
+        event = json.loads(data)
+        if event.get("usage"):
+            self.usage = event["usage"]
+        if event.get("choices") and event["choices"][0].get("text"):
+            self.times.append(now)
+
+    def timings(self, max_tokens: int) -> dict:
+        n = self.usage["completion_tokens"]
+        assert n == max_tokens, self.usage
+        t = self.times
+        return {"ttft": t[0] - self.t0, "tpot": (t[-1] - t[0]) / (n - 1), "gaps": [b - a for a, b in zip(t, t[1:])],
+                "end": t[-1] - self.t0, "tokens": n}
+
+
+async def one_request(http: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int, knobs: dict) -> dict:
+    seen = Arrivals()
+    async with http.stream("POST", "/v1/completions", json=request_body(model, prompt, max_tokens, knobs)) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                usage = event["usage"]
-            if event.get("choices") and event["choices"][0].get("text"):
-                arrivals.append(time.perf_counter())
-    n = usage["completion_tokens"]
-    assert n == max_tokens, usage
-    return {"ttft": arrivals[0] - t0, "tpot": (arrivals[-1] - arrivals[0]) / (n - 1),
-            "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])], "end": arrivals[-1] - t0, "tokens": n}
+            if line.startswith("data: "):
+                seen.event(line[6:], time.perf_counter())
+    return seen.timings(max_tokens)
 
 
 async def one_request_raw(url: str, model: str, prompt: list[int], max_tokens: int, knobs: dict) -> dict:
@@ -66,13 +86,12 @@ async def one_request_raw(url: str, model: str, prompt: list[int], max_tokens: i
     It costs the client's event loop far less per event than httpx, whose own per-event work at C = 32 delays
     the arrival times the bench records (a client-side share of TTFT and TPOT, not the server's)."""
     u = httpx.URL(url)
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
-                       "stream": True, "stream_options": {"include_usage": True}, **knobs}).encode()
+    body = json.dumps(request_body(model, prompt, max_tokens, knobs)).encode()
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: {u.host}:{u.port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-    t0 = time.perf_counter()
+    seen = Arrivals()
     reader, writer = await asyncio.open_connection(u.host, u.port)
-    arrivals, usage, buf = [], None, b""
+    buf = b""
     try:
         writer.write(head + body)
         status = await reader.readline()
@@ -87,19 +106,11 @@ async def one_request_raw(url: str, model: str, prompt: list[int], max_tokens: i
             now = time.perf_counter()
             *events, buf = buf.split(b"\n\n")
             for ev in events:
-                if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
-                    continue
-                event = json.loads(ev[6:])
-                if event.get("usage"):
-                    usage = event["usage"]
-                if event.get("choices") and event["choices"][0].get("text"):
-                    arrivals.append(now)
+                if ev.startswith(b"data: "):
+                    seen.event(ev[6:], now)
     finally:
         writer.close()
-    n = usage["completion_tokens"]
-    assert n == max_tokens, usage
-    return {"ttft": arrivals[0] - t0, "tpot": (arrivals[-1] - arrivals[0]) / (n - 1),
-            "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])], "end": arrivals[-1] - t0, "tokens": n}
+    return seen.timings(max_tokens)
 
 
 def server_ttft(url: str) -> tuple[float, float]:

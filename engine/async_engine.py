@@ -126,7 +126,7 @@ class RequestStream:
         that has not arrived. An engine error or an ending from outside is never merged: it comes next, alone.
         Raises StopAsyncIteration after the last output, as iteration ends."""
         out = await self.__anext__()
-        while not out.finished and out.error is None and self._held is None:
+        while not out.finished and out.error is None:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:

@@ -679,7 +679,8 @@ def _add_norm(h, delta, norm_weight, eps):
 def linear(x: torch.Tensor, weight: torch.Tensor, side: bool = False) -> torch.Tensor:
     # on a side stream (NanoHammer's state entries) two narrow rows keep cuBLAS: as the GEMV they slowed its
     # batch-2 step (1.376 vs 1.331 ms, bench/results/decode_latency_narrow_rows-h100.json)
-    if (x.shape[0] > GEMV_MAX_ROWS) if side else not gemv_rows(*x.shape):
+    gemv = x.shape[0] <= GEMV_MAX_ROWS if side else gemv_rows(*x.shape)
+    if not gemv:
         return _matmul(x, weight)
     return _gemv(x, None, None, weight, weight.shape[0], 0.0)[1]
 

@@ -14,6 +14,7 @@ from hybridserve.engine.async_engine import RequestStream
 from hybridserve.engine.request import FinishReason, RequestOutput, TokenLogprob
 from hybridserve.server import app as app_module
 
+from test_protocol import sse_events
 from tiny import async_engine, metric, synth, wait_until
 
 
@@ -113,8 +114,7 @@ async def _behind(engine, merge: bool, body: dict, monkeypatch) -> tuple[list[di
                 m.setattr(RequestStream, "__anext__", _held_up(RequestStream.__anext__, held))
                 r = await client.post("/v1/completions", json={"model": engine.model_name, "stream": True} | body)
             text = (await client.get("/metrics")).text
-    assert r.status_code == 200, r.text
-    events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+    events = sse_events(r)
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]], sum(metric(text, "hybridserve:inter_token_latency_seconds_count"))
 
