@@ -221,6 +221,7 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "select_pdl_off": (*_knob(sampling_triton, "SELECT_PDL"), False),  # argmax kernels without PDL
             "table_narrow": (*_knob(sys.modules[__name__], "NARROW_TABLE"), True),  # the Setup's pages only
             "idle_wait": (*_knob(pat, "IDLE_EXIT"), False),   # attention splits with no keys wait all the same
+            "target_1024": (*_knob(pat, "TARGET_PROGRAMS"), 1024),   # attention grids of 1024 programs, not a wave
             # the step's ends as before: torch index kernels for the embedding and cos/sin, argmax without PDL
             "step_ends_torch": (lambda: (ft.GATHER_KERNEL, sampling_triton.SELECT_PDL),
                                 lambda v: (setattr(ft, "GATHER_KERNEL", v[0]),
@@ -252,13 +253,14 @@ def interleaved_ms(steps: dict, rounds: int, timer=time_steps) -> dict[str, list
 
 
 def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=(), variants=(), variant_batches=(),
-                rounds=1):
-    """ms per decode step at each batch (context 128) against the floor; the variants' steps captured
-    beside the default one and all timed in turn, `rounds` times (the medians of the rounds' medians)."""
+                rounds=1, context=128):
+    """ms per decode step at each batch (each row's context `context`) against the floor; the variants'
+    steps captured beside the default one and all timed in turn, `rounds` times (the medians of the rounds'
+    medians)."""
     rows = []
     weights = step_weight_bytes(model)
     for B in batches:
-        s = Setup(model, B, 128)
+        s = Setup(model, B, context)
         steps = {"": graph_step(model, s, B)}
         for name in (PDL_COMPARE if B in pdl_batches else ()) + tuple(variants if B in variant_batches else ()):
             step = variant_step(model, s, B, name)
@@ -269,7 +271,7 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=(), va
         ms = med.pop("")
         synced = sorted(interleaved_ms({"": steps[""].from_meta}, rounds, time_fn)[""])[rounds // 2]
         floor = floor_ms(model, s, bw)
-        row = {"arch": arch, "batch": B, "context": 128, "ms_per_step": ms, "ms_per_step_each_waited": synced,
+        row = {"arch": arch, "batch": B, "context": context, "ms_per_step": ms, "ms_per_step_each_waited": synced,
                "tok_per_s": 1e3 * B / ms,
                "floor_ms": floor, "ratio_to_floor": ms / floor, "weights_bytes": model.weights_bytes(),
                "step_weight_bytes": weights,
@@ -288,7 +290,7 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=(), va
             row["baseline_eager_reference_ms"] = base
             row["speedup_vs_baseline"] = base / ms
         rows.append(row)
-        print(f"{arch:11} B={B:4} {ms:8.3f} ms  floor {floor:7.3f} ms  x{ms / floor:5.2f}  "
+        print(f"{arch:11} B={B:4} ctx={context:6} {ms:8.3f} ms  floor {floor:7.3f} ms  x{ms / floor:5.2f}  "
               f"{row['tok_per_s']:9.0f} tok/s" + (f"  baseline {row['baseline_eager_reference_ms']:8.2f} ms"
                                                   if "baseline_eager_reference_ms" in row else "")
               + "".join(f"  {k[12:]} {v:.3f} ms" for k, v in row.items() if k.startswith("ms_per_step_")),
@@ -385,6 +387,7 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: decode,flat,prefill,profile")
     ap.add_argument("--variants", default="", help=f"A/B knobs, comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--variant-batches", default="1", help="batches also timed with each variant")
+    ap.add_argument("--decode-context", type=int, default=128, help="each row's context in the decode part")
     ap.add_argument("--rounds", type=int, default=1, help="decode steps timed this many times in turn")
     ap.add_argument("--profile-batches", default="1", help="batch sizes of the per-kernel breakdown")
     args = ap.parse_args()
@@ -405,7 +408,8 @@ def main():
                                             args.baseline_max_batch,
                                             [int(b) for b in args.pdl_compare.split(",") if b],
                                             [v for v in args.variants.split(",") if v],
-                                            [int(b) for b in args.variant_batches.split(",") if b], args.rounds)
+                                            [int(b) for b in args.variant_batches.split(",") if b], args.rounds,
+                                            args.decode_context)
         if "flat" not in skip and arch in ("spartacus", "nanohammer", "neollm"):
             result["flatness"] += flatness_rows(model, arch, [int(c) for c in args.contexts.split(",")], bw)
         if "prefill" not in skip:

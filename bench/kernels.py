@@ -349,7 +349,7 @@ def bench_attention(quick: bool, sweep: bool):
             tr = ref_graph_us([lambda m=m: attn_ref.reference(q, k_cache, v_cache, m, scale) for m in metas])
         calls = [lambda t=t: attn_tr.decode(q, k_cache, v_cache, t, lens, scale) for t in tables]
         t = graph_us(calls)
-        splits = attn_tr.num_splits_for(B, Hkv, bt.shape[1] * page)
+        splits = attn_tr.num_splits_for(B, Hkv, bt.shape[1] * page, attn_tr.target_programs(q.device, D))
         nbytes = B * L * Hkv * D * 4 + B * H * D * 4
         record("attn.decode", f"B={B} ctx={L}", nbytes, t, tr, err, 2e-2, splits=splits, sets=n_sets)
         if sweep and (B, L) in ((1, 65536), (1, 8192), (64, 4096), (256, 1024)):
@@ -369,7 +369,7 @@ def bench_attention(quick: bool, sweep: bool):
     q = torch.randn(B, H, D, device=DEV, dtype=BF16)
     lens = torch.full((B,), L, dtype=torch.int32, device=DEV)
     t = graph_us([lambda: attn_tr.decode(q, k_cache, v_cache, bt, lens, scale)])
-    splits = attn_tr.num_splits_for(B, Hkv, width * page)
+    splits = attn_tr.num_splits_for(B, Hkv, width * page, attn_tr.target_programs(q.device, D))
     record("attn.decode", f"B={B} ctx={L} table={width * page}", B * L * Hkv * D * 4, t, None, None, None,
            splits=splits)
     del k_cache, v_cache
@@ -393,20 +393,29 @@ def bench_attention(quick: bool, sweep: bool):
         del k_cache, v_cache
 
 
-def main() -> int:
+def start(script: str):
+    """The device's properties after the run's header line and the copy ceiling (COPY_GBPS); None without
+    CUDA."""
     global COPY_GBPS
+    if not torch.cuda.is_available():
+        print(f"{script} needs CUDA")
+        return None
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
+    COPY_GBPS = copy_bandwidth()
+    return props
+
+
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--no-sweep", action="store_true", help="skip the tile-config sweeps")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench/kernels.py needs CUDA")
-        return 2
-    torch.manual_seed(0)
     t0 = time.time()
-    props = torch.cuda.get_device_properties(0)
-    print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
-    COPY_GBPS = copy_bandwidth()
+    props = start("bench/kernels.py")
+    if props is None:
+        return 2
     batches = (1, 16, 256) if args.quick else (1, 8, 32, 64, 128, 256)
     sweep = not args.no_sweep
     sections = [("monoid", lambda: bench_monoid(batches, sweep)), ("gdn", lambda: bench_gdn(batches, sweep)),

@@ -23,7 +23,7 @@ from hybridserve.kernels.fused_triton import _rotate_half, arrival_counters
 from hybridserve.kernels.paged_attention import write_kv  # noqa: F401  (one index_put per tensor: already one pass)
 
 BLOCK_N = 64          # keys per inner step
-TARGET_PROGRAMS = 1024  # enough (seq, kv head, split) programs to fill 132 SMs several times over
+TARGET_PROGRAMS = None  # (seq, kv head, split) programs a decode launches at most; None: one wave (below)
 MIN_SPLIT = 64        # tokens: the most programs a sequence gets is its table width / MIN_SPLIT
 NUM_WARPS = 4
 PREFILL_ROWS = 64     # query rows (tokens × heads of one kv head) per prefill tile
@@ -221,35 +221,26 @@ def _merge_splits(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, b, hkv, used, num_spli
 
 @triton.jit
 def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, len_ptr, so_b, so_h, num_splits,
-                  H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
-                  WRITE_LSE: tl.constexpr, ENTRY: tl.constexpr, PDL: tl.constexpr):
+                  H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BSS: tl.constexpr, BSB: tl.constexpr,
+                  BN: tl.constexpr, WRITE_LSE: tl.constexpr, ENTRY: tl.constexpr, PDL: tl.constexpr):
+    """Query head h of sequence b from its used partials: BSS at a time when it uses no more than BSS (a short
+    context in a table as wide as the model's), else BSB at a time (a whole tile of hundreds of splits spills
+    registers)."""
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
         gdc_wait()
         gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
-    rs = tl.arange(0, BS)
-    rd = tl.arange(0, BD)
     L = tl.load(len_ptr + b)
     used = tl.cdiv(L, _split_len(L, num_splits, BN))     # the splits in use
     if ENTRY:
         used = tl.maximum(used, 1)
-    ms = rs < used
-    md = rd < D
-    row = (b * H + h) * num_splits + rs
-    m = tl.load(pm_ptr + row, mask=ms, other=float("-inf"))
-    l = tl.load(pl_ptr + row, mask=ms, other=0.)
-    part = tl.load(po_ptr + row[:, None] * D + rd[None, :], mask=ms[:, None] & md[None, :], other=0.)
-    m_all = tl.max(m, axis=0)
-    m_all = tl.where(m_all == float("-inf"), 0., m_all)   # empty context: all weights 0, output 0
-    w = tl.exp2(m - m_all)
-    l_all = tl.sum(l * w, axis=0)
-    l_safe = tl.where(l_all > 0, l_all, 1.)       # l_all == 0 only when every part is 0
-    o = tl.sum(part * w[:, None], axis=0) / l_safe
-    tl.store(o_ptr + b * so_b + h * so_h + rd, o.to(o_ptr.dtype.element_ty), mask=md)
-    if WRITE_LSE:
-        lse = tl.where(l_all > 0, (m_all + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        tl.store(lse_ptr + b * H + h, lse)
+    if used <= BSS:
+        _merge_splits(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, b, h, used, num_splits, so_b, so_h,
+                      H, 1, D, BD, 1, BSS, WRITE_LSE)
+    else:
+        _merge_splits(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, b, h, used, num_splits, so_b, so_h,
+                      H, 1, D, BD, 1, BSB, WRITE_LSE)
 
 @triton.jit
 def _query_block(cu_ptr, B, p, BM: tl.constexpr, SB: tl.constexpr):
@@ -333,11 +324,35 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, len_ptr, bt_ptr, o_ptr, lse_ptr
 INTERPRETED = type(_split_kernel).__name__ == "InterpretedFunction"
 
 
-def num_splits_for(batch: int, kv_heads: int, max_tokens: int) -> int:
+def programs_per_sm(head_dim: int) -> int:
+    """Split programs resident on one SM at once (registers bound them): 4 for heads of ≤ 64 dims, 3 above."""
+    return 4 if head_dim <= 64 else 3
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def target_programs(device: torch.device, head_dim: int) -> int:
+    """The grid a decode fills: one wave of resident split programs, so that a long context's programs all run
+    at once and none is left for a second, partly idle wave. H100 (bench/results/attention_splits-h100.json,
+    split + merge over a 32k-key table, four head shapes × batch 1-64 × context 512-32k): 0.94 of a fixed
+    1024-program grid's time (geometric mean; 0.75-1.07, the slower cases short contexts at ≤ 0.5 µs); whole
+    decode step (decode_latency_wave-h100.json): NanoHammer at 32k keys, batch 8, 4.977 → 4.322 ms."""
+    if TARGET_PROGRAMS:
+        return TARGET_PROGRAMS
+    if device.type != "cuda":
+        return 132 * programs_per_sm(head_dim)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index] * programs_per_sm(head_dim)
+
+
+def num_splits_for(batch: int, kv_heads: int, max_tokens: int, target: int) -> int:
     """Programs per (sequence, kv head), from shapes alone (a graph replays one grid): split only while the
-    grid is too small to fill the GPU. Each sequence spreads its own context over them at run time in
-    whole BLOCK_N steps, so a short context takes few programs and a long one all."""
-    want = max(1, TARGET_PROGRAMS // max(1, batch * kv_heads))
+    grid (at most `target` programs) is too small to fill the GPU. Each sequence spreads its own context over
+    them at run time in whole BLOCK_N steps, so a short context takes few programs and a long one all."""
+    want = max(1, target // max(1, batch * kv_heads))
     return min(want, max(1, triton.cdiv(max_tokens, MIN_SPLIT)))
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -378,6 +393,8 @@ def decode_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_hea
 FUSED_MERGE = False
 MERGE_CHUNK = 8   # partials merged per step by that program
 IDLE_EXIT = True  # split programs with no keys leave without waiting on the kernel before (an A/B knob)
+MERGE_SMALL = 8        # partials the merge kernel takes in one small tile when a sequence uses no more ...
+MERGE_CHUNK_BIG = 64   # ... else this many at a time
 
 
 def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, entry, rope):
@@ -388,7 +405,7 @@ def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, e
     G = H // hkv
     k_e, v_e = entry if entry is not None else (q, q)
     assert k_e.stride(-1) == 1 and v_e.stride(-1) == 1
-    splits = num_splits_for(B, hkv, block_tables.shape[1] * page)
+    splits = num_splits_for(B, hkv, block_tables.shape[1] * page, target_programs(q.device, D))
     dev = q.device
     po = torch.empty(B * H * splits, D, dtype=torch.float32, device=dev)
     pm = torch.empty(B * H * splits, dtype=torch.float32, device=dev)
@@ -414,9 +431,11 @@ def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, e
             ROT=rot, HALF=rot // 2,
             F32_DOT=INTERPRETED, IDLE_EXIT=IDLE_EXIT, num_warps=NUM_WARPS, **pdl.launch_kwargs(q.device))
         if not fused:
+            bs = triton.next_power_of_2(splits)
             _merge_kernel[(B, H)](po, pm, pl, o, lse, seq_lens, o.stride(0), o.stride(1), splits,
-                                  H=H, D=D, BD=BD, BS=triton.next_power_of_2(splits), BN=BLOCK_N,
-                                  WRITE_LSE=return_lse, ENTRY=entry is not None, **pdl.launch_kwargs(o.device))
+                                  H=H, D=D, BD=BD, BSS=min(bs, MERGE_SMALL), BSB=min(bs, MERGE_CHUNK_BIG),
+                                  BN=BLOCK_N, WRITE_LSE=return_lse, ENTRY=entry is not None,
+                                  **pdl.launch_kwargs(o.device))
     return (o, lse) if return_lse else o
 
 

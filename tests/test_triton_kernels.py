@@ -224,6 +224,11 @@ def test_paged_decode(device, dtype, split, fused_merge, monkeypatch):
     assert o.dtype == dtype and rel_err(o, ref_o) < tol(dtype)
     assert (lse - ref_lse).abs().max().item() < 1e-2
     assert torch.equal(attn_tr.decode(q, k_cache, v_cache, bt, seq_lens, 0.25), o)
+    if split and not fused_merge:   # the merge: one partial in its small tile, the 37's three in steps of two
+        monkeypatch.setattr(attn_tr, "MERGE_SMALL", 1)
+        monkeypatch.setattr(attn_tr, "MERGE_CHUNK_BIG", 2)
+        o2, lse2 = attn_tr.decode(q, k_cache, v_cache, bt, seq_lens, 0.25, return_lse=True)
+        assert rel_err(o2, ref_o) < tol(dtype) and (lse2 - ref_lse).abs().max().item() < 1e-2
 
 
 @pytest.mark.parametrize("device", DEVICES)
