@@ -3,17 +3,18 @@
 Without CUDA the kernels run under Triton's interpreter at tiny shapes. The interpreter is chosen when
 triton is first imported (its own library functions are decorated then), so this module sets
 TRITON_INTERPRET=1 before importing triton; if something imported triton earlier without it, the CPU
-tests re-run their file in a fresh interpreter process instead (`fresh_process_test`). With CUDA the same
-tests run compiled on the GPU (marked `gpu`).
+tests re-run their file in a fresh interpreter process instead (`fresh_process_test`, run in the
+background: tests/background.py). With CUDA the same tests run compiled on the GPU (marked `gpu`).
 """
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+
+import background
 
 
 def _triton_compiled_mode() -> bool:
@@ -37,11 +38,9 @@ DTYPES = [torch.float32, torch.bfloat16]
 def fresh_process_test(path: str):
     """A test for `path` that re-runs its CPU tests under the interpreter when triton was imported compiled."""
     @pytest.mark.skipif(HAS_CUDA or INTERPRET, reason="the CPU tests already run in this process")
-    def test_cpu_kernels_in_fresh_process():
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", path],
-                             env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    def test_cpu_kernels_in_fresh_process():   # run in the background from collection on (tests/background.py)
+        code, output = background.result(path)
+        assert code == 0, output
     return test_cpu_kernels_in_fresh_process
 
 
