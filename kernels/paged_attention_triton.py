@@ -6,10 +6,11 @@ sequence's pages (prefix + themselves), optionally with the log-sum-exp.
 Decode: one query token per sequence. A program owns (sequence, kv head, split of the context): it loads each
 k/v tile once for all G = H/Hkv query heads of that kv head (GQA packing, so KV bytes are read once, not
 G times), keeps an online softmax, and writes an unnormalised partial; a second small kernel merges the
-splits. The split count depends on shapes only (batch, kv heads, block-table width), so a decode step
-stays capturable in a CUDA graph; splitting exists so that a single long sequence still fills the GPU.
-Each sequence divides its own context over the splits at run time (whole 64-key steps), so a short one
-in a wide table is a chain of one or two steps per program, not a long walk in one program.
+splits. The split count depends on shapes only (batch, kv heads, head dim, block-table width, the
+GPU's SM count: one wave of programs, `target_programs`), so a decode step stays capturable in a CUDA
+graph; splitting exists so that a single long sequence still fills the GPU. Each sequence divides its own
+context over the splits at run time (whole 64-key steps), so a short one in a wide table is a chain of one or
+two steps per program, not a long walk in one program.
 """
 from __future__ import annotations
 
@@ -190,7 +191,7 @@ def _merge_splits(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, b, hkv, used, num_spli
                   H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BGM: tl.constexpr,
                   BSC: tl.constexpr, WRITE_LSE: tl.constexpr):
     """The G query heads of kv head hkv from the `used` partials of sequence b, BSC splits at a time (loaded
-    past L1: other programs wrote them)."""
+    past L1: other programs wrote them). The merge kernel calls it per query head (G = 1, hkv = the head)."""
     rg = tl.arange(0, BGM)
     rs = tl.arange(0, BSC)
     rd = tl.arange(0, BD)
