@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from hybridserve.engine import warmup
 from hybridserve.engine.config import EngineStats
 from hybridserve.engine.request import FinishReason, RequestOutput, SamplingParams
@@ -301,6 +303,16 @@ class AsyncEngine:
     def num_inflight(self) -> int:
         """Submitted requests whose streams are still open."""
         return len(self._requests)
+
+    @property
+    def device_memory(self) -> dict[str, int]:
+        """Bytes the CUDA caching allocator holds in tensors (allocated) and from the driver (reserved) on the
+        engine's device, read at scrape time (not each step); empty off CUDA. After the pools and graphs are
+        built these stay flat while serving, so growth across rounds of traffic is a leak."""
+        device = self.engine.model.device
+        if device.type != "cuda":
+            return {}
+        return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}
 
     @property
     def num_queued(self) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """Engine configuration: what the CLI fills in and the engine sizes itself from."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -49,4 +49,3 @@ class EngineStats:
     weights_bytes: int
     num_preemptions: int
     max_concurrency: int
-    device_memory: dict[str, int] = field(default_factory=dict)   # CUDA allocator: allocated / reserved bytes

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from hybridserve.engine.cache_pools import CachePools
 from hybridserve.engine.config import EngineConfig, EngineStats, StateGroupStats
 from hybridserve.engine.detokenizer import IncrementalDetokenizer
@@ -19,15 +17,6 @@ from hybridserve.engine.scheduler import Scheduler
 from hybridserve.engine.sequence import Sequence, SeqStatus
 
 log = logging.getLogger("hybridserve.engine")
-
-
-def device_memory(device: torch.device) -> dict[str, int]:
-    """Bytes the CUDA caching allocator holds in tensors (allocated) and from the driver (reserved) on the
-    engine's device; empty off CUDA. After the pools and graphs are built these stay flat while serving, so
-    growth across rounds of traffic is a leak."""
-    if device.type != "cuda":
-        return {}
-    return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}
 
 
 class LLMEngine:
@@ -244,5 +233,5 @@ class LLMEngine:
             state_groups={g: StateGroupStats(pools.slots.num_used, pools.slots.num_slots, b)
                           for g, b in plan.state_slot_bytes.items()},
             weights_bytes=self.model.weights_bytes(), num_preemptions=self.scheduler.num_preemptions,
-            max_concurrency=plan.max_concurrency, device_memory=device_memory(self.model.device),
+            max_concurrency=plan.max_concurrency,
         )

@@ -20,7 +20,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hybridserve.kernels import pdl
-from hybridserve.kernels.fused_triton import _rotate_half, arrival_counters
+from hybridserve.kernels.fused_triton import _rotate_half, _sm_count, arrival_counters
 from hybridserve.kernels.paged_attention import write_kv  # noqa: F401  (one index_put per tensor: already one pass)
 
 BLOCK_N = 64          # keys per inner step
@@ -330,9 +330,6 @@ def programs_per_sm(head_dim: int) -> int:
     return 4 if head_dim <= 64 else 3
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
 def target_programs(device: torch.device, head_dim: int) -> int:
     """The grid a decode fills: one wave of resident split programs, so that a long context's programs all run
     at once and none is left for a second, partly idle wave. H100 (bench/results/attention_splits-h100.json,
@@ -342,11 +339,9 @@ def target_programs(device: torch.device, head_dim: int) -> int:
     if TARGET_PROGRAMS:
         return TARGET_PROGRAMS
     if device.type != "cuda":
-        return 132 * programs_per_sm(head_dim)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index] * programs_per_sm(head_dim)
+        return 132 * programs_per_sm(head_dim)      # the interpreter: an H100's grid, so tests split as there
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        * programs_per_sm(head_dim)
 
 
 def num_splits_for(batch: int, kv_heads: int, max_tokens: int, target: int) -> int:

@@ -90,11 +90,12 @@ class _EngineStatsCollector(Collector):
         ):
             memory.add_metric([m, component], value)
         yield memory
-        if s.device_memory:
+        device_memory = self.engine.device_memory
+        if device_memory:
             device = GaugeMetricFamily(PREFIX + "device_memory_bytes",
                                        "CUDA caching allocator bytes on the engine's device (allocated, reserved).",
                                        labels=["model_name", "kind"])
-            for kind, value in s.device_memory.items():
+            for kind, value in device_memory.items():
                 device.add_metric([m, kind], value)
             yield device
 

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import background
 
-FRESH = "test_cpu_kernels_in_fresh_process"
-
 
 def pytest_collection_modifyitems(session, config, items):
-    paths = []
-    for item in items:
-        skip = item.get_closest_marker("skipif")
-        if item.name == FRESH and not (skip is not None and skip.args and skip.args[0]):
-            paths.append(str(item.path))
-    background.start(paths)
+    background.start([path for item in items if (path := getattr(getattr(item, "function", None),
+                                                                   "background_path", None))])
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -116,8 +116,7 @@ def exposed() -> dict[str, set[str]]:
     names do not depend on the values)."""
     known = {"num_running": 1, "num_waiting": 2, "kv_pages_used": 3, "kv_pages_total": 10, "kv_page_bytes": 4096,
              "state_groups": {"gdn": StateGroupStats(used=1, total=4, bytes_per_slot=1 << 20)},
-             "weights_bytes": 1 << 30, "num_preemptions": 0, "max_concurrency": 4,
-             "device_memory": {"allocated": 1 << 30, "reserved": 2 << 30}}     # as on CUDA
+             "weights_bytes": 1 << 30, "num_preemptions": 0, "max_concurrency": 4}
     # Fields added to EngineStats later default to 0 here (counters and gauges are numbers).
     stats = EngineStats(**{f.name: known.get(f.name, 0) for f in dataclasses.fields(EngineStats)
                            if f.name in known or (f.default is dataclasses.MISSING
@@ -126,6 +125,7 @@ def exposed() -> dict[str, set[str]]:
     class StubEngine:
         model_name = "m"
         max_model_len = 2048
+        device_memory = {"allocated": 1 << 30, "reserved": 2 << 30}     # as on CUDA
 
         def stats(self) -> EngineStats:
             return stats

@@ -41,6 +41,8 @@ def fresh_process_test(path: str):
     def test_cpu_kernels_in_fresh_process():   # run in the background from collection on (tests/background.py)
         code, output = background.result(path)
         assert code == 0, output
+    if not (HAS_CUDA or INTERPRET):
+        test_cpu_kernels_in_fresh_process.background_path = path    # conftest.py starts it when selected
     return test_cpu_kernels_in_fresh_process
 
 
