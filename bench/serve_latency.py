@@ -8,7 +8,7 @@ the round (its time_to_first_token histogram: engine submission to first token) 
 median, so the part spent in the client and on the HTTP side before submission shows.
 
 Usage (GPU machine; fastapi, uvicorn, pydantic from wheels): python bench/serve_latency.py --tokenizer DIR
-[--archs spartacus,kotodama] [--concurrency 1,8,32] [--clients httpx,raw] [--merge on,off]
+[--archs spartacus,kotodama] [--concurrency 1,8,32] [--clients httpx,raw] [--merge on,off] [--core process,thread]
 → $OUT/serve_latency.json
 """
 from __future__ import annotations
@@ -140,7 +140,9 @@ async def run_round(url: str, model: str, clients: int, prompt_len: int, max_tok
             "ttft_ms_max": 1e3 * max(d["ttft"] for d in done),
             "ttft_ms_server_mean": 1e3 * (after[0] - before[0]) / max(after[1] - before[1], 1),
             "tpot_ms_median": 1e3 * statistics.median(d["tpot"] for d in done),
-            "itl_ms_median": 1e3 * statistics.median(gaps), "itl_ms_p99": 1e3 * pct(gaps, 0.99)}
+            # a short round's tokens may all arrive in one event after the first (merged): no gaps then
+            "itl_ms_median": 1e3 * statistics.median(gaps) if gaps else float("nan"),
+            "itl_ms_p99": 1e3 * pct(gaps, 0.99) if gaps else float("nan")}
 
 
 def held(url: str) -> dict:
@@ -168,6 +170,11 @@ def main():
     ap.add_argument("--size", default="full", help="synthetic checkpoint size: full, or tiny (a CPU run)")
     ap.add_argument("--merge", default="on", help="server settings of HYBRIDSERVE_STREAM_MERGE, comma list: on, "
                     "off (one event per token even for a stream that fell behind)")
+    ap.add_argument("--loops", default="auto", help="the server's event loop (--loop), comma list: auto, asyncio, "
+                    "uvloop; one server process each")
+    ap.add_argument("--rounds", type=int, default=1, help="measured rounds per setting (each its own row)")
+    ap.add_argument("--core", default="process", help="where the engine core runs, comma list: process "
+                    "(--engine-process), thread (--no-engine-process); one server process each")
     ap.add_argument("--clients", default="httpx", help="client kinds, comma list: httpx, raw (bare asyncio "
                     "connections, a lighter client); each round is run with each in turn")
     args = ap.parse_args()
@@ -179,31 +186,37 @@ def main():
     for arch in args.archs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             path = write_synthetic(arch, args.size, Path(tmp) / arch, seed=0, tokenizer_from=Path(args.tokenizer))
-            for flag, merge in [({"sync": "--no-async-scheduling", "async": "--async-scheduling"}[m], g)
-                                for m in args.scheduling.split(",") for g in args.merge.split(",")]:
+            for flag, merge, core, ev in [({"sync": "--no-async-scheduling", "async": "--async-scheduling"}[m], g, k, e)
+                                          for m in args.scheduling.split(",") for g in args.merge.split(",")
+                                          for k in args.core.split(",") for e in args.loops.split(",")]:
                 os.environ["HYBRIDSERVE_STREAM_MERGE"] = "1" if merge == "on" else "0"
                 t0 = time.perf_counter()
                 with running_server("--model", str(path), "--max-num-seqs", str(max(conc)), "--max-model-len",
-                                    "2048", "--log-level", "warning", flag, timeout=600) as (url, _):
+                                    "2048", "--log-level", "warning", flag,
+                                    {"process": "--engine-process", "thread": "--no-engine-process"}[core],
+                                    "--loop", ev, timeout=600) as (url, _):
                     start_s = time.perf_counter() - t0
                     model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
                     for mode in args.modes.split(","):
                         for c, client in [(c, k) for c in conc for k in args.clients.split(",")]:
                             asyncio.run(run_round(url, model, c, args.prompt_len, 16, SAMPLING[mode], 1,
                                                   client))  # warm-up
-                            row = {"arch": arch, "async_scheduling": flag == "--async-scheduling", "mode": mode,
-                                   "stream_merge": merge == "on", "server_start_s": start_s,
-                                   **asyncio.run(run_round(url, model, c, args.prompt_len, args.max_tokens,
-                                                           SAMPLING[mode], 2, client)), **held(url)}
-                            out["rows"].append(row)
-                            print(f"{arch:10} {flag:21} merge {merge:3} {mode:7} C={c:3} {client:5}  "
-                                  f"TPOT {row['tpot_ms_median']:6.3f} ms  "
-                                  f"ITL p50 {row['itl_ms_median']:6.3f} p99 {row['itl_ms_p99']:6.3f}  TTFT "
-                                  f"{row['ttft_ms_median']:7.2f} ms (max {row['ttft_ms_max']:7.1f}, server mean "
-                                  f"{row['ttft_ms_server_mean']:6.1f})  "
-                                  f"{row['output_tok_per_s']:8.0f} tok/s  held "
-                                  f"{row['kv_pages_used']:.0f} pages {row['state_slots_used']:.0f} slots; "
-                                  f"{row['jit_compiles_after_ready']:.0f} compiles after ready", flush=True)
+                            for rnd in range(args.rounds):
+                                row = {"arch": arch, "engine_process": core == "process", "loop": ev,
+                                       "async_scheduling": flag == "--async-scheduling", "mode": mode,
+                                       "stream_merge": merge == "on", "server_start_s": start_s, "round": rnd,
+                                       **asyncio.run(run_round(url, model, c, args.prompt_len, args.max_tokens,
+                                                               SAMPLING[mode], 2 + rnd, client)), **held(url)}
+                                out["rows"].append(row)
+                                print(f"{arch:10} {core:7} {ev:7} {flag:21} merge {merge:3} {mode:7} C={c:3} "
+                                      f"{client:5}  "
+                                      f"TPOT {row['tpot_ms_median']:6.3f} ms  "
+                                      f"ITL p50 {row['itl_ms_median']:6.3f} p99 {row['itl_ms_p99']:6.3f}  TTFT "
+                                      f"{row['ttft_ms_median']:7.2f} ms (max {row['ttft_ms_max']:7.1f}, server mean "
+                                      f"{row['ttft_ms_server_mean']:6.1f})  "
+                                      f"{row['output_tok_per_s']:8.0f} tok/s  held "
+                                      f"{row['kv_pages_used']:.0f} pages {row['state_slots_used']:.0f} slots; "
+                                      f"{row['jit_compiles_after_ready']:.0f} compiles after ready", flush=True)
                             (out_dir / "serve_latency.json").write_text(json.dumps(out, indent=1))
 
 

@@ -1,7 +1,8 @@
-"""Runs the engine loop on its own thread and hands outputs to asyncio consumers.
+"""The event-loop side of the engine: per-request streams for the HTTP layer, over an engine core that runs
+elsewhere, on its own thread (engine/core_thread.py) or in its own process (engine/core_process.py).
 
-The HTTP layer reads per-request streams; the engine thread never blocks on a client. add/abort are posted
-to the engine thread, so the engine core is only ever touched from one thread.
+The HTTP layer reads per-request streams; the engine core never blocks on a client. add/abort are posted
+to the core, so the engine is only ever touched from one thread.
 
 Everything that decides whether a request may run, and for how long, lives here on the event-loop side:
 admission (bounded queue), deadlines, the step watchdog and draining. Those decisions are synchronous on the
@@ -12,23 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from hybridserve.engine import warmup
 from hybridserve.engine.config import EngineStats
+from hybridserve.engine.core_thread import ThreadCore
+from hybridserve.engine.llm_engine import LLMEngine
 from hybridserve.engine.request import FinishReason, RequestOutput, SamplingParams
-from hybridserve.kernels.jit_watch import Compile, JitWatch
 
 if TYPE_CHECKING:
-    from hybridserve.engine.llm_engine import LLMEngine
+    from hybridserve.engine.core_process import ProcessCore
 
 log = logging.getLogger("hybridserve.engine")
 
@@ -157,13 +155,18 @@ async def _consume_warmup(stream: RequestStream, first: asyncio.Event) -> None:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, model_name: str):
-        self.engine = engine
+    """`core`: an LLMEngine (driven on a thread of this process) or a ProcessCore (an engine process)."""
+
+    def __init__(self, core: LLMEngine | ThreadCore | ProcessCore, model_name: str):
+        if isinstance(core, LLMEngine):
+            core = ThreadCore(core)
+        self.core = core
+        self.engine: LLMEngine | None = core.engine   # the engine object itself, when it is in this process
         self.model_name = model_name
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
-        self.sampling_defaults = engine.sampling_defaults
-        config = engine.config
+        self.tokenizer = core.tokenizer
+        self.max_model_len = core.max_model_len
+        self.sampling_defaults = core.sampling_defaults
+        config = core.config
         self.max_queued_requests = max(1, config.max_queued_requests)
         self.max_queued_tokens = config.max_queued_tokens
         self.request_timeout = config.request_timeout
@@ -171,57 +174,48 @@ class AsyncEngine:
         self.ready = False                # warm-up done, accepting requests
         self.draining = False             # shutting down: finishing in-flight requests, refusing new ones
         self.unhealthy: str | None = None  # why the engine can no longer serve (sticky until restart)
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
         self._requests: dict[str, _Entry] = {}
         self._queued_requests = 0
         self._queued_tokens = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._started = False
         self._watchdog: asyncio.Task | None = None
-        self._stop = False
-        self._stats = engine.stats()
-        self._step_started: float | None = None   # written by the engine thread, read by the watchdog
-        self._engine_waiting: set[str] = set()    # engine thread only: added, not yet seen running
-        self.warmup_mode = warmup.resolve(config.warmup, engine.model.device.type)
-        # Triton compiles in this process (CUDA only): those after ready are counted and logged, each being a
-        # step shape the warm-up did not meet and a pause inside somebody's request.
-        self.jit_compiles_after_ready = 0
-        self._jit = JitWatch(self._on_compile) if engine.model.device.type == "cuda" else None
+        self.warmup_mode = warmup.resolve(config.warmup, core.device_type)
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
     async def start(self, warm_up: bool = True) -> None:
-        """Start the engine thread, run one real generation, then arm the watchdog and turn ready.
+        """Start the engine core's loop, run one real generation, then arm the watchdog and turn ready.
 
         The warm-up runs unwatched: a first step may legitimately be slow (kernel JIT and autotuning), and a
         start that hangs is the readiness probe's to catch, not the step watchdog's."""
-        if self._thread is not None:
+        if self._started:
             return
         self._loop = asyncio.get_running_loop()
-        self._stop = False
+        self._started = True
         self.draining = False
-        self._engine_waiting = set()
-        self._thread = threading.Thread(target=self._run, name="hybridserve-engine", daemon=True)
-        self._thread.start()
-        if self._jit is not None:
-            self._jit.start()
+        self.core.start(self._loop, self._on_engine_update, self._mark_unhealthy)
         if warm_up:
             await self._warm_up()
         if self.watchdog_timeout > 0:
             self._watchdog = asyncio.create_task(self._watch())
         self.ready = True
+        self.core.mark_ready()
+
+    @property
+    def jit_compiles_after_ready(self) -> int:
+        """Triton compiles (CUDA) after the server turned ready: each a step shape the warm-up did not meet."""
+        return self.core.jit_compiles_after_ready
 
     async def _warm_up(self) -> None:
         """Serve the warm-up's waves (engine/warmup.py) through schedule → forward → sample → detokenize: the
         first steps pay one-off costs (lazy init, allocator growth, kernel compiles for the eager step shapes),
         and an engine that cannot generate must never report ready. A wave is submitted once every request of
         the one before has its first token, so its prompts arrive while those decode."""
-        t0, compiled = time.monotonic(), len(self._jit.compiles) if self._jit is not None else 0
-        eng = self.engine
-        kv = eng.pools.pages.capacity * eng.pools.page_size if eng.pools.layout.kv else None
-        waves = warmup.plan(self.warmup_mode, self.tokenizer, self.max_model_len, eng.scheduler.budget,
-                            eng.scheduler.max_num_seqs, kv)
+        core = self.core
+        t0, compiled = time.monotonic(), core.jit_compiles
+        waves = warmup.plan(self.warmup_mode, self.tokenizer, self.max_model_len, core.step_budget,
+                            core.max_num_seqs, core.kv_tokens)
         tasks: list[asyncio.Task] = []
         try:
             for i, wave in enumerate(waves):
@@ -229,7 +223,7 @@ class AsyncEngine:
                 for req in wave:
                     if i:   # the first wave is the one generation that must work; later ones only if servable
                         try:
-                            eng.validate(req.prompt_ids, req.params)
+                            self.validate(req.prompt_ids, req.params)
                         except ValueError:
                             continue
                     stream = self._register(f"warmup-{uuid.uuid4().hex}", req.prompt_ids, req.params,
@@ -243,15 +237,9 @@ class AsyncEngine:
         finally:
             for task in tasks:
                 task.cancel()
+        now = core.jit_compiles
         log.info("warm-up (%s): %d requests in %.2f s%s", self.warmup_mode, len(tasks), time.monotonic() - t0,
-                 f", {len(self._jit.compiles) - compiled} kernel variants compiled" if self._jit is not None else "")
-
-    def _on_compile(self, c: Compile) -> None:
-        """A Triton compile (on whichever thread launched the kernel)."""
-        if self.ready:
-            self.jit_compiles_after_ready += 1
-            log.warning("kernel %s compiled after the server turned ready (%.2f s, blocking the engine step): a "
-                        "step shape the start-up warm-up did not meet; variant %s", c.kernel, c.seconds, c.variant)
+                 f", {now - compiled} kernel variants compiled" if now is not None and compiled is not None else "")
 
     async def drain(self, timeout: float, cut_short: asyncio.Event | None = None, grace: float = 5.0) -> int:
         """Graceful shutdown: refuse new requests, let in-flight ones finish for up to `timeout` seconds (or
@@ -271,20 +259,16 @@ class AsyncEngine:
 
     async def shutdown(self) -> None:
         self.ready = False
-        if self._jit is not None:
-            self._jit.stop()
-        self._stop = True
-        self._wake.set()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
         self._end_all(lambda: ShuttingDown("The server is shutting down."))
         self._requests.clear()
         self._queued_requests = self._queued_tokens = 0
-        if self._thread is not None:
+        if self._started:
             # A hung step never returns: do not let it hold the process past a short wait.
-            await asyncio.to_thread(self._thread.join, 2 if self.unhealthy else 30)
-            self._thread = None
+            await asyncio.to_thread(self.core.stop, self.unhealthy is not None)
+            self._started = False
 
     def health(self) -> str | None:
         """None when serving; otherwise why not (for /health and 503 bodies)."""
@@ -297,7 +281,7 @@ class AsyncEngine:
         return None
 
     def stats(self) -> EngineStats:
-        return self._stats
+        return self.core.stats()
 
     @property
     def num_inflight(self) -> int:
@@ -307,12 +291,9 @@ class AsyncEngine:
     @property
     def device_memory(self) -> dict[str, int]:
         """Bytes the CUDA caching allocator holds in tensors (allocated) and from the driver (reserved) on the
-        engine's device, read at scrape time (not each step); empty off CUDA. After the pools and graphs are
-        built these stay flat while serving, so growth across rounds of traffic is a leak."""
-        device = self.engine.model.device
-        if device.type != "cuda":
-            return {}
-        return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}
+        engine's device; empty off CUDA. After the pools and graphs are built these stay flat while serving, so
+        growth across rounds of traffic is a leak. An engine process reports them with its stats."""
+        return self.core.device_memory()
 
     @property
     def num_queued(self) -> tuple[int, int]:
@@ -324,7 +305,7 @@ class AsyncEngine:
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError for a request the engine can never serve. Pure: call it before committing to a
         response (e.g. before an SSE stream starts), so refusals are real 400s."""
-        self.engine.validate(prompt_ids, params)
+        self.core.limits.check(prompt_ids, params)
 
     def submit(self, requests: Sequence[tuple[str, list[int], SamplingParams]],
                timeout: float | None = None) -> list[RequestStream]:
@@ -444,7 +425,7 @@ class AsyncEngine:
         interval = min(1.0, self.watchdog_timeout / 4)
         while True:
             await asyncio.sleep(interval)
-            started, now = self._step_started, time.monotonic()
+            started, now = self.core.step_started(), time.monotonic()
             if step_overdue(started, now, self.watchdog_timeout):
                 self._mark_unhealthy(f"An engine step has run for {now - started:.1f} s, longer than the watchdog "
                                      f"timeout ({self.watchdog_timeout:g} s); the server must be restarted.")
@@ -458,72 +439,8 @@ class AsyncEngine:
         log.error("engine unhealthy: %s", reason)
         self.unhealthy = reason
         self.ready = False
-        self._stop = True
-        self._wake.set()
+        self.core.request_stop()
         self._end_all(lambda: EngineUnhealthy(reason))
 
-    # ---- engine thread -------------------------------------------------------------------------------------
-
     def _post(self, cmd) -> None:
-        self._commands.put(cmd)
-        self._wake.set()
-
-    def _emit(self, outs: list[RequestOutput], started: list[str]) -> None:
-        if (outs or started) and self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._on_engine_update, outs, started)
-            except RuntimeError:  # the event loop is closed: nobody is left to read these
-                pass
-
-    def _left_waiting(self) -> list[str]:
-        """Requests that were waiting in the engine and no longer are (running, finished or aborted)."""
-        gone = [rid for rid in self._engine_waiting if not self.engine.is_waiting(rid)]
-        self._engine_waiting.difference_update(gone)
-        return gone
-
-    def _run(self) -> None:
-        eng = self.engine
-        try:
-            while not self._stop:
-                outs: list[RequestOutput] = []
-                while True:
-                    try:
-                        cmd = self._commands.get_nowait()
-                    except queue.Empty:
-                        break
-                    if cmd[0] == "add":
-                        _, rid, ids, params = cmd
-                        try:
-                            eng.add_request(rid, ids, params)
-                            self._engine_waiting.add(rid)
-                        except Exception as e:
-                            outs.append(RequestOutput(rid, [], "", finished=True, finish_reason=FinishReason.ERROR,
-                                                      num_prompt_tokens=len(ids), error=str(e)))
-                    else:
-                        eng.abort(cmd[1])
-                if eng.has_work():
-                    self._step_started = time.monotonic()
-                    try:
-                        outs += eng.step()
-                    except Exception:  # step() already contains model errors; this is a bug guard
-                        log.exception("engine loop error")
-                    finally:
-                        self._step_started = None
-                self._stats = eng.stats()
-                self._emit(outs, self._left_waiting())
-                if not self._stop and not eng.has_work():
-                    self._wake.wait(0.05)
-                    self._wake.clear()
-        except BaseException as exc:
-            log.exception("engine thread died")
-            if self._loop is not None:
-                try:
-                    self._loop.call_soon_threadsafe(self._mark_unhealthy, f"The engine thread died: {exc!r}")
-                except RuntimeError:
-                    pass
-        finally:
-            # Stopped (shutdown or watchdog): release everything still held; consumers were already told.
-            for rid in list(eng.seqs):
-                eng.abort(rid)
-            self._engine_waiting.clear()
-            self._stats = eng.stats()
+        self.core.post(cmd)

@@ -11,7 +11,7 @@ from hybridserve.engine.config import EngineConfig, EngineStats, StateGroupStats
 from hybridserve.engine.detokenizer import IncrementalDetokenizer
 from hybridserve.engine.inflight import InFlight, TokenReadback
 from hybridserve.engine.model_runner import ModelRunner, SeqChunk
-from hybridserve.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from hybridserve.engine.request import FinishReason, RequestLimits, RequestOutput, SamplingParams, TokenLogprob
 from hybridserve.engine.sampler import Sampler, SamplerOutput, make_generator, on_device
 from hybridserve.engine.scheduler import Scheduler
 from hybridserve.engine.sequence import Sequence, SeqStatus
@@ -36,29 +36,15 @@ class LLMEngine:
         self.readback = TokenReadback(max(1, pools.plan.max_concurrency), model.device)
         self._inflight: InFlight | None = None   # a launched step whose tokens the host has not read yet
         self.num_async_steps = 0                 # steps launched before their predecessor's tokens were read
+        pages = pools.pages
+        self.limits = RequestLimits(model.config.vocab_size, max_model_len,
+                                    pages.capacity * pages.page_size if pools.layout.kv else None, pages.page_size)
 
     # -- requests -------------------------------------------------------------------------------
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError for a request the engine cannot serve. Pure: safe from any thread."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab})")
-        if params.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {total} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} in the "
-                f"completion).")
-        pages = self.pools.pages
-        if self.pools.layout.kv and pages.pages_for(total) > pages.capacity:
-            raise ValueError(f"the request needs {total} tokens of KV cache; the pool holds "
-                             f"{pages.capacity * pages.page_size}")
+        self.limits.check(prompt_ids, params)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self.validate(prompt_ids, params)

@@ -45,6 +45,35 @@ class TokenLogprob:
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob)
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What decides whether the engine can ever serve a request: plain numbers, so the check runs wherever the
+    request arrives (the engine core, or an API process beside an engine process) with the same words."""
+
+    vocab_size: int
+    max_model_len: int
+    kv_tokens: int | None = None    # tokens the KV page pool holds in all; None: no KV cache
+    page_size: int = 16
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request the engine cannot serve. Pure: safe from any thread."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})")
+        if params.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {total} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} in the "
+                f"completion).")
+        if self.kv_tokens is not None and -(-total // self.page_size) * self.page_size > self.kv_tokens:
+            raise ValueError(f"the request needs {total} tokens of KV cache; the pool holds {self.kv_tokens}")
+
+
 @dataclass
 class RequestOutput:
     """One update for one request: the tokens and text produced since the previous update."""

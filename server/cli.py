@@ -77,6 +77,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each decode step before the host reads the previous step's tokens, so the "
                         "host's per-token work overlaps the GPU's (default: on when decode runs as CUDA graphs)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the engine core in its own process beside the HTTP server's, so the engine's and "
+                        "the event loop's Python do not take turns on one interpreter lock (default: on for "
+                        "CUDA, off elsewhere)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="engine seed for unseeded requests")
     p.add_argument("--warmup", default=defaults.warmup, choices=["auto", "basic", "shapes"],
                    help="requests served before /health turns ready: 'shapes' meets the eagerly run step shapes "
@@ -86,6 +90,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("HYBRIDSERVE_API_KEY"),
                    help="require 'Authorization: Bearer <key>' on /v1/* (also env HYBRIDSERVE_API_KEY)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"],
+                   help="the server's event loop, as uvicorn's --loop: auto takes uvloop where it is installed")
     g = p.add_argument_group("admission, limits and lifecycle")
     g.add_argument("--max-queued-requests", type=_positive_int, default=defaults.max_queued_requests,
                    help="requests submitted but not yet running; beyond this, 503 with Retry-After")
@@ -118,6 +124,15 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def use_engine_process(choice: bool | None, device: str) -> bool:
+    """--engine-process as given, else on where the engine runs on CUDA."""
+    if choice is not None:
+        return choice
+    from hybridserve.engine.build import resolve_device
+
+    return resolve_device(device).type == "cuda"
+
+
 def run_serve(args: argparse.Namespace) -> None:
     from hybridserve.engine.async_engine import AsyncEngine
     from hybridserve.engine.build import build_engine
@@ -136,7 +151,14 @@ def run_serve(args: argparse.Namespace) -> None:
     )
 
     def load() -> AsyncEngine:
-        engine = build_engine(config)
+        if use_engine_process(args.engine_process, config.device):
+            from hybridserve.engine.core_process import start_engine_process
+
+            core = start_engine_process(config, args.log_level)
+            engine = AsyncEngine(core, core.model_name)
+            logger.info("engine process %d started", core.pid)
+        else:
+            engine = build_engine(config)
         logger.info("loaded %r (max_model_len %d)", engine.model_name, engine.max_model_len)
         for line in memory_summary(engine.stats()):
             logger.info("  %s", line)
@@ -144,7 +166,7 @@ def run_serve(args: argparse.Namespace) -> None:
 
     # The port opens first and the weights load behind it: /health answers 503 until the warm-up is done.
     app = create_app(load=load, api_key=args.api_key or None, max_request_bytes=args.max_request_bytes)
-    raise SystemExit(serve(app, args.host, args.port, args.log_level, args.shutdown_timeout))
+    raise SystemExit(serve(app, args.host, args.port, args.log_level, args.shutdown_timeout, args.loop))
 
 
 # ---- inspect / synth -----------------------------------------------------------------------------------------

@@ -294,7 +294,7 @@ def test_watchdog_trips_on_a_real_slow_step(llm, watchdog_timeout):
             assert "watchdog" in engine.health()
             with pytest.raises(NotAccepting, match="watchdog"):
                 engine.submit([("c", [11], SamplingParams(max_tokens=1))])
-            await wait_until(lambda: not engine._thread.is_alive(), timeout=30)  # the step ends, the thread stops
+            await wait_until(lambda: not engine.core.alive(), timeout=30)  # the step ends, the thread stops
             assert "watchdog" in engine.health()  # and /health stays 503: a restart is the only way back
             assert idle(engine)
         finally:

@@ -48,10 +48,10 @@ def test_no_kernel_compiles_after_ready(checkpoints, arch):
     async def run():
         await ae.start()
         try:
-            before = len(ae._jit.compiles)
+            before = ae.core.jit_compiles
             await varied_workload.run(ae, seed=11, lengths=(1, 3, 17, 64, 150, 511, 513, 900), bursts=(2, 5, 16),
                                       staggered=24, served=(8,))
-            late = ae._jit.since(before)
+            late = ae.core.compiles_since(before)
         finally:
             await ae.shutdown()
         return late

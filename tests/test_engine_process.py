@@ -1,0 +1,154 @@
+"""The engine core in its own process (`--engine-process`, engine/core_process.py), behind a real server process:
+the same outputs as the engine on a thread, errors and disconnects handled, nothing held after a load round,
+the engine process's death reported (not hung on), and a SIGTERM drain that takes the engine process down too."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from hybridserve.engine.request import SamplingParams
+from server_process import running_server
+from test_load import _check_round, _round
+from tiny import async_engine, check_chat_stream, metric, prompt_ids, serve_args, sse_payloads, synth
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return synth("llama", tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")   # as in test_load: the server processes inherit it
+
+
+def engine_pids(server_pid: int) -> list[int]:
+    """The server's engine process (a multiprocessing spawn child; the other child is its resource tracker)."""
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    return [int(p) for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def in_thread_text(model: Path, ids: list[int], params: SamplingParams) -> str:
+    """The same request through an engine on a thread of this process."""
+    async def run() -> str:
+        engine = async_engine(model, max_num_seqs=4)
+        await engine.start()
+        try:
+            return "".join([o.new_text async for o in engine.generate("ref", ids, params)])
+        finally:
+            await engine.shutdown()
+    return asyncio.run(run())
+
+
+def test_serves_like_the_engine_on_a_thread(model):
+    ids = prompt_ids(24, salt=5)
+    args = serve_args(model, "--engine-process", "--max-num-seqs", "8")
+    with running_server(*args) as (url, proc):
+        [child] = engine_pids(proc.pid)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        name = client.models.list().data[0].id
+        got = client.completions.create(model=name, prompt=ids, max_tokens=12, temperature=0)
+        assert got.choices[0].text == in_thread_text(model, ids, SamplingParams(max_tokens=12, temperature=0))
+        assert got.usage.prompt_tokens == 24 and got.usage.completion_tokens == 12
+
+        stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=8, n=2, stream=True, temperature=0.8, seed=3)
+        finishes = {c.choices[0].index: c.choices[0].finish_reason for c in stream if c.choices[0].finish_reason}
+        assert finishes.keys() == {0, 1}
+
+        # Refused in the API process, with the engine's own words; the engine process keeps serving.
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+            client.completions.create(model=name, prompt=ids, max_tokens=100_000)
+        bad = httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": [10**9], "max_tokens": 2})
+        assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]["message"]
+        again = client.completions.create(model=name, prompt=ids, max_tokens=12, temperature=0)
+        assert again.choices[0].text == got.choices[0].text
+
+        text = httpx.get(f"{url}/metrics").text
+        assert metric(text, "hybridserve:kv_pages_total")[0] > 0 and metric(text, "hybridserve:kv_pages_used") == [0]
+        assert alive(child)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    assert not alive(child)
+
+
+def test_load_round_without_leaks(model):
+    """test_load's traffic (200 streaming clients, a fifth leaving mid-stream) through an engine process."""
+    args = serve_args(model, "--engine-process", "--max-num-seqs", "64", "--max-queued-requests", "512",
+                      "--kv-cache-memory", "64MiB")
+    with running_server(*args) as (url, _):
+        _check_round(url, asyncio.run(_round(url, 11)))
+
+
+def test_engine_process_death_is_reported(model):
+    """The engine process killed mid-stream: the stream ends with an in-band error, /health turns 503 for good
+    and new requests are refused; the server still shuts down cleanly."""
+    args = serve_args(model, "--engine-process", "--max-num-seqs", "4")
+
+    async def scenario(url: str, child: int) -> tuple[list[str], httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            name = (await http.get("/v1/models")).json()["data"][0]["id"]
+            body = {"model": name, "messages": [{"role": "user", "content": "Tell me a story."}],
+                    "max_tokens": 1000, "ignore_eos": True, "stream": True}
+            async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                text = ""
+                async for chunk in r.aiter_text():
+                    if not text and chunk:
+                        os.kill(child, signal.SIGKILL)
+                    text += chunk
+            deadline = time.monotonic() + 10
+            while (health := await http.get("/health")).status_code == 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            refused = await http.post("/v1/chat/completions", json=body | {"stream": False, "max_tokens": 2})
+            return sse_payloads(text), health, refused
+
+    with running_server(*args) as (url, proc):
+        [child] = engine_pids(proc.pid)
+        events, health, refused = asyncio.run(scenario(url, child))
+        assert check_chat_stream(events, cut_off_ok=True) != "finished"
+        assert health.status_code == 503 and "engine process exited" in health.text
+        assert refused.status_code == 503
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+
+def test_sigterm_to_both_processes_still_drains(model):
+    """A service manager may signal every process of the service: the engine process ignores SIGTERM, and the
+    server's drain lets the stream in flight finish before both exit."""
+    args = serve_args(model, "--engine-process", "--max-num-seqs", "4")
+
+    async def stream_through_sigterm(url: str, pids: list[int]) -> list[str]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            name = (await http.get("/v1/models")).json()["data"][0]["id"]
+            body = {"model": name, "messages": [{"role": "user", "content": "Tell me a story."}],
+                    "max_tokens": 200, "ignore_eos": True, "stream": True}
+            async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                text = ""
+                async for chunk in r.aiter_text():
+                    if not text and chunk:
+                        for pid in pids:
+                            os.kill(pid, signal.SIGTERM)
+                    text += chunk
+            return sse_payloads(text)
+
+    with running_server(*args) as (url, proc):
+        [child] = engine_pids(proc.pid)
+        events = asyncio.run(stream_through_sigterm(url, [child, proc.pid]))
+        assert check_chat_stream(events) == "finished"
+        assert proc.wait(timeout=60) == 0
+    assert not alive(child)
