@@ -32,7 +32,7 @@ import torch
 from decode_latency import load_full, measure_copy_bandwidth, time_fn
 from hybridserve.engine.cache_pools import CachePools, plan_memory
 from hybridserve.engine.config import EngineConfig
-from hybridserve.engine import model_runner
+from hybridserve.engine import detokenizer, model_runner
 from hybridserve.engine.llm_engine import LLMEngine
 from hybridserve.engine.request import SamplingParams
 from hybridserve.kernels import sampling, sampling_triton
@@ -184,6 +184,8 @@ def main():
     ap.add_argument("--modes", default="greedy,sampled")
     ap.add_argument("--tokens", type=int, default=72)
     ap.add_argument("--async", dest="async_modes", default="off,on", help="async scheduling: off, on or both")
+    ap.add_argument("--detok", default="stream", help="incremental detokenizer, comma list: stream (tokenizers' "
+                    "DecodeStream where available), window (engine/detokenizer.py's own code)")
     ap.add_argument("--profile-host", action="store_true", help="cProfile the decode steps' host code")
     ap.add_argument("--mixed", default="", help="instead: the step admitting a prompt of N tokens (comma-"
                     "separated N) while the batches decode, as two graphs and eagerly")
@@ -207,11 +209,13 @@ def main():
             del model
             torch.cuda.empty_cache()
             continue
-        for mode, B, am in itertools.product(args.modes.split(","), batches, args.async_modes.split(",")):
-            row = {"arch": arch, **run_row(model, tokenizer, B, mode, args.tokens, max(batches), am == "on",
-                                           args.profile_host)}
+        for mode, B, am, dt in itertools.product(args.modes.split(","), batches, args.async_modes.split(","),
+                                                 args.detok.split(",")):
+            detokenizer.STREAM = dt == "stream"
+            row = {"arch": arch, "detok": dt, **run_row(model, tokenizer, B, mode, args.tokens, max(batches),
+                                                         am == "on", args.profile_host)}
             out["rows"].append(row)
-            print(f"{arch:11} {mode:7} B={B:3} async {am:3}  step {row['step_ms']:6.3f} ms  graph replay "
+            print(f"{arch:11} {mode:7} B={B:3} async {am:3} detok {dt:6}  step {row['step_ms']:6.3f} ms  graph replay "
                   f"{row['graph_replay_ms']:6.3f}  overhead {row['overhead_ms']:6.3f} (to launch "
                   f"{row['host_to_launch_ms']:.3f}, after {row['after_launch_ms']:.3f}; forward GPU "
                   f"{row['forward_gpu_ms']:.3f})  {row['tok_per_s']:8.0f} tok/s", flush=True)

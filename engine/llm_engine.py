@@ -36,6 +36,7 @@ class LLMEngine:
         self.readback = TokenReadback(max(1, pools.plan.max_concurrency), model.device)
         self._inflight: InFlight | None = None   # a launched step whose tokens the host has not read yet
         self.num_async_steps = 0                 # steps launched before their predecessor's tokens were read
+        self._state_bytes_each = pools.state_bytes_per_request() if pools.has_state else 0   # fixed per request
         pages = pools.pages
         self.limits = RequestLimits(model.config.vocab_size, max_model_len,
                                     pages.capacity * pages.page_size if pools.layout.kv else None, pages.page_size)
@@ -205,7 +206,7 @@ class LLMEngine:
         return TokenLogprob(tok, conv([tok], skip_special_tokens=False), out.logprobs[row], top)
 
     def _state_bytes(self, seq: Sequence) -> int:
-        return self.pools.state_bytes_per_request() if self.pools.has_state else 0
+        return self._state_bytes_each
 
     # -- observability --------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from hybridserve.engine import detokenizer
 from hybridserve.engine.detokenizer import IncrementalDetokenizer
 from hybridserve.engine.request import SamplingParams
 
@@ -47,6 +48,15 @@ class TrainedTokenizer:
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return self._tok.decoder.decode(tokens)
+
+
+@pytest.fixture(autouse=True, params=["stream", "window"])
+def path(request, monkeypatch):
+    """Every test on both paths: tokenizers' DecodeStream (where the tokenizer has one) and the window code."""
+    if request.param == "stream" and detokenizer.DecodeStream is None:
+        pytest.skip("this tokenizers has no DecodeStream with a prefix")
+    monkeypatch.setattr(detokenizer, "STREAM", request.param == "stream")
+    return request.param
 
 
 @pytest.fixture(scope="module", params=["trained", "smollm2"])
@@ -150,6 +160,21 @@ def test_window_stays_short_on_invalid_bytes(tok):
     text = "".join(det.step([i])[0] for i in ids) + det.flush()
     assert text == tok.decode(ids)
     assert max(longest) <= 12
+
+
+def test_stream_path_moves_to_the_window_on_invalid_bytes(tok, path):
+    """DecodeStream holds bytes that never decode without bound; after a few such tokens the request goes on
+    with the window code, and the text still adds up to the full decode."""
+    if path != "stream":
+        pytest.skip("the DecodeStream path only")
+    copyright_byte = next(i for i in range(tok.vocab_size) if tok.convert_ids_to_tokens([i]) == ["©"])
+    good = tok.encode("Grüße, café 😀 done.")
+    det = IncrementalDetokenizer(tok, tok.encode("User: hi"), SamplingParams())
+    assert "".join(det.step([i])[0] for i in good) == tok.decode(good)
+    assert det._hf is not None                                   # valid text stays on the stream
+    ids = [copyright_byte] * 40 + good
+    text = "".join(det.step([i])[0] for i in ids) + det.flush()
+    assert det._hf is None and text == tok.decode(ids)
 
 
 def test_stop_string_across_tokens_is_never_streamed(tok):
