@@ -43,8 +43,7 @@ class ThreadCore:
         self.config = engine.config
         self.limits: RequestLimits = engine.limits
         self.device_type = engine.model.device.type
-        pools = engine.pools
-        self.kv_tokens = pools.pages.capacity * pools.page_size if pools.layout.kv else None
+        self.kv_tokens = engine.limits.kv_tokens
         self.step_budget = engine.scheduler.budget
         self.max_num_seqs = engine.scheduler.max_num_seqs
         self._stats = engine.stats()
