@@ -1,6 +1,7 @@
 """The engine core in its own process (`--engine-process`, engine/core_process.py), behind a real server process:
 the same outputs as the engine on a thread, errors and disconnects handled, nothing held after a load round,
-the engine process's death reported (not hung on), and a SIGTERM drain that takes the engine process down too."""
+the engine process's death reported (not hung on), a SIGTERM drain that takes the engine process down too, and
+the step watchdog reading the engine process's step clock."""
 from __future__ import annotations
 
 import asyncio
@@ -13,10 +14,14 @@ import httpx
 import openai
 import pytest
 
+from hybridserve.engine.async_engine import AsyncEngine, EngineUnhealthy, NotAccepting
+from hybridserve.engine.build import build_llm_engine
+from hybridserve.engine.core_process import start_engine_process
 from hybridserve.engine.request import SamplingParams
 from server_process import running_server
 from test_load import _check_round, _round
-from tiny import async_engine, check_chat_stream, metric, prompt_ids, serve_args, sse_payloads, synth
+from tiny import (async_engine, check_chat_stream, engine_config, metric, prompt_ids, serve_args, sse_payloads, synth,
+                  time_step)
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +157,39 @@ def test_sigterm_to_both_processes_still_drains(model):
         assert check_chat_stream(events) == "finished"
         assert proc.wait(timeout=60) == 0
     assert not alive(child)
+
+
+def test_watchdog_reads_the_engine_process_step_clock(model):
+    """The step watchdog across processes: a real 2,000-token prefill step in the engine process outlasts the
+    watchdog (the step's start time is read from shared memory while the step runs), every stream ends with
+    EngineUnhealthy, the server refuses new work, and shutdown ends the engine process."""
+    base = dict(max_num_seqs=2, max_model_len=2048, max_num_batched_tokens=2048, kv_cache_memory=32 << 20)
+    llm, _ = build_llm_engine(engine_config(model, **base))    # calibrate the steps on this machine first
+    time_step(llm, 1)
+    fast = max(time_step(llm, 1) for _ in range(3))
+    slow = min(time_step(llm, 2000) for _ in range(2))
+    if slow / 3 < 5 * fast:
+        pytest.skip(f"this machine prefills too fast to make a slow step: {slow:.3f}s vs {fast:.3f}s")
+    del llm
+    core = start_engine_process(engine_config(model, **base, watchdog_timeout=slow / 3), "warning")
+
+    async def run() -> None:
+        engine = AsyncEngine(core, core.model_name)
+        await engine.start()
+        try:
+            long = SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True)
+            [a] = engine.submit([("a", prompt_ids(8), long)])
+            assert (await a.__anext__()).new_token_ids
+            [b] = engine.submit([("b", prompt_ids(2000, 3), SamplingParams(max_tokens=8))])
+            for stream in (a, b):
+                with pytest.raises(EngineUnhealthy, match="watchdog"):
+                    async for _ in stream:
+                        pass
+                stream.close()
+            with pytest.raises(NotAccepting, match="watchdog"):
+                engine.submit([("c", [11], SamplingParams(max_tokens=1))])
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+    assert not core.alive()
