@@ -163,10 +163,11 @@ class AsyncEngine:
         self.core = core
         self.engine: LLMEngine | None = core.engine   # the engine object itself, when it is in this process
         self.model_name = model_name
-        self.tokenizer = core.tokenizer
-        self.max_model_len = core.max_model_len
-        self.sampling_defaults = core.sampling_defaults
-        config = core.config
+        self.facts = facts = core.facts
+        self.tokenizer = facts.tokenizer
+        self.max_model_len = facts.max_model_len
+        self.sampling_defaults = facts.sampling_defaults
+        config = facts.config
         self.max_queued_requests = max(1, config.max_queued_requests)
         self.max_queued_tokens = config.max_queued_tokens
         self.request_timeout = config.request_timeout
@@ -180,7 +181,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._watchdog: asyncio.Task | None = None
-        self.warmup_mode = warmup.resolve(config.warmup, core.device_type)
+        self.warmup_mode = warmup.resolve(config.warmup, facts.device_type)
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
@@ -214,8 +215,9 @@ class AsyncEngine:
         the one before has its first token, so its prompts arrive while those decode."""
         core = self.core
         t0, compiled = time.monotonic(), core.jit_compiles
-        waves = warmup.plan(self.warmup_mode, self.tokenizer, self.max_model_len, core.step_budget,
-                            core.max_num_seqs, core.kv_tokens)
+        facts = self.facts
+        waves = warmup.plan(self.warmup_mode, self.tokenizer, self.max_model_len, facts.step_budget,
+                            facts.max_num_seqs, facts.limits.kv_tokens)
         tasks: list[asyncio.Task] = []
         try:
             for i, wave in enumerate(waves):
@@ -305,7 +307,7 @@ class AsyncEngine:
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError for a request the engine can never serve. Pure: call it before committing to a
         response (e.g. before an SSE stream starts), so refusals are real 400s."""
-        self.core.limits.check(prompt_ids, params)
+        self.facts.limits.check(prompt_ids, params)
 
     def submit(self, requests: Sequence[tuple[str, list[int], SamplingParams]],
                timeout: float | None = None) -> list[RequestStream]:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hybridserve.engine.request import FinishReason, RequestOutput
+from hybridserve.engine.config import EngineConfig
+from hybridserve.engine.request import FinishReason, RequestLimits, RequestOutput
 
 if TYPE_CHECKING:
     from hybridserve.engine.llm_engine import LLMEngine
@@ -22,6 +24,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("hybridserve.engine")
 
 IDLE_WAIT = 0.05
+
+
+@dataclass
+class EngineFacts:
+    """What the event-loop side needs to know of the engine, wherever the engine runs (picklable: an engine
+    process sends it once at start)."""
+
+    config: EngineConfig
+    tokenizer: object
+    max_model_len: int
+    sampling_defaults: dict
+    limits: RequestLimits
+    device_type: str
+    step_budget: int        # tokens a step schedules (the warm-up plans its waves by these two)
+    max_num_seqs: int
+
+    @classmethod
+    def of(cls, eng: LLMEngine) -> EngineFacts:
+        return cls(eng.config, eng.tokenizer, eng.max_model_len, eng.sampling_defaults, eng.limits,
+                   eng.model.device.type, eng.scheduler.budget, eng.scheduler.max_num_seqs)
 
 
 def run_core(eng: LLMEngine, take: Callable[[float], list],

@@ -30,7 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hybridserve.engine.config import EngineConfig, EngineStats
-from hybridserve.engine.request import RequestLimits, RequestOutput
+from hybridserve.engine.core_loop import EngineFacts
+from hybridserve.engine.request import RequestOutput
 
 log = logging.getLogger("hybridserve.engine")
 
@@ -42,17 +43,10 @@ READ_BATCH = 16
 
 @dataclass
 class EngineInfo:
-    """What the API process needs to know of the engine (ThreadCore's attributes of the same names)."""
+    """The engine process's hello: the served name, the facts about the engine, and its stats at start."""
 
     model_name: str
-    tokenizer: object
-    max_model_len: int
-    sampling_defaults: dict
-    limits: RequestLimits
-    device_type: str
-    kv_tokens: int | None
-    step_budget: int
-    max_num_seqs: int
+    facts: EngineFacts
     stats: EngineStats
 
 
@@ -71,18 +65,10 @@ class EngineStartError(RuntimeError):
 class ProcessCore:
     """The API process's end of an engine process. `start_engine_process` builds one."""
 
-    def __init__(self, proc, commands, updates, step_clock, info: EngineInfo, config: EngineConfig):
+    def __init__(self, proc, commands, updates, step_clock, info: EngineInfo):
         self._proc, self._commands, self._updates, self._step_clock = proc, commands, updates, step_clock
-        self.config = config
         self.model_name = info.model_name
-        self.tokenizer = info.tokenizer
-        self.max_model_len = info.max_model_len
-        self.sampling_defaults = info.sampling_defaults
-        self.limits = info.limits
-        self.device_type = info.device_type
-        self.kv_tokens = info.kv_tokens
-        self.step_budget = info.step_budget
-        self.max_num_seqs = info.max_num_seqs
+        self.facts = info.facts
         self.engine = None                      # no LLMEngine in this process
         self.pid = proc.pid
         self._snapshot = Snapshot(info.stats, {}, None, 0)
@@ -214,7 +200,7 @@ def start_engine_process(config: EngineConfig, log_level: str = "INFO") -> Proce
     if msg[0] != "hello":
         proc.join(10)
         raise EngineStartError(msg[1])
-    return ProcessCore(proc, cmd_send, upd_recv, step_clock, msg[1], config)
+    return ProcessCore(proc, cmd_send, upd_recv, step_clock, msg[1])
 
 
 def _kill_left_behind(proc) -> None:
@@ -239,18 +225,16 @@ def _engine_main(config: EngineConfig, commands, updates, step_clock, log_level:
 
     try:
         eng, name = build_llm_engine(config)
-        # ThreadCore's constructor reads the facts the API side needs; its thread is never started here. Its
-        # Triton compile watch (CUDA) counts what compiles after ready in this process.
-        facts = ThreadCore(eng)
+        # A ThreadCore whose thread never starts: its facts, device memory and Triton compile watch (CUDA: what
+        # compiles after ready, in this process) are what this process reports.
+        core = ThreadCore(eng)
     except Exception as e:
         log.exception("engine process: the engine could not be built")
         updates.send(("failed", f"{type(e).__name__}: {e}"))
         return
-    updates.send(("hello", EngineInfo(name, eng.tokenizer, facts.max_model_len, facts.sampling_defaults,
-                                      facts.limits, facts.device_type, facts.kv_tokens, facts.step_budget,
-                                      facts.max_num_seqs, eng.stats())))
-    facts.watch_compiles(True)
-    state = {"stop": False, "last": 0.0}
+    updates.send(("hello", EngineInfo(name, core.facts, eng.stats())))
+    core.watch_compiles(True)
+    state = {"stop": False, "last": 0.0, "stats": None}   # stop asked; the last snapshot's time and stats
 
     def take(timeout: float) -> list:
         cmds = []
@@ -262,14 +246,12 @@ def _engine_main(config: EngineConfig, commands, updates, step_clock, log_level:
                 if cmd[0] == "stop":
                     state["stop"] = True
                 elif cmd[0] == "ready":
-                    facts.mark_ready()
+                    core.mark_ready()
                 else:
                     cmds.append(cmd)
         except EOFError:   # the API process is gone
             state["stop"] = True
         return cmds
-
-    sent: dict = {"stats": None}
 
     def report(outs: list[RequestOutput], started: list[str], idle: bool) -> None:
         """One message a turn with something to say; the stats ride along at most every SNAPSHOT_INTERVAL while
@@ -277,9 +259,9 @@ def _engine_main(config: EngineConfig, commands, updates, step_clock, log_level:
         now, snap = time.monotonic(), None
         if idle or now - state["last"] >= SNAPSHOT_INTERVAL:
             stats = eng.stats()
-            if not idle or stats != sent["stats"]:
-                state["last"], sent["stats"] = now, stats
-                snap = Snapshot(stats, facts.device_memory(), facts.jit_compiles, facts.jit_compiles_after_ready)
+            if not idle or stats != state["stats"]:
+                state["last"], state["stats"] = now, stats
+                snap = Snapshot(stats, core.device_memory(), core.jit_compiles, core.jit_compiles_after_ready)
         if outs or started or snap is not None:
             try:
                 updates.send(("update", outs, started, snap))
@@ -295,4 +277,4 @@ def _engine_main(config: EngineConfig, commands, updates, step_clock, log_level:
         log.exception("engine process: the engine loop died")
         raise
     finally:
-        facts.watch_compiles(False)
+        core.watch_compiles(False)

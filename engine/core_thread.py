@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from hybridserve.engine.config import EngineStats
-from hybridserve.engine.core_loop import run_core
-from hybridserve.engine.request import RequestLimits, RequestOutput
+from hybridserve.engine.core_loop import EngineFacts, run_core
+from hybridserve.engine.request import RequestOutput
 from hybridserve.kernels.jit_watch import Compile, JitWatch
 
 if TYPE_CHECKING:
@@ -26,26 +26,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("hybridserve.engine")
 
 
-def log_late_compile(c: Compile) -> None:
-    log.warning("kernel %s compiled after the server turned ready (%.2f s, blocking the engine step): a step "
-                "shape the start-up warm-up did not meet; variant %s", c.kernel, c.seconds, c.variant)
-
-
 class ThreadCore:
-    """An LLMEngine driven by run_core on a daemon thread. The attributes above `start` are what the
-    event-loop side needs to know of the engine; they match ProcessCore's."""
+    """An LLMEngine driven by run_core on a daemon thread. Its public methods are ProcessCore's too."""
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
-        self.sampling_defaults = engine.sampling_defaults
-        self.config = engine.config
-        self.limits: RequestLimits = engine.limits
-        self.device_type = engine.model.device.type
-        self.kv_tokens = engine.limits.kv_tokens
-        self.step_budget = engine.scheduler.budget
-        self.max_num_seqs = engine.scheduler.max_num_seqs
+        self.facts = EngineFacts.of(engine)
         self._stats = engine.stats()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -56,12 +42,13 @@ class ThreadCore:
         # step shape the warm-up did not meet and a pause inside somebody's request.
         self._ready = False
         self.jit_compiles_after_ready = 0
-        self._jit = JitWatch(self._on_compile) if self.device_type == "cuda" else None
+        self._jit = JitWatch(self._on_compile) if self.facts.device_type == "cuda" else None
 
     def _on_compile(self, c: Compile) -> None:
         if self._ready:
             self.jit_compiles_after_ready += 1
-            log_late_compile(c)
+            log.warning("kernel %s compiled after the server turned ready (%.2f s, blocking the engine step): a "
+                        "step shape the start-up warm-up did not meet; variant %s", c.kernel, c.seconds, c.variant)
 
     @property
     def jit_compiles(self) -> int | None:
@@ -120,7 +107,7 @@ class ThreadCore:
 
     def device_memory(self) -> dict[str, int]:
         """Read now (at scrape time), not each step."""
-        if self.device_type != "cuda":
+        if self.facts.device_type != "cuda":
             return {}
         device = self.engine.model.device
         return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}

@@ -50,23 +50,21 @@ class IncrementalDetokenizer:
             if token_id not in self._skip:
                 context.append(token_id)
         context.reverse()
-        self._tokens: list[str] = tokenizer.convert_ids_to_tokens(context)
+        self._window(context, len(context))
         # A prompt cut inside a UTF-8 sequence would make the output's first bytes decode differently from
         # the output on its own; such a prompt gives no context.
-        if self._tokens and self._convert(0, len(self._tokens)).endswith(_REPLACEMENT):
-            self._tokens, context = [], []
-        self._prefix_offset = 0
-        self._read_offset = len(self._tokens)   # window text up to here is final and already emitted
-        self._emitted = len(self._convert(0, self._read_offset))  # chars of window text already passed on
+        if context and self._convert(0, len(context)).endswith(_REPLACEMENT):
+            context = []
+            self._window(context, 0)
 
-        # The DecodeStream path: the stream, the ids it has not yet turned into text, and a few ids before them
-        # (left context for the window code if the request moves there, and for flush).
+        # The DecodeStream path: the stream, and the ids fed to it (the context first) with how many of them
+        # have turned into text; the last few of those are left context if the request moves to the window.
         hf = getattr(tokenizer, "_tok", None)
         self._hf = hf if STREAM and DecodeStream is not None and hf is not None else None
         if self._hf is not None:
             self._stream = DecodeStream(ids=context, skip_special_tokens=False)
             self._vocab = hf.get_vocab_size(with_added_tokens=True)
-            self._context_ids, self._pending = context, []
+            self._ids, self._final = context, len(context)
 
         self._tail = ""          # last `_tail_len` chars of decoded text, where a stop string may begin
         self._held = 0           # how many chars at the end of `_tail` were not emitted yet
@@ -110,7 +108,7 @@ class IncrementalDetokenizer:
         if self._stopped:
             return ""
         out = self._tail[len(self._tail) - self._held:] if self._held else ""
-        if self._hf is not None and self._pending:
+        if self._hf is not None and len(self._ids) > self._final:
             self._to_window()
         if len(self._tokens) > self._read_offset:
             out += self._convert(self._prefix_offset, len(self._tokens))[self._emitted:]
@@ -126,25 +124,30 @@ class IncrementalDetokenizer:
         if token_id in self._skip or not 0 <= token_id < self._vocab:   # out of the vocabulary: no text
             return ""
         text = self._stream.step(self._hf, token_id)
+        self._ids.append(token_id)
         if text is not None:
-            self._context_ids = (self._context_ids + self._pending + [token_id])[-_CONTEXT_TOKENS:]
-            self._pending = []
+            self._final = len(self._ids)
             return text
-        self._pending.append(token_id)
-        if len(self._pending) < _MAX_PENDING:
+        if len(self._ids) - self._final < _MAX_PENDING:
             return ""
         # Bytes that may never decode: go on with the window code, which can cut such a run short.
-        last = self._pending.pop()
+        last = self._ids.pop()
         self._to_window()
         return self._decode_token(last)
 
     def _to_window(self) -> None:
-        """Hand the stream's state to the window code: the context ids as final text, the pending ids after."""
+        """Hand the stream's state to the window code: a few ids that turned into text, then the pending ones."""
+        start = max(0, self._final - _CONTEXT_TOKENS)
         self._hf = None
-        self._tokens = self._tokenizer.convert_ids_to_tokens(self._context_ids + self._pending)
-        self._prefix_offset, self._read_offset = 0, len(self._context_ids)
-        self._emitted = len(self._convert(0, self._read_offset))
-        self._pending = []
+        self._window(self._ids[start:], self._final - start)
+        self._ids = []
+
+    def _window(self, ids: list[int], final: int) -> None:
+        """Start the window over `ids`, of which the first `final` are text already passed on."""
+        self._tokens: list[str] = self._tokenizer.convert_ids_to_tokens(ids)
+        self._prefix_offset = 0
+        self._read_offset = final        # window text up to here is final and already emitted
+        self._emitted = len(self._convert(0, final))   # chars of window text already passed on
 
     def _convert(self, start: int, end: int) -> str:
         return self._tokenizer.convert_tokens_to_string(self._tokens[start:end]) if end > start else ""
