@@ -32,6 +32,17 @@ _LLAMA = {  # full = the embedded SmolLM2-135M shapes
     "tiny": dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
                  max_position_embeddings=2048),
+    # larger members of the family, benchmarks only: the SmolLM2-1.7B shapes (no GQA), and the Llama-3.2-3B
+    # shapes (GQA 3:1, a 128k vocabulary, llama3 RoPE scaling) with the context capped at 8k like the others
+    # (a decode graph's block table is as wide as the context)
+    "1.7b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                 num_attention_heads=32, num_key_value_heads=32, head_dim=64, rope_theta=130000.0,
+                 max_position_embeddings=8192),
+    "3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+               num_attention_heads=24, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+               max_position_embeddings=8192,
+               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
 _KOTODAMA = {  # full = the 108M of specs/kotodama.md §4
     "full": dict(vocab_size=49152, hidden_size=512, intermediate_size=1408, num_hidden_layers=28,
@@ -85,8 +96,8 @@ def _llama_tensors(c: dict, g, dtype, hf_names: bool) -> dict[str, torch.Tensor]
 def synth_llama(size: str, seed: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     dims = _LLAMA[size]
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5,
-              "tie_word_embeddings": True, "torch_dtype": "bfloat16" if size == "full" else "float32", **dims}
-    dtype = torch.bfloat16 if size == "full" else torch.float32
+              "tie_word_embeddings": True, "torch_dtype": "float32" if size == "tiny" else "bfloat16", **dims}
+    dtype = torch.float32 if size == "tiny" else torch.bfloat16
     return config, _llama_tensors(config, torch.Generator().manual_seed(seed), dtype, hf_names=True)
 
 
