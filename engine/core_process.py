@@ -10,7 +10,8 @@ rose to about twice the engine step at 32 streams. Apart, each has its own core.
 The wire (two one-way pipes, pickled tuples):
   API → engine: ("add", request_id, prompt_ids, SamplingParams), ("abort", request_id), ("ready",), ("stop",)
   engine → API: ("hello", EngineInfo) once the engine is built, or ("failed", message);
-                ("update", outputs, started, Snapshot | None) per turn with something to say.
+                ("update", outputs, started, Snapshot | None) per turn with something to say, each output as
+                RequestOutput.to_wire's plain tuple.
 The step watchdog reads the step's start time from shared memory, so it works while the engine is stuck in a
 step. The engine process exits when told to or when its command pipe closes (the API process is gone), and
 ignores SIGINT and SIGTERM: a terminal's Ctrl-C, or a service manager signalling every process of the service,
@@ -164,11 +165,11 @@ class ProcessCore:
                     break
                 msg = self._updates.recv()
                 if msg[0] == "update":
-                    _, outs, started, snap = msg
+                    _, wire, started, snap = msg
                     if snap is not None:
                         self._snapshot = snap
-                    if outs or started:
-                        self._on_update(outs, started)
+                    if wire or started:
+                        self._on_update([RequestOutput.from_wire(t) for t in wire], started)
         except (EOFError, OSError):
             self.detach()
             self._proc.join(1)
@@ -264,7 +265,7 @@ def _engine_main(config: EngineConfig, commands, updates, step_clock, log_level:
                 snap = Snapshot(stats, core.device_memory(), core.jit_compiles, core.jit_compiles_after_ready)
         if outs or started or snap is not None:
             try:
-                updates.send(("update", outs, started, snap))
+                updates.send(("update", [o.to_wire() for o in outs], started, snap))
             except (OSError, ValueError):   # the API process is gone
                 state["stop"] = True
 

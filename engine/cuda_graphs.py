@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from contextlib import contextmanager
 
 import numpy as np
@@ -80,12 +81,80 @@ class HostMirror:
         self._copied.record()
 
 
+class PackedInputs:
+    """A graph's per-step inputs as typed views of one device buffer, beside a pinned host buffer of the same
+    layout (`dev` / `host`: name → tensor, `arrays()`: name → numpy view of the host one). A step fills the host
+    views and sends them in one copy of the buffer's first `end` bytes; `arrays()` first waits for the copy
+    that read the previous fill. Every part starts 16-byte aligned (Triton specialises on pointer alignment)."""
+
+    def __init__(self, device: torch.device, parts: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
+        self.offsets, end = {}, 0
+        for name, (dtype, shape) in parts.items():
+            self.offsets[name] = end
+            end += -(-math.prod(shape) * dtype.itemsize // 16) * 16
+        self.device_bytes = torch.zeros(end, dtype=torch.uint8, device=device)
+        self.host_bytes = torch.zeros(end, dtype=torch.uint8, pin_memory=True)
+
+        def views(buf: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {name: buf[self.offsets[name]:self.offsets[name] + math.prod(shape) * dtype.itemsize]
+                    .view(dtype).view(shape) for name, (dtype, shape) in parts.items()}
+        self.dev, self.host = views(self.device_bytes), views(self.host_bytes)
+        self._arrays = {name: t.numpy() for name, t in self.host.items()}
+        self._copied: torch.cuda.Event | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._arrays
+
+    def send(self, end: int) -> None:
+        """Copy the host buffer's first `end` bytes in, without a synchronisation."""
+        self.device_bytes[:end].copy_(self.host_bytes[:end], non_blocking=True)
+
+    def sent(self) -> None:
+        """Marks the copies just enqueued from the host buffer."""
+        if self._copied is None:
+            self._copied = torch.cuda.Event()
+        self._copied.record()
+
+
+_PAD = ("pad",)
+
+
+def fill_block_tables(table: np.ndarray, held: list, page_lists: list[list[int]], bs: int) -> int:
+    """Host block-table rows for a step's requests (row r: page_lists[r]; pad rows up to `bs`: page 0), kept
+    from step to step; `held[r]` records what row r holds (its page list and their count; None: unknown). A row
+    is rewritten only when that changed: a request's page list only ever grows in place (a request that gives
+    its pages back gets a new list), so the same list at the same length holds the same pages. Returns the
+    widest row's count. Entries past a row's count may be stale: attention reads a row's pages only up to its
+    sequence length."""
+    w = 1
+    for r, pages in enumerate(page_lists):
+        n = len(pages)
+        if n > w:
+            w = n
+        h = held[r]
+        if h is None or h[0] is not pages or h[1] != n:
+            table[r, :n] = pages
+            held[r] = (pages, n)
+    for r in range(len(page_lists), bs):
+        if held[r] is not _PAD:
+            table[r, 0] = 0
+            held[r] = _PAD
+    return w
+
+
+# A decode step's block tables go over whole (all columns of its rows, in the one copy of its inputs) up to this
+# many bytes; a wider table sends just the columns in use, in a second copy.
+TABLE_COPY_BYTES = 128 << 10
+
+
 class DecodeGraphs:
     """Decode-step graphs per padded batch size over persistent inputs. `run_chunks` fills them from the
-    scheduled chunks through pinned host mirrors: one copy for the five int64 rows (token, position, state
-    slot, KV slot, previous-step row), one for the sequence lengths and, when the model has KV, one for the
-    block tables' used columns, so the step costs its copies and one replay instead of a metadata build and
-    a copy per field.
+    scheduled chunks through one pinned host buffer (PackedInputs): the five int64 rows (token, position, state
+    slot, KV slot, previous-step row), the sequence lengths and the block tables go over in one copy, so the
+    step costs that copy and one replay instead of a metadata build and a copy per field. A row's block table
+    is rewritten on the host only when the row holds another request's pages or more of them than last time.
     Each graph also leaves each row's argmax beside the logits (`last_argmax`) for all-greedy batches."""
 
     def __init__(self, model, cache: CacheView, max_bs: int, max_blocks: int, sizes: list[int] | None = None):
@@ -93,12 +162,16 @@ class DecodeGraphs:
         self.max_bs, self.max_blocks = max_bs, max_blocks
         self.uses_kv = bool(cache.kv)
         dev = model.device
-        self.i64 = torch.zeros(5, max_bs, dtype=torch.long, device=dev)
+        self.inputs = PackedInputs(dev, {"i64": (torch.long, (5, max_bs)), "seq_lens": (torch.int32, (max_bs,)),
+                                         "block_tables": (torch.int32, (max_bs, max_blocks))})
+        self.i64, self.seq_lens, self.block_tables = (self.inputs.dev[k] for k in ("i64", "seq_lens",
+                                                                                   "block_tables"))
         # prev_rows: in an async-scheduled step (engine/inflight.py), the row of the previous step's device
         # tokens each row takes as its input
         self.input_ids, self.positions, self.slot_ids, self.slot_mapping, self.prev_rows = self.i64.unbind(0)
-        self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev)
+        self.seq_lens.fill_(1)
+        self.inputs.host["seq_lens"].fill_(1)
+        self._held: list = [None] * max_bs   # what each host table row holds (fill_block_tables)
         self.cu_seqlens = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         self.rows = torch.arange(max_bs, dtype=torch.long, device=dev)
         self.sizes = sorted(sizes) if sizes else capture_sizes(max_bs)
@@ -106,10 +179,6 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.argmax: dict[int, torch.Tensor] = {}
         self.last_argmax: torch.Tensor | None = None
-        self.host = HostMirror(torch.zeros(5, max_bs, dtype=torch.long, pin_memory=True),
-                               torch.ones(max_bs, dtype=torch.int32, pin_memory=True),
-                               torch.zeros(max_bs, max_blocks if self.uses_kv else 1, dtype=torch.int32,
-                                           pin_memory=True))
 
     def _meta(self, bs: int) -> BatchMeta:
         return BatchMeta(
@@ -139,6 +208,7 @@ class DecodeGraphs:
     def padded_size(self, batch: int) -> int | None:
         return next((s for s in self.sizes if s >= batch), None)
 
+
     @torch.inference_mode()
     def run_chunks(self, chunks: list, page_size: int, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, V] of one-token chunks (engine/model_runner.py SeqChunk, each wanting logits); pad rows
@@ -147,26 +217,31 @@ class DecodeGraphs:
         before the replay. A view of the graph's output, valid until the next replay."""
         B = len(chunks)
         bs = self.padded_size(B)
-        h64, h32, hbt = self.host.tensors
-        a64, a32, abt = self.host.arrays()
-        a64[:, :bs] = 0
-        a32[:bs] = 1
-        w = 1
-        for r, c in enumerate(chunks):
-            t = c.start
-            a64[0, r], a64[1, r], a64[2, r], a64[4, r] = c.tokens[0], t, c.slot, c.prev_row
-            a32[r] = t + 1
-            if c.pages:
-                a64[3, r] = c.pages[t // page_size] * page_size + t % page_size
-                w = max(w, len(c.pages))
-        self.i64.copy_(h64, non_blocking=True)
-        self.seq_lens.copy_(h32, non_blocking=True)
-        if self.uses_kv:
-            abt[:bs, :w] = 0
-            for r, c in enumerate(chunks):
-                abt[r, :len(c.pages)] = c.pages
-            self.block_tables[:bs, :w].copy_(hbt[:bs, :w], non_blocking=True)
-        self.host.copied()
+        a = self.inputs.arrays()
+        a64, a32 = a["i64"], a["seq_lens"]
+        starts = [c.start for c in chunks]
+        a64[0, :B] = [c.tokens[0] for c in chunks]
+        a64[1, :B] = starts
+        a64[2, :B] = [c.slot for c in chunks]
+        a64[3, :B] = [c.pages[t // page_size] * page_size + t % page_size if c.pages else 0
+                      for c, t in zip(chunks, starts)]
+        a64[4, :B] = [c.prev_row for c in chunks]
+        a32[:B] = starts
+        a32[:B] += 1
+        a64[:, B:bs] = 0
+        a32[B:bs] = 1
+        tables = self.inputs.offsets["block_tables"]
+        if not self.uses_kv:
+            self.inputs.send(tables)
+        else:
+            w = fill_block_tables(a["block_tables"], self._held, [c.pages for c in chunks], bs)
+            whole = bs * self.max_blocks * 4
+            if whole <= TABLE_COPY_BYTES:
+                self.inputs.send(tables + whole)
+            else:
+                self.inputs.send(tables)
+                self.block_tables[:bs, :w].copy_(self.inputs.host["block_tables"][:bs, :w], non_blocking=True)
+        self.inputs.sent()
         if prev_tokens is not None:
             assert all(c.prev_row >= 0 for c in chunks), "an async-scheduled step takes every token from the last"
             torch.index_select(prev_tokens, 0, self.prev_rows[:B], out=self.input_ids[:B])

@@ -80,8 +80,17 @@ class IncrementalDetokenizer:
         the request is over: later tokens are ignored."""
         if self._stopped:
             return "", None
-        delta = "".join(self._stream_token(t) if self._hf is not None else self._decode_token(t)
-                        for t in new_token_ids)
+        return self._emit("".join(self._stream_token(t) if self._hf is not None else self._decode_token(t)
+                                  for t in new_token_ids))
+
+    def step_token(self, token_id: int) -> tuple[str, str | None]:
+        """`step([token_id])`, as the engine calls it for every row of every step."""
+        if self._stopped:
+            return "", None
+        return self._emit(self._stream_token(token_id) if self._hf is not None else self._decode_token(token_id))
+
+    def _emit(self, delta: str) -> tuple[str, str | None]:
+        """The step's new text through the stop strings: (text to stream, the stop string that matched)."""
         if not self._stops:
             self._chunks.append(delta)
             return delta, None

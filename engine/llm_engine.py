@@ -5,6 +5,7 @@ Not thread-safe by itself: AsyncEngine runs it on one thread and funnels add/abo
 from __future__ import annotations
 
 import logging
+import operator
 
 from hybridserve.engine.cache_pools import CachePools
 from hybridserve.engine.config import EngineConfig, EngineStats, StateGroupStats
@@ -12,7 +13,7 @@ from hybridserve.engine.detokenizer import IncrementalDetokenizer
 from hybridserve.engine.inflight import InFlight, TokenReadback
 from hybridserve.engine.model_runner import ModelRunner, SeqChunk
 from hybridserve.engine.request import FinishReason, RequestLimits, RequestOutput, SamplingParams, TokenLogprob
-from hybridserve.engine.sampler import Sampler, SamplerOutput, make_generator, on_device
+from hybridserve.engine.sampler import Sampler, SamplerOutput, device_from, make_generator
 from hybridserve.engine.scheduler import Scheduler
 from hybridserve.engine.sequence import Sequence, SeqStatus
 
@@ -37,6 +38,7 @@ class LLMEngine:
         self._inflight: InFlight | None = None   # a launched step whose tokens the host has not read yet
         self.num_async_steps = 0                 # steps launched before their predecessor's tokens were read
         self._state_bytes_each = pools.state_bytes_per_request() if pools.has_state else 0   # fixed per request
+        self._kv_page_bytes = pools.plan.kv_page_bytes
         pages = pools.pages
         self.limits = RequestLimits(model.config.vocab_size, max_model_len,
                                     pages.capacity * pages.page_size if pools.layout.kv else None, pages.page_size)
@@ -53,6 +55,7 @@ class LLMEngine:
             raise ValueError(f"duplicate request id {request_id}")
         seq = Sequence(request_id, list(prompt_ids), params)
         seq.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        seq.device_from = device_from(params)
         if params.seed is not None:
             seq.generator = make_generator(params.seed, self.model.device)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params)
@@ -141,18 +144,30 @@ class LLMEngine:
         token are free (preemption waits for a synchronous step). Rows `prev` finishes by length are left
         out; None when nothing may follow."""
         sched = self.scheduler
-        rows_of = {id(s): r for r, s in enumerate(prev.seqs)}
-        if not sched.running or sched.can_admit() or any(id(s) not in rows_of for s in sched.running):
+        running, max_len = sched.running, self.max_model_len
+        if not running or sched.can_admit():
             return None
-        seqs = [s for s in sched.running if len(s.output_ids) + 1 < s.params.max_tokens
-                and s.num_computed + 1 < self.max_model_len]
-        graphs = self.runner.sampler_graphs is not None and self.runner.sampler_graphs.covers(len(seqs))
-        if not seqs or not all(on_device(s.params, len(s.output_ids) + 1, graphs) for s in seqs) \
-                or not sched.reserve_next(seqs):
+        if len(running) == len(prev.seqs) and all(map(operator.is_, running, prev.seqs)):
+            rows = range(len(running))               # the usual case: the same rows in the same order
+        else:
+            rows_of = {id(s): r for r, s in enumerate(prev.seqs)}
+            if any(id(s) not in rows_of for s in running):
+                return None
+            rows = [rows_of[id(s)] for s in running]
+        picked = [(r, s) for r, s in zip(rows, running)
+                  if len(s.output_ids) + 1 < s.params.max_tokens and s.num_computed + 1 < max_len]
+        if not picked:
             return None
-        chunks = [SeqChunk([0], s.num_computed, s.pages, s.slot, True, prev_row=rows_of[id(s)]) for s in seqs]
-        tokens = self._device_tokens(self.runner.run(chunks, prev_tokens=prev.tokens), seqs, 1)
-        assert tokens is not None, "rows checked on_device above"
+        seqs = [s for _, s in picked]
+        greedy = all(s.params.greedy for s in seqs)
+        graphs = self.runner.sampler_graphs
+        if (not greedy and (graphs is None or not graphs.covers(len(seqs)))) \
+                or any(len(s.output_ids) + 1 < s.device_from for s in seqs) or not sched.reserve_next(seqs):
+            return None
+        chunks = [SeqChunk([0], s.num_computed, s.pages, s.slot, True, r) for r, s in picked]
+        logits = self.runner.run(chunks, prev_tokens=prev.tokens)
+        tokens = self.sampler.take(logits, [s.params for s in seqs], greedy, self.runner.last_argmax,
+                                   self.runner.graph_sampler(len(seqs)))
         for s in seqs:
             s.num_computed += 1
         self.num_async_steps += 1
@@ -166,27 +181,27 @@ class LLMEngine:
                                           self.runner.graph_sampler(len(seqs)))
 
     def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> RequestOutput:
-        p = seq.params
-        seq.output_ids.append(token)
-        reason, stop_reason = None, None
-        if token in seq.stop_ids and len(seq.output_ids) >= p.min_tokens:
+        """The host's part of a row's step (every row, every step: kept lean): record the token, its text, and
+        whether it finished the request."""
+        p, outputs = seq.params, seq.output_ids
+        outputs.append(token)
+        n = len(outputs)
+        reason = stop_reason = None
+        if token in seq.stop_ids and n >= p.min_tokens:
             reason, stop_reason = FinishReason.STOP, token
             text, matched = "", None
         else:
-            text, matched = seq.detokenizer.step([token])
+            text, matched = seq.detokenizer.step_token(token)
             if matched is not None:
                 reason, stop_reason = FinishReason.STOP, matched
-        if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        if reason is None and (n >= p.max_tokens or len(seq.prompt_ids) + n >= self.max_model_len):
             reason = FinishReason.LENGTH
         if reason is not None and matched is None:
             text += seq.detokenizer.flush()
-        out = RequestOutput(
-            seq.request_id, [token], text, finished=reason is not None, finish_reason=reason,
-            stop_reason=stop_reason, logprobs=[lp] if lp else [], num_prompt_tokens=len(seq.prompt_ids),
-            num_output_tokens=len(seq.output_ids), state_bytes=self._state_bytes(seq),
-            kv_bytes=len(seq.pages) * self.pools.plan.kv_page_bytes,
-        )
-        if out.finished:
+        out = RequestOutput(seq.request_id, [token], text, reason is not None, reason, stop_reason,
+                            [lp] if lp else [], len(seq.prompt_ids), n, self._state_bytes_each,
+                            len(seq.pages) * self._kv_page_bytes)
+        if reason is not None:
             self.seqs.pop(seq.request_id, None)
             self.scheduler.finish(seq)
         return out
@@ -204,9 +219,6 @@ class LLMEngine:
         top = [(i, conv([i], skip_special_tokens=False), v)
                for i, v in (out.top_logprobs[row] if out.top_logprobs else [])]
         return TokenLogprob(tok, conv([tok], skip_special_tokens=False), out.logprobs[row], top)
-
-    def _state_bytes(self, seq: Sequence) -> int:
-        return self._state_bytes_each
 
     # -- observability --------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The plain dataclasses where the HTTP layer and the engine meet. No tensors, no HTTP objects."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass, field, fields
 from enum import Enum
 
 
@@ -91,6 +92,15 @@ class RequestOutput:
     kv_bytes: int = 0                      # this request's KV pages at the last step
     error: str | None = None
 
+    def to_wire(self) -> tuple:
+        """The fields as a plain tuple, in declaration order: what crosses the engine process's pipe (a tuple
+        pickles and loads in about a fifth of a dataclass's time, and there is one per row per step)."""
+        return _WIRE_FIELDS(self)
+
+    @classmethod
+    def from_wire(cls, t: tuple) -> RequestOutput:
+        return cls(*t)
+
     def then(self, later: RequestOutput) -> RequestOutput:
         """This update and the next one as one: both updates' tokens, text and logprobs in order, the later
         one's status and counts (memory: the larger)."""
@@ -101,3 +111,6 @@ class RequestOutput:
             num_prompt_tokens=later.num_prompt_tokens, num_output_tokens=later.num_output_tokens,
             state_bytes=max(self.state_bytes, later.state_bytes), kv_bytes=max(self.kv_bytes, later.kv_bytes),
             error=later.error)
+
+
+_WIRE_FIELDS = operator.attrgetter(*(f.name for f in fields(RequestOutput)))

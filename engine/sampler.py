@@ -13,6 +13,7 @@ into one float64 tensor (exact for token ids < 2**53 and for float32 logprobs) a
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -202,17 +203,34 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
+NEVER = sys.maxsize
+
+
+def plain_from(p: SamplingParams) -> int:
+    """How many outputs a request needs before its next token needs nothing from the host (NEVER: at no count).
+    Penalties read the token history and logprobs go back to the host at every step; a min_tokens ban lasts
+    until min_tokens outputs."""
+    if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty or p.logprobs or p.top_logprobs:
+        return NEVER
+    return p.min_tokens
+
+
+def device_from(p: SamplingParams) -> int:
+    """How many outputs a request needs before `on_device` holds for it where the sampler graphs cover the
+    batch (NEVER for a seeded sampled request: its generator lives on the host). Fixed per request, so the
+    engine keeps it with the request (Sequence.device_from) instead of asking every step."""
+    return plain_from(p) if p.greedy or p.seed is None else NEVER
+
+
 def plain_row(p: SamplingParams, num_outputs: int) -> bool:
-    """A row whose next token needs nothing from the host: no penalties (they read the token history), no
-    min_tokens ban left, no logprobs."""
-    return (p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
-            and not p.logprobs and not p.top_logprobs and num_outputs >= p.min_tokens)
+    """A row whose next token needs nothing from the host: no penalties, no min_tokens ban left, no logprobs."""
+    return num_outputs >= plain_from(p)
 
 
 def on_device(p: SamplingParams, num_outputs: int, sampler_graphs: bool) -> bool:
     """Whether `Sampler.device_tokens` takes this row's token without the eager sampler: a plain greedy row,
     or a plain unseeded sampled one where the sampler graphs cover the batch."""
-    return plain_row(p, num_outputs) and (p.greedy or (sampler_graphs and p.seed is None))
+    return num_outputs >= device_from(p) and (p.greedy or sampler_graphs)
 
 
 class Sampler:
@@ -241,7 +259,13 @@ class Sampler:
         `graphs`: engine/sampler_graphs.py SamplerGraphs holding this step's logits, for sampled rows."""
         if not all(on_device(p, n, graphs is not None) for p, n in zip(params, num_outputs)):
             return None
-        if all(p.greedy for p in params):
+        return self.take(logits, params, all(p.greedy for p in params), argmax, graphs)
+
+    @staticmethod
+    def take(logits: Tensor, params: list[SamplingParams], greedy: bool, argmax: Tensor | None = None,
+             graphs=None) -> Tensor:
+        """`device_tokens` for rows already known to be on the device; `greedy`: every row is."""
+        if greedy:
             return argmax if argmax is not None else logits.argmax(-1)
         return graphs.run(params)
 

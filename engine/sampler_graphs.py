@@ -20,7 +20,7 @@ import logging
 
 import torch
 
-from hybridserve.engine.cuda_graphs import HostMirror, capture
+from hybridserve.engine.cuda_graphs import PackedInputs, capture
 from hybridserve.engine.request import SamplingParams
 from hybridserve.kernels.backend import pick
 
@@ -53,11 +53,12 @@ class SamplerGraphs:
         n = decode_graphs.max_bs
         dev = decode_graphs.model.device
         self.vocab = None
-        self.f32 = torch.ones(3, n, device=dev)                       # temperature, top_p, min_p
-        self.i64 = torch.zeros(2, n, dtype=torch.long, device=dev)     # top_k, greedy (0 / 1)
+        # temperature, top_p, min_p; top_k, greedy (0 / 1): one buffer, one copy a step
+        self.inputs = PackedInputs(dev, {"i64": (torch.long, (2, n)), "f32": (torch.float32, (3, n))})
+        self.f32, self.i64 = self.inputs.dev["f32"], self.inputs.dev["i64"]
+        self.f32.fill_(1.0)
         # the race's noise stream: seeded from the global generator (a served run follows --seed)
         self.seed = torch.randint(1 << 31, (1,), dtype=torch.long).to(dev)
-        self.host = HostMirror(torch.ones(3, n, pin_memory=True), torch.zeros(2, n, dtype=torch.long, pin_memory=True))
         self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -90,25 +91,23 @@ class SamplerGraphs:
         """Token ids [B] on the device for the rows of the decode graph replayed last (eligible params)."""
         B = len(params)
         bs = self.decode.padded_size(B)
-        h32, h64 = self.host.tensors
-        a32, a64 = self.host.arrays()
-        a32[:, :bs] = 1.0
-        a32[2, :bs] = 0.0
-        a64[0, :bs] = self.vocab
-        a64[1, :bs] = 1
-        by_rank = by_mass = False
-        for r, p in enumerate(params):
-            g = p.greedy
-            k = p.top_k if 0 < p.top_k < self.vocab else self.vocab
-            a32[0, r] = 1.0 if g else p.temperature
-            a32[1, r] = min(p.top_p, 1.0)
-            a32[2, r] = max(p.min_p, 0.0)
-            a64[0, r], a64[1, r] = k, g
-            by_rank |= k != self.vocab
-            by_mass |= p.top_p < 1.0 or p.min_p > 0.0
-        self.f32.copy_(h32, non_blocking=True)
-        self.i64.copy_(h64, non_blocking=True)
-        self.host.copied()
+        a = self.inputs.arrays()
+        a32, a64 = a["f32"], a["i64"]
+        V = self.vocab
+        top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
+        a32[0, :B] = [1.0 if p.greedy else p.temperature for p in params]
+        a32[1, :B] = [min(p.top_p, 1.0) for p in params]
+        a32[2, :B] = [max(p.min_p, 0.0) for p in params]
+        a64[0, :B] = top_k
+        a64[1, :B] = [p.greedy for p in params]
+        a32[:2, B:bs] = 1.0         # pad rows: greedy, nothing cut
+        a32[2, B:bs] = 0.0
+        a64[0, B:bs] = V
+        a64[1, B:bs] = 1
+        self.inputs.send(self.inputs.device_bytes.numel())
+        self.inputs.sent()
+        by_rank = any(k != V for k in top_k)
+        by_mass = any(p.top_p < 1.0 or p.min_p > 0.0 for p in params)
         cut = "kp" if by_rank else "p" if by_mass else ""
         self.graphs[bs, cut].replay()
         return self.outputs[bs, cut][:B]

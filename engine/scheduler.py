@@ -88,12 +88,16 @@ class Scheduler:
         pages = self.pools.pages
         if self.pools.layout.kv is None:
             return True
-        need = [pages.pages_for(s.num_computed + 1) - len(s.pages) for s in seqs]
-        if sum(n for n in need if n > 0) > pages.num_free:
+        size = pages.page_size
+        # a row's pages hold its computed tokens, so one more token needs a page only where they are full
+        full = [s for s in seqs if s.num_computed >= len(s.pages) * size]
+        if not full:
+            return True
+        need = [pages.pages_for(s.num_computed + 1) - len(s.pages) for s in full]
+        if sum(need) > pages.num_free:
             return False
-        for s, n in zip(seqs, need):
-            if n > 0:
-                s.pages.extend(pages.allocate(n))
+        for s, n in zip(full, need):
+            s.pages.extend(pages.allocate(n))
         return True
 
     def _fits(self, seq: Sequence) -> bool:

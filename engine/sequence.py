@@ -30,6 +30,7 @@ class Sequence:
     generator: torch.Generator | None = None
     detokenizer: Any = None
     stop_ids: frozenset[int] = frozenset()  # eos + stop_token_ids, checked after sampling
+    device_from: int = 0               # outputs after which its tokens may stay on the device (sampler.device_from)
     swapped: Any = None                # HostCopy of pages + slot while preempted
     arrival: float = field(default_factory=time.monotonic)
 
