@@ -32,7 +32,7 @@ import torch
 from decode_latency import load_full, measure_copy_bandwidth, time_fn
 from hybridserve.engine.cache_pools import CachePools, plan_memory
 from hybridserve.engine.config import EngineConfig
-from hybridserve.engine import detokenizer, model_runner
+from hybridserve.engine import detokenizer, model_runner, sampler_graphs
 from hybridserve.engine.llm_engine import LLMEngine
 from hybridserve.engine.request import SamplingParams
 from hybridserve.kernels import sampling, sampling_triton
@@ -187,6 +187,8 @@ def main():
     ap.add_argument("--detok", default="stream", help="incremental detokenizer, comma list: stream (tokenizers' "
                     "DecodeStream where available), window (engine/detokenizer.py's own code)")
     ap.add_argument("--profile-host", action="store_true", help="cProfile the decode steps' host code")
+    ap.add_argument("--sampler-max-batch", default="", help="comma list of engine/sampler_graphs.py MAX_BATCH "
+                    "values, each a row (the largest batch sampled by graphs; larger ones sample eagerly)")
     ap.add_argument("--mixed", default="", help="instead: the step admitting a prompt of N tokens (comma-"
                     "separated N) while the batches decode, as two graphs and eagerly")
     args = ap.parse_args()
@@ -209,16 +211,19 @@ def main():
             del model
             torch.cuda.empty_cache()
             continue
-        for mode, B, am, dt in itertools.product(args.modes.split(","), batches, args.async_modes.split(","),
-                                                 args.detok.split(",")):
+        caps = [int(c) for c in args.sampler_max_batch.split(",") if c] or [sampler_graphs.MAX_BATCH]
+        for mode, B, am, dt, cap in itertools.product(args.modes.split(","), batches, args.async_modes.split(","),
+                                                      args.detok.split(","), caps):
             detokenizer.STREAM = dt == "stream"
-            row = {"arch": arch, "detok": dt, **run_row(model, tokenizer, B, mode, args.tokens, max(batches),
-                                                         am == "on", args.profile_host)}
+            sampler_graphs.MAX_BATCH = cap
+            row = {"arch": arch, "detok": dt, "sampler_max_batch": cap,
+                   **run_row(model, tokenizer, B, mode, args.tokens, max(batches), am == "on", args.profile_host)}
             out["rows"].append(row)
-            print(f"{arch:11} {mode:7} B={B:3} async {am:3} detok {dt:6}  step {row['step_ms']:6.3f} ms  graph replay "
-                  f"{row['graph_replay_ms']:6.3f}  overhead {row['overhead_ms']:6.3f} (to launch "
-                  f"{row['host_to_launch_ms']:.3f}, after {row['after_launch_ms']:.3f}; forward GPU "
-                  f"{row['forward_gpu_ms']:.3f})  {row['tok_per_s']:8.0f} tok/s", flush=True)
+            print(f"{arch:11} {mode:7} B={B:3} async {am:3} detok {dt:6} samplers<={cap:3}  step "
+                  f"{row['step_ms']:6.3f} ms  graph replay {row['graph_replay_ms']:6.3f}  overhead "
+                  f"{row['overhead_ms']:6.3f} (to launch {row['host_to_launch_ms']:.3f}, after "
+                  f"{row['after_launch_ms']:.3f}; forward GPU {row['forward_gpu_ms']:.3f})  "
+                  f"{row['tok_per_s']:8.0f} tok/s", flush=True)
             for f in row.get("host_profile", [])[:15]:
                 print(f"    {f['function'][:60]:60} x{f['calls_per_step']:5.1f}  own {f['own_us_per_step']:7.1f} us"
                       f"  cum {f['cum_us_per_step']:7.1f} us", flush=True)

@@ -26,7 +26,10 @@ from hybridserve.kernels.backend import pick
 
 log = logging.getLogger("hybridserve.engine")
 
-MAX_BATCH = 64      # larger batches sample eagerly: their [B, V] buffers would stay reserved, launches matter less
+# Larger batches sample eagerly. Each size's graphs hold a [B, V] fp32 buffer in the graph pool (256 rows of a
+# 152k vocabulary: 155 MB); the eager sampler at 128 rows took 3.5-6.3 ms a step on an H100 where the decode graph
+# took 0.7-1.3 (bench/results/engine_decode_host_path-h100.json).
+MAX_BATCH = 256
 
 
 CUTS = ("", "p", "kp")      # no truncation; min_p / top_p; min_p / top_k / top_p
@@ -47,9 +50,9 @@ def _draw(logits, argmax, temperature, top_k, top_p, min_p, greedy, seed, cut: s
 
 
 class SamplerGraphs:
-    def __init__(self, decode_graphs, max_batch: int = MAX_BATCH):
+    def __init__(self, decode_graphs, max_batch: int | None = None):
         self.decode = decode_graphs
-        self.sizes = [s for s in decode_graphs.sizes if s <= max_batch]
+        self.sizes = [s for s in decode_graphs.sizes if s <= (MAX_BATCH if max_batch is None else max_batch)]
         n = decode_graphs.max_bs
         dev = decode_graphs.model.device
         self.vocab = None
