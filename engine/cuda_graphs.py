@@ -208,7 +208,6 @@ class DecodeGraphs:
     def padded_size(self, batch: int) -> int | None:
         return next((s for s in self.sizes if s >= batch), None)
 
-
     @torch.inference_mode()
     def run_chunks(self, chunks: list, page_size: int, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, V] of one-token chunks (engine/model_runner.py SeqChunk, each wanting logits); pad rows
