@@ -61,31 +61,12 @@ def capture(fn, pool, stream: torch.cuda.Stream):
     return g, out
 
 
-class HostMirror:
-    """Pinned host copies of a graph's input buffers, refilled on the host each step and copied in without a
-    synchronisation; `arrays()` first waits for the copies that read the previous fill."""
-
-    def __init__(self, *tensors: torch.Tensor):
-        self.tensors = tensors
-        self._copied: torch.cuda.Event | None = None
-
-    def arrays(self) -> tuple:
-        if self._copied is not None:
-            self._copied.synchronize()
-        return tuple(t.numpy() for t in self.tensors)
-
-    def copied(self) -> None:
-        """Marks the copies just enqueued from these buffers."""
-        if self._copied is None:
-            self._copied = torch.cuda.Event()
-        self._copied.record()
-
-
 class PackedInputs:
     """A graph's per-step inputs as typed views of one device buffer, beside a pinned host buffer of the same
     layout (`dev` / `host`: name → tensor, `arrays()`: name → numpy view of the host one). A step fills the host
-    views and sends them in one copy of the buffer's first `end` bytes; `arrays()` first waits for the copy
-    that read the previous fill. Every part starts 16-byte aligned (Triton specialises on pointer alignment)."""
+    views and copies them in without a synchronisation: the buffer's first `end` bytes in one copy (`send`),
+    and any other view it wants copied; then `sent()`. `arrays()` first waits for the copies that read the
+    previous fill. Every part starts 16-byte aligned (Triton specialises on pointer alignment)."""
 
     def __init__(self, device: torch.device, parts: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
         self.offsets, end = {}, 0
@@ -107,8 +88,8 @@ class PackedInputs:
             self._copied.synchronize()
         return self._arrays
 
-    def send(self, end: int) -> None:
-        """Copy the host buffer's first `end` bytes in, without a synchronisation."""
+    def send(self, end: int | None = None) -> None:
+        """Copy the host buffer's first `end` bytes (all of it by default) in, without a synchronisation."""
         self.device_bytes[:end].copy_(self.host_bytes[:end], non_blocking=True)
 
     def sent(self) -> None:
@@ -309,10 +290,10 @@ class PrefillGraphs:
     all land in slot 0 of page 0. Logit rows: one per sequence that wants them, in order, the rest read row
     0 and are left unread. A chunk that wants no logits (not its prompt's last) runs the same way.
 
-    The inputs are filled through pinned host mirrors (one set, sized for the largest capacity; a smaller
-    capacity uses their prefixes): one copy each for the token rows (ids, positions, KV slots), the
-    per-sequence int64 rows (state slots, logit rows), the int32 rows (cu_seqlens, seq_lens) and the block
-    tables' used columns."""
+    The inputs are filled through one pinned host buffer (PackedInputs, sized for the largest capacity; a
+    smaller capacity uses the prefixes of its parts): one copy for the token rows (ids, positions, KV slots),
+    the per-sequence int64 rows (state slots, logit rows) and the int32 rows (cu_seqlens, seq_lens), one for
+    the block tables' used columns."""
 
     def __init__(self, model, cache: CacheView, max_blocks: int, buckets: tuple[int, ...] = PREFILL_BUCKETS,
                  capacities: tuple[int, ...] = (1,)):
@@ -324,12 +305,10 @@ class PrefillGraphs:
         self._width = 1          # block-table columns the last fill wrote
         self.wanted = 0
         dev = model.device
-        self.i64 = torch.zeros(3, self.buckets[-1], dtype=torch.long, device=dev)
-        self.seq64 = torch.zeros(2 * S + 1, dtype=torch.long, device=dev)
-        self.i32 = torch.zeros(2 * S + 3, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(S + 1, max_blocks, dtype=torch.int32, device=dev)
-        self.host = HostMirror(*(torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)
-                                 for t in (self.i64, self.seq64, self.i32, self.block_tables)))
+        self.inputs = PackedInputs(dev, {"i64": (torch.long, (3, self.buckets[-1])),
+                                         "seq64": (torch.long, (2 * S + 1,)), "i32": (torch.int32, (2 * S + 3,)),
+                                         "block_tables": (torch.int32, (S + 1, max_blocks))})
+        self.i64, self.seq64, self.i32, self.block_tables = self.inputs.dev.values()
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -341,19 +320,17 @@ class PrefillGraphs:
     def _fill(self, chunks: list, key: tuple[int, int]) -> None:
         """Copies the step's inputs into the buffers of graph `key` = (capacity, bucket), through the mirrors."""
         S, bucket = key
-        a64, s64, a32, abt = self.host.arrays()
+        a64, s64, a32, abt = self.inputs.arrays().values()
         abt[:, :self._width] = 0           # the last fill's pages (its copy has been read: arrays() waited)
         self._width, self.wanted = fill_prefill_inputs(chunks, bucket, self.page_size, a64,
                                                        *self._parts(S, s64, a32, abt))
-        h64, hs64, h32, hbt = self.host.tensors
-        d64, d32, dbt = self._parts(S, self.seq64, self.i32, self.block_tables)
-        s64h, s32h, bth = self._parts(S, hs64, h32, hbt)
-        self.i64.copy_(h64, non_blocking=True)
-        d64.copy_(s64h, non_blocking=True)
-        d32.copy_(s32h, non_blocking=True)
+        # the token and per-sequence rows in one copy (a smaller capacity's graph reads only their prefixes),
+        # then the block tables' used columns
+        self.inputs.send(self.inputs.offsets["block_tables"])
         if self.cache.kv:
-            dbt[:, :self._width].copy_(bth[:, :self._width], non_blocking=True)
-        self.host.copied()
+            host = self.inputs.host["block_tables"]
+            self.block_tables[:S + 1, :self._width].copy_(host[:S + 1, :self._width], non_blocking=True)
+        self.inputs.sent()
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -222,11 +222,6 @@ def device_from(p: SamplingParams) -> int:
     return plain_from(p) if p.greedy or p.seed is None else NEVER
 
 
-def plain_row(p: SamplingParams, num_outputs: int) -> bool:
-    """A row whose next token needs nothing from the host: no penalties, no min_tokens ban left, no logprobs."""
-    return num_outputs >= plain_from(p)
-
-
 def on_device(p: SamplingParams, num_outputs: int, sampler_graphs: bool) -> bool:
     """Whether `Sampler.device_tokens` takes this row's token without the eager sampler: a plain greedy row,
     or a plain unseeded sampled one where the sampler graphs cover the batch."""

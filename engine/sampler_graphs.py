@@ -50,9 +50,9 @@ def _draw(logits, argmax, temperature, top_k, top_p, min_p, greedy, seed, cut: s
 
 
 class SamplerGraphs:
-    def __init__(self, decode_graphs, max_batch: int | None = None):
+    def __init__(self, decode_graphs):
         self.decode = decode_graphs
-        self.sizes = [s for s in decode_graphs.sizes if s <= (MAX_BATCH if max_batch is None else max_batch)]
+        self.sizes = [s for s in decode_graphs.sizes if s <= MAX_BATCH]
         n = decode_graphs.max_bs
         dev = decode_graphs.model.device
         self.vocab = None
@@ -107,7 +107,7 @@ class SamplerGraphs:
         a32[2, B:bs] = 0.0
         a64[0, B:bs] = V
         a64[1, B:bs] = 1
-        self.inputs.send(self.inputs.device_bytes.numel())
+        self.inputs.send()
         self.inputs.sent()
         by_rank = any(k != V for k in top_k)
         by_mass = any(p.top_p < 1.0 or p.min_p > 0.0 for p in params)
