@@ -29,6 +29,7 @@ from hybridserve.engine.cache_pools import CachePools, MemoryPlan
 from hybridserve.engine.config import EngineConfig
 from hybridserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_buckets
 from hybridserve.engine.model_runner import SeqChunk, build_meta
+from hybridserve.kernels import attention_o_triton as aot
 from hybridserve.kernels import fused_triton as ft
 from hybridserve.kernels import monoid_triton as mt
 from hybridserve.kernels import neollm_ops_triton
@@ -196,9 +197,26 @@ def _knob(mod, attr):
     return lambda: getattr(mod, attr), lambda v: setattr(mod, attr, v)
 
 
+def _knobs(*pairs):
+    """Several knobs set together: getter and setter of the tuple of their values."""
+    return (lambda: tuple(getattr(m, a) for m, a in pairs),
+            lambda vs: [setattr(m, a, v) for (m, a), v in zip(pairs, vs)])
+
+
+def _attn_o(per_sm=None, rows=None):
+    """The attention sublayer through the o projection in one kernel (layers.ATTN_O), with its programs per SM
+    and weight-tile rows (None: the defaults)."""
+    return (*_knobs((layers, "ATTN_O"), (aot, "PROGRAMS_PER_SM"), (aot, "ROWS")),
+            (True, per_sm or aot.PROGRAMS_PER_SM, rows or aot.ROWS))
+
+
 # A/B knobs: the same step with one setting changed (name: getter, setter, value); a knob already at its
 # value (PDL unsupported, the GEMV already one-row) is not timed again
 VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, False),
+            "pdl_early": (*_knob(pdl, "EARLY_RELEASE"), True),   # each kernel releases the next before its wait
+            "pdl_early_mixer": (*_knob(pdl, "EARLY_MIXER"), True),  # ... only the token mixer's kernels
+            "attn_o": _attn_o(), "attn_o_p1": _attn_o(per_sm=1), "attn_o_p4": _attn_o(per_sm=4),
+            "attn_o_rows8": _attn_o(rows=8), "attn_o_rows32": _attn_o(rows=32),
             "gemv_one_row_only": (*_knob(ft, "GEMV_MAX_ROWS"), 1),      # cuBLAS/GEMM for 2+ rows
             "gemv_two_rows": (*_knob(ft, "GEMV_MAX_ROWS"), 2),          # the GEMV for 2-row matmuls too
             "gemv_rows_4": (*_knob(ft, "GEMV_MAX_ROWS"), 4),            # ... and up to 4 rows

@@ -41,8 +41,10 @@ def pct(values: list[float], q: float) -> float:
 
 
 def request_body(model: str, prompt: list[int], max_tokens: int, knobs: dict) -> dict:
+    # special tokens shown as text: a random-weight model may pick them (with ignore_eos, EOS too), and the server
+    # sends no event for a token without text, so a stream of them would have no arrival times
     return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}, **knobs}
+            "skip_special_tokens": False, "stream_options": {"include_usage": True}, **knobs}
 
 
 class Arrivals:
@@ -67,6 +69,7 @@ class Arrivals:
         n = self.usage["completion_tokens"]
         assert n == max_tokens, self.usage
         t = self.times
+        assert len(t) >= 2, f"{n} tokens came in {len(t)} events with text"
         return {"ttft": t[0] - self.t0, "tpot": (t[-1] - t[0]) / (n - 1), "gaps": [b - a for a, b in zip(t, t[1:])],
                 "end": t[-1] - self.t0, "tokens": n}
 

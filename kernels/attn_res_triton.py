@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hybridserve.kernels import pdl
 from hybridserve.kernels.attn_res import MAX_SOURCES
@@ -31,8 +30,7 @@ def _route_kernel(s0_ptr, o1, o2, o3, o4, o5, o6, o7, d_ptr, p_ptr, q_ptr, w_ptr
     """Source i lives at s0_ptr + o_i (element offsets from the first source): all S rows load as one
     [BS, BD] tile, so their loads are in flight together instead of one after another."""
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BD)
     m = offs < D

@@ -54,9 +54,10 @@ def gather_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def add_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, weight: torch.Tensor,
                     eps: float, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h', weight · RMSNorm(h')) for h' = h + delta (h when delta is None): the residual add, the next
-    sublayer's input norm and its first projection (out_dtype: the projection cast after)."""
+    sublayer's input norm and its first projection (out_dtype: the projection cast after). A delta in another
+    dtype than h (fp32 sums: kernels/attention_o.py) is rounded to h's first, as a matmul would store it."""
     if delta is not None:
-        h = h + delta
+        h = h + delta.to(h.dtype)
     y = F.linear(rms_norm(h, norm_weight, eps), weight)
     return h, y if out_dtype is None else y.to(out_dtype)
 

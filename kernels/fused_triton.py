@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hybridserve.kernels import pdl
 
@@ -18,8 +17,7 @@ from hybridserve.kernels import pdl
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, B, sx_a, sx_b, eps, N: tl.constexpr, BN: tl.constexpr,
                      HAS_W: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     row = tl.program_id(0)
     a, b = row // B, row % B
     offs = tl.arange(0, BN)
@@ -48,8 +46,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 @triton.jit
 def _silu_mul_kernel(gu_ptr, y_ptr, I, s_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < I
@@ -87,8 +84,7 @@ def _gather_rows_kernel(t_ptr, ids_ptr, y_ptr, L, T, R, BR: tl.constexpr, PDL: t
     t = tl.program_id(0)
     g = tl.program_id(1)
     if PDL:   # the ids may come from the kernel before (an async-scheduled step's token gather)
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     row = tl.load(ids_ptr + t).to(tl.int64)
     cols = tl.program_id(2) * BR + tl.arange(0, BR)
     m = cols < R
@@ -122,8 +118,7 @@ def _rotate_half(x, xp, c, s, d, is_rot, HALF: tl.constexpr):
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, sx_t, sx_h, sc_t, D: tl.constexpr, ROT: tl.constexpr,
                  HALF: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1) * BH + tl.arange(0, BH)[:, None]
     d = tl.arange(0, BD)[None, :]
@@ -157,8 +152,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, sx, sr, eps, N: tl.constexpr, BN: tl.constexpr,
                          PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BN)
     m = offs < N
@@ -270,8 +264,7 @@ def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, eps, BM
     if SILU_MUL:
         u = tl.load(w_ptr + N * K + rows + rk[None, :], mask=m0, other=0.0)
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc_up = tl.zeros((BM, BN), dtype=tl.float32)
     ss = tl.zeros((BM,), dtype=tl.float32)
@@ -290,7 +283,10 @@ def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, eps, BM
             mx = mk & ((kk * 0 + r) < M)
             x = tl.load(x_ptr + r * sx + kk, mask=mx, other=0.0).to(tl.float32)
             if ADD:     # the residual stream as stored (rounded), then normalised, as add_rms_norm
-                hx = (x + tl.load(d_ptr + r * sx + kk, mask=mx, other=0.0).to(tl.float32))
+                d = tl.load(d_ptr + r * sx + kk, mask=mx, other=0.0)
+                if d_ptr.dtype.element_ty != h_ptr.dtype.element_ty:   # fp32 sums (attention_o)
+                    d = d.to(h_ptr.dtype.element_ty)
+                hx = (x + d.to(tl.float32))
                 hx = hx.to(h_ptr.dtype.element_ty)
                 if pid == 0:
                     tl.store(h_ptr + r * K + kk, hx, mask=mx)
@@ -309,13 +305,13 @@ def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, eps, BM
 
 def _gemv_inputs(x, delta):
     """A GEMV's input rows and residual delta with unit column stride, and the tensor for x + delta (x itself
-    without a delta): (x, delta, h)."""
+    without a delta; in x's dtype: a delta in another, fp32 sums, is rounded to it first): (x, delta, h)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     h = x
     if delta is not None:
         delta = delta if delta.stride(-1) == 1 else delta.contiguous()
         assert delta.stride(0) == x.stride(0), "x and delta rows must share a stride"
-        h = torch.empty(x.shape, dtype=torch.result_type(x, delta), device=x.device)
+        h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return x, delta, h
 
 
@@ -407,7 +403,10 @@ def _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, mk, STORE_H, ADD: tl.constexpr, N
     """One K tile of the matmul's input: (x [+ delta, rounded as stored]) [* norm weight], and its x."""
     x = _load_f32(x_ptr + kk, mk, CG)
     if ADD:
-        hx = (x + _load_f32(d_ptr + kk, mk, CG)).to(h_ptr.dtype.element_ty)
+        d = _load_f32(d_ptr + kk, mk, CG)
+        if d_ptr.dtype.element_ty != h_ptr.dtype.element_ty:   # fp32 sums (attention_o): rounded as stored
+            d = d.to(h_ptr.dtype.element_ty).to(tl.float32)
+        hx = (x + d).to(h_ptr.dtype.element_ty)
         if STORE_H:
             tl.store(h_ptr + kk, hx, mask=mk)
         x = hx.to(tl.float32)
@@ -548,8 +547,7 @@ def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, BN
     # weights are constant during the step: the first tile is read before the producer of x finishes
     w, u = _stream_tile(w_ptr, N, K, b0, 0, T, BN, BK, KT, SILU_MUL)
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w, u, pid == 0, BN, BK, KT,
                  ADD, NORM, SILU_MUL, False)
 
@@ -562,8 +560,7 @@ def _gemv_rope_kv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, cos_ptr, sin
     b0, T = _stream_span(N, pid, tl.num_programs(0), BN, KT)
     w, u = _stream_tile(w_ptr, N, K, b0, 0, T, BN, BK, KT, False, 0, 0, 0, 0, PD)
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w, u, pid == 0, BN, BK, KT,
                  ADD, True, False, False, 0, 0, 0, 0, PD, NQ, NKV, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr)
 
@@ -623,8 +620,7 @@ def _mm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, sx, BM: tl.constexpr, BN: tl.conste
     xs = x_ptr + rm[:, None].to(tl.int64) * sx + rk[None, :]
     ws = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
     if PDL:   # kernels/pdl.py (launched without it: its early start measured slower, bench/NOTES.md)
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc_up = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -827,8 +823,7 @@ def _rope_write_kv_kernel(x_ptr, cos_ptr, sin_ptr, qk_ptr, kc_ptr, vc_ptr, slot_
                           ROT: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr,
                           NORM_LO: tl.constexpr, NORM_HI: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BH + tl.arange(0, BH)[:, None]
     d = tl.arange(0, BD)[None, :]
@@ -878,5 +873,5 @@ def rope_write_kv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_hea
             x, cos, sin, qk, k_cache, v_cache, slot_mapping, q_norm if q_norm is not None else x,
             k_norm if k_norm is not None else x, slot_mapping.shape[0], x.stride(0), x.stride(1), cos.stride(0), eps,
             H=num_heads, HKV=hkv, D=D, ROT=rot, HALF=rot // 2, BH=BH, BD=triton.next_power_of_2(D),
-            NORM_LO=lo, NORM_HI=hi, num_warps=1 if BH * D <= 1024 else 4, **pdl.launch_kwargs(qk.device))
+            NORM_LO=lo, NORM_HI=hi, num_warps=1 if BH * D <= 1024 else 4, **pdl.launch_kwargs(qk.device, early=True))
     return qk

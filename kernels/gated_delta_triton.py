@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hybridserve.kernels import pdl
 
@@ -216,8 +215,7 @@ def _fused_decode_kernel(p_ptr, cw_ptr, alog_ptr, dtb_ptr, nw_ptr, cpool_ptr, sp
     ms = mr[:, None, None] & mk[None, :, None] & mv[None, None, :]
     S = tl.load(spool_ptr + s_off, mask=ms, other=0.)                  # this slot's state: untouched so far this step
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     row = p_ptr + b * sp_b
     win = cpool_ptr + slot * C * (K - 1)
     dt = p_ptr.dtype.element_ty
@@ -269,5 +267,5 @@ def fused_decode(proj: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Ten
             proj.stride(0), y.stride(0), dk ** -0.5, eps, HK=hk, R=hv // hk, DK=dk, DV=dv, K=K,
             BR=triton.next_power_of_2(hv // hk), BK=triton.next_power_of_2(dk), BV=triton.next_power_of_2(dv),
             BW=triton.next_power_of_2(K),
-            num_warps=FUSED_WARPS, **pdl.launch_kwargs(proj.device))
+            num_warps=FUSED_WARPS, **pdl.launch_kwargs(proj.device, early=True))
     return y

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hybridserve.kernels import pdl
 from hybridserve.kernels import fused_triton
@@ -318,8 +317,7 @@ def _fused_decode_kernel(x_ptr, qw_ptr, kw_ptr, zb_ptr, s_ptr, slot_ptr, o_ptr, 
     ms = (rk < D)[:, None] & (rv < D)[None, :]
     S = tl.load(s_ptr + s_off, mask=ms, other=0.)        # this slot's state: untouched so far this step
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     dt = o_ptr.dtype.element_ty
     S, o = _fused_head_step(x_ptr + b * sx, qw_ptr, kw_ptr, zb_ptr, S, h, rv, eps, dt, H, D, GD, BD, BW,
                             Q_FULL, K_FULL, HAS_ZB, SOFTPLUS, False)
@@ -347,7 +345,7 @@ def fused_decode(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor,
             qkvz.stride(0), eps, H=H, D=D, GD=(qkvz.shape[1] - 3 * W) // H, BD=triton.next_power_of_2(D),
             BV=BV, BW=triton.next_power_of_2(W), Q_FULL=q_norm.numel() == W, K_FULL=k_norm.numel() == W,
             HAS_ZB=decay_bias is not None, SOFTPLUS=decay_gate == "neg_softplus", num_warps=DECODE_WARPS,
-            **pdl.launch_kwargs(qkvz.device))
+            **pdl.launch_kwargs(qkvz.device, early=True))
     return o
 
 
@@ -383,8 +381,7 @@ def _projection_decode_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, cnt_ptr
     b0, T = _stream_span(R, pid // H, P, BN, KT)
     w, u = _stream_tile(w_ptr, R, K, b0, 0, T, BN, BK, KT, False, h, H, D, GD)   # weights: before the wait
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, R, K, eps, b0, T, w, u, pid == 0, BN, BK, KT,
                  ADD, True, False, False, h, H, D, GD)
     rk = tl.arange(0, BD)

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hybridserve.kernels import fused_triton, pdl
 from hybridserve.kernels.neollm_ops import POLYNORM_EPS
@@ -55,8 +54,7 @@ def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, pw_ptr, pb_ptr, w_ptr, b_ptr, y_pt
     # weights are constant during the step: the first tile is read before the producer of x finishes
     w = tl.load(w_ptr + rows + rk[None, :], mask=mn[:, None] & (rk < K)[None, :], other=0.0)
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     r1 = tl.zeros((BM,), dtype=tl.float32)
     r2 = r1
     r3 = r1

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hybridserve.kernels import pdl
 from hybridserve.kernels.fused_triton import _rotate_half, _sm_count, arrival_counters
@@ -71,6 +70,18 @@ def _split_len(L, num_splits, BN: tl.constexpr):
 
 
 @triton.jit
+def _softmax_tile(q, k, v, mt, m, lsum, acc, scale_log2):
+    """One k/v tile [BN, BD] (keys masked by mt) into the online softmax (max m, sum lsum, acc) of the queries q
+    [BG, BD], in log2 units."""
+    s = tl.dot(q.to(k.dtype), tl.trans(k)) * scale_log2              # [BG, BN]
+    s = tl.where(mt[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m - m_new)
+    return m_new, lsum * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, ek_ptr, ev_ptr,
                   o_ptr, lse_ptr, cnt_ptr, cos_ptr, sin_ptr, slot_ptr, qn_ptr, kn_ptr,
                   sq_b, sq_h, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, sbt_b, sek_b, sek_h, sev_b, sev_h, so_b, so_h,
@@ -105,8 +116,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, 
     # NeoLLM even.
     if PDL:
         if run or not IDLE_EXIT:
-            gdc_wait()
-            gdc_launch_dependents()
+            pdl.enter(PDL)
 
     if ROPE:          # q_ptr is the step's raw q|k|v row: normalise / rotate here, write the token's k, v
         qrow = q_ptr + b.to(tl.int64) * sq_b
@@ -145,14 +155,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, 
             mt = tok < end
             k, v = _kv_tile(k_ptr, v_ptr, bt_ptr + b * sbt_b, tok, mt, hkv, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h,
                             rd, md, PAGE, F32_DOT)
-            s = tl.dot(q.to(k.dtype), tl.trans(k)) * scale_log2              # [BG, BN], log2 units
-            s = tl.where(mt[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m - m_new)
-            l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+            m, l, acc = _softmax_tile(q, k, v, mt, m, l, acc, scale_log2)
 
         direct = used < 0
         if FUSED:
@@ -228,8 +231,7 @@ def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, len_ptr, so_b, so_h, n
     context in a table as wide as the model's), else BSB at a time (a whole tile of hundreds of splits spills
     registers)."""
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     L = tl.load(len_ptr + b)
@@ -425,13 +427,13 @@ def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, e
             ENTRY=entry is not None, FUSED=fused, BGM=triton.next_power_of_2(G), BSC=MERGE_CHUNK,
             WRITE_LSE=return_lse, ROPE=rope is not None, NORM_Q=q_norm is not None, NORM_K=k_norm is not None,
             ROT=rot, HALF=rot // 2,
-            F32_DOT=INTERPRETED, IDLE_EXIT=IDLE_EXIT, num_warps=NUM_WARPS, **pdl.launch_kwargs(q.device))
+            F32_DOT=INTERPRETED, IDLE_EXIT=IDLE_EXIT, num_warps=NUM_WARPS, **pdl.launch_kwargs(q.device, early=True))
         if not fused:
             bs = triton.next_power_of_2(splits)
             _merge_kernel[(B, H)](po, pm, pl, o, lse, seq_lens, o.stride(0), o.stride(1), splits,
                                   H=H, D=D, BD=BD, BSS=min(bs, MERGE_SMALL), BSB=min(bs, MERGE_CHUNK_BIG),
                                   BN=BLOCK_N, WRITE_LSE=return_lse, ENTRY=entry is not None,
-                                  **pdl.launch_kwargs(o.device))
+                                  **pdl.launch_kwargs(o.device, early=True))
     return (o, lse) if return_lse else o
 
 
@@ -441,8 +443,7 @@ def _entry_merge_kernel(o_ptr, lse_ptr, q_ptr, k_ptr, v_ptr, out_ptr, so_t, so_h
                         BD: tl.constexpr, PDL: tl.constexpr):
     """One extra key/value per query merged into a finished attention result through its log-sum-exp."""
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1)
     g = tl.arange(0, BG)
@@ -476,7 +477,7 @@ def merge_entry(o_c: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k_s: torc
                                       q.stride(0), q.stride(1), k_s.stride(0), k_s.stride(1), v_s.stride(0),
                                       v_s.stride(1), scale, H=H, G=G, D=D, BG=triton.next_power_of_2(G),
                                       BD=triton.next_power_of_2(D), num_warps=1 if G * D <= 512 else 4,
-                                      **pdl.launch_kwargs(out.device))
+                                      **pdl.launch_kwargs(out.device, early=True))
     return out
 
 

@@ -9,6 +9,11 @@ data constant during the step (weights, and the step's metadata that the host co
 the sequence lengths) and of its own slot state before anything else touches it may come first. Kernels that
 do not opt in behave as usual.
 
+Where a kernel lets the next one launch (`enter`): after its own wait (the default), or before it
+(`EARLY_RELEASE`, HYBRIDSERVE_PDL_EARLY=1). Early, a chain of kernels is launched ahead of the one running,
+each program resident and holding its first weight tile while it waits; still correct, because a kernel's
+wait returns only once the kernel before it has finished, and that one finished only after its own wait.
+
 HYBRIDSERVE_PDL=0 turns it off (debugging, or to measure its effect).
 """
 from __future__ import annotations
@@ -17,6 +22,18 @@ import os
 from functools import lru_cache
 
 import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+# Release the next kernel's launch before this one's wait (the kernels' PDL constexpr is then 2), everywhere or
+# only in the token mixer's kernels (RoPE + KV write, attention, recurrence step: launched with early=True).
+# Off: even or slower. H100 decode graphs, context 128, three rounds in turn, default / early / mixer only
+# (bench/results/decode_latency_pdl_early-h100.json): batch 1 Llama-3.2-3B shapes 2.645 / 2.734 / 2.735 ms,
+# Kotodama-3B 2.608 / 2.670 / 2.623, NanoHammer 1.114 / 1.110 / 1.114, Spartacus 1.075 / 1.094 / 1.097;
+# batch 8 within 1 %. A/B knobs.
+EARLY_RELEASE = os.environ.get("HYBRIDSERVE_PDL_EARLY", "0") == "1"
+EARLY_MIXER = os.environ.get("HYBRIDSERVE_PDL_EARLY_MIXER", "0") == "1"
 
 
 @lru_cache(maxsize=None)
@@ -39,7 +56,21 @@ def enabled(device: torch.device) -> bool:
                                                 torch.cuda.current_device())
 
 
-def launch_kwargs(device: torch.device) -> dict:
-    """Extra keyword arguments for a Triton launch (PDL constexpr + the launch attribute)."""
-    on = enabled(device)
-    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+def launch_kwargs(device: torch.device, early: bool = False) -> dict:
+    """Extra keyword arguments for a Triton launch (PDL constexpr + the launch attribute); `early`: a token
+    mixer's kernel (EARLY_MIXER)."""
+    if not enabled(device):
+        return {"PDL": False}
+    return {"PDL": 2 if EARLY_RELEASE or (early and EARLY_MIXER) else 1, "launch_pdl": True}
+
+
+@triton.jit
+def enter(PDL: tl.constexpr):
+    """A PDL kernel's wait for the kernel before it, and its release of the next launch (see EARLY_RELEASE);
+    nothing when launched without PDL."""
+    if PDL == 2:
+        gdc_launch_dependents()
+        gdc_wait()
+    elif PDL:
+        gdc_wait()
+        gdc_launch_dependents()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hybridserve.kernels import pdl
 
@@ -21,8 +20,7 @@ SELECT_PDL = True
 def _block_best_kernel(x_ptr, scale_ptr, seed_ptr, floor_ptr, val_ptr, idx_ptr, V, sx, NB, BLOCK: tl.constexpr,
                        RACE: tl.constexpr, FLOOR: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: the logits come from the kernel before
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     row = tl.program_id(0)
     blk = tl.program_id(1)
     cols = blk * BLOCK + tl.arange(0, BLOCK)
@@ -45,8 +43,7 @@ def _block_best_kernel(x_ptr, scale_ptr, seed_ptr, floor_ptr, val_ptr, idx_ptr, 
 @triton.jit
 def _row_best_kernel(val_ptr, idx_ptr, out_ptr, NB, BNB: tl.constexpr, PDL: tl.constexpr):
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     row = tl.program_id(0)
     b = tl.arange(0, BNB)
     m = b < NB

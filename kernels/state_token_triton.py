@@ -24,7 +24,6 @@ from collections.abc import Iterator
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hybridserve.kernels import pdl
 from hybridserve.kernels.fused_triton import _rotate_half
@@ -43,8 +42,7 @@ CELL_GEMV_TILES = (1, 8, 4, 512)
 def _readout_kernel(w_ptr, pos_ptr, theta_ptr, pool_ptr, slot_ptr, s_ptr, sw,
                     S: tl.constexpr, J: tl.constexpr, BJ: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BJ)
     m = j < J
@@ -86,8 +84,7 @@ def _cell_in_kernel(s_ptr, u_ptr, post_ptr, pre_ptr, w1_ptr, b1_ptr, chain_ptr, 
     """Finish the previous cell (s = PostNorm(s + u), stored once by the programs of column block 0),
     then h1 = SiLU(fc1(PreNorm(s)) + b1) for this program's BN hidden units."""
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     pn = tl.program_id(1)
     cols = tl.arange(0, BS)
@@ -132,8 +129,7 @@ def _cell_out_kernel(h1_ptr, w2_ptr, b2_ptr, a_ptr, u_ptr, T,
                      PDL: tl.constexpr):
     """u = α[head] · (fc2(h1) + b2) for this program's BN state dims (fp32)."""
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     mr = rows < T
@@ -201,8 +197,7 @@ def state_cell_steps(s0: torch.Tensor, pre_norm: torch.Tensor, fc1: torch.Tensor
 def _state_inputs_kernel(r_ptr, rb_ptr, w_ptr, x_ptr, sr, eps, N: tl.constexpr, BN: tl.constexpr,
                          HAS_RB: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BN)
     m = offs < N
@@ -231,8 +226,7 @@ def _folded_entry_kernel(u_ptr, s_ptr, vec_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, 
     """Row t, kv heads [BH·pid(1), +BH): the norm's quadratic form over the S state dims (each program
     recomputes it: S is small), then k = RoPE(u_k + c_k)·rstd and v = (u_v + c_v)·rstd."""
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
-        gdc_wait()
-        gdc_launch_dependents()
+        pdl.enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     KV: tl.constexpr = 2 * HKV * D
     j = tl.arange(0, BS)

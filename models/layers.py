@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +140,38 @@ def cached_attention(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], met
 # 0.707 → 0.755 / 0.761, NeoLLM 0.383 / 0.359 → 0.384 / 0.374 → 0.389 / 0.358. The program holding the last
 # key writes and re-reads the step's k/v before its loop: a chain about as long as the boundary it saves.
 ATTN_STEP_FUSED = False
+
+
+# A batch-1 decode step's attention sublayer after its q|k|v GEMV as one kernel through the o projection
+# (kernels/attention_o*.py: RoPE + KV write, attention and o projection; 4 kernels a layer instead of 7), for
+# models whose residual add takes its fp32 output (plain Llama and NanoHammer). Off: slower. Each of its
+# programs attends over its kv head's whole context itself (no partials to share), and that costs more than the
+# three kernel boundaries it removes. H100, batch 1, context 128, three rounds in turn (bench/results/
+# decode_latency_attn_o-h100.json): Llama-3.2-3B shapes 2.648 ms unfused vs 2.832 (2 programs an SM, 16-row
+# weight tiles), 2.738 (32-row tiles), 2.973 / 3.102 (1 / 4 programs an SM); NanoHammer 1.118 vs 1.136–1.247.
+# An A/B knob (HYBRIDSERVE_ATTN_O=1; decode_latency.py's attn_o variants). It is correct at any context, but
+# its KV reads grow with the row runs, and a decode graph's capture (one key a row) takes it whatever the
+# context the replays see.
+ATTN_O = os.environ.get("HYBRIDSERVE_ATTN_O", "0") == "1"
+
+
+def attention_o_applies(meta) -> bool:
+    """Whether this step's attention sublayers go through kernels/attention_o (`norm_attention_o`)."""
+    return ATTN_O and meta.is_decode and meta.num_tokens == 1
+
+
+def norm_attention_o(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
+                     qkv_weight: torch.Tensor, o_weight: torch.Tensor, out: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, num_heads: int, kv: tuple[torch.Tensor, torch.Tensor], meta, scale: float,
+                     q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-5,
+                     entry: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """`norm_attention` and the o projection for a decode step where `attention_o_applies`: (h', the o
+    projection, added into `out`, fp32 zeros)."""
+    h, qkv = pick("fused", h.device).add_norm_linear(h, delta, norm_weight, qkv_weight, eps)
+    D = kv[0].shape[-1]
+    return h, pick("attention_o", h.device).decode(
+        qkv.view(h.shape[0], -1, D), cos, sin, num_heads, kv[0], kv[1], meta.slot_mapping, meta.block_tables,
+        meta.seq_lens, scale, o_weight, out, q_norm, k_norm, eps, entry)
 
 
 def norm_attention(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, qkv_weight: torch.Tensor,

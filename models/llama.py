@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, KVSpec
-from hybridserve.models.layers import (RopeTable, apply_rope, causal_attention, logit_rows, norm_attention,
+from hybridserve.models.layers import (RopeTable, apply_rope, attention_o_applies, causal_attention, logit_rows,
+                                       norm_attention, norm_attention_o,
                                        rms_norm, rope_cos_sin, rope_inv_freq, rope_params, swiglu, unique_bytes)
 
 
@@ -162,10 +163,19 @@ class LlamaModel:
         h = fused.gather_rows(self.embed, meta.input_ids)
         entries = self._attention_entries(meta, h, cache, cos, sin)
 
+        # one kernel from the q|k|v projection through the o projection (models/layers.py ATTN_O), its fp32
+        # outputs in one buffer zeroed at the step's start
+        sums = (torch.zeros(len(self.layers), T, c.hidden_size, dtype=torch.float32, device=h.device)
+                if not c.attn_res and attention_o_applies(meta) else None)
+
         def attention(i: int, lw: dict, h: torch.Tensor, delta: torch.Tensor | None):
             """(h + delta, the attention sublayer's output up to the o projection's) from the residual stream."""
+            entry = None if entries is None else entries.take(i)
+            if sums is not None:
+                return norm_attention_o(h, delta, lw["attn_norm"], lw["qkv"], lw["o"], sums[i], cos, sin, H,
+                                        cache.kv[i], meta, self.scale, lw.get("q_norm"), lw.get("k_norm"), eps, entry)
             h, o = norm_attention(h, delta, lw["attn_norm"], lw["qkv"], cos, sin, H, cache.kv[i], meta, self.scale,
-                                  lw.get("q_norm"), lw.get("k_norm"), eps, None if entries is None else entries.take(i))
+                                  lw.get("q_norm"), lw.get("k_norm"), eps, entry)
             return h, fused.linear(o.reshape(T, -1), lw["o"])
 
         if not c.attn_res:

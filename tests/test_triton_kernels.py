@@ -256,6 +256,23 @@ def test_paged_decode_with_entry(device, dtype, split, fused_merge, monkeypatch)
     _close(got[3], entry[1][3].repeat_interleave(H // Hkv, dim=0), dtype)
 
 
+def step_inputs(B, Hkv, D, page, ctx, bt, variant, dtype, device):
+    """A decode step's rotary rows (partial rotation for qk_norm_partial_rot), QK-norm weights, entries (entry)
+    and each row's KV slot (the last row a pad row at slot 0): (cos, sin, norms, entry, slots)."""
+    rot = 8 if variant == "qk_norm_partial_rot" else D
+    ang = torch.rand(B, rot // 2, device=device) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    norms = ((torch.rand(D, device=device) + 0.5).to(dtype), (torch.rand(D, device=device) + 0.5).to(dtype)) \
+        if variant == "qk_norm_partial_rot" else (None, None)
+    entry = None
+    if variant == "entry":
+        kv = torch.randn(B, 2, Hkv, D, device=device).to(dtype)
+        entry = (kv[:, 0], kv[:, 1])
+    slots = torch.tensor([(bt[b, (c - 1) // page].item() * page + (c - 1) % page) for b, c in enumerate(ctx[:-1])]
+                         + [0], device=device)
+    return cos, sin, norms, entry, slots
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", [False, True])
@@ -271,17 +288,7 @@ def test_paged_decode_step(device, dtype, split, variant, monkeypatch):
     k_cache, v_cache, bt, seq_lens = decode_setup(ctx, dtype, device, split, False, monkeypatch)
     B = len(ctx)
     qkv = torch.randn(B, 2 * (H + 2 * Hkv), D, device=device).to(dtype)[:, ::2]    # strided heads: copied
-    rot = 8 if variant == "qk_norm_partial_rot" else D
-    ang = torch.rand(B, rot // 2, device=device) * 6
-    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
-    norms = ((torch.rand(D, device=device) + 0.5).to(dtype), (torch.rand(D, device=device) + 0.5).to(dtype)) \
-        if variant == "qk_norm_partial_rot" else (None, None)
-    entry = None
-    if variant == "entry":
-        kv = torch.randn(B, 2, Hkv, D, device=device).to(dtype)
-        entry = (kv[:, 0], kv[:, 1])
-    slots = torch.tensor([(bt[b, (c - 1) // page].item() * page + (c - 1) % page) for b, c in enumerate(ctx[:-1])]
-                         + [0], device=device)
+    cos, sin, norms, entry, slots = step_inputs(B, Hkv, D, page, ctx, bt, variant, dtype, device)
     caches_ref = (k_cache.clone(), v_cache.clone())
     want = attn_ref.decode_step(qkv, cos, sin, H, *caches_ref, slots, bt, seq_lens, 0.25, *norms, 1e-5, entry)
     for fused_merge in (True, False):
@@ -298,6 +305,46 @@ def test_paged_decode_step(device, dtype, split, variant, monkeypatch):
             assert torch.equal(c[rest], before[rest])
     qk = fused_ref.rope_write_kv(qkv, cos, sin, H, k_cache.clone(), v_cache.clone(), slots, *norms, 1e-5)
     assert rel_err(attn_ref.decode(qk[:, :H], *caches_ref, bt, seq_lens, 0.25, entry=entry), want) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H", [4, 6])          # G = 2, and G = 3 (a head group padded to 4)
+@pytest.mark.parametrize("variant", ["plain", "qk_norm_partial_rot", "entry"])
+def test_attention_o_decode(device, dtype, H, variant, monkeypatch):
+    """RoPE + KV write, attention and o projection in one kernel (several runs of rows per kv head, a part tile
+    at the end) equal the reference's three steps: the same projection (here unrounded fp32 sums), the same
+    pages written (the pad row's slot 0 included), other pages untouched."""
+    from hybridserve.kernels import attention_o as ao_ref
+    from hybridserve.kernels import attention_o_triton as ao_tr
+
+    monkeypatch.setattr(ao_tr, "BLOCK_N", 16)
+    monkeypatch.setattr(ao_tr, "ROWS", 8)
+    monkeypatch.setattr(ao_tr, "PROGRAMS_PER_SM", 8)
+    Hkv, D, page, N = 2, 16, 4, 44
+    ctx = [1, 7, 37, 12, 1]                       # row 4: a graph pad row (slot 0); 37 keys: three 16-key tiles
+    k_cache, v_cache, bt = paged_setup(ctx, H, Hkv, D, page, dtype, device)
+    bt[4, 0] = 0      # the pad row's one key is its slot 0 (page 0), as the engine pads: the step's key is the last
+    seq_lens = torch.tensor(ctx, dtype=torch.int32, device=device)
+    B = len(ctx)
+    assert ao_tr.runs(B, Hkv, N, torch.device(device)) > 1 or device == "cuda"
+    qkv = torch.randn(B, H + 2 * Hkv, D, device=device).to(dtype)
+    o_w = (torch.randn(N, H * D, device=device) / (H * D) ** 0.5).to(dtype)
+    cos, sin, norms, entry, slots = step_inputs(B, Hkv, D, page, ctx, bt, variant, dtype, device)
+    caches_ref = (k_cache.clone(), v_cache.clone())
+    want = ao_ref.decode(qkv, cos, sin, H, *caches_ref, slots, bt, seq_lens, 0.25, o_w,
+                         torch.zeros(B, N, device=device), *norms, 1e-5, entry)
+    caches = (k_cache.clone(), v_cache.clone())
+    got = ao_tr.decode(qkv, cos, sin, H, *caches, slots, bt, seq_lens, 0.25, o_w, torch.zeros(B, N, device=device),
+                       *norms, 1e-5, entry)
+    assert got.dtype == torch.float32 and rel_err(got, want) < tol(dtype)
+    for c, r, before in zip(caches, caches_ref, (k_cache, v_cache)):
+        c, r, before = (t.view(-1, Hkv, D) for t in (c, r, before))
+        assert rel_err(c[slots], r[slots]) < (1e-5 if dtype == torch.float32 else 1e-2)
+        assert rel_err(c[slots], before[slots]) > 0.1
+        rest = torch.ones(c.shape[0], dtype=torch.bool, device=device)
+        rest[slots] = False
+        assert torch.equal(c[rest], before[rest])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1038,7 +1085,7 @@ class _KernelLog(torch.utils._python_dispatch.TorchDispatchMode):
 # attention kernels only: the attention variants do not depend on the rows and are covered at 16.
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("attn,kotodama,hidden", [(a, k, 16) for a in ("separate", "one_kernel") for k in (False, True)]
-                         + [("separate", False, 2048)])
+                         + [("separate", False, 2048), ("attn_o", False, 16)])
 def test_llama_engine_on_triton_kernels(device, kotodama, hidden, attn, monkeypatch):
     """LlamaModel.forward with every kernel family on its Triton file (on CPU under the interpreter), fp32,
     against reference_forward: a mixed prefill of 3 sequences (one a 1-token prompt), decode steps at
@@ -1046,7 +1093,8 @@ def test_llama_engine_on_triton_kernels(device, kotodama, hidden, attn, monkeypa
     rows of 2048, the streamed GEMV's shapes, RoPE + KV write in its epilogue), the attention (QK-norm +
     RoPE + KV write inside if ATTN_STEP_FUSED, else a kernel before it unless the GEMV took them; its splits
     merged inside when FUSED_MERGE is on, else by a merge kernel), o GEMV, gate/up GEMV with SiLU·mul, down
-    GEMV, and with AttnRes a route_add before each of the two sublayers' GEMVs."""
+    GEMV, and with AttnRes a route_add before each of the two sublayers' GEMVs. With ATTN_O (attn "attn_o") a
+    batch-1 layer is the qkv GEMV, one kernel through the o projection, and the two MLP GEMVs."""
     import importlib
     from itertools import pairwise
 
@@ -1054,6 +1102,7 @@ def test_llama_engine_on_triton_kernels(device, kotodama, hidden, attn, monkeypa
     from hybridserve.kernels import backend
     from hybridserve.models import layers, llama
     monkeypatch.setattr(layers, "ATTN_STEP_FUSED", attn == "one_kernel")
+    monkeypatch.setattr(layers, "ATTN_O", attn == "attn_o")
     monkeypatch.setattr(attn_tr, "FUSED_MERGE", attn == "one_kernel")
     if hidden >= 2048 and device == "cuda":
         pytest.skip("TF32 attention dots at rows of 2048 drift past the fp32 tolerance (1.1e-2, with or without the "
@@ -1083,9 +1132,12 @@ def test_llama_engine_on_triton_kernels(device, kotodama, hidden, attn, monkeypa
     assert_close(torch.cat(got[0]), refs[0], tolerance)
     for b in (1, 2):
         assert_close(torch.cat(got[b]), refs[b][:len(prompts[b]) + 2], tolerance)
-    layer_starts = [i for i, n in enumerate(log.names) if n == "_split_kernel"]
+    layer_starts = [i for i, n in enumerate(log.names) if n == ("_attn_o_kernel" if layers.ATTN_O else "_split_kernel")]
     assert len(layer_starts) == c.num_layers, log.names
     per_layer = {b - a for a, b in pairwise(layer_starts)}
+    if layers.ATTN_O:
+        assert per_layer == {4} and "_split_kernel" not in log.names, str(log.names)
+        return
     in_gemv = hidden >= 2048 and not layers.ATTN_STEP_FUSED and fused_tr.ROPE_IN_GEMV
     expect = 5 + (not layers.ATTN_STEP_FUSED and not in_gemv) + (not attn_tr.FUSED_MERGE) + (2 if kotodama else 0)
     assert per_layer == {expect}, str(log.names)
