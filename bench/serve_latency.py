@@ -69,22 +69,26 @@ class Arrivals:
         n = self.usage["completion_tokens"]
         assert n == max_tokens, self.usage
         t = self.times
-        assert len(t) >= 2, f"{n} tokens came in {len(t)} events with text"
-        return {"ttft": t[0] - self.t0, "tpot": (t[-1] - t[0]) / (n - 1), "gaps": [b - a for a, b in zip(t, t[1:])],
-                "end": t[-1] - self.t0, "tokens": n}
+        assert t, f"{n} tokens and no event with text"
+        # a stream whose reader fell behind for its whole length gets its tokens in one merged event: no time per
+        # token (None), counted per round as streams_one_event
+        return {"ttft": t[0] - self.t0, "tpot": (t[-1] - t[0]) / (n - 1) if len(t) > 1 else None,
+                "gaps": [b - a for a, b in zip(t, t[1:])], "end": t[-1] - self.t0, "tokens": n}
 
 
-async def one_request(http: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int, knobs: dict) -> dict:
+async def one_request(http: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int, knobs: dict,
+                      timed: bool = True) -> dict | None:
     seen = Arrivals()
     async with http.stream("POST", "/v1/completions", json=request_body(model, prompt, max_tokens, knobs)) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if line.startswith("data: "):
                 seen.event(line[6:], time.perf_counter())
-    return seen.timings(max_tokens)
+    return seen.timings(max_tokens) if timed else None
 
 
-async def one_request_raw(url: str, model: str, prompt: list[int], max_tokens: int, knobs: dict) -> dict:
+async def one_request_raw(url: str, model: str, prompt: list[int], max_tokens: int, knobs: dict,
+                          timed: bool = True) -> dict | None:
     """`one_request` over a bare asyncio connection: one write, then the chunked SSE body read chunk by chunk.
     It costs the client's event loop far less per event than httpx, whose own per-event work at C = 32 delays
     the arrival times the bench records (a client-side share of TTFT and TPOT, not the server's)."""
@@ -113,7 +117,7 @@ async def one_request_raw(url: str, model: str, prompt: list[int], max_tokens: i
                     seen.event(ev[6:], now)
     finally:
         writer.close()
-    return seen.timings(max_tokens)
+    return seen.timings(max_tokens) if timed else None
 
 
 def server_ttft(url: str) -> tuple[float, float]:
@@ -124,25 +128,32 @@ def server_ttft(url: str) -> tuple[float, float]:
 
 
 async def run_round(url: str, model: str, clients: int, prompt_len: int, max_tokens: int, knobs: dict,
-                    seed: int, client: str = "httpx") -> dict:
+                    seed: int, client: str = "httpx", warmup: bool = False) -> dict:
+    """One round of `clients` streams at once; a warm-up round only runs them (a short stream of a fast model
+    under load may arrive as one merged event, which has no time per token)."""
     rng = random.Random(seed)
     before = server_ttft(url)
     prompts = [[rng.randrange(100, 40000) for _ in range(prompt_len)] for _ in range(clients)]
     async with httpx.AsyncClient(base_url=url, timeout=300) as http:
         t0 = time.perf_counter()
         if client == "raw":
-            done = await asyncio.gather(*[one_request_raw(url, model, p, max_tokens, knobs) for p in prompts])
+            done = await asyncio.gather(*[one_request_raw(url, model, p, max_tokens, knobs, not warmup)
+                                          for p in prompts])
         else:
-            done = await asyncio.gather(*[one_request(http, model, p, max_tokens, knobs) for p in prompts])
+            done = await asyncio.gather(*[one_request(http, model, p, max_tokens, knobs, not warmup) for p in prompts])
         wall = time.perf_counter() - t0
+    if warmup:
+        return {}
     after = server_ttft(url)
     gaps = [g for d in done for g in d["gaps"]]
+    nan = float("nan")
     return {"client": client, "clients": clients, "wall_s": wall,
             "output_tok_per_s": sum(d["tokens"] for d in done) / wall,
             "ttft_ms_median": 1e3 * statistics.median(d["ttft"] for d in done),
             "ttft_ms_max": 1e3 * max(d["ttft"] for d in done),
             "ttft_ms_server_mean": 1e3 * (after[0] - before[0]) / max(after[1] - before[1], 1),
-            "tpot_ms_median": 1e3 * statistics.median(d["tpot"] for d in done),
+            "tpot_ms_median": 1e3 * statistics.median([d["tpot"] for d in done if d["tpot"] is not None] or [nan]),
+            "streams_one_event": sum(d["tpot"] is None for d in done),
             # a short round's tokens may all arrive in one event after the first (merged): no gaps then
             "itl_ms_median": 1e3 * statistics.median(gaps) if gaps else float("nan"),
             "itl_ms_p99": 1e3 * pct(gaps, 0.99) if gaps else float("nan")}
@@ -203,7 +214,7 @@ def main():
                     for mode in args.modes.split(","):
                         for c, client in [(c, k) for c in conc for k in args.clients.split(",")]:
                             asyncio.run(run_round(url, model, c, args.prompt_len, 16, SAMPLING[mode], 1,
-                                                  client))  # warm-up
+                                                  client, warmup=True))
                             for rnd in range(args.rounds):
                                 row = {"arch": arch, "engine_process": core == "process", "loop": ev,
                                        "async_scheduling": flag == "--async-scheduling", "mode": mode,
@@ -217,7 +228,8 @@ def main():
                                       f"ITL p50 {row['itl_ms_median']:6.3f} p99 {row['itl_ms_p99']:6.3f}  TTFT "
                                       f"{row['ttft_ms_median']:7.2f} ms (max {row['ttft_ms_max']:7.1f}, server mean "
                                       f"{row['ttft_ms_server_mean']:6.1f})  "
-                                      f"{row['output_tok_per_s']:8.0f} tok/s  held "
+                                      f"{row['output_tok_per_s']:8.0f} tok/s  "
+                                      f"{row['streams_one_event']} one-event  held "
                                       f"{row['kv_pages_used']:.0f} pages {row['state_slots_used']:.0f} slots; "
                                       f"{row['jit_compiles_after_ready']:.0f} compiles after ready", flush=True)
                             (out_dir / "serve_latency.json").write_text(json.dumps(out, indent=1))
