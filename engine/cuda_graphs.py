@@ -318,7 +318,8 @@ class PrefillGraphs:
         return seq64[:2 * S + 1], i32[:2 * S + 3], block_tables[:S + 1]
 
     def _fill(self, chunks: list, key: tuple[int, int]) -> None:
-        """Copies the step's inputs into the buffers of graph `key` = (capacity, bucket), through the mirrors."""
+        """Copies the step's inputs into the buffers of graph `key` = (capacity, bucket), through the packed
+        inputs' host buffer."""
         S, bucket = key
         a64, s64, a32, abt = self.inputs.arrays().values()
         abt[:, :self._width] = 0           # the last fill's pages (its copy has been read: arrays() waited)

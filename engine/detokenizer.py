@@ -59,11 +59,11 @@ class IncrementalDetokenizer:
 
         # The DecodeStream path: the stream, and the ids fed to it (the context first) with how many of them
         # have turned into text; the last few of those are left context if the request moves to the window.
-        hf = getattr(tokenizer, "_tok", None)
+        hf = getattr(tokenizer, "hf_tokenizer", None)
         self._hf = hf if STREAM and DecodeStream is not None and hf is not None else None
         if self._hf is not None:
             self._stream = DecodeStream(ids=context, skip_special_tokens=False)
-            self._vocab = hf.get_vocab_size(with_added_tokens=True)
+            self._vocab = tokenizer.vocab_size
             self._ids, self._final = context, len(context)
 
         self._tail = ""          # last `_tail_len` chars of decoded text, where a stop string may begin

@@ -161,8 +161,8 @@ class LLMEngine:
         seqs = [s for _, s in picked]
         greedy = all(s.params.greedy for s in seqs)
         graphs = self.runner.sampler_graphs
-        if (not greedy and (graphs is None or not graphs.covers(len(seqs)))) \
-                or any(len(s.output_ids) + 1 < s.device_from for s in seqs) or not sched.reserve_next(seqs):
+        if not self._on_device(seqs, 1, greedy, graphs is not None and graphs.covers(len(seqs))) \
+                or not sched.reserve_next(seqs):
             return None
         chunks = [SeqChunk([0], s.num_computed, s.pages, s.slot, True, r) for r, s in picked]
         logits = self.runner.run(chunks, prev_tokens=prev.tokens)
@@ -174,11 +174,18 @@ class LLMEngine:
         return self.readback.start(seqs, tokens)
 
     def _device_tokens(self, logits, seqs: list[Sequence], unread: int):
-        """The step's tokens on the device if every row samples there (Sampler.device_tokens), else None;
-        `unread`: tokens each row has generated that the host has not read yet (its min_tokens count)."""
-        return self.sampler.device_tokens(logits, [s.params for s in seqs],
-                                          [len(s.output_ids) + unread for s in seqs], self.runner.last_argmax,
-                                          self.runner.graph_sampler(len(seqs)))
+        """The step's tokens on the device if every row samples there (Sampler.take), else None; `unread`:
+        tokens each row has generated that the host has not read yet (its min_tokens count)."""
+        greedy = all(s.params.greedy for s in seqs)
+        graphs = self.runner.graph_sampler(len(seqs))
+        if not self._on_device(seqs, unread, greedy, graphs is not None):
+            return None
+        return self.sampler.take(logits, [s.params for s in seqs], greedy, self.runner.last_argmax, graphs)
+
+    @staticmethod
+    def _on_device(seqs: list[Sequence], unread: int, greedy: bool, sampler_graphs: bool) -> bool:
+        """sampler.on_device for every row (`greedy`: every row is), through each request's device_from."""
+        return (greedy or sampler_graphs) and all(len(s.output_ids) + unread >= s.device_from for s in seqs)
 
     def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> RequestOutput:
         """The host's part of a row's step (every row, every step: kept lean): record the token, its text, and

@@ -42,9 +42,8 @@ def _supported(device_index: int) -> bool:
         return False
     if torch.cuda.get_device_capability(device_index)[0] < 9:
         return False
-    try:
+    try:   # the gdc_* intrinsics are imported above; the launch attribute needs this triton's CUDA backend
         from triton.backends.nvidia.compiler import CUDAOptions
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
     except ImportError:
         return False
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})

@@ -33,7 +33,7 @@ class TrainedTokenizer:
         tok.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(
             vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False))
-        self._tok = tok
+        self._tok = self.hf_tokenizer = tok
         self.vocab_size = tok.get_vocab_size()
         self.all_special_ids = {tok.token_to_id(s) for s in SPECIALS}
 
