@@ -31,6 +31,7 @@ from hybridserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_
 from hybridserve.engine.model_runner import SeqChunk, build_meta
 from hybridserve.kernels import attention_o_triton as aot
 from hybridserve.kernels import fused_triton as ft
+from hybridserve.kernels import l2_prefetch as l2p
 from hybridserve.kernels import monoid_triton as mt
 from hybridserve.kernels import neollm_ops_triton
 from hybridserve.kernels import paged_attention_triton as pat
@@ -210,6 +211,12 @@ def _attn_o(per_sm=None, rows=None):
             (True, per_sm or aot.PROGRAMS_PER_SM, rows or aot.ROWS))
 
 
+def _prefetch(programs=None, lines=False, early=False, extra=0):
+    """The L2 prefetch during the attention (kernels/l2_prefetch.py) on, with these settings."""
+    return (*_knobs((l2p, "PREFETCH"), (l2p, "PROGRAMS"), (l2p, "LINES"), (l2p, "EARLY"), (l2p, "EXTRA_BYTES")),
+            (True, programs or l2p.PROGRAMS, lines, early, extra))
+
+
 # A/B knobs: the same step with one setting changed (name: getter, setter, value); a knob already at its
 # value (PDL unsupported, the GEMV already one-row) is not timed again
 VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, False),
@@ -217,6 +224,19 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "pdl_early_mixer": (*_knob(pdl, "EARLY_MIXER"), True),  # ... only the token mixer's kernels
             "attn_o": _attn_o(), "attn_o_p1": _attn_o(per_sm=1), "attn_o_p4": _attn_o(per_sm=4),
             "attn_o_rows8": _attn_o(rows=8), "attn_o_rows32": _attn_o(rows=32),
+            # the o projection's weight asked into L2 during the attention (kernels/l2_prefetch.py): 32 / 528
+            # programs, bulk copies or a line per thread, issued before the wait
+            "prefetch_on": _prefetch(),
+            "prefetch_p528": _prefetch(programs=528),
+            "prefetch_lines_p528": _prefetch(programs=528, lines=True),
+            "prefetch_early_p528": _prefetch(programs=528, early=True),
+            # the GEMV before the attention / recurrence step with 3 or 2 programs per SM, all resident
+            "before_block_3": (*_knob(ft, "BEFORE_BLOCK_PER_SM"), 3),
+            "before_block_2": (*_knob(ft, "BEFORE_BLOCK_PER_SM"), 2),
+            "gemv_nreg_free": (*_knob(ft, "GEMV_STREAM_MAXNREG"), None),   # the compiler's register count
+            "gemv_nreg64": (*_knob(ft, "GEMV_STREAM_MAXNREG"), 64),
+            # ... and the first 8 MB of the MLP's gate|up weight too (the Llama family)
+            "prefetch_extra8m": _prefetch(extra=8 << 20),
             "gemv_one_row_only": (*_knob(ft, "GEMV_MAX_ROWS"), 1),      # cuBLAS/GEMM for 2+ rows
             "gemv_two_rows": (*_knob(ft, "GEMV_MAX_ROWS"), 2),          # the GEMV for 2-row matmuls too
             "gemv_rows_4": (*_knob(ft, "GEMV_MAX_ROWS"), 4),            # ... and up to 4 rows

@@ -92,11 +92,12 @@ def main():
     result["ratio_to_floor"] = {k: v / floor_ms for k, v in ab.items()}
     save()
     # the per-layer path with the streamed GEMV capped at 64 registers (all 4 programs of an SM resident)
+    cap = ft.GEMV_STREAM_MAXNREG
     spartacus.STEP_KERNEL, ft.GEMV_STREAM_MAXNREG = False, 64
     try:
         result["decode_graph_ms"]["per_layer_stream_maxnreg64"] = dl.graph_ms(model, s, 1)
     finally:
-        spartacus.STEP_KERNEL, ft.GEMV_STREAM_MAXNREG = False, None
+        spartacus.STEP_KERNEL, ft.GEMV_STREAM_MAXNREG = False, cap
     print(f"decode graph per-layer, stream capped at 64 registers: "
           f"{result['decode_graph_ms']['per_layer_stream_maxnreg64']:.3f} ms", flush=True)
     sw, ids, slots, pools = model.step_weights, s.meta.input_ids, s.meta.slot_ids, s.pools.view.states["monoid"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hybridserve.kernels import pdl
+from hybridserve.kernels import l2_prefetch, pdl
 
 
 @triton.jit
@@ -315,8 +315,8 @@ def _gemv_inputs(x, delta):
     return x, delta, h
 
 
-def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu_mul=False):
-    """A few rows: returns (x + delta or x, y)."""
+def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu_mul=False, per_sm=None):
+    """A few rows: returns (x + delta or x, y); per_sm: the streamed GEMV's programs per SM (None: its config's)."""
     M, K = x.shape
     assert weight.is_contiguous() and weight.shape[-1] == K and gemv_rows(M, K)
     x, delta, h = _gemv_inputs(x, delta)
@@ -324,6 +324,8 @@ def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu
     if M == 0:
         return h, y
     stream = GEMV_STREAM and M == 1 and gemv_stream_config(out_features, K, 2 if silu_mul else 1)
+    if stream and per_sm:
+        stream = stream[:3] + (per_sm,)
     if stream:
         _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, stream)
         return h, y
@@ -339,17 +341,30 @@ def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu
 # The one-row GEMV as a stream: a grid of a few programs per SM, each reading one contiguous run of row
 # blocks, tile after tile, the next tile's load issued before the current one's product (two tiles in
 # flight per program). The runs are equal, so programs finish together and the next kernel (programmatic
-# dependent launch) is released at once (at the compiler's 78-94 registers 3 of an SM's 4 programs are
-# resident at once, the 4th starts as one of them leaves: see GEMV_STREAM_MAXNREG). The
+# dependent launch) is released at once (capped at 64 registers all 4 of an SM's programs are resident; at
+# the compiler's 78-94, 3 are, and the 4th starts as one of them leaves: see GEMV_STREAM_MAXNREG). The
 # residual add / RMSNorm / SiLU·mul are those of _gemv_kernel. Used for rows of 2048+ (gemv_stream_config):
 # whole batch-1 steps, plain → stream, alternating in one run (bench/results/gemv_stream_steps-h100.json):
 # Spartacus 1.206 / 1.237 → 1.165 / 1.194 ms, Kotodama-3B 2.836 / 2.824 → 2.712 / 2.715, NanoHammer even.
 GEMV_STREAM = True
 # A register cap for the streamed GEMV (None: the compiler's choice, 78-94 per thread, which holds 3 of its
-# 8-warp programs on an SM). Capped at 64 all 4 are resident; whole batch-1 steps, round-robin ×3 (H100,
-# bench/results/gemv_stream_maxnreg-h100.json): Spartacus 1.162 → 1.152 ms, NanoHammer and Kotodama-3B even.
-# Within run-to-run spread elsewhere, so left off; an A/B knob.
-GEMV_STREAM_MAXNREG: int | None = None
+# 8-warp programs on an SM). Capped at 64 all 4 are resident. Whole batch-1 steps on an H100, three runs, the
+# rounds of each within 0.2 %: Spartacus 1.162 → 1.152 ms, NanoHammer and Kotodama-3B even (bench/results/
+# gemv_stream_maxnreg-h100.json); uncapped → 64 (decode_latency_before_block-h100.json, 3 rounds, and
+# decode_latency_maxnreg-h100.json, 5 rounds) Llama-3.2-3B shapes 2.649 / 2.641 → 2.640 / 2.624, NanoHammer
+# 1.118 / 1.117 → 1.109 / 1.110, Spartacus 1.077 / 1.076 → 1.072 / 1.071, Kotodama-3B 2.615 / 2.609 →
+# 2.616 / 2.609. Capped where this Triton has the launch option.
+GEMV_STREAM_MAXNREG: int | None = 64
+
+
+@lru_cache(maxsize=None)
+def has_maxnreg() -> bool:
+    """Whether this Triton's CUDA backend takes the `maxnreg` launch option."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "maxnreg" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def gemv_stream_config(N: int, K: int, stacked: int = 1) -> tuple[int, int, int, int] | None:
@@ -578,7 +593,7 @@ def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, config):
         x, delta if delta is not None else x, h, norm_weight if norm_weight is not None else x, weight, y,
         N, K, eps, BN=BN, BK=BK, KT=triton.cdiv(K, BK), ADD=delta is not None, NORM=norm_weight is not None,
         SILU_MUL=silu_mul, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device),
-        **({"maxnreg": GEMV_STREAM_MAXNREG} if GEMV_STREAM_MAXNREG and x.is_cuda else {}))
+        **({"maxnreg": GEMV_STREAM_MAXNREG} if GEMV_STREAM_MAXNREG and x.is_cuda and has_maxnreg() else {}))
 
 
 # Matmuls of more rows (batch 2 … MM_MAX_ROWS) run as a tensor-core GEMM of one row block: the weight
@@ -681,12 +696,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, side: bool = False) -> torch.T
     return _gemv(x, None, None, weight, weight.shape[0], 0.0)[1]
 
 
+# The streamed GEMV's programs per SM where a latency-bound kernel follows it (the q|k|v projection before RoPE
+# and the attention, Spartacus's q|k|v|z before the recurrence step), None: the config's 4, of which 3 are
+# resident at once, so the last quarter runs as a thin tail that the short kernel after it cannot overlap
+# (a GEMV after it can: its first tiles load meanwhile). bench/l2_prefetch.py (H100, o-projection shapes of
+# Llama-3.2-3B, bench/results/l2_prefetch-h100.json): a GEMV and a 2 µs latency-bound kernel in turn
+# 12.92 µs a pair with 4 per SM, 11.99 with 3; GEMVs alone in a chain 7.96 vs 8.39 µs.
+BEFORE_BLOCK_PER_SM: int | None = None
+
+
 def add_norm_linear(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, weight: torch.Tensor,
-                    eps: float, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    eps: float, out_dtype: torch.dtype | None = None,
+                    before_block: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """See kernels/fused.py; before_block: a latency-bound kernel comes next (BEFORE_BLOCK_PER_SM)."""
     if not gemv_rows(*h.shape):
         h, x = _add_norm(h, delta, norm_weight, eps)
         return h, _matmul(x, weight, out_dtype)
-    return _gemv(h, delta, norm_weight, weight, weight.shape[0], eps, out_dtype)
+    return _gemv(h, delta, norm_weight, weight, weight.shape[0], eps, out_dtype,
+                 per_sm=BEFORE_BLOCK_PER_SM if before_block else None)
 
 
 # A batch-1 decode step's attention projection with RoPE and the KV write in its epilogue
@@ -702,19 +729,19 @@ ROPE_IN_GEMV = False
 def add_norm_linear_rope_kv(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
                             weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
                             k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                            q_norm: torch.Tensor | None = None,
-                            k_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                            prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """See kernels/fused.py. One row, full rotary, no QK-norm, a streamed GEMV shape: one kernel; otherwise
-    `add_norm_linear`, then `rope_write_kv`."""
+    `add_norm_linear`, then `rope_write_kv` (which prefetches `prefetch` into L2)."""
     hkv, D = k_cache.shape[2], k_cache.shape[3]
     N, K = weight.shape
     config = gemv_stream_config(N, K)
     if not (ROPE_IN_GEMV and GEMV_STREAM and config and config[0] == 4 and h.shape[0] == 1 and q_norm is None
             and k_norm is None and cos.shape[-1] == D and D % 4 == 0 and weight.is_contiguous()
             and slot_mapping.shape[0] == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()):
-        h, qkv = add_norm_linear(h, delta, norm_weight, weight, eps)
+        h, qkv = add_norm_linear(h, delta, norm_weight, weight, eps, before_block=True)
         q = rope_write_kv(qkv.view(h.shape[0], -1, D), cos, sin, num_heads, k_cache, v_cache, slot_mapping, q_norm,
-                          k_norm, eps)
+                          k_norm, eps, prefetch)
         return h, q[:, :num_heads]
     x, delta, h = _gemv_inputs(h, delta)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
@@ -819,11 +846,42 @@ def monoid_prep(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, 
 
 @triton.jit
 def _rope_write_kv_kernel(x_ptr, cos_ptr, sin_ptr, qk_ptr, kc_ptr, vc_ptr, slot_ptr, qn_ptr, kn_ptr, n_cached,
-                          sx_t, sx_h, sc_t, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                          ROT: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr,
-                          NORM_LO: tl.constexpr, NORM_HI: tl.constexpr, PDL: tl.constexpr):
+                          sx_t, sx_h, sc_t, eps, pf_ptr, pf_bytes, pf2_ptr, pf2_bytes, H: tl.constexpr,
+                          HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr,
+                          BD: tl.constexpr,
+                          NORM_LO: tl.constexpr, NORM_HI: tl.constexpr, PF_PARTS: tl.constexpr,
+                          PF_LANES: tl.constexpr, PF_CHUNK: tl.constexpr, PF_LINES: tl.constexpr,
+                          PF_EARLY: tl.constexpr, PDL: tl.constexpr):
+    NHB: tl.constexpr = (H + 2 * HKV + BH - 1) // BH
+    if PF_PARTS > 0 and PF_EARLY:    # kernels/l2_prefetch.py: the programs past the heads' ask L2 for weights
+        if tl.program_id(1) >= NHB:
+            _rope_prefetch(pf_ptr, pf_bytes, pf2_ptr, pf2_bytes, NHB, PF_PARTS, PF_LANES, PF_CHUNK, PF_LINES)
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
         pdl.enter(PDL)
+    if PF_PARTS > 0 and not PF_EARLY:
+        if tl.program_id(1) >= NHB:
+            _rope_prefetch(pf_ptr, pf_bytes, pf2_ptr, pf2_bytes, NHB, PF_PARTS, PF_LANES, PF_CHUNK, PF_LINES)
+    if tl.program_id(1) < NHB:
+        _rope_write_kv_rows(x_ptr, cos_ptr, sin_ptr, qk_ptr, kc_ptr, vc_ptr, slot_ptr, qn_ptr, kn_ptr, n_cached,
+                            sx_t, sx_h, sc_t, eps, H, HKV, D, ROT, HALF, BH, BD, NORM_LO, NORM_HI)
+
+
+@triton.jit
+def _rope_prefetch(pf_ptr, pf_bytes, pf2_ptr, pf2_bytes, NHB: tl.constexpr, PF_PARTS: tl.constexpr,
+                   PF_LANES: tl.constexpr, PF_CHUNK: tl.constexpr, PF_LINES: tl.constexpr):
+    """A prefetch program's share of both regions (program (t, NHB + j) is part t·PF_PARTS + j)."""
+    part = tl.program_id(0) * PF_PARTS + tl.program_id(1) - NHB
+    parts = tl.num_programs(0) * PF_PARTS
+    l2_prefetch.issue(pf_ptr, pf_bytes, part, parts, PF_LANES, PF_CHUNK, PF_LINES)
+    l2_prefetch.issue(pf2_ptr, pf2_bytes, part, parts, PF_LANES, PF_CHUNK, PF_LINES)
+
+
+@triton.jit
+def _rope_write_kv_rows(x_ptr, cos_ptr, sin_ptr, qk_ptr, kc_ptr, vc_ptr, slot_ptr, qn_ptr, kn_ptr, n_cached,
+                        sx_t, sx_h, sc_t, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                        ROT: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr,
+                        NORM_LO: tl.constexpr, NORM_HI: tl.constexpr):
+    """One token's block of BH heads (program (t, head block))."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BH + tl.arange(0, BH)[:, None]
     d = tl.arange(0, BD)[None, :]
@@ -855,7 +913,8 @@ def _rope_write_kv_kernel(x_ptr, cos_ptr, sin_ptr, qk_ptr, kc_ptr, vc_ptr, slot_
 
 def rope_write_kv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
-                  k_norm: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+                  k_norm: torch.Tensor | None = None, eps: float = 1e-5,
+                  prefetch: torch.Tensor | None = None) -> torch.Tensor:
     T, heads, D = x.shape
     hkv = (heads - num_heads) // 2
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2:] == (hkv, D)
@@ -868,10 +927,14 @@ def rope_write_kv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_hea
     rot = cos.shape[-1]
     qk = torch.empty(T, num_heads + hkv, D, dtype=x.dtype, device=x.device)
     BH = min(triton.next_power_of_2(heads), 16)
+    warps = 1 if BH * D <= 1024 else 4
+    pf, pf_bytes, pf2, pf2_bytes, parts = l2_prefetch.plan(prefetch, x.device)
     if T:
-        _rope_write_kv_kernel[(T, triton.cdiv(heads, BH))](
+        _rope_write_kv_kernel[(T, triton.cdiv(heads, BH) + parts)](
             x, cos, sin, qk, k_cache, v_cache, slot_mapping, q_norm if q_norm is not None else x,
             k_norm if k_norm is not None else x, slot_mapping.shape[0], x.stride(0), x.stride(1), cos.stride(0), eps,
-            H=num_heads, HKV=hkv, D=D, ROT=rot, HALF=rot // 2, BH=BH, BD=triton.next_power_of_2(D),
-            NORM_LO=lo, NORM_HI=hi, num_warps=1 if BH * D <= 1024 else 4, **pdl.launch_kwargs(qk.device, early=True))
+            pf if pf is not None else x, pf_bytes, pf2 if pf2 is not None else x, pf2_bytes, H=num_heads, HKV=hkv,
+            D=D, ROT=rot, HALF=rot // 2, BH=BH, BD=triton.next_power_of_2(D), NORM_LO=lo, NORM_HI=hi,
+            PF_PARTS=parts, PF_LANES=32 * warps, **l2_prefetch.constexprs(), num_warps=warps,
+            **pdl.launch_kwargs(qk.device, early=True))
     return qk

@@ -94,9 +94,10 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_a: torch.
 
 def fused_decode(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, decay_bias: torch.Tensor | None,
                  num_heads: int, head_dim: int, eps: float, decay_gate: str, state_pool: torch.Tensor,
-                 slot_ids: torch.Tensor) -> torch.Tensor:
+                 slot_ids: torch.Tensor, prefetch: torch.Tensor | None = None) -> torch.Tensor:
     """A Spartacus decode step's attention core from its [q | k | v | z] projection rows [B, 3·W + G]:
-    the glue of kernels/fused.py `monoid_prep`, then `decode_step` on the slots. Returns o [B, H, d]."""
+    the glue of kernels/fused.py `monoid_prep`, then `decode_step` on the slots. Returns o [B, H, d].
+    `prefetch`: a weight the Triton file asks into L2 meanwhile (kernels/l2_prefetch.py); a hint, unused here."""
     q, k, v, log_a = monoid_prep(qkvz, q_norm, k_norm, decay_bias, num_heads, head_dim, eps, decay_gate)
     return decode_step(q, k, v, log_a, state_pool, slot_ids)
 
@@ -104,9 +105,11 @@ def fused_decode(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor,
 def projection_decode(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, qkvz_weight: torch.Tensor,
                       q_norm: torch.Tensor, k_norm: torch.Tensor, decay_bias: torch.Tensor | None, num_heads: int,
                       head_dim: int, eps: float, decay_gate: str, state_pool: torch.Tensor,
-                      slot_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      slot_ids: torch.Tensor,
+                      prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A decode step's attention core from the residual stream: h += delta, the RMSNorm and q|k|v|z
-    projection (kernels/fused.py `add_norm_linear`), then `fused_decode`. Returns (h, o [B, H, d])."""
+    projection (kernels/fused.py `add_norm_linear`), then `fused_decode`. Returns (h, o [B, H, d]).
+    `prefetch`: as in `fused_decode`."""
     h, qkvz = add_norm_linear(h, delta, norm_weight, qkvz_weight, eps)
     return h, fused_decode(qkvz, q_norm, k_norm, decay_bias, num_heads, head_dim, eps, decay_gate, state_pool,
                            slot_ids)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridserve.kernels import pdl
+from hybridserve.kernels import l2_prefetch, pdl
 from hybridserve.kernels import fused_triton
 from hybridserve.kernels.fused_triton import (_head_norm, _load_f32, _log_decay, _stream_rows, _stream_span,
                                              _stream_tile, arrival_counters)
@@ -303,11 +303,38 @@ def _fused_head_step(row, qw_ptr, kw_ptr, zb_ptr, S, h, rv, eps, dt: tl.constexp
 
 
 @triton.jit
-def _fused_decode_kernel(x_ptr, qw_ptr, kw_ptr, zb_ptr, s_ptr, slot_ptr, o_ptr, sx, eps,
+def _fused_decode_kernel(x_ptr, qw_ptr, kw_ptr, zb_ptr, s_ptr, slot_ptr, o_ptr, sx, eps, pf_ptr, pf_bytes,
                          H: tl.constexpr, D: tl.constexpr, GD: tl.constexpr, BD: tl.constexpr,
                          BV: tl.constexpr, BW: tl.constexpr, Q_FULL: tl.constexpr, K_FULL: tl.constexpr,
-                         HAS_ZB: tl.constexpr, SOFTPLUS: tl.constexpr, PDL: tl.constexpr):
-    """monoid_prep + decode for one (row, head, value block)."""
+                         HAS_ZB: tl.constexpr, SOFTPLUS: tl.constexpr, PF_ROWS: tl.constexpr,
+                         PF_LANES: tl.constexpr, PF_CHUNK: tl.constexpr, PF_LINES: tl.constexpr,
+                         PF_EARLY: tl.constexpr, PDL: tl.constexpr):
+    """monoid_prep + decode for one (row, head, value block); the PF_ROWS "heads" past H of each row ask L2 for
+    the o projection's weight instead (kernels/l2_prefetch.py)."""
+    if PF_ROWS > 0:
+        if tl.program_id(1) >= H:
+            NV = tl.num_programs(2)
+            part = (tl.program_id(0) * PF_ROWS + tl.program_id(1) - H) * NV + tl.program_id(2)
+            parts = tl.num_programs(0) * PF_ROWS * NV
+            if PF_EARLY:
+                l2_prefetch.issue(pf_ptr, pf_bytes, part, parts, PF_LANES, PF_CHUNK, PF_LINES)
+            if PDL:
+                pdl.enter(PDL)
+            if not PF_EARLY:
+                l2_prefetch.issue(pf_ptr, pf_bytes, part, parts, PF_LANES, PF_CHUNK, PF_LINES)
+        else:
+            _fused_decode_program(x_ptr, qw_ptr, kw_ptr, zb_ptr, s_ptr, slot_ptr, o_ptr, sx, eps, H, D, GD, BD, BV,
+                                  BW, Q_FULL, K_FULL, HAS_ZB, SOFTPLUS, PDL)
+    else:
+        _fused_decode_program(x_ptr, qw_ptr, kw_ptr, zb_ptr, s_ptr, slot_ptr, o_ptr, sx, eps, H, D, GD, BD, BV, BW,
+                              Q_FULL, K_FULL, HAS_ZB, SOFTPLUS, PDL)
+
+
+@triton.jit
+def _fused_decode_program(x_ptr, qw_ptr, kw_ptr, zb_ptr, s_ptr, slot_ptr, o_ptr, sx, eps,
+                          H: tl.constexpr, D: tl.constexpr, GD: tl.constexpr, BD: tl.constexpr,
+                          BV: tl.constexpr, BW: tl.constexpr, Q_FULL: tl.constexpr, K_FULL: tl.constexpr,
+                          HAS_ZB: tl.constexpr, SOFTPLUS: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     rk = tl.arange(0, BD)
@@ -327,7 +354,7 @@ def _fused_decode_kernel(x_ptr, qw_ptr, kw_ptr, zb_ptr, s_ptr, slot_ptr, o_ptr, 
 
 def fused_decode(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, decay_bias: torch.Tensor | None,
                  num_heads: int, head_dim: int, eps: float, decay_gate: str, state_pool: torch.Tensor,
-                 slot_ids: torch.Tensor) -> torch.Tensor:
+                 slot_ids: torch.Tensor, prefetch: torch.Tensor | None = None) -> torch.Tensor:
     """See kernels/monoid.py `fused_decode`. One launch per layer and step; CUDA-graph safe."""
     B = qkvz.shape[0]
     H, D = num_heads, head_dim
@@ -339,12 +366,17 @@ def fused_decode(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor,
     BV = min(DECODE_BV, triton.next_power_of_2(D))
     while BV > 16 and B * H * triton.cdiv(D, BV) < 256:    # a lone row: more, smaller programs
         BV //= 2
+    NV = triton.cdiv(D, BV)
+    pf, pf_bytes, _, _, parts = l2_prefetch.plan(prefetch, qkvz.device)
+    pf_rows = triton.cdiv(parts, NV)
     if B:
-        _fused_decode_kernel[(B, H, triton.cdiv(D, BV))](
+        _fused_decode_kernel[(B, H + pf_rows, NV)](
             qkvz, q_norm, k_norm, decay_bias if decay_bias is not None else q_norm, state_pool, slot_ids, o,
-            qkvz.stride(0), eps, H=H, D=D, GD=(qkvz.shape[1] - 3 * W) // H, BD=triton.next_power_of_2(D),
-            BV=BV, BW=triton.next_power_of_2(W), Q_FULL=q_norm.numel() == W, K_FULL=k_norm.numel() == W,
-            HAS_ZB=decay_bias is not None, SOFTPLUS=decay_gate == "neg_softplus", num_warps=DECODE_WARPS,
+            qkvz.stride(0), eps, pf if pf is not None else qkvz, pf_bytes, H=H, D=D,
+            GD=(qkvz.shape[1] - 3 * W) // H, BD=triton.next_power_of_2(D), BV=BV, BW=triton.next_power_of_2(W),
+            Q_FULL=q_norm.numel() == W, K_FULL=k_norm.numel() == W, HAS_ZB=decay_bias is not None,
+            SOFTPLUS=decay_gate == "neg_softplus", PF_ROWS=pf_rows, PF_LANES=32 * DECODE_WARPS,
+            **l2_prefetch.constexprs(), num_warps=DECODE_WARPS,
             **pdl.launch_kwargs(qkvz.device, early=True))
     return o
 
@@ -405,16 +437,18 @@ def _projection_decode_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, cnt_ptr
 def projection_decode(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, qkvz_weight: torch.Tensor,
                       q_norm: torch.Tensor, k_norm: torch.Tensor, decay_bias: torch.Tensor | None, num_heads: int,
                       head_dim: int, eps: float, decay_gate: str, state_pool: torch.Tensor,
-                      slot_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      slot_ids: torch.Tensor,
+                      prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """See kernels/monoid.py `projection_decode`. One row with per-head q/k norms and a streamed GEMV shape:
-    one kernel (above); otherwise the projection, then `fused_decode`."""
+    one kernel (above); otherwise the projection, then `fused_decode` (which asks L2 for `prefetch`)."""
     H, D = num_heads, head_dim
     N, K = qkvz_weight.shape
     config = fused_triton.gemv_stream_config(N, K)
     if not (PROJECTION_FUSED and fused_triton.GEMV_STREAM and config and h.shape[0] == 1 and q_norm.numel() == D
             and k_norm.numel() == D and qkvz_weight.is_contiguous() and (N - 3 * H * D) % H == 0):
-        h, qkvz = fused_triton.add_norm_linear(h, delta, norm_weight, qkvz_weight, eps)
-        return h, fused_decode(qkvz, q_norm, k_norm, decay_bias, H, D, eps, decay_gate, state_pool, slot_ids)
+        h, qkvz = fused_triton.add_norm_linear(h, delta, norm_weight, qkvz_weight, eps, before_block=True)
+        return h, fused_decode(qkvz, q_norm, k_norm, decay_bias, H, D, eps, decay_gate, state_pool, slot_ids,
+                               prefetch)
     _check_pool(state_pool, H, D, D)
     x, delta, h = fused_triton._gemv_inputs(h, delta)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
@@ -427,7 +461,8 @@ def projection_decode(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: 
         H=H, D=D, GD=(N - 3 * H * D) // H, BD=triton.next_power_of_2(D), P=P, BN=BN, BK=BK,
         KT=triton.cdiv(K, BK), ADD=delta is not None, HAS_ZB=decay_bias is not None,
         SOFTPLUS=decay_gate == "neg_softplus", EARLY_STATE=PROJECTION_EARLY_STATE, num_warps=warps, num_stages=1,
-        **pdl.launch_kwargs(x.device), **({"maxnreg": PROJECTION_MAXNREG} if PROJECTION_MAXNREG else {}))
+        **pdl.launch_kwargs(x.device),
+        **({"maxnreg": PROJECTION_MAXNREG} if PROJECTION_MAXNREG and fused_triton.has_maxnreg() else {}))
     return h, o
 
 

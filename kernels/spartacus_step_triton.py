@@ -31,13 +31,11 @@ kernels/monoid_triton.py, so the step does the same arithmetic in the same order
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import triton
 import triton.language as tl
 
-from hybridserve.kernels.fused_triton import _sm_count, _stream_rows, _stream_span, _stream_tile
+from hybridserve.kernels.fused_triton import _sm_count, _stream_rows, _stream_span, _stream_tile, has_maxnreg
 from hybridserve.kernels.monoid_triton import _check_pool, _fused_head_step
 from hybridserve.kernels.spartacus_step import StepWeights
 
@@ -247,18 +245,9 @@ def _args(sw: StepWeights, ws: _Workspace, input_ids, slot_ids, states, logits):
                 BW=triton.next_power_of_2(A), Q_FULL=sw.q_norm.shape[1] == A, K_FULL=sw.k_norm.shape[1] == A,
                 HAS_ZB=sw.decay_bias is not None, SOFTPLUS=sw.decay_gate == "neg_softplus",
                 COMPILED=sw.qkvz.is_cuda, num_warps=WARPS, num_stages=1)
-    if MAXNREG and sw.qkvz.is_cuda and _has_maxnreg():
+    if MAXNREG and sw.qkvz.is_cuda and has_maxnreg():
         meta["maxnreg"] = MAXNREG
     return args, meta
-
-
-@lru_cache(maxsize=None)
-def _has_maxnreg() -> bool:
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:
-        return False
-    return "maxnreg" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def decode_step(sw: StepWeights, input_ids: torch.Tensor, slot_ids: torch.Tensor,

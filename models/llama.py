@@ -175,7 +175,7 @@ class LlamaModel:
                 return norm_attention_o(h, delta, lw["attn_norm"], lw["qkv"], lw["o"], sums[i], cos, sin, H,
                                         cache.kv[i], meta, self.scale, lw.get("q_norm"), lw.get("k_norm"), eps, entry)
             h, o = norm_attention(h, delta, lw["attn_norm"], lw["qkv"], cos, sin, H, cache.kv[i], meta, self.scale,
-                                  lw.get("q_norm"), lw.get("k_norm"), eps, entry)
+                                  lw.get("q_norm"), lw.get("k_norm"), eps, entry, prefetch=(lw["o"], lw["gate_up"]))
             return h, fused.linear(o.reshape(T, -1), lw["o"])
 
         if not c.attn_res:

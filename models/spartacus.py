@@ -187,7 +187,8 @@ class SpartacusModel:
             norms = (lw["q_norm_scaled"], lw["k_norm"], lw["decay_bias"], c.num_heads, c.head_dim, eps,
                      c.decay_gate)
             if meta.is_decode:    # the glue goes into the recurrence kernel
-                h, o = ops.projection_decode(h, delta, lw["attn_norm"], lw["qkvz"], *norms, pools[i], meta.slot_ids)
+                h, o = ops.projection_decode(h, delta, lw["attn_norm"], lw["qkvz"], *norms, pools[i], meta.slot_ids,
+                                             prefetch=lw["o"])
             else:
                 h, qkvz = fused.add_norm_linear(h, delta, lw["attn_norm"], lw["qkvz"], eps)
                 q, k, v, log_a = fused.monoid_prep(qkvz, *norms)
