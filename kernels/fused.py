@@ -66,10 +66,11 @@ def add_norm_linear_rope_kv(h: torch.Tensor, delta: torch.Tensor | None, norm_we
                             weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
                             k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                             q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
-                            prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            prefetch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """An attention sublayer's input side: `add_norm_linear` into its q|k|v weight, then `rope_write_kv`
     (QK-norm, RoPE, the k/v written at slot_mapping). Returns (h', q [T, H, D] normed and rotated).
-    `prefetch`: a weight the Triton file asks into L2 meanwhile (kernels/l2_prefetch.py); a hint, unused here."""
+    `prefetch`: a weight, or (weight, the weight after it), that the Triton file may ask into L2 meanwhile
+    (kernels/l2_prefetch.py `plan`); a hint, unused here."""
     h, qkv = add_norm_linear(h, delta, norm_weight, weight, eps)
     q = rope_write_kv(qkv.view(h.shape[0], -1, k_cache.shape[-1]), cos, sin, num_heads, k_cache, v_cache,
                       slot_mapping, q_norm, k_norm, eps)
@@ -116,7 +117,7 @@ def monoid_prep(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, 
 def rope_write_kv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
                   k_norm: torch.Tensor | None = None, eps: float = 1e-5,
-                  prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                  prefetch=None) -> torch.Tensor:
     """RoPE on the q and k heads of packed projections x [T, H + 2·Hkv, D] (q | k | v heads), and the
     rotated k and the v of the first len(slot_mapping) rows written to their flat positions of the paged
     caches [pages, page_size, Hkv, D] (the rows after them, if any, are not cached). q_norm / k_norm ([D]

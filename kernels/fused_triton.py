@@ -730,7 +730,7 @@ def add_norm_linear_rope_kv(h: torch.Tensor, delta: torch.Tensor | None, norm_we
                             weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
                             k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                             q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
-                            prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            prefetch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """See kernels/fused.py. One row, full rotary, no QK-norm, a streamed GEMV shape: one kernel; otherwise
     `add_norm_linear`, then `rope_write_kv` (which prefetches `prefetch` into L2)."""
     hkv, D = k_cache.shape[2], k_cache.shape[3]
@@ -914,7 +914,7 @@ def _rope_write_kv_rows(x_ptr, cos_ptr, sin_ptr, qk_ptr, kc_ptr, vc_ptr, slot_pt
 def rope_write_kv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
                   k_norm: torch.Tensor | None = None, eps: float = 1e-5,
-                  prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                  prefetch=None) -> torch.Tensor:
     T, heads, D = x.shape
     hkv = (heads - num_heads) // 2
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2:] == (hkv, D)

@@ -9,6 +9,11 @@ completion to wait for), and the matmul after the attention then reads them from
 
 A hint only: no result depends on it. It is compiled in where the device has the instruction (compute
 capability 9+) and never under the interpreter (`enabled`).
+
+Measured slower, so off (PREFETCH). On an H100 (bench/l2_prefetch.py, bench/results/l2_prefetch-h100.json,
+Llama-3.2-3B's o projection), the streamed GEMV reads an L2-resident weight in 6.68 µs against 7.96 µs cold,
+and the prefetch traffic delays a latency-bound kernel's own loads by about its length (2.14 → 6.1-8.2 µs).
+Whole steps: Llama-3.2-3B 2.672-3.332 ms against 2.647 off (bench/NOTES.md, twentieth session).
 """
 from __future__ import annotations
 

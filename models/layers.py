@@ -178,12 +178,13 @@ def norm_attention(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: tor
                    cos: torch.Tensor, sin: torch.Tensor, num_heads: int, kv: tuple[torch.Tensor, torch.Tensor], meta,
                    scale: float, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
                    eps: float = 1e-5, entry: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   prefetch: torch.Tensor | None = None):
+                   prefetch: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None):
     """The attention sublayer from the residual stream, up to the o projection: h' = h + delta (h when delta is
     None), its RMSNorm and q|k|v projection, then `attention_step`. Returns (h', o [T, H, D]). A decode step
     goes through fused `add_norm_linear_rope_kv`, which takes RoPE and the KV write into the projection's
-    epilogue where its opt-in ROPE_IN_GEMV knob and the shapes allow (else the same two steps); its RoPE
-    kernel asks L2 for `prefetch` (the o projection's weight: kernels/l2_prefetch.py) meanwhile."""
+    epilogue where its opt-in ROPE_IN_GEMV knob and the shapes allow (else the same two steps). `prefetch`:
+    the o projection's weight (and the weight after it), which the RoPE kernel asks into L2 where the opt-in
+    kernels/l2_prefetch.py PREFETCH is on."""
     fused = pick("fused", h.device)
     if meta.is_decode and not ATTN_STEP_FUSED:
         h, q = fused.add_norm_linear_rope_kv(h, delta, norm_weight, qkv_weight, eps, cos, sin, num_heads, kv[0],
