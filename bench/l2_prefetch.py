@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+import decode_latency as dl
 from hybridserve.kernels import fused_triton as ft
 from hybridserve.kernels import l2_prefetch, pdl
 
@@ -35,18 +36,15 @@ def _idle_kernel(chase_ptr, out_ptr, start, pf_ptr, pf_bytes, STEPS: tl.constexp
                  LANES: tl.constexpr, CHUNK: tl.constexpr, LINES: tl.constexpr, EARLY: tl.constexpr,
                  PDL: tl.constexpr):
     pid = tl.program_id(0)
-    if PF_PARTS > 0 and EARLY:
-        if pid > 0:
-            l2_prefetch.issue(pf_ptr, pf_bytes, pid - 1, PF_PARTS, LANES, CHUNK, LINES)
-    if PDL:
+    if PF_PARTS > 0:
+        l2_prefetch.enter(PDL, pid > 0, pf_ptr, pf_bytes, pf_ptr, 0, pid - 1, PF_PARTS, LANES, CHUNK, LINES, EARLY)
+    elif PDL:
         pdl.enter(PDL)
     if pid == 0:
         i = start
         for _ in range(STEPS):
             i = tl.load(chase_ptr + i)
         tl.store(out_ptr, i)
-    elif PF_PARTS > 0 and not EARLY:
-        l2_prefetch.issue(pf_ptr, pf_bytes, pid - 1, PF_PARTS, LANES, CHUNK, LINES)
 
 
 def idle(chase, out, start, w, steps, parts=0, chunk=1 << 14, lines=False, early=False):
@@ -55,17 +53,9 @@ def idle(chase, out, start, w, steps, parts=0, chunk=1 << 14, lines=False, early
                                **pdl.launch_kwargs(w.device))
 
 
-def time_graph(g: torch.cuda.CUDAGraph, iters: int = 100) -> float:
-    for _ in range(10):
-        g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        g.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / iters * 1e3 / COPIES      # µs per pair
+def time_graph(g: torch.cuda.CUDAGraph) -> float:
+    """µs per (block, GEMV) copy of one replay of `g`."""
+    return dl.time_steps(g.replay, iters=100, warmup=10) * 1e3 / COPIES
 
 
 class _gemv_setting:

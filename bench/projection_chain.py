@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import decode_latency as dl
 import torch
 from gemv_chain import HIDDEN, chain_triton, copy_bandwidth, weights
 
@@ -44,15 +45,7 @@ def capture(fn):
 
 
 def time_graph(g, iters=200, warmup=50) -> float:
-    for _ in range(warmup):
-        g.replay()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-        g.replay()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) / iters
+    return dl.time_steps(g.replay, iters, warmup)
 
 
 def registers(fn) -> list[dict]:

@@ -353,18 +353,8 @@ GEMV_STREAM = True
 # gemv_stream_maxnreg-h100.json); uncapped → 64 (decode_latency_before_block-h100.json, 3 rounds, and
 # decode_latency_maxnreg-h100.json, 5 rounds) Llama-3.2-3B shapes 2.649 / 2.641 → 2.640 / 2.624, NanoHammer
 # 1.118 / 1.117 → 1.109 / 1.110, Spartacus 1.077 / 1.076 → 1.072 / 1.071, Kotodama-3B 2.615 / 2.609 →
-# 2.616 / 2.609. Capped where this Triton has the launch option.
+# 2.616 / 2.609. Capped where this Triton has the launch option (pdl.has_launch_option).
 GEMV_STREAM_MAXNREG: int | None = 64
-
-
-@lru_cache(maxsize=None)
-def has_maxnreg() -> bool:
-    """Whether this Triton's CUDA backend takes the `maxnreg` launch option."""
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:
-        return False
-    return "maxnreg" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def gemv_stream_config(N: int, K: int, stacked: int = 1) -> tuple[int, int, int, int] | None:
@@ -593,7 +583,8 @@ def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, config):
         x, delta if delta is not None else x, h, norm_weight if norm_weight is not None else x, weight, y,
         N, K, eps, BN=BN, BK=BK, KT=triton.cdiv(K, BK), ADD=delta is not None, NORM=norm_weight is not None,
         SILU_MUL=silu_mul, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device),
-        **({"maxnreg": GEMV_STREAM_MAXNREG} if GEMV_STREAM_MAXNREG and x.is_cuda and has_maxnreg() else {}))
+        **({"maxnreg": GEMV_STREAM_MAXNREG}
+           if GEMV_STREAM_MAXNREG and x.is_cuda and pdl.has_launch_option("maxnreg") else {}))
 
 
 # Matmuls of more rows (batch 2 … MM_MAX_ROWS) run as a tensor-core GEMM of one row block: the weight
@@ -848,32 +839,19 @@ def monoid_prep(qkvz: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, 
 def _rope_write_kv_kernel(x_ptr, cos_ptr, sin_ptr, qk_ptr, kc_ptr, vc_ptr, slot_ptr, qn_ptr, kn_ptr, n_cached,
                           sx_t, sx_h, sc_t, eps, pf_ptr, pf_bytes, pf2_ptr, pf2_bytes, H: tl.constexpr,
                           HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr,
-                          BD: tl.constexpr,
-                          NORM_LO: tl.constexpr, NORM_HI: tl.constexpr, PF_PARTS: tl.constexpr,
+                          BD: tl.constexpr, NORM_LO: tl.constexpr, NORM_HI: tl.constexpr, PF_PARTS: tl.constexpr,
                           PF_LANES: tl.constexpr, PF_CHUNK: tl.constexpr, PF_LINES: tl.constexpr,
                           PF_EARLY: tl.constexpr, PDL: tl.constexpr):
     NHB: tl.constexpr = (H + 2 * HKV + BH - 1) // BH
-    if PF_PARTS > 0 and PF_EARLY:    # kernels/l2_prefetch.py: the programs past the heads' ask L2 for weights
-        if tl.program_id(1) >= NHB:
-            _rope_prefetch(pf_ptr, pf_bytes, pf2_ptr, pf2_bytes, NHB, PF_PARTS, PF_LANES, PF_CHUNK, PF_LINES)
-    if PDL:   # kernels/pdl.py: nothing is read or written before the wait
+    if PF_PARTS > 0:   # kernels/l2_prefetch.py: program (t, NHB + j), past the heads', is prefetch part t·PF_PARTS + j
+        l2_prefetch.enter(PDL, tl.program_id(1) >= NHB, pf_ptr, pf_bytes, pf2_ptr, pf2_bytes,
+                          tl.program_id(0) * PF_PARTS + tl.program_id(1) - NHB, tl.num_programs(0) * PF_PARTS,
+                          PF_LANES, PF_CHUNK, PF_LINES, PF_EARLY)
+    elif PDL:   # kernels/pdl.py: nothing is read or written before the wait
         pdl.enter(PDL)
-    if PF_PARTS > 0 and not PF_EARLY:
-        if tl.program_id(1) >= NHB:
-            _rope_prefetch(pf_ptr, pf_bytes, pf2_ptr, pf2_bytes, NHB, PF_PARTS, PF_LANES, PF_CHUNK, PF_LINES)
     if tl.program_id(1) < NHB:
         _rope_write_kv_rows(x_ptr, cos_ptr, sin_ptr, qk_ptr, kc_ptr, vc_ptr, slot_ptr, qn_ptr, kn_ptr, n_cached,
                             sx_t, sx_h, sc_t, eps, H, HKV, D, ROT, HALF, BH, BD, NORM_LO, NORM_HI)
-
-
-@triton.jit
-def _rope_prefetch(pf_ptr, pf_bytes, pf2_ptr, pf2_bytes, NHB: tl.constexpr, PF_PARTS: tl.constexpr,
-                   PF_LANES: tl.constexpr, PF_CHUNK: tl.constexpr, PF_LINES: tl.constexpr):
-    """A prefetch program's share of both regions (program (t, NHB + j) is part t·PF_PARTS + j)."""
-    part = tl.program_id(0) * PF_PARTS + tl.program_id(1) - NHB
-    parts = tl.num_programs(0) * PF_PARTS
-    l2_prefetch.issue(pf_ptr, pf_bytes, part, parts, PF_LANES, PF_CHUNK, PF_LINES)
-    l2_prefetch.issue(pf2_ptr, pf2_bytes, part, parts, PF_LANES, PF_CHUNK, PF_LINES)
 
 
 @triton.jit

@@ -18,10 +18,13 @@ Whole steps: Llama-3.2-3B 2.672-3.332 ms against 2.647 off (bench/NOTES.md, twen
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
+
+from hybridserve.kernels import pdl
 
 # The o projection's weight prefetched by the RoPE + KV write kernel (models/layers.py `norm_attention`) and
 # by Spartacus's recurrence step. Off: slower. An A/B knob (HYBRIDSERVE_L2_PREFETCH=1).
@@ -37,12 +40,16 @@ LINES = os.environ.get("HYBRIDSERVE_L2_PREFETCH_LINES", "0") == "1"
 EXTRA_BYTES = int(os.environ.get("HYBRIDSERVE_L2_PREFETCH_EXTRA", "0"))
 
 
+@lru_cache(maxsize=None)
+def _has_instruction(device_index: int) -> bool:
+    return os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def enabled(device: torch.device) -> bool:
     """Whether kernels on `device` issue the prefetches (Hopper or newer, compiled, the knob on)."""
-    if not PREFETCH or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if not PREFETCH or device.type != "cuda":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    return _has_instruction(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _region(w: torch.Tensor | None, cap: int | None = None) -> tuple[torch.Tensor | None, int]:
@@ -95,3 +102,20 @@ def issue(ptr, nbytes, part, parts, LANES: tl.constexpr, CHUNK: tl.constexpr, LI
                 "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
                 "mov.u32 $0, 0; }",
                 "=r,l,r", [base + off, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def enter(PDL: tl.constexpr, go, ptr, nbytes, ptr2, nbytes2, part, parts, LANES: tl.constexpr,
+          CHUNK: tl.constexpr, LINES: tl.constexpr, EARLY: tl.constexpr):
+    """`pdl.enter`, with this program's share of two regions' prefetches (`issue`; where `go`) issued before
+    the wait (EARLY: while the kernel before still runs) or after it. `nbytes2` 0: one region."""
+    if EARLY:
+        if go:
+            issue(ptr, nbytes, part, parts, LANES, CHUNK, LINES)
+            issue(ptr2, nbytes2, part, parts, LANES, CHUNK, LINES)
+    if PDL:
+        pdl.enter(PDL)
+    if not EARLY:
+        if go:
+            issue(ptr, nbytes, part, parts, LANES, CHUNK, LINES)
+            issue(ptr2, nbytes2, part, parts, LANES, CHUNK, LINES)

@@ -314,14 +314,9 @@ def _fused_decode_kernel(x_ptr, qw_ptr, kw_ptr, zb_ptr, s_ptr, slot_ptr, o_ptr, 
     if PF_ROWS > 0:
         if tl.program_id(1) >= H:
             NV = tl.num_programs(2)
-            part = (tl.program_id(0) * PF_ROWS + tl.program_id(1) - H) * NV + tl.program_id(2)
-            parts = tl.num_programs(0) * PF_ROWS * NV
-            if PF_EARLY:
-                l2_prefetch.issue(pf_ptr, pf_bytes, part, parts, PF_LANES, PF_CHUNK, PF_LINES)
-            if PDL:
-                pdl.enter(PDL)
-            if not PF_EARLY:
-                l2_prefetch.issue(pf_ptr, pf_bytes, part, parts, PF_LANES, PF_CHUNK, PF_LINES)
+            l2_prefetch.enter(PDL, True, pf_ptr, pf_bytes, pf_ptr, 0,
+                              (tl.program_id(0) * PF_ROWS + tl.program_id(1) - H) * NV + tl.program_id(2),
+                              tl.num_programs(0) * PF_ROWS * NV, PF_LANES, PF_CHUNK, PF_LINES, PF_EARLY)
         else:
             _fused_decode_program(x_ptr, qw_ptr, kw_ptr, zb_ptr, s_ptr, slot_ptr, o_ptr, sx, eps, H, D, GD, BD, BV,
                                   BW, Q_FULL, K_FULL, HAS_ZB, SOFTPLUS, PDL)
@@ -462,7 +457,7 @@ def projection_decode(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: 
         KT=triton.cdiv(K, BK), ADD=delta is not None, HAS_ZB=decay_bias is not None,
         SOFTPLUS=decay_gate == "neg_softplus", EARLY_STATE=PROJECTION_EARLY_STATE, num_warps=warps, num_stages=1,
         **pdl.launch_kwargs(x.device),
-        **({"maxnreg": PROJECTION_MAXNREG} if PROJECTION_MAXNREG and fused_triton.has_maxnreg() else {}))
+        **({"maxnreg": PROJECTION_MAXNREG} if PROJECTION_MAXNREG and pdl.has_launch_option("maxnreg") else {}))
     return h, o
 
 

@@ -37,16 +37,23 @@ EARLY_MIXER = os.environ.get("HYBRIDSERVE_PDL_EARLY_MIXER", "0") == "1"
 
 
 @lru_cache(maxsize=None)
+def has_launch_option(name: str) -> bool:
+    """Whether this Triton's CUDA backend takes launch option `name` (launch_pdl, maxnreg)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return name in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+@lru_cache(maxsize=None)
 def _supported(device_index: int) -> bool:
     if os.environ.get("HYBRIDSERVE_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if torch.cuda.get_device_capability(device_index)[0] < 9:
         return False
-    try:   # the gdc_* intrinsics are imported above; the launch attribute needs this triton's CUDA backend
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:
-        return False
-    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+    # the gdc_* intrinsics are imported above; the launch attribute needs this triton's CUDA backend
+    return has_launch_option("launch_pdl")
 
 
 def enabled(device: torch.device) -> bool:

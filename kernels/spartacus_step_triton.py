@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridserve.kernels.fused_triton import _sm_count, _stream_rows, _stream_span, _stream_tile, has_maxnreg
+from hybridserve.kernels import pdl
+from hybridserve.kernels.fused_triton import _sm_count, _stream_rows, _stream_span, _stream_tile
 from hybridserve.kernels.monoid_triton import _check_pool, _fused_head_step
 from hybridserve.kernels.spartacus_step import StepWeights
 
@@ -245,7 +246,7 @@ def _args(sw: StepWeights, ws: _Workspace, input_ids, slot_ids, states, logits):
                 BW=triton.next_power_of_2(A), Q_FULL=sw.q_norm.shape[1] == A, K_FULL=sw.k_norm.shape[1] == A,
                 HAS_ZB=sw.decay_bias is not None, SOFTPLUS=sw.decay_gate == "neg_softplus",
                 COMPILED=sw.qkvz.is_cuda, num_warps=WARPS, num_stages=1)
-    if MAXNREG and sw.qkvz.is_cuda and has_maxnreg():
+    if MAXNREG and sw.qkvz.is_cuda and pdl.has_launch_option("maxnreg"):
         meta["maxnreg"] = MAXNREG
     return args, meta
 
