@@ -217,6 +217,13 @@ def _prefetch(programs=None, lines=False, early=False, extra=0):
             (True, programs or l2p.PROGRAMS, lines, early, extra))
 
 
+def _resident(release=True, rows=None, warps=None):
+    """The o projection held in registers before the attention ends (fused_triton.RESIDENT_AFTER_BLOCK), the
+    token mixer's kernels releasing the next launch before their waits (pdl.EARLY_MIXER) or not."""
+    return (*_knobs((ft, "RESIDENT_AFTER_BLOCK"), (pdl, "EARLY_MIXER"), (ft, "RESIDENT_ROWS"), (ft, "RESIDENT_WARPS")),
+            (True, release, rows or ft.RESIDENT_ROWS, warps or ft.RESIDENT_WARPS))
+
+
 # A/B knobs: the same step with one setting changed (name: getter, setter, value); a knob already at its
 # value (PDL unsupported, the GEMV already one-row) is not timed again
 VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, False),
@@ -227,6 +234,8 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             # the o projection's weight asked into L2 during the attention (kernels/l2_prefetch.py): 32 / 528
             # programs, bulk copies or a line per thread, issued before the wait
             "prefetch_on": _prefetch(),
+            "resident_o": _resident(), "resident_o_late": _resident(release=False),
+            "resident_o_r4w2": _resident(rows=4, warps=2), "resident_o_r16w8": _resident(rows=16, warps=8),
             "prefetch_p528": _prefetch(programs=528),
             "prefetch_lines_p528": _prefetch(programs=528, lines=True),
             "prefetch_early_p528": _prefetch(programs=528, early=True),
@@ -249,6 +258,8 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "side_stream_off": (*_knob(nanohammer, "SIDE_STREAM"), False),  # NanoHammer's state entries in line
             "merge_fused": (*_knob(pat, "FUSED_MERGE"), True),            # attention splits merged by the last one
             "attn_one_kernel": (*_knob(layers, "ATTN_STEP_FUSED"), True),  # RoPE + KV write inside the attention
+            # ... and the splits merged by the last of them
+            "attn_one_kernel_merge": (*_knobs((layers, "ATTN_STEP_FUSED"), (pat, "FUSED_MERGE")), (True, True)),
             "entry_fold_off": (*_knob(nanohammer, "FOLD_ENTRY"), False),  # NanoHammer's entries unfolded
             # Spartacus batch 1: the recurrence inside the qkvz GEMV (its programs-per-head sweep is in
             # bench/results/decode_latency_projection-h100.json, taken when it was on by default)
@@ -258,6 +269,8 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "head_unpadded": (*_knob(neollm_ops_triton, "PADDED_HEAD"), False),  # NeoLLM's head on its own rows
             "select_pdl_off": (*_knob(sampling_triton, "SELECT_PDL"), False),  # argmax kernels without PDL
             "table_narrow": (*_knob(sys.modules[__name__], "NARROW_TABLE"), True),  # the Setup's pages only
+            "kv_early": (*_knob(pat, "KV_EARLY"), True),   # the attention's first k/v tile before its PDL wait
+            "kv_after_wait": (*_knob(pat, "KV_EARLY"), False),   # ... after it (the default)
             "idle_wait": (*_knob(pat, "IDLE_EXIT"), False),   # attention splits with no keys wait all the same
             "target_1024": (*_knob(pat, "TARGET_PROGRAMS"), 1024),   # attention grids of 1024 programs, not a wave
             # the step's ends as before: torch index kernels for the embedding and cos/sin, argmax without PDL

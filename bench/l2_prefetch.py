@@ -47,10 +47,13 @@ def _idle_kernel(chase_ptr, out_ptr, start, pf_ptr, pf_bytes, STEPS: tl.constexp
         tl.store(out_ptr, i)
 
 
-def idle(chase, out, start, w, steps, parts=0, chunk=1 << 14, lines=False, early=False):
+def idle(chase, out, start, w, steps, parts=0, chunk=1 << 14, lines=False, early=False, release=False):
+    """The block; `release`: it releases the next launch before its wait (as pdl.EARLY_MIXER's kernels)."""
+    kw = pdl.launch_kwargs(w.device)
+    if release and kw["PDL"]:
+        kw["PDL"] = 2
     _idle_kernel[(1 + parts,)](chase, out, start, w, w.numel() * w.element_size(), STEPS=steps, PF_PARTS=parts,
-                               LANES=128, CHUNK=chunk, LINES=lines, EARLY=early, num_warps=4,
-                               **pdl.launch_kwargs(w.device))
+                               LANES=128, CHUNK=chunk, LINES=lines, EARLY=early, num_warps=4, **kw)
 
 
 def time_graph(g: torch.cuda.CUDAGraph) -> float:
@@ -76,6 +79,26 @@ class _gemv_setting:
         ft.gemv_stream_config, ft.GEMV_STREAM_MAXNREG = self.saved
 
 
+class _resident(_gemv_setting):
+    """The GEMV after the block held in registers (fused_triton.RESIDENT_AFTER_BLOCK), with R rows and W warps
+    a program, while a graph is captured; the streamed GEMVs capped at 64 registers (their default now), so
+    compare with the `_nreg64` cases."""
+
+    def __init__(self, rows=None, warps=None, on=True):
+        super().__init__(maxnreg=64)
+        self.rows, self.warps, self.on = rows, warps, on
+
+    def __enter__(self):
+        super().__enter__()
+        self.saved_resident = ft.RESIDENT_AFTER_BLOCK, ft.RESIDENT_ROWS, ft.RESIDENT_WARPS
+        ft.RESIDENT_AFTER_BLOCK = self.on
+        ft.RESIDENT_ROWS, ft.RESIDENT_WARPS = self.rows or ft.RESIDENT_ROWS, self.warps or ft.RESIDENT_WARPS
+
+    def __exit__(self, *exc):
+        ft.RESIDENT_AFTER_BLOCK, ft.RESIDENT_ROWS, ft.RESIDENT_WARPS = self.saved_resident
+        super().__exit__(*exc)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=3072, help="Llama-3.2-3B's shapes by default")
@@ -83,6 +106,7 @@ def main():
     ap.add_argument("--inter", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=10, help="dependent loads in the idle block")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="no prefetch modes, no grid settings but the cap")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -112,19 +136,22 @@ def main():
                 fn()
         return g
 
-    def layer(k, with_block):
+    def layer(k, with_block, release=False):
         """A Llama layer at batch 1 with the attention as the idle block: qkv, (block), o, gate|up + SiLU·mul,
-        down (the residual adds and norms left out)."""
+        down (the residual adds and norms left out). `release`: the block releases the o GEMV's launch before
+        its wait; the o GEMV goes through `linear(after_block=True)` (the resident one where it is on)."""
         ft.linear(x, qkv[k])
         if with_block:
-            idle(chase, out, starts[k], ws[k], args.steps)
-        ft.linear(x, ws[k])
+            idle(chase, out, starts[k], ws[k], args.steps, release=release)
+        ft.linear(x, ws[k], after_block=True)
         ft.linear(ft._gemv(x, None, None, gate_up[k], inter, 0.0, silu_mul=True)[1], down[k])
 
     graphs = {
         "gemv_cold": capture(lambda: [ft.linear(x, w) for w in ws]),
         "gemv_warm": capture(lambda: [ft.linear(x, ws[0]) for _ in ws]),
     }
+    if args.quick:
+        modes = {"none": {}}
     for name, kw in modes.items():
         graphs[f"block_{name}"] = capture(lambda kw=kw: [idle(chase, out, s, w, args.steps, **kw)
                                                          for s, w in zip(starts, ws)])
@@ -133,6 +160,8 @@ def main():
     # the GEMV's grid around the block: programs per SM (4 by default, 3 of them resident), all 4 resident
     settings = {"": _gemv_setting(), "_per_sm3": _gemv_setting(per_sm=3), "_per_sm2": _gemv_setting(per_sm=2),
                 "_nreg64": _gemv_setting(maxnreg=64)}
+    if args.quick:
+        settings = {k: v for k, v in settings.items() if k in ("", "_nreg64")}
     for tag, setting in settings.items():
         if tag:
             graphs[f"gemv_cold{tag}"] = capture(lambda: [ft.linear(x, w) for w in ws], setting)
@@ -140,6 +169,28 @@ def main():
                                                          for s, w in zip(starts, ws)], setting)
         graphs[f"layer_gemvs{tag}"] = capture(lambda: [layer(k, False) for k in range(COPIES)], setting)
         graphs[f"layer_block{tag}"] = capture(lambda: [layer(k, True) for k in range(COPIES)], setting)
+    # the o GEMV held in registers before the block ends (fused_triton.RESIDENT_AFTER_BLOCK)
+    residents = {"": _resident(), "_r4w2": _resident(rows=4, warps=2), "_r16w8": _resident(rows=16, warps=8)}
+    graphs["pair_release_nreg64"] = capture(
+        lambda: [(idle(chase, out, s, w, args.steps, release=True), ft.linear(x, w)) for s, w in zip(starts, ws)],
+        _resident(on=False))
+    graphs["layer_block_release_nreg64"] = capture(lambda: [layer(k, True, True) for k in range(COPIES)],
+                                                   _resident(on=False))
+    for tag, setting in residents.items():
+        graphs[f"gemv_resident_cold{tag}"] = capture(lambda: [ft.linear(x, w, after_block=True) for w in ws], setting)
+        graphs[f"pair_resident{tag}"] = capture(
+            lambda: [(idle(chase, out, s, w, args.steps, release=True), ft.linear(x, w, after_block=True))
+                     for s, w in zip(starts, ws)], setting)
+        graphs[f"layer_resident{tag}"] = capture(lambda: [layer(k, True, True) for k in range(COPIES)], setting)
+    graphs["pair_resident_late"] = capture(
+        lambda: [(idle(chase, out, s, w, args.steps), ft.linear(x, w, after_block=True)) for s, w in zip(starts, ws)],
+        _resident())
+    # correctness of the resident GEMV at these shapes
+    with _resident():
+        for w in (ws[0], qkv[0]):
+            want = torch.nn.functional.linear(x.float(), w.float())
+            got = ft.linear(x, w, after_block=True).float()
+            print("resident vs fp32", tuple(w.shape), float((got - want).abs().max()), float(want.abs().max()))
     runs = {k: [] for k in graphs}
     for _ in range(args.rounds):
         for k, g in graphs.items():

@@ -4,7 +4,8 @@ kernel's *exposed* time is how far it moved the end of the step: its end minus t
 (kernels overlap under programmatic dependent launch, so busy time adds up to more than the step). Summed by
 kernel name, exposed time is the step; a kernel that hides under its predecessor shows ~0.
 
-Usage (GPU machine): python bench/step_timeline.py [--archs spartacus,...] [--stream]
+Usage (GPU machine): python bench/step_timeline.py [--archs spartacus,...] [--variants default,resident_o,...]
+(the variants are bench/decode_latency.py's A/B knobs)
 → $OUT/step_timeline.json (or bench/results/).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from decode_latency import PAGE, Setup, load_full, measure_copy_bandwidth, step_weight_bytes, time_fn
+from decode_latency import PAGE, VARIANTS, Setup, load_full, measure_copy_bandwidth, step_weight_bytes, time_fn
 from hybridserve.engine.cuda_graphs import DecodeGraphs
 
 REPLAYS = 5
@@ -70,11 +71,12 @@ def timeline(model, batch: int = 1) -> dict:
             "one_step": seq}
 
 
-def one(arch: str, stream: bool, bw: float) -> dict:
-    from hybridserve.kernels import fused_triton as ft
+def one(arch: str, variant: str, bw: float) -> dict:
     model = load_full(arch)
-    ft.GEMV_STREAM = stream
-    return {"arch": arch, "gemv_stream": stream, "weights_bytes": model.weights_bytes(),
+    if variant != "default":
+        _, put, value = VARIANTS[variant]
+        put(value)
+    return {"arch": arch, "variant": variant, "weights_bytes": model.weights_bytes(),
             "step_weight_bytes": step_weight_bytes(model), "floor_ms": 1e3 * step_weight_bytes(model) / bw,
             **timeline(model)}
 
@@ -82,28 +84,28 @@ def one(arch: str, stream: bool, bw: float) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--archs", default="spartacus,nanohammer,kotodama:3b,kotodama,neollm")
-    ap.add_argument("--stream", default="", help="also with the streamed GEMV (kernels/fused_triton.py)")
-    ap.add_argument("--child", default="", help="(internal) arch,stream,bandwidth: one row as JSON on stdout")
+    ap.add_argument("--variants", default="default", help="comma list: default and decode_latency.py's knobs")
+    ap.add_argument("--child", default="", help="(internal) arch,variant,bandwidth: one row as JSON on stdout")
     args = ap.parse_args()
     if args.child:      # one model and setting per process: a finished profiler slows what runs after it
-        arch, stream, bw = args.child.split(",")
-        print("ROW " + json.dumps(one(arch, stream == "1", float(bw))))
+        arch, variant, bw = args.child.split(",")
+        print("ROW " + json.dumps(one(arch, variant, float(bw))))
         return
     bw = measure_copy_bandwidth()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
            "rows": []}
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     for arch in args.archs.split(","):
-        for stream in ((False, True) if args.stream else (False,)):
-            res = subprocess.run([sys.executable, __file__, "--child", f"{arch},{int(stream)},{bw}"],
+        for variant in args.variants.split(","):
+            res = subprocess.run([sys.executable, __file__, "--child", f"{arch},{variant},{bw}"],
                                  capture_output=True, text=True)
             line = next((x for x in res.stdout.splitlines() if x.startswith("ROW ")), None)
             if line is None:
-                print(f"{arch} stream={int(stream)} failed:\n{res.stderr[-2000:]}", flush=True)
+                print(f"{arch} {variant} failed:\n{res.stderr[-2000:]}", flush=True)
                 continue
             row = json.loads(line[4:])
             out["rows"].append(row)
-            print(f"{arch:12} stream={int(stream)} step {row['ms_per_step_timed']:.3f} ms (profiled span "
+            print(f"{arch:12} {variant} step {row['ms_per_step_timed']:.3f} ms (profiled span "
                   f"{row['profiled_span_us']:.0f} us, {row['kernels_per_step']} kernels, weights floor "
                   f"{row['floor_ms']:.3f} ms)", flush=True)
             for r in row["by_kernel"][:8]:

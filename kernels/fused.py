@@ -39,9 +39,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return h, rms_norm(h, weight, eps)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, side: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, side: bool = False, after_block: bool = False) -> torch.Tensor:
     """weight · x (F.linear): a sublayer's output projection, whose residual add goes with the next norm.
-    `side`: a product off the step's critical path (a side stream), which the GPU version runs differently."""
+    `side`: a product off the step's critical path (a side stream); `after_block`: one whose input comes from a
+    latency-bound block (the attention); the GPU version may run either differently."""
     return F.linear(x, weight)
 
 

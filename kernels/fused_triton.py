@@ -3,6 +3,7 @@ rounding). A decode step is launch-bound for small models: RMSNorm alone is ~8 k
 and a layer's glue around its matmuls another ~10; here it goes into the matmuls' neighbours or into them."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
@@ -587,6 +588,89 @@ def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, config):
            if GEMV_STREAM_MAXNREG and x.is_cuda and pdl.has_launch_option("maxnreg") else {}))
 
 
+# The one-row GEMV after a latency-bound block (the o projection after the attention, `linear(after_block=
+# True)`) with its whole weight in registers before its input exists. Its programs launch while the block
+# runs (the block's kernels release the next launch before their waits, as pdl.EARLY_MIXER does), each loads
+# its R rows × K (48 KB at R = 8, K = 3072; 3 programs an SM hold Llama-3.2-3B's 18.9 MB o weight), then waits;
+# once the attention's output is written only L2 reads of x, the products and one store are left. The bus
+# streams the weight while the block runs instead of after it. Off: slower. The block's dependent loads queue
+# behind the weight's, and the programs find no room until the q|k|v GEMV has left (its 4 capped programs fill an
+# SM's registers), so many load after the block all the same. H100, decode graphs, batch 1, context 128, three
+# rounds in turn (bench/results/decode_latency_resident_o-h100.json), default / resident with the mixer's early
+# release / resident alone / early release alone: Llama-3.2-3B shapes 2.641 / 2.779 / 2.685 / 2.740 ms, Spartacus
+# 1.071 / 1.092 / 1.080 / 1.095, NanoHammer 1.110 / 1.099 / 1.110 / 1.103 (4 rows, 2 warps: 1.095). The model of
+# it (bench/l2_prefetch.py, resident_gemv_*-h100.json): a 2 µs block then the o GEMV 12.78 µs a pair, 11.66 with
+# the block's early release, 13.05 resident; the resident GEMV alone 8.92 µs against the streamed one's 7.81.
+# An A/B knob (HYBRIDSERVE_RESIDENT_O=1; decode_latency.py's resident_o variants).
+RESIDENT_AFTER_BLOCK = os.environ.get("HYBRIDSERVE_RESIDENT_O", "0") == "1"
+RESIDENT_ROWS = 8
+RESIDENT_WARPS = 4
+RESIDENT_BK = 1024
+RESIDENT_MAX_TILES = 4
+
+
+@triton.jit
+def _resident_tile(w_ptr, rows, K, t, BK: tl.constexpr):
+    k = t * BK + tl.arange(0, BK)
+    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k[None, :], mask=(k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _resident_x(x_ptr, K, t, BK: tl.constexpr):
+    k = t * BK + tl.arange(0, BK)
+    return tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gemv_resident_kernel(x_ptr, w_ptr, y_ptr, N, K, R: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr,
+                          PDL: tl.constexpr):
+    r = tl.program_id(0) * R + tl.arange(0, R)
+    rows = tl.minimum(r, N - 1)          # in bounds; the store is masked
+    # the whole run of rows, before the wait (weights are constant during the step)
+    w0 = _resident_tile(w_ptr, rows, K, 0, BK)
+    if KT > 1:
+        w1 = _resident_tile(w_ptr, rows, K, 1, BK)
+    if KT > 2:
+        w2 = _resident_tile(w_ptr, rows, K, 2, BK)
+    if KT > 3:
+        w3 = _resident_tile(w_ptr, rows, K, 3, BK)
+    if PDL:
+        pdl.enter(PDL)
+    # every x tile's load goes out before the first product
+    x0 = _resident_x(x_ptr, K, 0, BK)
+    if KT > 1:
+        x1 = _resident_x(x_ptr, K, 1, BK)
+    if KT > 2:
+        x2 = _resident_x(x_ptr, K, 2, BK)
+    if KT > 3:
+        x3 = _resident_x(x_ptr, K, 3, BK)
+    y = tl.sum(w0.to(tl.float32) * x0[None, :], axis=1)
+    if KT > 1:
+        y += tl.sum(w1.to(tl.float32) * x1[None, :], axis=1)
+    if KT > 2:
+        y += tl.sum(w2.to(tl.float32) * x2[None, :], axis=1)
+    if KT > 3:
+        y += tl.sum(w3.to(tl.float32) * x3[None, :], axis=1)
+    tl.store(y_ptr + r, y.to(y_ptr.dtype.element_ty), mask=r < N)
+
+
+def resident_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear(x, weight, after_block=True)` runs the resident GEMV: on, one row on a GPU, a weight of
+    at most RESIDENT_MAX_TILES K tiles."""
+    return (RESIDENT_AFTER_BLOCK and x.is_cuda and x.shape[0] == 1 and weight.is_contiguous()
+            and x.shape[1] <= RESIDENT_MAX_TILES * RESIDENT_BK)
+
+
+def _gemv_resident(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    N, K = weight.shape
+    x = x.contiguous()
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    _gemv_resident_kernel[(triton.cdiv(N, RESIDENT_ROWS),)](
+        x, weight, y, N, K, R=RESIDENT_ROWS, BK=RESIDENT_BK, KT=triton.cdiv(K, RESIDENT_BK),
+        num_warps=RESIDENT_WARPS, num_stages=1, **pdl.launch_kwargs(x.device))
+    return y
+
+
 # Matmuls of more rows (batch 2 … MM_MAX_ROWS) run as a tensor-core GEMM of one row block: the weight
 # streams once, the few activation rows come from L2. It takes SiLU·mul of a stacked [gate; up] weight
 # (two accumulators) and the fp32 cast of the logits into its epilogue. Tiles per shape from a measured
@@ -678,7 +762,9 @@ def _add_norm(h, delta, norm_weight, eps):
     return add_rms_norm(delta, h, norm_weight, eps) if delta is not None else (h, rms_norm(h, norm_weight, eps))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, side: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, side: bool = False, after_block: bool = False) -> torch.Tensor:
+    if after_block and resident_applies(x, weight):
+        return _gemv_resident(x, weight)
     # on a side stream (NanoHammer's state entries) two narrow rows keep cuBLAS: as the GEMV they slowed its
     # batch-2 step (1.376 vs 1.331 ms, bench/results/decode_latency_narrow_rows-h100.json)
     gemv = x.shape[0] <= GEMV_MAX_ROWS if side else gemv_rows(*x.shape)

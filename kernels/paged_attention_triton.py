@@ -90,7 +90,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, 
                   BD: tl.constexpr, PAGE: tl.constexpr, BN: tl.constexpr, ENTRY: tl.constexpr, FUSED: tl.constexpr,
                   BGM: tl.constexpr, BSC: tl.constexpr, WRITE_LSE: tl.constexpr, ROPE: tl.constexpr,
                   NORM_Q: tl.constexpr, NORM_K: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr,
-                  F32_DOT: tl.constexpr, IDLE_EXIT: tl.constexpr, PDL: tl.constexpr):
+                  F32_DOT: tl.constexpr, IDLE_EXIT: tl.constexpr, KV_EARLY: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     sp = tl.program_id(2)
@@ -114,6 +114,26 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, 
     # decode graph at batch 1, three rounds in turn, leave vs wait (bench/results/decode_latency_idle_exit-h100.json):
     # NanoHammer 1.118 vs 1.120 ms, Kotodama-108M 0.615 vs 0.618, SmolLM2 0.520 vs 0.524, Kotodama-3B and
     # NeoLLM even.
+    # The program holding the sequence's last key (this step's own, one per sequence and kv head) takes that key
+    # apart from its tile loop (`own_seed`), with RoPE inside from registers, with KV_EARLY from the cache after
+    # the wait; its loop stops before it.
+    holder = sp == tl.maximum(used, 1) - 1
+    own = holder & (L > 0)
+    if not ROPE:
+        if not KV_EARLY:
+            own = L < 0                                   # none: the tile loop holds every key
+    end = tl.where(own, end - 1, end)
+    bt_row = bt_ptr + b * sbt_b
+    if KV_EARLY:      # the keys before this step's own are constant during the step: the first tile before the wait
+        tok0 = start + rn
+        mt0 = tok0 < end
+        k0, v0 = _kv_tile(k_ptr, v_ptr, bt_row, tok0, mt0, hkv, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, rd, md, PAGE,
+                          F32_DOT)
+        # and where the own key's slot is (the block table is the step's host-written metadata; a row with no keys
+        # reads a slot it ignores)
+        last = tl.maximum(L - 1, 0)
+        own_at = tl.load(bt_row + last // PAGE).to(tl.int64) * sk_p + (last % PAGE) * sk_t + hkv * sk_h
+        own_v_at = tl.load(bt_row + last // PAGE).to(tl.int64) * sv_p + (last % PAGE) * sv_t + hkv * sv_h
     if PDL:
         if run or not IDLE_EXIT:
             pdl.enter(PDL)
@@ -122,14 +142,17 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, 
         qrow = q_ptr + b.to(tl.int64) * sq_b
         c = tl.load(cos_ptr + b * sc_b + rd, mask=rd < ROT, other=1.).to(tl.float32)[None, :]
         sn = tl.load(sin_ptr + b * sc_b + rd, mask=rd < ROT, other=0.).to(tl.float32)[None, :]
-        if sp == tl.maximum(used, 1) - 1:   # one program per (sequence, kv head): the one holding the last key
-            kh = tl.full([1, 1], H, tl.int32) + hkv
-            k_new = _norm_rope(qrow, kh, rd[None, :], md[None, :], c, sn, kn_ptr, eps, NORM_K, D, ROT, HALF)
-            v_new = tl.load(qrow + (H + HKV + hkv) * D + rd, mask=md, other=0.)
+        kh = tl.full([1, 1], H, tl.int32) + hkv
+        k_new = _norm_rope(qrow, kh, rd[None, :], md[None, :], c, sn, kn_ptr, eps, NORM_K, D, ROT, HALF)
+        k_new = k_new.to(k_ptr.dtype.element_ty)                       # as the cache holds them
+        v_new = tl.load(qrow + (H + HKV + hkv) * D + rd, mask=md, other=0.).to(v_ptr.dtype.element_ty)
+        if holder:                           # writes the token's k, v for later steps
             slot = tl.load(slot_ptr + b).to(tl.int64)
-            tl.store(k_ptr + (slot * HKV + hkv) * D + rd[None, :], k_new.to(k_ptr.dtype.element_ty), mask=md[None, :])
-            tl.store(v_ptr + (slot * HKV + hkv) * D + rd, v_new.to(v_ptr.dtype.element_ty), mask=md)
-            tl.debug_barrier()           # the tile loop below reads them back
+            tl.store(k_ptr + (slot * HKV + hkv) * D + rd[None, :], k_new, mask=md[None, :])
+            tl.store(v_ptr + (slot * HKV + hkv) * D + rd, v_new, mask=md)
+    elif KV_EARLY:    # the own key as rope_write_kv wrote it this step
+        k_new = tl.load(k_ptr + own_at + rd[None, :], mask=md[None, :], other=0.)
+        v_new = tl.load(v_ptr + own_v_at + rd, mask=md, other=0.)
 
     if run:
         if ROPE:
@@ -150,10 +173,23 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, 
             m = tl.where(first, se, m)
             l = tl.where(first, 1., l)
             acc = tl.where(first, acc + ve[None, :], acc)
-        for n0 in range(start, end, BN):
+        if ROPE or KV_EARLY:      # the token's own key/value into the softmax of the program holding it
+            se = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale_log2
+            m_own = tl.where(own, tl.maximum(m, se), m)
+            alpha = tl.where(own, tl.exp2(m - m_own), 1.)
+            p_own = tl.where(own, tl.exp2(se - m_own), 0.)
+            l = l * alpha + p_own
+            acc = acc * alpha[:, None] + p_own[:, None] * v_new.to(tl.float32)[None, :]
+            m = m_own
+        first = start
+        if KV_EARLY:
+            if start < end:
+                m, l, acc = _softmax_tile(q, k0, v0, mt0, m, l, acc, scale_log2)
+            first = start + BN
+        for n0 in range(first, end, BN):
             tok = n0 + rn
             mt = tok < end
-            k, v = _kv_tile(k_ptr, v_ptr, bt_ptr + b * sbt_b, tok, mt, hkv, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h,
+            k, v = _kv_tile(k_ptr, v_ptr, bt_row, tok, mt, hkv, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h,
                             rd, md, PAGE, F32_DOT)
             m, l, acc = _softmax_tile(q, k, v, mt, m, l, acc, scale_log2)
 
@@ -372,9 +408,10 @@ def decode_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_hea
                 eps: float = 1e-5, entry: tuple[torch.Tensor, torch.Tensor] | None = None,
                 return_lse: bool = False):
     """`rope_write_kv` then `decode` as one kernel: each program normalises / rotates its q heads from the
-    raw projection qkv [B, H + 2·Hkv, D], and the program holding a sequence's last key first writes the
-    step's k, v to slot_mapping[b] (so they need no separate kernel and no round trip before the
-    attention). Returns o [B, H, D] (and lse)."""
+    raw projection qkv [B, H + 2·Hkv, D], and the program holding a sequence's last key writes the step's k, v
+    to slot_mapping[b] for later steps and takes them into its softmax from registers (its tile loop stops
+    before that key), so they need no separate kernel and no round trip before the attention. Returns
+    o [B, H, D] (and lse)."""
     D = qkv.shape[-1]
     if qkv.stride(-1) != 1 or qkv.stride(1) != D:
         qkv = qkv.contiguous()
@@ -391,6 +428,15 @@ def decode_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_hea
 FUSED_MERGE = False
 MERGE_CHUNK = 8   # partials merged per step by that program
 IDLE_EXIT = True  # split programs with no keys leave without waiting on the kernel before (an A/B knob)
+# Each split program loads its first tile of cached keys and values (and the own key's page) before its PDL wait:
+# they were written by earlier steps and do not change during this one, so their HBM latency could overlap the
+# kernels before it; the step's own key, written this step, goes into the softmax on its own after the wait.
+# Off: slower everywhere measured. H100 decode graphs, batch 1, context 128, on vs off in turn (bench/results/
+# decode_latency_kv_early-h100.json, 3 rounds, own page read after the wait; decode_latency_kv_early_b-h100.json,
+# 5 rounds, before): Llama-3.2-3B shapes 2.651 / 2.649 vs 2.622 / 2.623 ms, NanoHammer 1.119 / 1.117 vs
+# 1.114 / 1.110, Kotodama-3B 2.627 / 2.623 vs 2.615 / 2.609, Kotodama-108M 0.621 / 0.619 vs 0.606 / 0.603;
+# batch 8 0.1-0.7 % slower. An A/B knob (bench/decode_latency.py `kv_early`).
+KV_EARLY = False
 MERGE_SMALL = 8        # partials the merge kernel takes in one small tile when a sequence uses no more ...
 MERGE_CHUNK_BIG = 64   # ... else this many at a time
 
@@ -427,7 +473,8 @@ def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, e
             ENTRY=entry is not None, FUSED=fused, BGM=triton.next_power_of_2(G), BSC=MERGE_CHUNK,
             WRITE_LSE=return_lse, ROPE=rope is not None, NORM_Q=q_norm is not None, NORM_K=k_norm is not None,
             ROT=rot, HALF=rot // 2,
-            F32_DOT=INTERPRETED, IDLE_EXIT=IDLE_EXIT, num_warps=NUM_WARPS, **pdl.launch_kwargs(q.device, early=True))
+            F32_DOT=INTERPRETED, IDLE_EXIT=IDLE_EXIT, KV_EARLY=KV_EARLY, num_warps=NUM_WARPS,
+            **pdl.launch_kwargs(q.device, early=True))
         if not fused:
             bs = triton.next_power_of_2(splits)
             _merge_kernel[(B, H)](po, pm, pl, o, lse, seq_lens, o.stride(0), o.stride(1), splits,

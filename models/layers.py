@@ -138,7 +138,10 @@ def cached_attention(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], met
 # split merge (paged_attention_triton.FUSED_MERGE) inside: NanoHammer 1.256 / 1.226 → 1.272 / 1.195 → 1.235 /
 # 1.200, Kotodama-3B 2.806 / 2.727 → 2.827 / 2.842 → 2.969 / 2.883, Kotodama-108M 0.734 / 0.759 → 0.737 /
 # 0.707 → 0.755 / 0.761, NeoLLM 0.383 / 0.359 → 0.384 / 0.374 → 0.389 / 0.358. The program holding the last
-# key writes and re-reads the step's k/v before its loop: a chain about as long as the boundary it saves.
+# key wrote and re-read the step's k/v before its loop then; it now takes them from registers (no round trip),
+# and it is still slower: separate vs one kernel, three rounds in turn (bench/results/decode_latency_attn_seed-
+# h100.json) Llama-3.2-3B shapes 2.644 vs 2.677 ms, NanoHammer 1.110 vs 1.115, Kotodama-3B 2.610 vs 2.692; with the
+# splits merged by the last of them too 2.856 / 1.138 / 2.772.
 ATTN_STEP_FUSED = False
 
 

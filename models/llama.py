@@ -176,7 +176,7 @@ class LlamaModel:
                                         cache.kv[i], meta, self.scale, lw.get("q_norm"), lw.get("k_norm"), eps, entry)
             h, o = norm_attention(h, delta, lw["attn_norm"], lw["qkv"], cos, sin, H, cache.kv[i], meta, self.scale,
                                   lw.get("q_norm"), lw.get("k_norm"), eps, entry, prefetch=(lw["o"], lw["gate_up"]))
-            return h, fused.linear(o.reshape(T, -1), lw["o"])
+            return h, fused.linear(o.reshape(T, -1), lw["o"], after_block=True)
 
         if not c.attn_res:
             delta = None                                   # the pending sublayer output, added with the next norm

@@ -193,8 +193,8 @@ class SpartacusModel:
                 h, qkvz = fused.add_norm_linear(h, delta, lw["attn_norm"], lw["qkvz"], eps)
                 q, k, v, log_a = fused.monoid_prep(qkvz, *norms)
                 o = ops.varlen_prefill(q, k, v, log_a, meta.cu_seqlens, pools[i], meta.slot_ids)
-            h, g = fused.add_norm_linear_silu_mul(h, fused.linear(o.reshape(o.shape[0], -1), lw["o"]),
-                                                  lw["ffn_norm"], lw["gate_up"], eps)
+            o = fused.linear(o.reshape(o.shape[0], -1), lw["o"], after_block=True)
+            h, g = fused.add_norm_linear_silu_mul(h, o, lw["ffn_norm"], lw["gate_up"], eps)
             delta = fused.linear(g, lw["down"])
         h, delta = logit_rows(meta, h, delta)
         return fused.add_norm_linear(h, delta, self.norm, self.lm_head, eps, out_dtype=torch.float32)[1]

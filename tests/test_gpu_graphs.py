@@ -57,6 +57,35 @@ def test_graph_matches_eager_and_reference(model, batch, feed):
         assert_close(torch.cat(got_g[b]), torch.cat(got_e[b]), 1e-4)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graph_with_resident_o_matches(model, batch, monkeypatch):
+    """The same checks with the o projection held in registers before the attention ends
+    (fused_triton.RESIDENT_AFTER_BLOCK: batch 1) and the token mixer's kernels releasing the next launch before
+    their waits (pdl.EARLY_MIXER)."""
+    from hybridserve.kernels import fused_triton, pdl
+    monkeypatch.setattr(fused_triton, "RESIDENT_AFTER_BLOCK", True)
+    monkeypatch.setattr(pdl, "EARLY_MIXER", True)
+    test_graph_matches_eager_and_reference(model, batch, "chunks")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graph_with_attention_in_one_kernel_matches(model, batch, monkeypatch):
+    """The same checks with a decode step's QK-norm, RoPE, KV write and attention in one kernel
+    (layers.ATTN_STEP_FUSED: each row's own key taken from registers)."""
+    from hybridserve.models import layers
+    monkeypatch.setattr(layers, "ATTN_STEP_FUSED", True)
+    test_graph_matches_eager_and_reference(model, batch, "chunks")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graph_with_kv_early_matches(model, batch, monkeypatch):
+    """The same checks with each attention split program's first k/v tile read before its PDL wait
+    (paged_attention_triton.KV_EARLY)."""
+    from hybridserve.kernels import paged_attention_triton
+    monkeypatch.setattr(paged_attention_triton, "KV_EARLY", True)
+    test_graph_matches_eager_and_reference(model, batch, "chunks")
+
+
 @pytest.mark.parametrize("first_wants_logits", [True, False])
 def test_prefill_graph_matches_eager(model, first_wants_logits):
     """A prompt in two chunks (5 tokens: bucket 32; then 40: bucket 64) replayed from prefill graphs gives
