@@ -9,7 +9,10 @@ attention's dependent reads are), and extra programs may issue L2 prefetches of 
 decode step; timed in turn, `--rounds` times. Also timed: the GEMV alone, cold and L2-warm (one copy 8 times),
 and the block alone with each prefetch mode; and, for the streamed GEMV's grid settings, a whole layer's four
 GEMVs (Llama-3.2-3B shapes, 8 layers' worth of copies) with and without the block between q|k|v and o: what a
-latency-bound block between two GEMVs costs beyond its own time.
+latency-bound block between two GEMVs costs beyond its own time. And the o GEMV with its weight held in registers
+before the block ends (fused_triton.RESIDENT_AFTER_BLOCK; `--quick` leaves out the prefetch modes and grid
+settings): alone, after the block (which releases its launch early, as pdl.EARLY_MIXER's kernels do), and in the
+layer; against the streamed GEMV at the same 64-register cap (the `_nreg64` cases).
 
 Writes $OUT/l2_prefetch.json (or bench/results/l2_prefetch.json).
 """

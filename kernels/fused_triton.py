@@ -601,7 +601,8 @@ def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, config):
 # 1.071 / 1.092 / 1.080 / 1.095, NanoHammer 1.110 / 1.099 / 1.110 / 1.103 (4 rows, 2 warps: 1.095). The model of
 # it (bench/l2_prefetch.py, resident_gemv_*-h100.json): a 2 µs block then the o GEMV 12.78 µs a pair, 11.66 with
 # the block's early release, 13.05 resident; the resident GEMV alone 8.92 µs against the streamed one's 7.81.
-# An A/B knob (HYBRIDSERVE_RESIDENT_O=1; decode_latency.py's resident_o variants).
+# An A/B knob (HYBRIDSERVE_RESIDENT_O=1, with HYBRIDSERVE_PDL_EARLY_MIXER=1 for the early launch;
+# decode_latency.py's resident_o variants set both).
 RESIDENT_AFTER_BLOCK = os.environ.get("HYBRIDSERVE_RESIDENT_O", "0") == "1"
 RESIDENT_ROWS = 8
 RESIDENT_WARPS = 4

@@ -115,8 +115,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, 
     # NanoHammer 1.118 vs 1.120 ms, Kotodama-108M 0.615 vs 0.618, SmolLM2 0.520 vs 0.524, Kotodama-3B and
     # NeoLLM even.
     # The program holding the sequence's last key (this step's own, one per sequence and kv head) takes that key
-    # apart from its tile loop (`own_seed`), with RoPE inside from registers, with KV_EARLY from the cache after
-    # the wait; its loop stops before it.
+    # into its softmax apart from its tile loop, which stops before it: from registers with RoPE inside, from the
+    # cache after the wait with KV_EARLY.
     holder = sp == tl.maximum(used, 1) - 1
     own = holder & (L > 0)
     if not ROPE:
@@ -132,8 +132,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, 
         # and where the own key's slot is (the block table is the step's host-written metadata; a row with no keys
         # reads a slot it ignores)
         last = tl.maximum(L - 1, 0)
-        own_at = tl.load(bt_row + last // PAGE).to(tl.int64) * sk_p + (last % PAGE) * sk_t + hkv * sk_h
-        own_v_at = tl.load(bt_row + last // PAGE).to(tl.int64) * sv_p + (last % PAGE) * sv_t + hkv * sv_h
+        own_page = tl.load(bt_row + last // PAGE).to(tl.int64)
+        own_at = own_page * sk_p + (last % PAGE) * sk_t + hkv * sk_h
+        own_v_at = own_page * sv_p + (last % PAGE) * sv_t + hkv * sv_h
     if PDL:
         if run or not IDLE_EXIT:
             pdl.enter(PDL)
