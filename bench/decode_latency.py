@@ -270,7 +270,6 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "select_pdl_off": (*_knob(sampling_triton, "SELECT_PDL"), False),  # argmax kernels without PDL
             "table_narrow": (*_knob(sys.modules[__name__], "NARROW_TABLE"), True),  # the Setup's pages only
             "kv_early": (*_knob(pat, "KV_EARLY"), True),   # the attention's first k/v tile before its PDL wait
-            "kv_after_wait": (*_knob(pat, "KV_EARLY"), False),   # ... after it (the default)
             "idle_wait": (*_knob(pat, "IDLE_EXIT"), False),   # attention splits with no keys wait all the same
             "target_1024": (*_knob(pat, "TARGET_PROGRAMS"), 1024),   # attention grids of 1024 programs, not a wave
             # the step's ends as before: torch index kernels for the embedding and cos/sin, argmax without PDL

@@ -87,14 +87,14 @@ class _resident(_gemv_setting):
     a program, while a graph is captured; the streamed GEMVs capped at 64 registers (their default now), so
     compare with the `_nreg64` cases."""
 
-    def __init__(self, rows=None, warps=None, on=True):
+    def __init__(self, rows=None, warps=None):
         super().__init__(maxnreg=64)
-        self.rows, self.warps, self.on = rows, warps, on
+        self.rows, self.warps = rows, warps
 
     def __enter__(self):
         super().__enter__()
         self.saved_resident = ft.RESIDENT_AFTER_BLOCK, ft.RESIDENT_ROWS, ft.RESIDENT_WARPS
-        ft.RESIDENT_AFTER_BLOCK = self.on
+        ft.RESIDENT_AFTER_BLOCK = True
         ft.RESIDENT_ROWS, ft.RESIDENT_WARPS = self.rows or ft.RESIDENT_ROWS, self.warps or ft.RESIDENT_WARPS
 
     def __exit__(self, *exc):
@@ -176,9 +176,9 @@ def main():
     residents = {"": _resident(), "_r4w2": _resident(rows=4, warps=2), "_r16w8": _resident(rows=16, warps=8)}
     graphs["pair_release_nreg64"] = capture(
         lambda: [(idle(chase, out, s, w, args.steps, release=True), ft.linear(x, w)) for s, w in zip(starts, ws)],
-        _resident(on=False))
+        _gemv_setting(maxnreg=64))
     graphs["layer_block_release_nreg64"] = capture(lambda: [layer(k, True, True) for k in range(COPIES)],
-                                                   _resident(on=False))
+                                                   _gemv_setting(maxnreg=64))
     for tag, setting in residents.items():
         graphs[f"gemv_resident_cold{tag}"] = capture(lambda: [ft.linear(x, w, after_block=True) for w in ws], setting)
         graphs[f"pair_resident{tag}"] = capture(

@@ -249,6 +249,15 @@ def _gemv_out(acc, acc_up, scale, w_ptr, NORM: tl.constexpr, SILU_MUL: tl.conste
 
 
 @triton.jit
+def _delta_as_stored(d, d_ptr, h_ptr):
+    """A residual delta (fp32 values) as a matmul would have stored it in the residual's dtype: fp32 sums
+    (kernels/attention_o*.py) rounded to it first; a delta already in that dtype passes through."""
+    if d_ptr.dtype.element_ty != h_ptr.dtype.element_ty:
+        d = d.to(h_ptr.dtype.element_ty).to(tl.float32)
+    return d
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, eps, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
                  SILU_MUL: tl.constexpr, PDL: tl.constexpr):
@@ -284,11 +293,8 @@ def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, eps, BM
             mx = mk & ((kk * 0 + r) < M)
             x = tl.load(x_ptr + r * sx + kk, mask=mx, other=0.0).to(tl.float32)
             if ADD:     # the residual stream as stored (rounded), then normalised, as add_rms_norm
-                d = tl.load(d_ptr + r * sx + kk, mask=mx, other=0.0)
-                if d_ptr.dtype.element_ty != h_ptr.dtype.element_ty:   # fp32 sums (attention_o)
-                    d = d.to(h_ptr.dtype.element_ty)
-                hx = (x + d.to(tl.float32))
-                hx = hx.to(h_ptr.dtype.element_ty)
+                d = _delta_as_stored(tl.load(d_ptr + r * sx + kk, mask=mx, other=0.0).to(tl.float32), d_ptr, h_ptr)
+                hx = (x + d).to(h_ptr.dtype.element_ty)
                 if pid == 0:
                     tl.store(h_ptr + r * K + kk, hx, mask=mx)
                 x = hx.to(tl.float32)
@@ -409,9 +415,7 @@ def _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, mk, STORE_H, ADD: tl.constexpr, N
     """One K tile of the matmul's input: (x [+ delta, rounded as stored]) [* norm weight], and its x."""
     x = _load_f32(x_ptr + kk, mk, CG)
     if ADD:
-        d = _load_f32(d_ptr + kk, mk, CG)
-        if d_ptr.dtype.element_ty != h_ptr.dtype.element_ty:   # fp32 sums (attention_o): rounded as stored
-            d = d.to(h_ptr.dtype.element_ty).to(tl.float32)
+        d = _delta_as_stored(_load_f32(d_ptr + kk, mk, CG), d_ptr, h_ptr)
         hx = (x + d).to(h_ptr.dtype.element_ty)
         if STORE_H:
             tl.store(h_ptr + kk, hx, mask=mk)

@@ -118,10 +118,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, 
     # into its softmax apart from its tile loop, which stops before it: from registers with RoPE inside, from the
     # cache after the wait with KV_EARLY.
     holder = sp == tl.maximum(used, 1) - 1
-    own = holder & (L > 0)
-    if not ROPE:
-        if not KV_EARLY:
-            own = L < 0                                   # none: the tile loop holds every key
+    own = L < 0                                           # none: the tile loop holds every key
+    if ROPE or KV_EARLY:
+        own = holder & (L > 0)
     end = tl.where(own, end - 1, end)
     bt_row = bt_ptr + b * sbt_b
     if KV_EARLY:      # the keys before this step's own are constant during the step: the first tile before the wait

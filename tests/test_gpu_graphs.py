@@ -57,32 +57,23 @@ def test_graph_matches_eager_and_reference(model, batch, feed):
         assert_close(torch.cat(got_g[b]), torch.cat(got_e[b]), 1e-4)
 
 
+# Opt-in decode knobs, each graph vs eager vs reference: the o projection held in registers before the attention
+# ends (fused_triton.RESIDENT_AFTER_BLOCK, batch 1) with the token mixer's kernels releasing the next launch before
+# their waits (pdl.EARLY_MIXER); QK-norm, RoPE, KV write and attention in one kernel, each row's own key from
+# registers (layers.ATTN_STEP_FUSED); each attention split program's first k/v tile read before its PDL wait
+# (paged_attention_triton.KV_EARLY).
+KNOBS = {"resident_o": [("kernels.fused_triton", "RESIDENT_AFTER_BLOCK"), ("kernels.pdl", "EARLY_MIXER")],
+         "attention_in_one_kernel": [("models.layers", "ATTN_STEP_FUSED")],
+         "kv_early": [("kernels.paged_attention_triton", "KV_EARLY")]}
+
+
+@pytest.mark.parametrize("knobs", sorted(KNOBS))
 @pytest.mark.parametrize("batch", [1, 3])
-def test_graph_with_resident_o_matches(model, batch, monkeypatch):
-    """The same checks with the o projection held in registers before the attention ends
-    (fused_triton.RESIDENT_AFTER_BLOCK: batch 1) and the token mixer's kernels releasing the next launch before
-    their waits (pdl.EARLY_MIXER)."""
-    from hybridserve.kernels import fused_triton, pdl
-    monkeypatch.setattr(fused_triton, "RESIDENT_AFTER_BLOCK", True)
-    monkeypatch.setattr(pdl, "EARLY_MIXER", True)
-    test_graph_matches_eager_and_reference(model, batch, "chunks")
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_graph_with_attention_in_one_kernel_matches(model, batch, monkeypatch):
-    """The same checks with a decode step's QK-norm, RoPE, KV write and attention in one kernel
-    (layers.ATTN_STEP_FUSED: each row's own key taken from registers)."""
-    from hybridserve.models import layers
-    monkeypatch.setattr(layers, "ATTN_STEP_FUSED", True)
-    test_graph_matches_eager_and_reference(model, batch, "chunks")
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_graph_with_kv_early_matches(model, batch, monkeypatch):
-    """The same checks with each attention split program's first k/v tile read before its PDL wait
-    (paged_attention_triton.KV_EARLY)."""
-    from hybridserve.kernels import paged_attention_triton
-    monkeypatch.setattr(paged_attention_triton, "KV_EARLY", True)
+def test_graph_with_knob_matches(model, batch, knobs, monkeypatch):
+    """test_graph_matches_eager_and_reference's checks with one opt-in knob set (KNOBS) turned on."""
+    import importlib
+    for mod, attr in KNOBS[knobs]:
+        monkeypatch.setattr(importlib.import_module(f"hybridserve.{mod}"), attr, True)
     test_graph_matches_eager_and_reference(model, batch, "chunks")
 
 
