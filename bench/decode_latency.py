@@ -269,7 +269,9 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "head_unpadded": (*_knob(neollm_ops_triton, "PADDED_HEAD"), False),  # NeoLLM's head on its own rows
             "select_pdl_off": (*_knob(sampling_triton, "SELECT_PDL"), False),  # argmax kernels without PDL
             "table_narrow": (*_knob(sys.modules[__name__], "NARROW_TABLE"), True),  # the Setup's pages only
-            "kv_early": (*_knob(pat, "KV_EARLY"), True),   # the attention's first k/v tile before its PDL wait
+            "kv_early": (*_knob(pat, "KV_EARLY"), True),
+            # the o projection with the general streamed-GEMV setting (fused_triton.AFTER_BLOCK_STREAM)
+            "after_block_general": (*_knob(ft, "AFTER_BLOCK_STREAM"), None),   # the attention's first k/v tile before its PDL wait
             "idle_wait": (*_knob(pat, "IDLE_EXIT"), False),   # attention splits with no keys wait all the same
             "target_1024": (*_knob(pat, "TARGET_PROGRAMS"), 1024),   # attention grids of 1024 programs, not a wave
             # the step's ends as before: torch index kernels for the embedding and cos/sin, argmax without PDL
@@ -279,9 +281,22 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
 PDL_COMPARE = ("pdl_off", "gemv_one_row_only")
 
 
+def _stream_shape(name: str):
+    """A variant "stream:NxKxS=BN/BK/W/P/R": the streamed GEMV of [N, K] weights (S stacked) with that setting
+    (fused_triton.GEMV_STREAM_SHAPES); several shapes joined by "+"."""
+    settings = {}
+    for part in name.split(":", 1)[1].split("+"):
+        shape, cfg = part.split("=")
+        N, K, S = (int(v) for v in shape.split("x"))
+        BN, BK, W, P, R = (int(v) for v in cfg.split("/"))
+        settings[(N, K, S)] = (BN, BK, W, P, bool(R))
+    return (lambda: ft.GEMV_STREAM_SHAPES, lambda v: setattr(ft, "GEMV_STREAM_SHAPES", v),
+            {**ft.GEMV_STREAM_SHAPES, **settings})
+
+
 def variant_step(model, s: Setup, B: int, name: str):
     """graph_step captured with the variant's knob set (None when the knob already has that value)."""
-    get, put, value = VARIANTS[name]
+    get, put, value = _stream_shape(name) if name.startswith("stream:") else VARIANTS[name]
     before = get()
     if before == value:
         return None

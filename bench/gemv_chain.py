@@ -192,7 +192,7 @@ STREAM_SHAPES = [s for s in SHAPES if s[5] == 1] + [
     ("k3b-qkv", 5120, 3072, False, True, 1), ("k3b-o", 3072, 3072, False, False, 1),
     ("k3b-gate_up", 8192, 3072, True, True, 1), ("k3b-down", 3072, 8192, False, False, 1),
     ("k3b-head", 49152, 3072, False, True, 1)]
-STREAM_CONFIGS = [(bn, 2048, 8, pps) for bn in (2, 4, 8) for pps in (2, 4, 6, 8)]
+STREAM_CONFIGS = [(bn, 2048, 8, pps, False) for bn in (2, 4, 8) for pps in (2, 4, 6, 8)]
 
 
 def stream_sweep(bw):
@@ -265,8 +265,8 @@ def main():
         out["stream_sweep"], stream_best = stream_sweep(bw)
         out["stream_best"] = [[*k, *v] for k, v in stream_best.items()]
 
-        def stream_tuned(N, K, stacked=1):
-            return stream_best.get((N, K, stacked)) or DEFAULT_STREAM(N, K, stacked)
+        def stream_tuned(N, K, stacked=1, after_block=False):
+            return stream_best.get((N, K, stacked)) or DEFAULT_STREAM(N, K, stacked, after_block)
         for label, fn in (("stream default", DEFAULT_STREAM), ("stream best-per-shape", stream_tuned)):
             chain_row(f"triton {label} pdl=1", GEMV_STREAM=True, gemv_stream_config=fn)
         if archs:

@@ -75,7 +75,7 @@ class _gemv_setting:
         self.saved = ft.gemv_stream_config, ft.GEMV_STREAM_MAXNREG
         base = ft.gemv_stream_config
         if self.per_sm:
-            ft.gemv_stream_config = lambda *a, **k: (c[:3] + (self.per_sm,) if (c := base(*a, **k)) else c)
+            ft.gemv_stream_config = lambda *a, **k: (c[:3] + (self.per_sm,) + c[4:] if (c := base(*a, **k)) else c)
         ft.GEMV_STREAM_MAXNREG = self.maxnreg
 
     def __exit__(self, *exc):

@@ -322,17 +322,19 @@ def _gemv_inputs(x, delta):
     return x, delta, h
 
 
-def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu_mul=False, per_sm=None):
-    """A few rows: returns (x + delta or x, y); per_sm: the streamed GEMV's programs per SM (None: its config's)."""
+def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu_mul=False, per_sm=None,
+          after_block=False):
+    """A few rows: returns (x + delta or x, y); per_sm: the streamed GEMV's programs per SM (None: its config's);
+    after_block: see gemv_stream_config."""
     M, K = x.shape
     assert weight.is_contiguous() and weight.shape[-1] == K and gemv_rows(M, K)
     x, delta, h = _gemv_inputs(x, delta)
     y = torch.empty(M, out_features, dtype=out_dtype or x.dtype, device=x.device)
     if M == 0:
         return h, y
-    stream = GEMV_STREAM and M == 1 and gemv_stream_config(out_features, K, 2 if silu_mul else 1)
+    stream = GEMV_STREAM and M == 1 and gemv_stream_config(out_features, K, 2 if silu_mul else 1, after_block)
     if stream and per_sm:
-        stream = stream[:3] + (per_sm,)
+        stream = stream[:3] + (per_sm,) + stream[4:]
     if stream:
         _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, stream)
         return h, y
@@ -347,8 +349,8 @@ def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu
 
 # The one-row GEMV as a stream: a grid of a few programs per SM, each reading one contiguous run of row
 # blocks, tile after tile, the next tile's load issued before the current one's product (two tiles in
-# flight per program). The runs are equal, so programs finish together and the next kernel (programmatic
-# dependent launch) is released at once (capped at 64 registers all 4 of an SM's programs are resident; at
+# flight per program). The runs differ by at most one block, and the next kernel (programmatic dependent
+# launch) is released as soon as all have waited (capped at 64 registers all 4 of an SM's programs are resident; at
 # the compiler's 78-94, 3 are, and the 4th starts as one of them leaves: see GEMV_STREAM_MAXNREG). The
 # residual add / RMSNorm / SiLU·mul are those of _gemv_kernel. Used for rows of 2048+ (gemv_stream_config):
 # whole batch-1 steps, plain → stream, alternating in one run (bench/results/gemv_stream_steps-h100.json):
@@ -364,17 +366,40 @@ GEMV_STREAM = True
 GEMV_STREAM_MAXNREG: int | None = 64
 
 
-def gemv_stream_config(N: int, K: int, stacked: int = 1) -> tuple[int, int, int, int] | None:
-    """(rows per block BN, K tile BK, warps, programs per SM) for `stacked` [N, K] weights, or None where the
-    plain GEMV stays (rows shorter than 2048: the ~100M models, not measured with the stream).
+# Per-shape settings that win over the rules below, {(N, K, stacked): (BN, BK, warps, per SM, by rows)}: for
+# A/B runs (bench/decode_latency.py's "stream:" variants).
+GEMV_STREAM_SHAPES: dict[tuple[int, int, int], tuple[int, int, int, int, bool]] = {}
+# The GEMV after a latency-bound block (`linear(after_block=True)`: the o projection after the attention):
+# 1024-wide K tiles, 4 warps, 8 programs per SM (each then has one 4-row block at Llama-3.2-3B's 3072² and the
+# 2048² of NanoHammer and Spartacus). H100 decode graphs, batch 1, context 128, three rounds in turn
+# (bench/results/decode_latency_o_config-h100.json), the general setting → this one: Llama-3.2-3B shapes
+# 2.643 → 2.627 ms, Kotodama-3B 2.615 → 2.586, NanoHammer 1.108 → 1.098, Spartacus 1.069 → 1.063; 2 rows a
+# block, 2048-wide tiles, 8-row or 1-row blocks, 2 warps × 16 per SM: between the two. As the default, against
+# the general setting (decode_latency_after_block-h100.json): 2.625 vs 2.629, 2.581 vs 2.610, 1.101 vs 1.109,
+# 1.063 vs 1.070. Alone in chains of its own shape (bench/gemv_tail.py) it was even: the gain is in the step,
+# after the attention's few programs, not found by the isolated sweep. None: the general setting.
+AFTER_BLOCK_STREAM: tuple[int, int, int, int, bool] | None = (4, 1024, 4, 8, False)
+
+
+def gemv_stream_config(N: int, K: int, stacked: int = 1,
+                       after_block: bool = False) -> tuple[int, int, int, int, bool] | None:
+    """(rows per block BN, K tile BK, warps, programs per SM, runs split by rows) for `stacked` [N, K]
+    weights, or None where the plain GEMV stays (rows shorter than 2048: the ~100M models, not measured with
+    the stream). `after_block`: the GEMV's input comes from a latency-bound block (AFTER_BLOCK_STREAM).
 
     From bench/gemv_chain.py's stream sweep (H100, bench/results/gemv_chain_stream-h100.json, µs at batch 1):
     whole 2048-wide K tiles, 8 warps and 4 programs per SM; 4 rows a block (2 for a stacked [gate; up] pair):
     Spartacus qkvz 14.4 → 12.4, down 13.1 → 12.6; Kotodama-3B qkv 14.7 → 14.0, o 8.8 → 8.0, gate_up
-    39.8 → 36.7, down 20.0 → 18.9 (the 2048-square o and the heads: even)."""
+    39.8 → 36.7, down 20.0 → 18.9 (the 2048-square o and the heads: even). Runs split by rows (a program's
+    run may start inside a block; `_stream_span`) were slower in whole steps everywhere, with these tiles and
+    with the after-block ones (bench/results/decode_latency_stream_rules-h100.json): A/B only."""
     if K < 2048:
         return None
-    return (2 if stacked > 1 else 4), 2048, 8, 4
+    if (N, K, stacked) in GEMV_STREAM_SHAPES:
+        return GEMV_STREAM_SHAPES[(N, K, stacked)]
+    if after_block and AFTER_BLOCK_STREAM and stacked == 1:
+        return AFTER_BLOCK_STREAM
+    return (2 if stacked > 1 else 4), 2048, 8, 4, False
 
 
 @lru_cache(maxsize=None)
@@ -427,11 +452,18 @@ def _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, mk, STORE_H, ADD: tl.constexpr, N
 
 
 @triton.jit
-def _stream_span(N, pid, G, BN: tl.constexpr, KT: tl.constexpr):
-    """A program's share of a streamed GEMV: first row block b0 and its T tiles (blocks b0 … b1-1, KT each)."""
-    nb = tl.cdiv(N, BN)
-    b0 = pid * nb // G
-    return b0, ((pid + 1) * nb // G - b0) * KT
+def _stream_span(N, pid, G, BN: tl.constexpr, KT: tl.constexpr, ROWS: tl.constexpr = False):
+    """A program's share of a streamed GEMV: rows r0 … r1-1 in T tiles (KT per run of BN rows). Split by
+    blocks of BN rows (the last block of the matrix may be short), or, ROWS, by rows: each program's run
+    then starts anywhere and its last block may be short (`ROWSPLIT_STREAM`)."""
+    if ROWS:
+        r0 = pid * N // G
+        r1 = (pid + 1) * N // G
+    else:
+        nb = tl.cdiv(N, BN)
+        r0 = (pid * nb // G) * BN
+        r1 = tl.minimum(((pid + 1) * nb // G) * BN, N)
+    return r0, r1, tl.cdiv(r1 - r0, BN) * KT
 
 
 @triton.jit
@@ -452,16 +484,16 @@ def _row_of(r, h, NH: tl.constexpr, HD: tl.constexpr, GD: tl.constexpr, PD: tl.c
 
 
 @triton.jit
-def _stream_tile(w_ptr, N, K, b0, t, T, BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr,
+def _stream_tile(w_ptr, N, K, r0, r1, t, T, BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr,
                  SILU_MUL: tl.constexpr, h=0, NH: tl.constexpr = 0, HD: tl.constexpr = 0, GD: tl.constexpr = 0,
                  PD: tl.constexpr = 0):
-    """Weight tile t of a program's run (zeros past its end), and its [up] half for a stacked pair; NH > 0:
-    the rows of head h, N of them; PD > 0: rows in RoPE pairs (`_row_of`)."""
+    """Weight tile t of a program's run of rows r0 … r1-1 (`_stream_span`; zeros past its end), and its [up]
+    half for a stacked pair (N rows on); NH > 0: the rows of head h; PD > 0: rows in RoPE pairs (`_row_of`)."""
     rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    r = (b0 + t // KT) * BN + rn
+    r = r0 + (t // KT) * BN + rn
     k = (t % KT) * BK + rk
-    m = ((r < N) & (rn * 0 + t < T))[:, None] & (k < K)[None, :]
+    m = ((r < r1) & (rn * 0 + t < T))[:, None] & (k < K)[None, :]
     off = _row_of(r, h, NH, HD, GD, PD)[:, None].to(tl.int64) * K + k[None, :]
     w = tl.load(w_ptr + off, mask=m, other=0.0)
     u = w
@@ -471,12 +503,13 @@ def _stream_tile(w_ptr, N, K, b0, t, T, BN: tl.constexpr, BK: tl.constexpr, KT: 
 
 
 @triton.jit
-def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w, u, STORE_H,
+def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, r0, r1, T, w, u, STORE_H,
                  BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
                  SILU_MUL: tl.constexpr, CG: tl.constexpr, h=0, NH: tl.constexpr = 0, HD: tl.constexpr = 0,
                  GD: tl.constexpr = 0, PD: tl.constexpr = 0, NQ: tl.constexpr = 0, NKV: tl.constexpr = 0,
                  cos_ptr=0, sin_ptr=0, kc_ptr=0, vc_ptr=0, slot_ptr=0):
-    """A program's run of a streamed GEMV, its first weight tile (w, u) already loaded; NH > 0: the rows of
+    """A program's run (rows r0 … r1-1 in T tiles) of a streamed GEMV, its first weight tile (w, u) already
+    loaded; NH > 0: the rows of
     head h, PD > 0: rows in RoPE pairs (`_row_of`), each output stored at its weight row's place (PD: as
     `_rope_kv_store` stores it)."""
     rn = tl.arange(0, BN)
@@ -497,7 +530,7 @@ def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w,
     for t in range(0, T):
         kt = t % KT
         # the next tile's load goes out before this tile's product
-        w_next, u_next = _stream_tile(w_ptr, N, K, b0, t + 1, T, BN, BK, KT, SILU_MUL, h, NH, HD, GD, PD)
+        w_next, u_next = _stream_tile(w_ptr, N, K, r0, r1, t + 1, T, BN, BK, KT, SILU_MUL, h, NH, HD, GD, PD)
         if KT > 1:
             if CG:      # x comes from L2: its next tile goes out with the next weight tile
                 kn = ((t + 1) % KT) * BK + rk
@@ -510,11 +543,11 @@ def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w,
             acc_up += tl.sum(u.to(tl.float32) * xn[None, :], axis=1)
         if kt == KT - 1:
             y = _gemv_out(acc, acc_up, tl.rsqrt(ss / K + eps), w_ptr, NORM, SILU_MUL)
-            r = (b0 + t // KT) * BN + rn
+            r = r0 + (t // KT) * BN + rn
             if PD > 0:
-                _rope_kv_store(y, r, N, y_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, NQ, NKV, PD)
+                _rope_kv_store(y, r, r1, y_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, NQ, NKV, PD)
             else:
-                tl.store(y_ptr + _row_of(r, h, NH, HD, GD), y.to(y_ptr.dtype.element_ty), mask=r < N)
+                tl.store(y_ptr + _row_of(r, h, NH, HD, GD), y.to(y_ptr.dtype.element_ty), mask=r < r1)
             acc = tl.zeros((BN,), dtype=tl.float32)
             acc_up = tl.zeros((BN,), dtype=tl.float32)
         w = w_next
@@ -551,14 +584,14 @@ def _rope_kv_store(y, r, N, y_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, N
 @triton.jit
 def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, BN: tl.constexpr,
                         BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
-                        SILU_MUL: tl.constexpr, PDL: tl.constexpr):
+                        SILU_MUL: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
-    b0, T = _stream_span(N, pid, tl.num_programs(0), BN, KT)
+    r0, r1, T = _stream_span(N, pid, tl.num_programs(0), BN, KT, ROWS)
     # weights are constant during the step: the first tile is read before the producer of x finishes
-    w, u = _stream_tile(w_ptr, N, K, b0, 0, T, BN, BK, KT, SILU_MUL)
+    w, u = _stream_tile(w_ptr, N, K, r0, r1, 0, T, BN, BK, KT, SILU_MUL)
     if PDL:
         pdl.enter(PDL)
-    _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w, u, pid == 0, BN, BK, KT,
+    _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, r0, r1, T, w, u, pid == 0, BN, BK, KT,
                  ADD, NORM, SILU_MUL, False)
 
 
@@ -567,27 +600,28 @@ def _gemv_rope_kv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, cos_ptr, sin
                          K, eps, NQ: tl.constexpr, NKV: tl.constexpr, PD: tl.constexpr, BN: tl.constexpr,
                          BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
-    b0, T = _stream_span(N, pid, tl.num_programs(0), BN, KT)
-    w, u = _stream_tile(w_ptr, N, K, b0, 0, T, BN, BK, KT, False, 0, 0, 0, 0, PD)
+    r0, r1, T = _stream_span(N, pid, tl.num_programs(0), BN, KT)
+    w, u = _stream_tile(w_ptr, N, K, r0, r1, 0, T, BN, BK, KT, False, 0, 0, 0, 0, PD)
     if PDL:
         pdl.enter(PDL)
-    _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, b0, T, w, u, pid == 0, BN, BK, KT,
+    _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, r0, r1, T, w, u, pid == 0, BN, BK, KT,
                  ADD, True, False, False, 0, 0, 0, 0, PD, NQ, NKV, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr)
 
 
 def _stream_grid(N: int, config, device: torch.device) -> int:
-    """Programs of a streamed GEMV over N rows: a few per SM (config's last field), at most one per row block."""
-    BN, _, _, per_sm = config
-    return min(triton.cdiv(N, BN), per_sm * _sm_count(device.index if device.type == "cuda" else None))
+    """Programs of a streamed GEMV over N rows: a few per SM (config's 4th field), at most one per row block
+    (per row where its runs are split by rows)."""
+    BN, _, _, per_sm, rows = config
+    return min(N if rows else triton.cdiv(N, BN), per_sm * _sm_count(device.index if device.type == "cuda" else None))
 
 
 def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, config):
     N, K = y.shape[1], x.shape[1]
-    BN, BK, warps, _ = config
+    BN, BK, warps, _, rows = config
     _gemv_stream_kernel[(_stream_grid(N, config, x.device),)](
         x, delta if delta is not None else x, h, norm_weight if norm_weight is not None else x, weight, y,
         N, K, eps, BN=BN, BK=BK, KT=triton.cdiv(K, BK), ADD=delta is not None, NORM=norm_weight is not None,
-        SILU_MUL=silu_mul, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device),
+        SILU_MUL=silu_mul, ROWS=rows, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device),
         **({"maxnreg": GEMV_STREAM_MAXNREG}
            if GEMV_STREAM_MAXNREG and x.is_cuda and pdl.has_launch_option("maxnreg") else {}))
 
@@ -775,7 +809,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, side: bool = False, after_bloc
     gemv = x.shape[0] <= GEMV_MAX_ROWS if side else gemv_rows(*x.shape)
     if not gemv:
         return _matmul(x, weight)
-    return _gemv(x, None, None, weight, weight.shape[0], 0.0)[1]
+    return _gemv(x, None, None, weight, weight.shape[0], 0.0, after_block=after_block)[1]
 
 
 # The streamed GEMV's programs per SM where a latency-bound kernel follows it (the q|k|v projection before RoPE
@@ -827,8 +861,8 @@ def add_norm_linear_rope_kv(h: torch.Tensor, delta: torch.Tensor | None, norm_we
         return h, q[:, :num_heads]
     x, delta, h = _gemv_inputs(h, delta)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    BN, BK, warps, _ = config
-    _gemv_rope_kv_kernel[(_stream_grid(N, config, x.device),)](
+    BN, BK, warps = config[:3]
+    _gemv_rope_kv_kernel[(_stream_grid(N, config[:4] + (False,), x.device),)](
         x, delta if delta is not None else x, h, norm_weight, weight, y, cos.contiguous(), sin.contiguous(),
         k_cache, v_cache, slot_mapping, N, K, eps, NQ=num_heads, NKV=hkv, PD=D, BN=BN, BK=BK,
         KT=triton.cdiv(K, BK), ADD=delta is not None, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device))

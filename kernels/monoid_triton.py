@@ -405,11 +405,11 @@ def _projection_decode_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, cnt_ptr
     pid = tl.program_id(0)
     h = pid % H           # program j of head h: every head's first programs are in the first wave
     R = 3 * D + GD
-    b0, T = _stream_span(R, pid // H, P, BN, KT)
-    w, u = _stream_tile(w_ptr, R, K, b0, 0, T, BN, BK, KT, False, h, H, D, GD)   # weights: before the wait
+    r0, r1, T = _stream_span(R, pid // H, P, BN, KT)
+    w, u = _stream_tile(w_ptr, R, K, r0, r1, 0, T, BN, BK, KT, False, h, H, D, GD)   # weights: before the wait
     if PDL:
         pdl.enter(PDL)
-    _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, R, K, eps, b0, T, w, u, pid == 0, BN, BK, KT,
+    _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, R, K, eps, r0, r1, T, w, u, pid == 0, BN, BK, KT,
                  ADD, True, False, False, h, H, D, GD)
     rk = tl.arange(0, BD)
     ms = (rk < D)[:, None] & (rk < D)[None, :]
@@ -448,7 +448,7 @@ def projection_decode(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: 
     x, delta, h = fused_triton._gemv_inputs(h, delta)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     o = torch.empty(1, H, D, dtype=x.dtype, device=x.device)
-    BN, BK, warps, _ = config
+    BN, BK, warps = config[:3]
     P = PROJECTION_PROGRAMS
     _projection_decode_kernel[(H * P,)](
         x, delta if delta is not None else x, h, norm_weight, qkvz_weight, y, arrival_counters(x.device, H),

@@ -83,7 +83,8 @@ def test_step_is_the_per_kernel_path(device, dtype, monkeypatch):
     step kernel does the per-layer kernels' arithmetic: bf16 outputs and states agree to rounding."""
     monkeypatch.setattr(fused_tr, "GEMV_STREAM", True)
     monkeypatch.setattr(fused_tr, "gemv_stream_config",
-                        lambda N, K, stacked=1: (2 if stacked > 1 else 4, step_tr.BK_MAX, step_tr.WARPS, 4))
+                        lambda N, K, stacked=1, after_block=False: (2 if stacked > 1 else 4, step_tr.BK_MAX,
+                                                                   step_tr.WARPS, 4, False))
     sw = step_weights(device, dtype, "sigmoid", False, True)
     check_step(sw, device, per_kernel_step, 1e-6 if dtype == torch.float32 else 2e-3, steps=1)
 

@@ -620,9 +620,11 @@ def test_gemv_rows_rule(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_delta", [True, False])
-@pytest.mark.parametrize("cfg,N", [((4, 1024, 4, 2), 40),    # one K tile, 10 blocks over 8 programs
-                                   ((2, 256, 4, 1), 41),     # three K tiles, a partial last block
-                                   ((8, 128, 4, 4), 12)])    # more programs than blocks: some stream none
+@pytest.mark.parametrize("cfg,N", [((4, 1024, 4, 2, False), 40),   # one K tile, 10 blocks over 8 programs
+                                   ((2, 256, 4, 1, False), 41),    # three K tiles, a partial last block
+                                   ((8, 128, 4, 4, False), 12),    # more programs than blocks: some stream none
+                                   ((4, 256, 4, 2, True), 41),     # runs split by rows: 5-6 rows a program
+                                   ((8, 128, 4, 4, True), 12)])    # ... 0-1 rows a program
 def test_fused_linears_stream(device, dtype, with_delta, cfg, N, monkeypatch):
     """The streamed one-row GEMV (contiguous block runs per program, next tile loaded ahead) with its
     residual add / norm / SiLU·mul, against the plain functions."""
@@ -632,6 +634,22 @@ def test_fused_linears_stream(device, dtype, with_delta, cfg, N, monkeypatch):
     h = torch.randn(1, K, device=device, dtype=dtype)
     delta = torch.randn(1, K, device=device, dtype=dtype) if with_delta else None
     check_fused_linears(h, delta, N, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs CUDA, compiled Triton")
+@pytest.mark.parametrize("cfg", [None, (4, 1024, 4, 8, False), (4, 2048, 8, 4, True), (2, 1024, 4, 8, True)])
+@pytest.mark.parametrize("K,N", [(3072, 3072), (8192, 3072), (3072, 8192), (2048, 5000)])
+def test_fused_linears_stream_full_size(cfg, K, N, monkeypatch):
+    """The streamed GEMV at full-size shapes, bf16: its general setting (None), the after-block one and runs
+    split by rows (fused_triton.GEMV_STREAM_SHAPES); `linear(after_block=True)` too."""
+    monkeypatch.setattr(fused_tr, "GEMV_STREAM", True)
+    if cfg:
+        monkeypatch.setattr(fused_tr, "GEMV_STREAM_SHAPES", {(N, K, 1): cfg, (N, K, 2): (2,) + cfg[1:]})
+    h = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16)
+    _close(fused_tr.linear(h, w, after_block=True), fused_ref.linear(h, w), torch.bfloat16)
+    check_fused_linears(h, torch.randn_like(h), N, torch.bfloat16)
 
 
 @pytest.mark.parametrize("device", DEVICES)
