@@ -455,7 +455,7 @@ def _stream_x(x_ptr, d_ptr, h_ptr, nw_ptr, kk, mk, STORE_H, ADD: tl.constexpr, N
 def _stream_span(N, pid, G, BN: tl.constexpr, KT: tl.constexpr, ROWS: tl.constexpr = False):
     """A program's share of a streamed GEMV: rows r0 … r1-1 in T tiles (KT per run of BN rows). Split by
     blocks of BN rows (the last block of the matrix may be short), or, ROWS, by rows: each program's run
-    then starts anywhere and its last block may be short (`ROWSPLIT_STREAM`)."""
+    then starts anywhere and its last block may be short (`gemv_stream_config`'s last field)."""
     if ROWS:
         r0 = pid * N // G
         r1 = (pid + 1) * N // G
@@ -509,9 +509,8 @@ def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, r0, r1, T
                  GD: tl.constexpr = 0, PD: tl.constexpr = 0, NQ: tl.constexpr = 0, NKV: tl.constexpr = 0,
                  cos_ptr=0, sin_ptr=0, kc_ptr=0, vc_ptr=0, slot_ptr=0):
     """A program's run (rows r0 … r1-1 in T tiles) of a streamed GEMV, its first weight tile (w, u) already
-    loaded; NH > 0: the rows of
-    head h, PD > 0: rows in RoPE pairs (`_row_of`), each output stored at its weight row's place (PD: as
-    `_rope_kv_store` stores it)."""
+    loaded; NH > 0: the rows of head h, PD > 0: rows in RoPE pairs (`_row_of`), each output stored at its
+    weight row's place (PD: as `_rope_kv_store` stores it)."""
     rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
     ss = 0.0
