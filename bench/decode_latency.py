@@ -211,6 +211,13 @@ def _attn_o(per_sm=None, rows=None):
             (True, per_sm or aot.PROGRAMS_PER_SM, rows or aot.ROWS))
 
 
+def _merge_o(per_sm=None, rows=None):
+    """The split merge and the o GEMV in one kernel (layers.ATTN_MERGE_O), with its programs per SM and
+    weight-tile rows (None / 0: the defaults)."""
+    return (*_knobs((layers, "ATTN_MERGE_O"), (aot, "MERGED_PER_SM"), (aot, "MERGED_ROWS")),
+            (True, per_sm or aot.MERGED_PER_SM, rows or aot.MERGED_ROWS))
+
+
 def _prefetch(programs=None, lines=False, early=False, extra=0):
     """The L2 prefetch during the attention (kernels/l2_prefetch.py) on, with these settings."""
     return (*_knobs((l2p, "PREFETCH"), (l2p, "PROGRAMS"), (l2p, "LINES"), (l2p, "EARLY"), (l2p, "EXTRA_BYTES")),
@@ -270,6 +277,9 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "select_pdl_off": (*_knob(sampling_triton, "SELECT_PDL"), False),  # argmax kernels without PDL
             "table_narrow": (*_knob(sys.modules[__name__], "NARROW_TABLE"), True),  # the Setup's pages only
             "kv_early": (*_knob(pat, "KV_EARLY"), True),
+            "merge_o": (*_knob(layers, "ATTN_MERGE_O"), True),   # the split merge and the o GEMV in one kernel
+            **{f"merge_o_p{p}" + (f"_r{r}" if r else ""): _merge_o(p, r)
+               for p in (1, 2, 3, 4, 6, 8) for r in (0, 8, 32)},
             # the o projection with the general streamed-GEMV setting (fused_triton.AFTER_BLOCK_STREAM)
             "after_block_general": (*_knob(ft, "AFTER_BLOCK_STREAM"), None),   # the attention's first k/v tile before its PDL wait
             "idle_wait": (*_knob(pat, "IDLE_EXIT"), False),   # attention splits with no keys wait all the same

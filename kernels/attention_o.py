@@ -24,6 +24,15 @@ def decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: i
     o projection [B, N]: added into `out` (fp32 [B, N], zeros on entry) and returned. Here the projection is
     rounded to the weight's dtype first, as the matmul stores it."""
     qk = rope_write_kv(qkv, cos, sin, num_heads, k_cache, v_cache, slot_mapping, q_norm, k_norm, eps)
-    o = paged_decode(qk[:, :num_heads], k_cache, v_cache, block_tables, seq_lens, scale, entry=entry)
+    return decode_merged(qk[:, :num_heads], k_cache, v_cache, block_tables, seq_lens, scale, o_weight, out, entry)
+
+
+def decode_merged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor, scale: float, o_weight: torch.Tensor, out: torch.Tensor,
+                  entry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The same from the rotated q [B, H, D], the step's k/v already in the cache: the attention, then the o
+    projection added into `out`. The Triton file runs the attention's split kernel as the unfused path does,
+    then one kernel that merges each kv head's splits and applies its slice of the o weight."""
+    o = paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, entry=entry)
     out += F.linear(o.reshape(o.shape[0], -1), o_weight).float()
     return out

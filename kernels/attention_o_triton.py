@@ -10,6 +10,11 @@ outputs, rounded as the attention stores them, then meet its rows' slice of the 
 partial products are added into the fp32 output with relaxed atomics (the output must be zero before: the
 caller's buffer). Each program reads its kv head's keys, so the KV bytes are read once per run of rows: for
 short contexts (the batch-1 decode step at a few hundred keys), not long ones.
+
+`decode_merged` keeps the attention's split kernel (kernels/paged_attention_triton.py `decode_partials`) and
+replaces its merge kernel and the o GEMV with `_merge_o_kernel`: a program (sequence, kv head, run of o rows)
+loads its first weight tile before its PDL wait, merges its kv head's used splits for the G query heads after
+it, and adds its rows' products into the fp32 output the same way.
 """
 from __future__ import annotations
 
@@ -19,8 +24,9 @@ import triton.language as tl
 
 from hybridserve.kernels import pdl
 from hybridserve.kernels.fused_triton import _sm_count
-from hybridserve.kernels.paged_attention_triton import (BLOCK_N, INTERPRETED, LOG2E, _kv_tile, _norm_rope,
-                                                         _softmax_tile)
+from hybridserve.kernels import paged_attention_triton as pat
+from hybridserve.kernels.paged_attention_triton import (BLOCK_N, INTERPRETED, LOG2E, _kv_tile, _merged, _norm_rope,
+                                                         _softmax_tile, _splits_used)
 
 PROGRAMS_PER_SM = 2   # programs (sequence, kv head, row run) per SM
 ROWS = 16             # o-projection rows per weight tile
@@ -40,13 +46,10 @@ def _w_tile(w_ptr, N, r0, t, nblk, g, rr, rh, rd, H: tl.constexpr, G: tl.constex
 
 
 @triton.jit
-def _attn_o_kernel(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, slot_ptr, ek_ptr,
-                   ev_ptr, w_ptr, y_ptr, sq_b, sc_b, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, sbt_b, sek_b, sek_h,
-                   sev_b, sev_h, N, C, scale_log2, eps,
-                   H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BGW: tl.constexpr,
-                   D: tl.constexpr, BD: tl.constexpr, PAGE: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr,
-                   HALF: tl.constexpr, NORM_Q: tl.constexpr, NORM_K: tl.constexpr, ENTRY: tl.constexpr,
-                   RB: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr):
+def _o_start(w_ptr, N, C, H: tl.constexpr, G: tl.constexpr, BGW: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+             RB: tl.constexpr):
+    """A program's (sequence b, kv head g, run of nblk o-row tiles from tile r0) place in the grid, its index
+    ranges and its first weight tile."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     c = tl.program_id(2)
@@ -56,8 +59,20 @@ def _attn_o_kernel(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, k_ptr, v_ptr, bt_p
     rr = tl.arange(0, RB)
     rh = tl.arange(0, BGW)
     rd = tl.arange(0, BD)
+    return b, g, r0, nblk, rr, rh, rd, _w_tile(w_ptr, N, r0, 0, nblk, g, rr, rh, rd, H, G, D, RB)
+
+
+@triton.jit
+def _attn_o_kernel(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, slot_ptr, ek_ptr,
+                   ev_ptr, w_ptr, y_ptr, sq_b, sc_b, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, sbt_b, sek_b, sek_h,
+                   sev_b, sev_h, N, C, scale_log2, eps,
+                   H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BGW: tl.constexpr,
+                   D: tl.constexpr, BD: tl.constexpr, PAGE: tl.constexpr, BN: tl.constexpr, ROT: tl.constexpr,
+                   HALF: tl.constexpr, NORM_Q: tl.constexpr, NORM_K: tl.constexpr, ENTRY: tl.constexpr,
+                   RB: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr):
+    b, g, r0, nblk, rr, rh, rd, w = _o_start(w_ptr, N, C, H, G, BGW, D, BD, RB)    # weights: before the wait
+    c = tl.program_id(2)
     md = rd < D
-    w = _w_tile(w_ptr, N, r0, 0, nblk, g, rr, rh, rd, H, G, D, RB)     # weights: before the wait
     L = tl.load(len_ptr + b)                                           # host-written before the step
     if PDL:
         pdl.enter(PDL)
@@ -102,6 +117,14 @@ def _attn_o_kernel(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, k_ptr, v_ptr, bt_p
         m, lsum, acc = _softmax_tile(q, kt, vt, mt, m, lsum, acc, scale_log2)
     o = (acc / lsum[:, None]).to(qkv_ptr.dtype.element_ty).to(tl.float32)     # as the attention stores its output
     o3 = tl.sum(tl.where(rg[:, None, None] == rh[None, :, None], o[:, None, :], 0.), axis=0)    # [BGW, BD]
+    _o_rows(w, o3, w_ptr, y_ptr, b, N, r0, nblk, g, rr, rh, rd, H, G, D, RB)
+
+
+@triton.jit
+def _o_rows(w, o3, w_ptr, y_ptr, b, N, r0, nblk, g, rr, rh, rd, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+            RB: tl.constexpr):
+    """A program's run of o-projection rows against its kv head's G outputs o3 [BGW, BD], the first tile w
+    loaded: the partial products added into the fp32 output y [B, N] with relaxed atomics."""
     for t in range(0, nblk):
         w_next = _w_tile(w_ptr, N, r0, t + 1, nblk, g, rr, rh, rd, H, G, D, RB)    # out before this product
         part = tl.sum(tl.sum(w.to(tl.float32) * o3[None, :, :], axis=2), axis=1)
@@ -110,10 +133,53 @@ def _attn_o_kernel(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, k_ptr, v_ptr, bt_p
         w = w_next
 
 
-def runs(batch: int, kv_heads: int, rows: int, device: torch.device) -> int:
-    """Row runs per (sequence, kv head): about PROGRAMS_PER_SM programs per SM in all."""
+@triton.jit
+def _merge_o_kernel(po_ptr, pm_ptr, pl_ptr, len_ptr, w_ptr, y_ptr, num_splits, N, C,
+                    H: tl.constexpr, G: tl.constexpr, BGW: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                    BN: tl.constexpr, BSC: tl.constexpr, ENTRY: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr):
+    """Program (sequence b, kv head g, run c of o rows): g's G heads merged from the split kernel's partials,
+    rounded as the attention stores its output, then `_o_rows`."""
+    b, g, r0, nblk, rr, rh, rd, w = _o_start(w_ptr, N, C, H, G, BGW, D, BD, RB)    # weights: before the wait
+    if PDL:
+        pdl.enter(PDL)
+    used = _splits_used(len_ptr, b, num_splits, BN, ENTRY)
+    M, Ls, acc = _merged(po_ptr, pm_ptr, pl_ptr, b, g, used, num_splits, H, G, D, BD, BGW, BSC)
+    o3 = (acc / tl.where(Ls > 0, Ls, 1.)[:, None]).to(w_ptr.dtype.element_ty).to(tl.float32)
+    _o_rows(w, o3, w_ptr, y_ptr, b, N, r0, nblk, g, rr, rh, rd, H, G, D, RB)
+
+
+def runs(batch: int, kv_heads: int, rows: int, device: torch.device, per_sm: int | None = None,
+         tile_rows: int | None = None) -> int:
+    """Row runs per (sequence, kv head): about PROGRAMS_PER_SM (per_sm) programs per SM in all."""
     sms = _sm_count(device.index if device.type == "cuda" else None)
-    return max(1, min(triton.cdiv(rows, ROWS), round(PROGRAMS_PER_SM * sms / max(1, batch * kv_heads))))
+    return max(1, min(triton.cdiv(rows, tile_rows or ROWS),
+                      round((per_sm or PROGRAMS_PER_SM) * sms / max(1, batch * kv_heads))))
+
+
+MERGED_PER_SM = 2   # decode_merged's programs (sequence, kv head, row run) per SM
+MERGED_ROWS = 16    # ... and o-projection rows per weight tile
+MERGED_CHUNK = 8    # partials merged per step
+
+
+def decode_merged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor, scale: float, o_weight: torch.Tensor, out: torch.Tensor,
+                  entry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """See kernels/attention_o.py: the attention's split kernel (kernels/paged_attention_triton.py), then
+    `_merge_o_kernel` in place of its merge kernel and the o GEMV. `out` holds the unrounded fp32 sums."""
+    B, H, D = q.shape
+    hkv = k_cache.shape[2]
+    N, W = o_weight.shape
+    assert W == H * D and H % hkv == 0 and o_weight.is_contiguous()
+    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (B, N)
+    po, pm, pl, splits = pat.decode_partials(q, k_cache, v_cache, block_tables, seq_lens, scale, entry)
+    C = runs(B, hkv, N, q.device, MERGED_PER_SM, MERGED_ROWS)
+    if B:
+        _merge_o_kernel[(B, hkv, C)](
+            po, pm, pl, seq_lens, o_weight, out, splits, N, C, H=H, G=H // hkv,
+            BGW=triton.next_power_of_2(H // hkv), D=D, BD=triton.next_power_of_2(D), BN=pat.BLOCK_N,
+            BSC=MERGED_CHUNK, ENTRY=entry is not None, RB=MERGED_ROWS, num_warps=NUM_WARPS,
+            **pdl.launch_kwargs(q.device, early=True))
+    return out
 
 
 def decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, k_cache: torch.Tensor,

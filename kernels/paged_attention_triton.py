@@ -229,8 +229,19 @@ def _write_out(o_ptr, lse_ptr, b, heads, mh, rd, md, so_b, so_h, m, l, acc, H: t
 def _merge_splits(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, b, hkv, used, num_splits, so_b, so_h,
                   H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BGM: tl.constexpr,
                   BSC: tl.constexpr, WRITE_LSE: tl.constexpr):
-    """The G query heads of kv head hkv from the `used` partials of sequence b, BSC splits at a time (loaded
-    past L1: other programs wrote them). The merge kernel calls it per query head (G = 1, hkv = the head)."""
+    """The G query heads of kv head hkv from the `used` partials of sequence b, written out. The merge kernel
+    calls it per query head (G = 1, hkv = the head)."""
+    rg = tl.arange(0, BGM)
+    rd = tl.arange(0, BD)
+    M, Ls, acc = _merged(po_ptr, pm_ptr, pl_ptr, b, hkv, used, num_splits, H, G, D, BD, BGM, BSC)
+    _write_out(o_ptr, lse_ptr, b, hkv * G + rg, rg < G, rd, rd < D, so_b, so_h, M, Ls, acc, H, WRITE_LSE)
+
+
+@triton.jit
+def _merged(po_ptr, pm_ptr, pl_ptr, b, hkv, used, num_splits, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+            BD: tl.constexpr, BGM: tl.constexpr, BSC: tl.constexpr):
+    """(max, sum, unnormalised output) [BGM], [BGM], [BGM, BD] of the G query heads of kv head hkv, merged from
+    the `used` partials of sequence b, BSC splits at a time (loaded past L1: other programs wrote them)."""
     rg = tl.arange(0, BGM)
     rs = tl.arange(0, BSC)
     rd = tl.arange(0, BD)
@@ -256,7 +267,17 @@ def _merge_splits(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, b, hkv, used, num_spli
         Ls = Ls * alpha + tl.sum(pl * w, axis=0)
         acc = acc * alpha[:, None] + tl.sum(po * w[:, :, None], axis=0)
         M = m_new
-    _write_out(o_ptr, lse_ptr, b, heads, mg, rd, md, so_b, so_h, M, Ls, acc, H, WRITE_LSE)
+    return M, Ls, acc
+
+
+@triton.jit
+def _splits_used(len_ptr, b, num_splits, BN: tl.constexpr, ENTRY: tl.constexpr):
+    """The split programs of sequence b that attended to something (split 0 always with an entry)."""
+    L = tl.load(len_ptr + b)
+    used = tl.cdiv(L, _split_len(L, num_splits, BN))
+    if ENTRY:
+        used = tl.maximum(used, 1)
+    return used
 
 
 @triton.jit
@@ -270,10 +291,7 @@ def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, len_ptr, so_b, so_h, n
         pdl.enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
-    L = tl.load(len_ptr + b)
-    used = tl.cdiv(L, _split_len(L, num_splits, BN))     # the splits in use
-    if ENTRY:
-        used = tl.maximum(used, 1)
+    used = _splits_used(len_ptr, b, num_splits, BN, ENTRY)
     if used <= BSS:
         _merge_splits(po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, b, h, used, num_splits, so_b, so_h,
                       H, 1, D, BD, 1, BSS, WRITE_LSE)
@@ -441,7 +459,15 @@ MERGE_SMALL = 8        # partials the merge kernel takes in one small tile when 
 MERGE_CHUNK_BIG = 64   # ... else this many at a time
 
 
-def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, entry, rope):
+def decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float, entry: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """`decode`'s split kernel alone: (po [B·H·S, D], pm, pl [B·H·S] fp32, S) for a kernel after it that merges
+    the used splits of each (sequence, head) itself (`_splits_used`, `_merged`: kernels/attention_o_triton.py)."""
+    assert q.stride(-1) == 1
+    return _decode(q, q.shape[1], k_cache, v_cache, block_tables, seq_lens, scale, False, entry, None, merge=False)
+
+
+def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, entry, rope, merge=True):
     B, D = q.shape[0], q.shape[-1]
     num_pages, page, hkv, dk = k_cache.shape
     assert dk == D and H % hkv == 0, f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}"
@@ -456,7 +482,7 @@ def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, e
     pl = torch.empty(B * H * splits, dtype=torch.float32, device=dev)
     o = torch.empty(B, H, D, dtype=q.dtype, device=dev)
     lse = torch.empty(B, H, dtype=torch.float32, device=dev) if return_lse else pm
-    fused = FUSED_MERGE
+    fused = FUSED_MERGE and merge
     cnt = arrival_counters(dev, B * hkv) if fused else pm   # one per (sequence, kv head)
     cos, sin, slots, q_norm, k_norm, eps = rope if rope is not None else (q, q, seq_lens, None, None, 0.)
     rot = cos.shape[-1] if rope is not None else D
@@ -475,12 +501,14 @@ def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, e
             ROT=rot, HALF=rot // 2,
             F32_DOT=INTERPRETED, IDLE_EXIT=IDLE_EXIT, KV_EARLY=KV_EARLY, num_warps=NUM_WARPS,
             **pdl.launch_kwargs(q.device, early=True))
-        if not fused:
+        if not fused and merge:
             bs = triton.next_power_of_2(splits)
             _merge_kernel[(B, H)](po, pm, pl, o, lse, seq_lens, o.stride(0), o.stride(1), splits,
                                   H=H, D=D, BD=BD, BSS=min(bs, MERGE_SMALL), BSB=min(bs, MERGE_CHUNK_BIG),
                                   BN=BLOCK_N, WRITE_LSE=return_lse, ENTRY=entry is not None,
                                   **pdl.launch_kwargs(o.device, early=True))
+    if not merge:
+        return po, pm, pl, splits
     return (o, lse) if return_lse else o
 
 

@@ -156,11 +156,22 @@ ATTN_STEP_FUSED = False
 # its KV reads grow with the row runs, and a decode graph's capture (one key a row) takes it whatever the
 # context the replays see.
 ATTN_O = os.environ.get("HYBRIDSERVE_ATTN_O", "0") == "1"
+# The same sublayer with the attention as the unfused path runs it up to its split kernel (q|k|v GEMV, RoPE + KV
+# write, split programs), then one kernel in place of the split merge and the o GEMV: each program (sequence,
+# kv head, run of o rows) merges its kv head's partials itself and adds its rows' products over that head group's
+# columns into the fp32 output (kernels/attention_o*.py `decode_merged`). Off: slower or even. H100, batch 1,
+# context 128, three rounds in turn, default vs one kernel with 1 / 2 / 3 / 4 / 6 / 8 programs per SM of 16-row
+# tiles (bench/results/decode_latency_merge_o*-h100.json, two runs): Llama-3.2-3B shapes 2.627 vs 2.776 / 2.714 /
+# 2.726 / 2.739 / 2.829 / 2.897 ms (2 per SM, 32-row tiles: 2.694), NanoHammer 1.099 vs 1.128 / 1.098 / 1.106 /
+# 1.109 / 1.163 / 1.160. Every program re-reads its head group's partials from L2 after its wait, and the
+# atomics land on each output row once per kv head. An A/B knob (HYBRIDSERVE_ATTN_MERGE_O=1; decode_latency.py
+# merge_o variants).
+ATTN_MERGE_O = os.environ.get("HYBRIDSERVE_ATTN_MERGE_O", "0") == "1"
 
 
 def attention_o_applies(meta) -> bool:
     """Whether this step's attention sublayers go through kernels/attention_o (`norm_attention_o`)."""
-    return ATTN_O and meta.is_decode and meta.num_tokens == 1
+    return (ATTN_O or ATTN_MERGE_O) and meta.is_decode and meta.num_tokens == 1
 
 
 def norm_attention_o(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
@@ -170,6 +181,12 @@ def norm_attention_o(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: t
                      entry: tuple[torch.Tensor, torch.Tensor] | None = None):
     """`norm_attention` and the o projection for a decode step where `attention_o_applies`: (h', the o
     projection, added into `out`, fp32 zeros)."""
+    if ATTN_MERGE_O and not ATTN_O:
+        h, q = pick("fused", h.device).add_norm_linear_rope_kv(h, delta, norm_weight, qkv_weight, eps, cos, sin,
+                                                               num_heads, kv[0], kv[1], meta.slot_mapping, q_norm,
+                                                               k_norm)
+        return h, pick("attention_o", h.device).decode_merged(q, kv[0], kv[1], meta.block_tables, meta.seq_lens,
+                                                              scale, o_weight, out, entry)
     h, qkv = pick("fused", h.device).add_norm_linear(h, delta, norm_weight, qkv_weight, eps)
     D = kv[0].shape[-1]
     return h, pick("attention_o", h.device).decode(

@@ -61,8 +61,10 @@ def test_graph_matches_eager_and_reference(model, batch, feed):
 # ends (fused_triton.RESIDENT_AFTER_BLOCK, batch 1) with the token mixer's kernels releasing the next launch before
 # their waits (pdl.EARLY_MIXER); QK-norm, RoPE, KV write and attention in one kernel, each row's own key from
 # registers (layers.ATTN_STEP_FUSED); each attention split program's first k/v tile read before its PDL wait
-# (paged_attention_triton.KV_EARLY).
+# (paged_attention_triton.KV_EARLY); the split merge and the o projection in one kernel (layers.ATTN_MERGE_O,
+# batch 1: its fp32 output into the next residual add).
 KNOBS = {"resident_o": [("kernels.fused_triton", "RESIDENT_AFTER_BLOCK"), ("kernels.pdl", "EARLY_MIXER")],
+         "merge_o": [("models.layers", "ATTN_MERGE_O")],
          "attention_in_one_kernel": [("models.layers", "ATTN_STEP_FUSED")],
          "kv_early": [("kernels.paged_attention_triton", "KV_EARLY")]}
 

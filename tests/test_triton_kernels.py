@@ -361,6 +361,40 @@ def test_attention_o_decode(device, dtype, H, variant, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H", [4, 6])          # G = 2, and G = 3 (a head group padded to 4)
+@pytest.mark.parametrize("variant", ["plain", "entry"])
+def test_attention_o_decode_merged(device, dtype, H, variant, monkeypatch):
+    """The attention's split kernel, then one kernel merging each kv head's splits into its rows of the o
+    projection (several row runs per kv head, a part tile at the end, sequences of 1-3 splits, the pad row's
+    zero-length and one-key rows) equal attention then matmul."""
+    from hybridserve.kernels import attention_o as ao_ref
+    from hybridserve.kernels import attention_o_triton as ao_tr
+
+    monkeypatch.setattr(attn_tr, "BLOCK_N", 16)
+    monkeypatch.setattr(attn_tr, "MIN_SPLIT", 16)
+    monkeypatch.setattr(ao_tr, "MERGED_ROWS", 8)
+    monkeypatch.setattr(ao_tr, "MERGED_PER_SM", 8)
+    monkeypatch.setattr(ao_tr, "MERGED_CHUNK", 2)         # 3 splits: two merge steps
+    Hkv, D, page, N = 2, 16, 4, 44
+    ctx = [1, 7, 37, 12, 0 if variant == "plain" else 1]
+    k_cache, v_cache, bt = paged_setup(ctx, H, Hkv, D, page, dtype, device)
+    seq_lens = torch.tensor(ctx, dtype=torch.int32, device=device)
+    B = len(ctx)
+    q = torch.randn(B, H, D, device=device).to(dtype)
+    o_w = (torch.randn(N, H * D, device=device) / (H * D) ** 0.5).to(dtype)
+    entry = None
+    if variant == "entry":
+        entry = tuple(torch.randn(B, Hkv, D, device=device).to(dtype) for _ in range(2))
+    want = ao_ref.decode_merged(q, k_cache, v_cache, bt, seq_lens, 0.25, o_w, torch.zeros(B, N, device=device), entry)
+    got = ao_tr.decode_merged(q, k_cache, v_cache, bt, seq_lens, 0.25, o_w, torch.zeros(B, N, device=device), entry)
+    rows = 4 if variant == "plain" else 5        # the plain reference's zero-length row is NaN (no keys)
+    assert got.dtype == torch.float32 and rel_err(got[:rows], want[:rows]) < tol(dtype)
+    if variant == "plain":
+        assert (got[4] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_paged_decode_empty_row(device):
     """A graph-padding row with seq_len 0 must give finite output (0) and lse −inf, not NaN."""
     k_cache, v_cache, bt = paged_setup([5, 0], 2, 1, 16, 4, torch.float32, device)
@@ -1140,7 +1174,7 @@ class _KernelLog(torch.utils._python_dispatch.TorchDispatchMode):
 # attention kernels only: the attention variants do not depend on the rows and are covered at 16.
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("attn,kotodama,hidden", [(a, k, 16) for a in ("separate", "one_kernel") for k in (False, True)]
-                         + [("separate", False, 2048), ("attn_o", False, 16)])
+                         + [("separate", False, 2048), ("attn_o", False, 16), ("merge_o", False, 16)])
 def test_llama_engine_on_triton_kernels(device, kotodama, hidden, attn, monkeypatch):
     """LlamaModel.forward with every kernel family on its Triton file (on CPU under the interpreter), fp32,
     against reference_forward: a mixed prefill of 3 sequences (one a 1-token prompt), decode steps at
@@ -1149,7 +1183,8 @@ def test_llama_engine_on_triton_kernels(device, kotodama, hidden, attn, monkeypa
     RoPE + KV write inside if ATTN_STEP_FUSED, else a kernel before it unless the GEMV took them; its splits
     merged inside when FUSED_MERGE is on, else by a merge kernel), o GEMV, gate/up GEMV with SiLU·mul, down
     GEMV, and with AttnRes a route_add before each of the two sublayers' GEMVs. With ATTN_O (attn "attn_o") a
-    batch-1 layer is the qkv GEMV, one kernel through the o projection, and the two MLP GEMVs."""
+    batch-1 layer is the qkv GEMV, one kernel through the o projection, and the two MLP GEMVs; with ATTN_MERGE_O
+    ("merge_o") the split merge and the o GEMV are one kernel."""
     import importlib
     from itertools import pairwise
 
@@ -1158,6 +1193,7 @@ def test_llama_engine_on_triton_kernels(device, kotodama, hidden, attn, monkeypa
     from hybridserve.models import layers, llama
     monkeypatch.setattr(layers, "ATTN_STEP_FUSED", attn == "one_kernel")
     monkeypatch.setattr(layers, "ATTN_O", attn == "attn_o")
+    monkeypatch.setattr(layers, "ATTN_MERGE_O", attn == "merge_o")
     monkeypatch.setattr(attn_tr, "FUSED_MERGE", attn == "one_kernel")
     if hidden >= 2048 and device == "cuda":
         pytest.skip("TF32 attention dots at rows of 2048 drift past the fp32 tolerance (1.1e-2, with or without the "
@@ -1192,6 +1228,10 @@ def test_llama_engine_on_triton_kernels(device, kotodama, hidden, attn, monkeypa
     per_layer = {b - a for a, b in pairwise(layer_starts)}
     if layers.ATTN_O:
         assert per_layer == {4} and "_split_kernel" not in log.names, str(log.names)
+        return
+    if layers.ATTN_MERGE_O:
+        assert per_layer == {6} and "_merge_kernel" not in log.names, str(log.names)
+        assert log.names.count("_merge_o_kernel") == c.num_layers, str(log.names)
         return
     in_gemv = hidden >= 2048 and not layers.ATTN_STEP_FUSED and fused_tr.ROPE_IN_GEMV
     expect = 5 + (not layers.ATTN_STEP_FUSED and not in_gemv) + (not attn_tr.FUSED_MERGE) + (2 if kotodama else 0)
