@@ -276,12 +276,12 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "head_unpadded": (*_knob(neollm_ops_triton, "PADDED_HEAD"), False),  # NeoLLM's head on its own rows
             "select_pdl_off": (*_knob(sampling_triton, "SELECT_PDL"), False),  # argmax kernels without PDL
             "table_narrow": (*_knob(sys.modules[__name__], "NARROW_TABLE"), True),  # the Setup's pages only
-            "kv_early": (*_knob(pat, "KV_EARLY"), True),
-            "merge_o": (*_knob(layers, "ATTN_MERGE_O"), True),   # the split merge and the o GEMV in one kernel
+            "kv_early": (*_knob(pat, "KV_EARLY"), True),   # the attention's first k/v tile before its PDL wait
+            "merge_o": _merge_o(),   # the split merge and the o GEMV in one kernel
             **{f"merge_o_p{p}" + (f"_r{r}" if r else ""): _merge_o(p, r)
                for p in (1, 2, 3, 4, 6, 8) for r in (0, 8, 32)},
             # the o projection with the general streamed-GEMV setting (fused_triton.AFTER_BLOCK_STREAM)
-            "after_block_general": (*_knob(ft, "AFTER_BLOCK_STREAM"), None),   # the attention's first k/v tile before its PDL wait
+            "after_block_general": (*_knob(ft, "AFTER_BLOCK_STREAM"), None),
             "idle_wait": (*_knob(pat, "IDLE_EXIT"), False),   # attention splits with no keys wait all the same
             "target_1024": (*_knob(pat, "TARGET_PROGRAMS"), 1024),   # attention grids of 1024 programs, not a wave
             # the step's ends as before: torch index kernels for the embedding and cos/sin, argmax without PDL
@@ -304,9 +304,14 @@ def _stream_shape(name: str):
             {**ft.GEMV_STREAM_SHAPES, **settings})
 
 
+def variant_knob(name: str):
+    """(getter, setter, value) of a variant: a VARIANTS name or a "stream:" setting."""
+    return _stream_shape(name) if name.startswith("stream:") else VARIANTS[name]
+
+
 def variant_step(model, s: Setup, B: int, name: str):
     """graph_step captured with the variant's knob set (None when the knob already has that value)."""
-    get, put, value = _stream_shape(name) if name.startswith("stream:") else VARIANTS[name]
+    get, put, value = variant_knob(name)
     before = get()
     if before == value:
         return None

@@ -28,13 +28,8 @@ SHAPES = {"qkv": (5120, 3072), "o": (3072, 3072), "gate_up": (16384, 3072), "dow
 
 
 @triton.jit
-def _tile(w_ptr, K, r0, r1, t, T, BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr):
-    rn = tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    r = r0 + (t // KT) * BN + rn
-    k = (t % KT) * BK + rk
-    m = ((r < r1) & (rn * 0 + t < T))[:, None] & (k < K)[None, :]
-    return tl.load(w_ptr + r[:, None].to(tl.int64) * K + k[None, :], mask=m, other=0.0)
+def _tile(w_ptr, N, K, r0, r1, t, T, BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr):
+    return ft._stream_tile(w_ptr, N, K, r0, r1, t, T, BN, BK, KT, False)[0]
 
 
 @triton.jit
@@ -55,16 +50,16 @@ def _gemv_x_kernel(x_ptr, w_ptr, y_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr
                    ROWSPLIT: tl.constexpr, DEPTH: tl.constexpr, PDL: tl.constexpr):
     r0, r1, T = ft._stream_span(N, tl.program_id(0), tl.num_programs(0), BN, KT, ROWSPLIT)
     acc = tl.zeros((BN,), dtype=tl.float32)
-    w0 = _tile(w_ptr, K, r0, r1, 0, T, BN, BK, KT)
+    w0 = _tile(w_ptr, N, K, r0, r1, 0, T, BN, BK, KT)
     if DEPTH == 2:
-        w1 = _tile(w_ptr, K, r0, r1, 1, T, BN, BK, KT)
+        w1 = _tile(w_ptr, N, K, r0, r1, 1, T, BN, BK, KT)
     if PDL:
         pdl.enter(PDL)
     for t in range(0, T):
         if DEPTH == 2:
-            w2 = _tile(w_ptr, K, r0, r1, t + 2, T, BN, BK, KT)
+            w2 = _tile(w_ptr, N, K, r0, r1, t + 2, T, BN, BK, KT)
         else:
-            w2 = _tile(w_ptr, K, r0, r1, t + 1, T, BN, BK, KT)
+            w2 = _tile(w_ptr, N, K, r0, r1, t + 1, T, BN, BK, KT)
         acc = _product(acc, w0, x_ptr, K, t, y_ptr, r0, r1, BN, BK, KT)
         if DEPTH == 2:
             w0 = w1
@@ -75,11 +70,9 @@ def _gemv_x_kernel(x_ptr, w_ptr, y_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr
 
 def gemv_x(x, w, y, BN, BK, warps, per_sm, rowsplit, depth, maxnreg=64):
     N, K = w.shape
-    units = N if rowsplit else triton.cdiv(N, BN)
-    G = min(units, per_sm * torch.cuda.get_device_properties(0).multi_processor_count)
-    _gemv_x_kernel[(G,)](x, w, y, N, K, BN=BN, BK=BK, KT=triton.cdiv(K, BK), ROWSPLIT=rowsplit, DEPTH=depth,
-                         num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device),
-                         **({"maxnreg": maxnreg} if maxnreg and pdl.has_launch_option("maxnreg") else {}))
+    _gemv_x_kernel[(ft._stream_grid(N, BN, per_sm, rowsplit, x.device),)](
+        x, w, y, N, K, BN=BN, BK=BK, KT=triton.cdiv(K, BK), ROWSPLIT=rowsplit, DEPTH=depth, num_warps=warps,
+        num_stages=1, **pdl.launch_kwargs(x.device), **pdl.register_cap(maxnreg, x.device))
     return y
 
 

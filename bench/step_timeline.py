@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from decode_latency import PAGE, VARIANTS, Setup, load_full, measure_copy_bandwidth, step_weight_bytes, time_fn
+from decode_latency import PAGE, Setup, load_full, measure_copy_bandwidth, step_weight_bytes, time_fn, variant_knob
 from hybridserve.engine.cuda_graphs import DecodeGraphs
 
 REPLAYS = 5
@@ -74,7 +74,7 @@ def timeline(model, batch: int = 1) -> dict:
 def one(arch: str, variant: str, bw: float) -> dict:
     model = load_full(arch)
     if variant != "default":
-        _, put, value = VARIANTS[variant]
+        _, put, value = variant_knob(variant)
         put(value)
     return {"arch": arch, "variant": variant, "weights_bytes": model.weights_bytes(),
             "step_weight_bytes": step_weight_bytes(model), "floor_ms": 1e3 * step_weight_bytes(model) / bw,

@@ -362,7 +362,7 @@ GEMV_STREAM = True
 # gemv_stream_maxnreg-h100.json); uncapped → 64 (decode_latency_before_block-h100.json, 3 rounds, and
 # decode_latency_maxnreg-h100.json, 5 rounds) Llama-3.2-3B shapes 2.649 / 2.641 → 2.640 / 2.624, NanoHammer
 # 1.118 / 1.117 → 1.109 / 1.110, Spartacus 1.077 / 1.076 → 1.072 / 1.071, Kotodama-3B 2.615 / 2.609 →
-# 2.616 / 2.609. Capped where this Triton has the launch option (pdl.has_launch_option).
+# 2.616 / 2.609. Capped where this Triton has the launch option (pdl.register_cap).
 GEMV_STREAM_MAXNREG: int | None = 64
 
 
@@ -607,22 +607,20 @@ def _gemv_rope_kv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, cos_ptr, sin
                  ADD, True, False, False, 0, 0, 0, 0, PD, NQ, NKV, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr)
 
 
-def _stream_grid(N: int, config, device: torch.device) -> int:
-    """Programs of a streamed GEMV over N rows: a few per SM (config's 4th field), at most one per row block
-    (per row where its runs are split by rows)."""
-    BN, _, _, per_sm, rows = config
+def _stream_grid(N: int, BN: int, per_sm: int, rows: bool, device: torch.device) -> int:
+    """Programs of a streamed GEMV over N rows: per_sm per SM, at most one per row block of BN (per row where its
+    runs are split by rows)."""
     return min(N if rows else triton.cdiv(N, BN), per_sm * _sm_count(device.index if device.type == "cuda" else None))
 
 
 def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, config):
     N, K = y.shape[1], x.shape[1]
-    BN, BK, warps, _, rows = config
-    _gemv_stream_kernel[(_stream_grid(N, config, x.device),)](
+    BN, BK, warps, per_sm, rows = config
+    _gemv_stream_kernel[(_stream_grid(N, BN, per_sm, rows, x.device),)](
         x, delta if delta is not None else x, h, norm_weight if norm_weight is not None else x, weight, y,
         N, K, eps, BN=BN, BK=BK, KT=triton.cdiv(K, BK), ADD=delta is not None, NORM=norm_weight is not None,
         SILU_MUL=silu_mul, ROWS=rows, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device),
-        **({"maxnreg": GEMV_STREAM_MAXNREG}
-           if GEMV_STREAM_MAXNREG and x.is_cuda and pdl.has_launch_option("maxnreg") else {}))
+        **pdl.register_cap(GEMV_STREAM_MAXNREG, x.device))
 
 
 # The one-row GEMV after a latency-bound block (the o projection after the attention, `linear(after_block=
@@ -860,8 +858,8 @@ def add_norm_linear_rope_kv(h: torch.Tensor, delta: torch.Tensor | None, norm_we
         return h, q[:, :num_heads]
     x, delta, h = _gemv_inputs(h, delta)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    BN, BK, warps = config[:3]
-    _gemv_rope_kv_kernel[(_stream_grid(N, config[:4] + (False,), x.device),)](
+    BN, BK, warps, per_sm, _ = config     # RoPE pairs need whole blocks: never split by rows
+    _gemv_rope_kv_kernel[(_stream_grid(N, BN, per_sm, False, x.device),)](
         x, delta if delta is not None else x, h, norm_weight, weight, y, cos.contiguous(), sin.contiguous(),
         k_cache, v_cache, slot_mapping, N, K, eps, NQ=num_heads, NKV=hkv, PD=D, BN=BN, BK=BK,
         KT=triton.cdiv(K, BK), ADD=delta is not None, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device))

@@ -456,8 +456,7 @@ def projection_decode(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: 
         H=H, D=D, GD=(N - 3 * H * D) // H, BD=triton.next_power_of_2(D), P=P, BN=BN, BK=BK,
         KT=triton.cdiv(K, BK), ADD=delta is not None, HAS_ZB=decay_bias is not None,
         SOFTPLUS=decay_gate == "neg_softplus", EARLY_STATE=PROJECTION_EARLY_STATE, num_warps=warps, num_stages=1,
-        **pdl.launch_kwargs(x.device),
-        **({"maxnreg": PROJECTION_MAXNREG} if PROJECTION_MAXNREG and pdl.has_launch_option("maxnreg") else {}))
+        **pdl.launch_kwargs(x.device), **pdl.register_cap(PROJECTION_MAXNREG, x.device))
     return h, o
 
 

@@ -46,6 +46,12 @@ def has_launch_option(name: str) -> bool:
     return name in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
+def register_cap(n: int | None, device: torch.device) -> dict:
+    """Launch keyword for a per-thread register cap of `n` (none where `n` is None, off the GPU, or where this
+    Triton lacks the option)."""
+    return {"maxnreg": n} if n and device.type == "cuda" and has_launch_option("maxnreg") else {}
+
+
 @lru_cache(maxsize=None)
 def _supported(device_index: int) -> bool:
     if os.environ.get("HYBRIDSERVE_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":

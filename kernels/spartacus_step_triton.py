@@ -245,9 +245,7 @@ def _args(sw: StepWeights, ws: _Workspace, input_ids, slot_ids, states, logits):
                 BD=triton.next_power_of_2(D), BV=min(BV, triton.next_power_of_2(D)),
                 BW=triton.next_power_of_2(A), Q_FULL=sw.q_norm.shape[1] == A, K_FULL=sw.k_norm.shape[1] == A,
                 HAS_ZB=sw.decay_bias is not None, SOFTPLUS=sw.decay_gate == "neg_softplus",
-                COMPILED=sw.qkvz.is_cuda, num_warps=WARPS, num_stages=1)
-    if MAXNREG and sw.qkvz.is_cuda and pdl.has_launch_option("maxnreg"):
-        meta["maxnreg"] = MAXNREG
+                COMPILED=sw.qkvz.is_cuda, num_warps=WARPS, num_stages=1, **pdl.register_cap(MAXNREG, sw.qkvz.device))
     return args, meta
 
 
