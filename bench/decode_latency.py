@@ -19,6 +19,7 @@ import argparse
 import importlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,30 @@ def measure_copy_bandwidth() -> float:
         b.copy_(a)
     torch.cuda.synchronize()
     return 2 * a.numel() * n / (time.perf_counter() - t)
+
+
+def measure_sm_clock_hz(cycles: int = 20_000_000) -> float:
+    """The SM clock the GPU runs a spinning kernel at (torch.cuda._sleep spins for `cycles` clock cycles): machines
+    of one kind have differed in it, and a batch-1 step's latency-bound part scales with it, while the copy
+    bandwidth (the floor) does not."""
+    torch.cuda._sleep(cycles)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / (start.elapsed_time(end) * 1e-3)
+
+
+def nvidia_smi_clocks() -> dict:
+    """The clocks and limits nvidia-smi reports (empty where it is not installed)."""
+    fields = "clocks.sm,clocks.max.sm,clocks.applications.graphics,clocks.mem,clocks.max.mem,power.limit"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i",
+                              str(torch.cuda.current_device())], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return dict(zip(fields.split(","), (v.strip() for v in out.strip().split(",")))) if out.strip() else {}
 
 
 def measure_matmul_rate() -> float:
@@ -282,6 +307,12 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
                for p in (1, 2, 3, 4, 6, 8) for r in (0, 8, 32)},
             # the o projection with the general streamed-GEMV setting (fused_triton.AFTER_BLOCK_STREAM)
             "after_block_general": (*_knob(ft, "AFTER_BLOCK_STREAM"), None),
+            # L2 eviction hints: the one-row GEMVs' weight loads evict-first (the default) or not, the
+            # attention's k/v loads evict-last, or both
+            "weight_evict_first": (*_knob(ft, "WEIGHT_EVICT"), "evict_first"),
+            "weight_evict_normal": (*_knob(ft, "WEIGHT_EVICT"), ""),
+            "kv_evict_last": (*_knob(pat, "KV_EVICT"), "evict_last"),
+            "evict_both": (*_knobs((ft, "WEIGHT_EVICT"), (pat, "KV_EVICT")), ("evict_first", "evict_last")),
             "idle_wait": (*_knob(pat, "IDLE_EXIT"), False),   # attention splits with no keys wait all the same
             "target_1024": (*_knob(pat, "TARGET_PROGRAMS"), 1024),   # attention grids of 1024 programs, not a wave
             # the step's ends as before: torch index kernels for the embedding and cos/sin, argmax without PDL
@@ -305,7 +336,13 @@ def _stream_shape(name: str):
 
 
 def variant_knob(name: str):
-    """(getter, setter, value) of a variant: a VARIANTS name or a "stream:" setting."""
+    """(getter, setter, value) of a variant: a VARIANTS name or a "stream:" setting, or several of them
+    joined by "&" (all set together)."""
+    if "&" in name:
+        knobs = [variant_knob(part) for part in name.split("&")]
+        return (lambda: tuple(get() for get, _, _ in knobs),
+                lambda vs: [put(v) for (_, put, _), v in zip(knobs, vs)],
+                tuple(value for _, _, value in knobs))
     return _stream_shape(name) if name.startswith("stream:") else VARIANTS[name]
 
 
@@ -474,10 +511,13 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     bw, flops = measure_copy_bandwidth(), measure_matmul_rate()
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
+    clock = measure_sm_clock_hz()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s, "
+          f"SM clock {clock / 1e6:.0f} MHz", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": importlib.import_module("triton").__version__, "copy_bandwidth_Bps": bw,
-              "matmul_flops": flops, "decode": [], "flatness": [], "prefill": [], "profile": []}
+              "matmul_flops": flops, "sm_clock_hz": clock, "nvidia_smi": nvidia_smi_clocks(),
+              "decode": [], "flatness": [], "prefill": [], "profile": []}
     for arch in args.archs.split(","):
         t = time.perf_counter()
         model = load_full(arch)

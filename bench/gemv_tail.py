@@ -29,7 +29,7 @@ SHAPES = {"qkv": (5120, 3072), "o": (3072, 3072), "gate_up": (16384, 3072), "dow
 
 @triton.jit
 def _tile(w_ptr, N, K, r0, r1, t, T, BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr):
-    return ft._stream_tile(w_ptr, N, K, r0, r1, t, T, BN, BK, KT, False)[0]
+    return ft._stream_tile(w_ptr, N, K, r0, r1, t, T, BN, BK, KT, False, EW="")[0]
 
 
 @triton.jit

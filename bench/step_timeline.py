@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from decode_latency import PAGE, Setup, load_full, measure_copy_bandwidth, step_weight_bytes, time_fn, variant_knob
+from decode_latency import (PAGE, Setup, load_full, measure_copy_bandwidth, measure_sm_clock_hz, nvidia_smi_clocks,
+                            step_weight_bytes, time_fn, variant_knob)
 from hybridserve.engine.cuda_graphs import DecodeGraphs
 
 REPLAYS = 5
@@ -93,7 +94,7 @@ def main():
         return
     bw = measure_copy_bandwidth()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
-           "rows": []}
+           "sm_clock_hz": measure_sm_clock_hz(), "nvidia_smi": nvidia_smi_clocks(), "rows": []}
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     for arch in args.archs.split(","):
         for variant in args.variants.split(","):

@@ -113,7 +113,7 @@ def _attn_o_kernel(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, k_ptr, v_ptr, bt_p
         tok = n0 + rn
         mt = tok < L - 1
         kt, vt = _kv_tile(k_ptr, v_ptr, bt_ptr + b * sbt_b, tok, mt, g, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, rd, md,
-                          PAGE, F32_DOT)
+                          PAGE, F32_DOT, EV="")
         m, lsum, acc = _softmax_tile(q, kt, vt, mt, m, lsum, acc, scale_log2)
     o = (acc / lsum[:, None]).to(qkv_ptr.dtype.element_ty).to(tl.float32)     # as the attention stores its output
     o3 = tl.sum(tl.where(rg[:, None, None] == rh[None, :, None], o[:, None, :], 0.), axis=0)    # [BGW, BD]

@@ -260,7 +260,7 @@ def _delta_as_stored(d, d_ptr, h_ptr):
 @triton.jit
 def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, eps, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
-                 SILU_MUL: tl.constexpr, PDL: tl.constexpr):
+                 SILU_MUL: tl.constexpr, EW: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BN + tl.arange(0, BN)
     mn = n < N
@@ -269,10 +269,10 @@ def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, eps, BM
     rm = tl.arange(0, BM)
     m0 = mn[:, None] & (rk < K)[None, :]
     # weights are constant during the step: the first tile is read before the producer of x finishes
-    w = tl.load(w_ptr + rows + rk[None, :], mask=m0, other=0.0)
+    w = tl.load(w_ptr + rows + rk[None, :], mask=m0, other=0.0, eviction_policy=EW)
     u = w
     if SILU_MUL:
-        u = tl.load(w_ptr + N * K + rows + rk[None, :], mask=m0, other=0.0)
+        u = tl.load(w_ptr + N * K + rows + rk[None, :], mask=m0, other=0.0, eviction_policy=EW)
     if PDL:
         pdl.enter(PDL)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -283,9 +283,9 @@ def _gemv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, M, N, K, sx, eps, BM
         mk = kk < K
         if k0 > 0:
             m = mn[:, None] & mk[None, :]
-            w = tl.load(w_ptr + rows + kk[None, :], mask=m, other=0.0)
+            w = tl.load(w_ptr + rows + kk[None, :], mask=m, other=0.0, eviction_policy=EW)
             if SILU_MUL:
-                u = tl.load(w_ptr + N * K + rows + kk[None, :], mask=m, other=0.0)
+                u = tl.load(w_ptr + N * K + rows + kk[None, :], mask=m, other=0.0, eviction_policy=EW)
         wf = w.to(tl.float32)
         if NORM:
             nw = tl.load(nw_ptr + kk, mask=mk, other=0.0).to(tl.float32)
@@ -342,7 +342,7 @@ def _gemv(x, delta, norm_weight, weight, out_features, eps, out_dtype=None, silu
     _gemv_kernel[(triton.cdiv(out_features, BN),)](
         x, delta if delta is not None else x, h, norm_weight if norm_weight is not None else x, weight, y,
         M, out_features, K, x.stride(0), eps, BM=triton.next_power_of_2(M), BN=BN, BK=BK,
-        ADD=delta is not None, NORM=norm_weight is not None, SILU_MUL=silu_mul, num_warps=warps,
+        ADD=delta is not None, NORM=norm_weight is not None, SILU_MUL=silu_mul, EW=WEIGHT_EVICT, num_warps=warps,
         num_stages=GEMV_STAGES, **pdl.launch_kwargs(x.device))
     return h, y
 
@@ -379,6 +379,17 @@ GEMV_STREAM_SHAPES: dict[tuple[int, int, int], tuple[int, int, int, int, bool]] 
 # 1.063 vs 1.070. Alone in chains of its own shape (bench/gemv_tail.py) it was even: the gain is in the step,
 # after the attention's few programs, not found by the isolated sweep. None: the general setting.
 AFTER_BLOCK_STREAM: tuple[int, int, int, int, bool] | None = (4, 1024, 4, 8, False)
+# The L2 eviction policy of the one-row GEMVs' weight loads (streamed and plain). "evict_first": a step's
+# weights, each byte read once, leave L2 before anything else, so what the next step reads again (the KV cache
+# of a short context, states, norm weights, activations) stays there instead of coming back from HBM on the
+# latency-bound path. H100, decode graphs, batch 1, context 128, three rounds in turn, "" → "evict_first"
+# (bench/results/decode_latency_evict_final-h100.json; the same in decode_latency_evict-, _combos-, _mm- and
+# _default-h100.json, each on another machine): Llama-3.2-3B shapes 2.620 → 2.599 ms, NanoHammer 1.104 → 1.085,
+# Kotodama-3B 2.585 → 2.566, Spartacus 1.064 → 1.062, Kotodama-108M 0.607 → 0.577, NeoLLM 0.243 → 0.244;
+# batch 8 even, and the multi-row matmul's weights with the hint were even at batch 8 and 32. The attention's
+# k/v loads as "evict_last" (paged_attention_triton.KV_EVICT) added nothing. "": the default policy
+# (HYBRIDSERVE_WEIGHT_EVICT="" for A/B).
+WEIGHT_EVICT = os.environ.get("HYBRIDSERVE_WEIGHT_EVICT", "evict_first")
 
 
 def gemv_stream_config(N: int, K: int, stacked: int = 1,
@@ -486,19 +497,20 @@ def _row_of(r, h, NH: tl.constexpr, HD: tl.constexpr, GD: tl.constexpr, PD: tl.c
 @triton.jit
 def _stream_tile(w_ptr, N, K, r0, r1, t, T, BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr,
                  SILU_MUL: tl.constexpr, h=0, NH: tl.constexpr = 0, HD: tl.constexpr = 0, GD: tl.constexpr = 0,
-                 PD: tl.constexpr = 0):
+                 PD: tl.constexpr = 0, EW: tl.constexpr = ""):
     """Weight tile t of a program's run of rows r0 … r1-1 (`_stream_span`; zeros past its end), and its [up]
-    half for a stacked pair (N rows on); NH > 0: the rows of head h; PD > 0: rows in RoPE pairs (`_row_of`)."""
+    half for a stacked pair (N rows on); NH > 0: the rows of head h; PD > 0: rows in RoPE pairs (`_row_of`).
+    EW: the loads' L2 eviction policy (WEIGHT_EVICT)."""
     rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
     r = r0 + (t // KT) * BN + rn
     k = (t % KT) * BK + rk
     m = ((r < r1) & (rn * 0 + t < T))[:, None] & (k < K)[None, :]
     off = _row_of(r, h, NH, HD, GD, PD)[:, None].to(tl.int64) * K + k[None, :]
-    w = tl.load(w_ptr + off, mask=m, other=0.0)
+    w = tl.load(w_ptr + off, mask=m, other=0.0, eviction_policy=EW)
     u = w
     if SILU_MUL:
-        u = tl.load(w_ptr + N * K + off, mask=m, other=0.0)
+        u = tl.load(w_ptr + N * K + off, mask=m, other=0.0, eviction_policy=EW)
     return w, u
 
 
@@ -507,7 +519,7 @@ def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, r0, r1, T
                  BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
                  SILU_MUL: tl.constexpr, CG: tl.constexpr, h=0, NH: tl.constexpr = 0, HD: tl.constexpr = 0,
                  GD: tl.constexpr = 0, PD: tl.constexpr = 0, NQ: tl.constexpr = 0, NKV: tl.constexpr = 0,
-                 cos_ptr=0, sin_ptr=0, kc_ptr=0, vc_ptr=0, slot_ptr=0):
+                 cos_ptr=0, sin_ptr=0, kc_ptr=0, vc_ptr=0, slot_ptr=0, EW: tl.constexpr = ""):
     """A program's run (rows r0 … r1-1 in T tiles) of a streamed GEMV, its first weight tile (w, u) already
     loaded; NH > 0: the rows of head h, PD > 0: rows in RoPE pairs (`_row_of`), each output stored at its
     weight row's place (PD: as `_rope_kv_store` stores it)."""
@@ -529,7 +541,7 @@ def _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, r0, r1, T
     for t in range(0, T):
         kt = t % KT
         # the next tile's load goes out before this tile's product
-        w_next, u_next = _stream_tile(w_ptr, N, K, r0, r1, t + 1, T, BN, BK, KT, SILU_MUL, h, NH, HD, GD, PD)
+        w_next, u_next = _stream_tile(w_ptr, N, K, r0, r1, t + 1, T, BN, BK, KT, SILU_MUL, h, NH, HD, GD, PD, EW)
         if KT > 1:
             if CG:      # x comes from L2: its next tile goes out with the next weight tile
                 kn = ((t + 1) % KT) * BK + rk
@@ -583,28 +595,28 @@ def _rope_kv_store(y, r, N, y_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, N
 @triton.jit
 def _gemv_stream_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, BN: tl.constexpr,
                         BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
-                        SILU_MUL: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+                        SILU_MUL: tl.constexpr, ROWS: tl.constexpr, EW: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     r0, r1, T = _stream_span(N, pid, tl.num_programs(0), BN, KT, ROWS)
     # weights are constant during the step: the first tile is read before the producer of x finishes
-    w, u = _stream_tile(w_ptr, N, K, r0, r1, 0, T, BN, BK, KT, SILU_MUL)
+    w, u = _stream_tile(w_ptr, N, K, r0, r1, 0, T, BN, BK, KT, SILU_MUL, EW=EW)
     if PDL:
         pdl.enter(PDL)
     _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, r0, r1, T, w, u, pid == 0, BN, BK, KT,
-                 ADD, NORM, SILU_MUL, False)
+                 ADD, NORM, SILU_MUL, False, EW=EW)
 
 
 @triton.jit
 def _gemv_rope_kv_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, N,
                          K, eps, NQ: tl.constexpr, NKV: tl.constexpr, PD: tl.constexpr, BN: tl.constexpr,
-                         BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
+                         BK: tl.constexpr, KT: tl.constexpr, ADD: tl.constexpr, EW: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     r0, r1, T = _stream_span(N, pid, tl.num_programs(0), BN, KT)
-    w, u = _stream_tile(w_ptr, N, K, r0, r1, 0, T, BN, BK, KT, False, 0, 0, 0, 0, PD)
+    w, u = _stream_tile(w_ptr, N, K, r0, r1, 0, T, BN, BK, KT, False, 0, 0, 0, 0, PD, EW)
     if PDL:
         pdl.enter(PDL)
     _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, N, K, eps, r0, r1, T, w, u, pid == 0, BN, BK, KT,
-                 ADD, True, False, False, 0, 0, 0, 0, PD, NQ, NKV, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr)
+                 ADD, True, False, False, 0, 0, 0, 0, PD, NQ, NKV, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, EW)
 
 
 def _stream_grid(N: int, BN: int, per_sm: int, rows: bool, device: torch.device) -> int:
@@ -619,7 +631,8 @@ def _gemv_stream(x, delta, norm_weight, weight, h, y, eps, silu_mul, config):
     _gemv_stream_kernel[(_stream_grid(N, BN, per_sm, rows, x.device),)](
         x, delta if delta is not None else x, h, norm_weight if norm_weight is not None else x, weight, y,
         N, K, eps, BN=BN, BK=BK, KT=triton.cdiv(K, BK), ADD=delta is not None, NORM=norm_weight is not None,
-        SILU_MUL=silu_mul, ROWS=rows, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device),
+        SILU_MUL=silu_mul, ROWS=rows, EW=WEIGHT_EVICT, num_warps=warps, num_stages=1,
+        **pdl.launch_kwargs(x.device),
         **pdl.register_cap(GEMV_STREAM_MAXNREG, x.device))
 
 
@@ -862,7 +875,8 @@ def add_norm_linear_rope_kv(h: torch.Tensor, delta: torch.Tensor | None, norm_we
     _gemv_rope_kv_kernel[(_stream_grid(N, BN, per_sm, False, x.device),)](
         x, delta if delta is not None else x, h, norm_weight, weight, y, cos.contiguous(), sin.contiguous(),
         k_cache, v_cache, slot_mapping, N, K, eps, NQ=num_heads, NKV=hkv, PD=D, BN=BN, BK=BK,
-        KT=triton.cdiv(K, BK), ADD=delta is not None, num_warps=warps, num_stages=1, **pdl.launch_kwargs(x.device))
+        KT=triton.cdiv(K, BK), ADD=delta is not None, EW=WEIGHT_EVICT, num_warps=warps, num_stages=1,
+        **pdl.launch_kwargs(x.device))
     return h, y.view(1, -1, D)[:, :num_heads]
 
 

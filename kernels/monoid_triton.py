@@ -406,11 +406,11 @@ def _projection_decode_kernel(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, cnt_ptr
     h = pid % H           # program j of head h: every head's first programs are in the first wave
     R = 3 * D + GD
     r0, r1, T = _stream_span(R, pid // H, P, BN, KT)
-    w, u = _stream_tile(w_ptr, R, K, r0, r1, 0, T, BN, BK, KT, False, h, H, D, GD)   # weights: before the wait
+    w, u = _stream_tile(w_ptr, R, K, r0, r1, 0, T, BN, BK, KT, False, h, H, D, GD, EW="")   # weights: before the wait
     if PDL:
         pdl.enter(PDL)
     _stream_rows(x_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, y_ptr, R, K, eps, r0, r1, T, w, u, pid == 0, BN, BK, KT,
-                 ADD, True, False, False, h, H, D, GD)
+                 ADD, True, False, False, h, H, D, GD, EW="")
     rk = tl.arange(0, BD)
     ms = (rk < D)[:, None] & (rk < D)[None, :]
     s_off = ((tl.load(slot_ptr).to(tl.int64) * H + h) * D + rk[:, None]) * D + rk[None, :]

@@ -14,6 +14,8 @@ two steps per program, not a long walk in one program.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -32,13 +34,16 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _kv_tile(k_ptr, v_ptr, bt_row, tok, mt, hkv, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, rd, md, PAGE: tl.constexpr,
-             F32_DOT: tl.constexpr):
-    """Keys and values [BN, BD] of tokens `tok` (mask mt) of one kv head, through the sequence's block table."""
+             F32_DOT: tl.constexpr, EV: tl.constexpr = ""):
+    """Keys and values [BN, BD] of tokens `tok` (mask mt) of one kv head, through the sequence's block table;
+    EV: the loads' L2 eviction policy (KV_EVICT)."""
     page = tl.load(bt_row + tok // PAGE, mask=mt, other=0).to(tl.int64)
     off = tok % PAGE
     mkv = mt[:, None] & md[None, :]
-    k = tl.load(k_ptr + (page * sk_p + off * sk_t + hkv * sk_h)[:, None] + rd[None, :], mask=mkv, other=0.)
-    v = tl.load(v_ptr + (page * sv_p + off * sv_t + hkv * sv_h)[:, None] + rd[None, :], mask=mkv, other=0.)
+    k = tl.load(k_ptr + (page * sk_p + off * sk_t + hkv * sk_h)[:, None] + rd[None, :], mask=mkv, other=0.,
+                eviction_policy=EV)
+    v = tl.load(v_ptr + (page * sv_p + off * sv_t + hkv * sv_h)[:, None] + rd[None, :], mask=mkv, other=0.,
+                eviction_policy=EV)
     if F32_DOT:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -90,7 +95,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, 
                   BD: tl.constexpr, PAGE: tl.constexpr, BN: tl.constexpr, ENTRY: tl.constexpr, FUSED: tl.constexpr,
                   BGM: tl.constexpr, BSC: tl.constexpr, WRITE_LSE: tl.constexpr, ROPE: tl.constexpr,
                   NORM_Q: tl.constexpr, NORM_K: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr,
-                  F32_DOT: tl.constexpr, IDLE_EXIT: tl.constexpr, KV_EARLY: tl.constexpr, PDL: tl.constexpr):
+                  F32_DOT: tl.constexpr, IDLE_EXIT: tl.constexpr, KV_EARLY: tl.constexpr, EV: tl.constexpr,
+                  PDL: tl.constexpr):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     sp = tl.program_id(2)
@@ -127,7 +133,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, 
         tok0 = start + rn
         mt0 = tok0 < end
         k0, v0 = _kv_tile(k_ptr, v_ptr, bt_row, tok0, mt0, hkv, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, rd, md, PAGE,
-                          F32_DOT)
+                          F32_DOT, EV)
         # and where the own key's slot is (the block table is the step's host-written metadata; a row with no keys
         # reads a slot it ignores)
         last = tl.maximum(L - 1, 0)
@@ -190,7 +196,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, pm_ptr, pl_ptr, 
             tok = n0 + rn
             mt = tok < end
             k, v = _kv_tile(k_ptr, v_ptr, bt_row, tok, mt, hkv, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h,
-                            rd, md, PAGE, F32_DOT)
+                            rd, md, PAGE, F32_DOT, EV)
             m, l, acc = _softmax_tile(q, k, v, mt, m, l, acc, scale_log2)
 
         direct = used < 0
@@ -358,7 +364,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, len_ptr, bt_ptr, o_ptr, lse_ptr
             tok = n0 + rn
             mt = tok < end
             k, v = _kv_tile(k_ptr, v_ptr, bt_ptr + b * sbt_b, tok, mt, hkv, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h,
-                            rd, md, PAGE, F32_DOT)
+                            rd, md, PAGE, F32_DOT, EV="")
             s = tl.dot(q.to(k.dtype), tl.trans(k)) * scale_log2
             s = tl.where(mt[None, :] & (tok[None, :] <= qpos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -455,6 +461,9 @@ IDLE_EXIT = True  # split programs with no keys leave without waiting on the ker
 # 1.114 / 1.110, Kotodama-3B 2.627 / 2.623 vs 2.615 / 2.609, Kotodama-108M 0.621 / 0.619 vs 0.606 / 0.603;
 # batch 8 0.1-0.7 % slower. An A/B knob (bench/decode_latency.py `kv_early`).
 KV_EARLY = False
+# The L2 eviction policy of the decode split's key/value loads ("": the default; "evict_last": a sequence's
+# cached keys, read again by every step, stay in L2 before other lines). An A/B knob (HYBRIDSERVE_KV_EVICT).
+KV_EVICT = os.environ.get("HYBRIDSERVE_KV_EVICT", "")
 MERGE_SMALL = 8        # partials the merge kernel takes in one small tile when a sequence uses no more ...
 MERGE_CHUNK_BIG = 64   # ... else this many at a time
 
@@ -499,7 +508,7 @@ def _decode(q, H, k_cache, v_cache, block_tables, seq_lens, scale, return_lse, e
             ENTRY=entry is not None, FUSED=fused, BGM=triton.next_power_of_2(G), BSC=MERGE_CHUNK,
             WRITE_LSE=return_lse, ROPE=rope is not None, NORM_Q=q_norm is not None, NORM_K=k_norm is not None,
             ROT=rot, HALF=rot // 2,
-            F32_DOT=INTERPRETED, IDLE_EXIT=IDLE_EXIT, KV_EARLY=KV_EARLY, num_warps=NUM_WARPS,
+            F32_DOT=INTERPRETED, IDLE_EXIT=IDLE_EXIT, KV_EARLY=KV_EARLY, EV=KV_EVICT, num_warps=NUM_WARPS,
             **pdl.launch_kwargs(q.device, early=True))
         if not fused and merge:
             bs = triton.next_power_of_2(splits)

@@ -125,7 +125,7 @@ def _step_kernel(ids_ptr, slot_ptr, emb_ptr, an_ptr, qkvz_ptr, qn_ptr, kn_ptr, z
     r0q, eq, Tq = _stream_span(NQ, pid, G, BN, KTE)
     ok = 1
     nbar = 0
-    w, u = _stream_tile(qkvz_ptr, NQ, E, r0q, eq, 0, Tq, BN, BKE, KTE, False)
+    w, u = _stream_tile(qkvz_ptr, NQ, E, r0q, eq, 0, Tq, BN, BKE, KTE, False, EW="")
     for layer in range(L):
         li = tl.cast(layer, tl.int64)
         if layer == 0:
@@ -136,13 +136,13 @@ def _step_kernel(ids_ptr, slot_ptr, emb_ptr, an_ptr, qkvz_ptr, qn_ptr, kn_ptr, z
             dl = dlt_ptr
         # 1. h = h + δ (kept in hbuf[0]); qkvz = RMSNorm(h) · Wqkvz
         _stream_rows(hin, dl, hbuf_ptr, an_ptr + li * E, qkvz_ptr + li * (NQ * E), act_ptr, NQ, E, eps, r0q, eq, Tq,
-                     w, u, pid == 0, BN, BKE, KTE, True, True, False, True)
+                     w, u, pid == 0, BN, BKE, KTE, True, True, False, True, EW="")
         s_l = s_ptr + li * s_layer
         r0o, eo, To = _stream_span(E, _opaque(pid, COMPILED), G, BN, KTA)
         rv = (pid % NVB) * BV + tl.arange(0, BV)
         s_off = ((slot * H + pid // NVB) * D + rk[:, None]) * D + rv[None, :]
         S = tl.load(s_l + s_off, mask=(rk < D)[:, None] & ((rv < D) & (rv * 0 + pid < HV))[None, :], other=0.)
-        wo, uo = _stream_tile(ow_ptr + li * (E * A), E, A, r0o, eo, 0, To, BN, BKA, KTA, False)
+        wo, uo = _stream_tile(ow_ptr + li * (E * A), E, A, r0o, eo, 0, To, BN, BKA, KTA, False, EW="")
         ok = _grid_sync(bar_ptr, nbar, ok, spin_limit)
         nbar += 1
         # 2. the monoid step of each (head, value block): state tile S, output o
@@ -161,32 +161,32 @@ def _step_kernel(ids_ptr, slot_ptr, emb_ptr, an_ptr, qkvz_ptr, qn_ptr, kn_ptr, z
         nbar += 1
         # 3. δ = o · Wo
         _stream_rows(ob_ptr, ob_ptr, hbuf_ptr, ob_ptr, ow_ptr + li * (E * A), dlt_ptr, E, A, eps, r0o, eo, To,
-                     wo, uo, False, BN, BKA, KTA, False, False, False, True)
+                     wo, uo, False, BN, BKA, KTA, False, False, False, True, EW="")
         r0g, eg, Tg = _stream_span(FF, _opaque(pid, COMPILED), G, BN // 2, KTE)
-        w2, u2 = _stream_tile(gu_ptr + li * (2 * FF * E), FF, E, r0g, eg, 0, Tg, BN // 2, BKE, KTE, True)
+        w2, u2 = _stream_tile(gu_ptr + li * (2 * FF * E), FF, E, r0g, eg, 0, Tg, BN // 2, BKE, KTE, True, EW="")
         ok = _grid_sync(bar_ptr, nbar, ok, spin_limit)
         nbar += 1
         # 4. h = h + δ (kept in hbuf[1]); g = SiLU(gate) · up of RMSNorm(h) · W[gate; up]
         _stream_rows(hbuf_ptr, dlt_ptr, hbuf_ptr + E, fn_ptr + li * E, gu_ptr + li * (2 * FF * E), g_ptr, FF, E,
-                     eps, r0g, eg, Tg, w2, u2, pid == 0, BN // 2, BKE, KTE, True, True, True, True)
+                     eps, r0g, eg, Tg, w2, u2, pid == 0, BN // 2, BKE, KTE, True, True, True, True, EW="")
         r0d, ed, Td = _stream_span(E, _opaque(pid, COMPILED), G, BN, KTI)
-        w3, u3 = _stream_tile(dw_ptr + li * (E * FF), E, FF, r0d, ed, 0, Td, BN, BKI, KTI, False)
+        w3, u3 = _stream_tile(dw_ptr + li * (E * FF), E, FF, r0d, ed, 0, Td, BN, BKI, KTI, False, EW="")
         ok = _grid_sync(bar_ptr, nbar, ok, spin_limit)
         nbar += 1
         # 5. δ = g · Wdown
         _stream_rows(g_ptr, g_ptr, hbuf_ptr, g_ptr, dw_ptr + li * (E * FF), dlt_ptr, E, FF, eps, r0d, ed, Td,
-                     w3, u3, False, BN, BKI, KTI, False, False, False, True)
+                     w3, u3, False, BN, BKI, KTI, False, False, False, True, EW="")
         if layer + 1 < L:
             r0q, eq, Tq = _stream_span(NQ, _opaque(pid, COMPILED), G, BN, KTE)
-            w, u = _stream_tile(qkvz_ptr + (li + 1) * (NQ * E), NQ, E, r0q, eq, 0, Tq, BN, BKE, KTE, False)
+            w, u = _stream_tile(qkvz_ptr + (li + 1) * (NQ * E), NQ, E, r0q, eq, 0, Tq, BN, BKE, KTE, False, EW="")
         else:
             r0q, eq, Tq = _stream_span(V, _opaque(pid, COMPILED), G, BN, KTE)
-            w, u = _stream_tile(head_ptr, V, E, r0q, eq, 0, Tq, BN, BKE, KTE, False)
+            w, u = _stream_tile(head_ptr, V, E, r0q, eq, 0, Tq, BN, BKE, KTE, False, EW="")
         ok = _grid_sync(bar_ptr, nbar, ok, spin_limit)
         nbar += 1
     # the logits of RMSNorm(h + δ), fp32
     _stream_rows(hbuf_ptr + E, dlt_ptr, hbuf_ptr, nrm_ptr, head_ptr, out_ptr, V, E, eps, r0q, eq, Tq, w, u, False,
-                 BN, BKE, KTE, True, True, False, True)
+                 BN, BKE, KTE, True, True, False, True, EW="")
     _grid_exit(bar_ptr, ok)
 
 

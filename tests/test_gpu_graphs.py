@@ -66,16 +66,20 @@ def test_graph_matches_eager_and_reference(model, batch, feed):
 KNOBS = {"resident_o": [("kernels.fused_triton", "RESIDENT_AFTER_BLOCK"), ("kernels.pdl", "EARLY_MIXER")],
          "merge_o": [("models.layers", "ATTN_MERGE_O")],
          "attention_in_one_kernel": [("models.layers", "ATTN_STEP_FUSED")],
-         "kv_early": [("kernels.paged_attention_triton", "KV_EARLY")]}
+         "kv_early": [("kernels.paged_attention_triton", "KV_EARLY")],
+         # L2 eviction hints (no effect on results): weights with the default policy, k/v loads evict-last
+         "weight_evict_normal": [("kernels.fused_triton", "WEIGHT_EVICT", "")],
+         "kv_evict_last": [("kernels.paged_attention_triton", "KV_EVICT", "evict_last")]}
 
 
 @pytest.mark.parametrize("knobs", sorted(KNOBS))
 @pytest.mark.parametrize("batch", [1, 3])
 def test_graph_with_knob_matches(model, batch, knobs, monkeypatch):
-    """test_graph_matches_eager_and_reference's checks with one opt-in knob set (KNOBS) turned on."""
+    """test_graph_matches_eager_and_reference's checks with one opt-in knob set (KNOBS) turned on (or set to
+    its entry's value)."""
     import importlib
-    for mod, attr in KNOBS[knobs]:
-        monkeypatch.setattr(importlib.import_module(f"hybridserve.{mod}"), attr, True)
+    for mod, attr, *value in KNOBS[knobs]:
+        monkeypatch.setattr(importlib.import_module(f"hybridserve.{mod}"), attr, value[0] if value else True)
     test_graph_matches_eager_and_reference(model, batch, "chunks")
 
 
