@@ -500,7 +500,8 @@ def _stream_tile(w_ptr, N, K, r0, r1, t, T, BN: tl.constexpr, BK: tl.constexpr, 
                  PD: tl.constexpr = 0, EW: tl.constexpr = ""):
     """Weight tile t of a program's run of rows r0 … r1-1 (`_stream_span`; zeros past its end), and its [up]
     half for a stacked pair (N rows on); NH > 0: the rows of head h; PD > 0: rows in RoPE pairs (`_row_of`).
-    EW: the loads' L2 eviction policy (WEIGHT_EVICT)."""
+    EW: the loads' L2 eviction policy (WEIGHT_EVICT; "" the default). Callers pass EW (and `_stream_rows`'): Triton
+    3.6 does not take a string default as a constant."""
     rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
     r = r0 + (t // KT) * BN + rn

@@ -34,9 +34,9 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _kv_tile(k_ptr, v_ptr, bt_row, tok, mt, hkv, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, rd, md, PAGE: tl.constexpr,
-             F32_DOT: tl.constexpr, EV: tl.constexpr = ""):
+             F32_DOT: tl.constexpr, EV: tl.constexpr):
     """Keys and values [BN, BD] of tokens `tok` (mask mt) of one kv head, through the sequence's block table;
-    EV: the loads' L2 eviction policy (KV_EVICT)."""
+    EV: the loads' L2 eviction policy (KV_EVICT; "" the default)."""
     page = tl.load(bt_row + tok // PAGE, mask=mt, other=0).to(tl.int64)
     off = tok % PAGE
     mkv = mt[:, None] & md[None, :]
@@ -462,7 +462,10 @@ IDLE_EXIT = True  # split programs with no keys leave without waiting on the ker
 # batch 8 0.1-0.7 % slower. An A/B knob (bench/decode_latency.py `kv_early`).
 KV_EARLY = False
 # The L2 eviction policy of the decode split's key/value loads ("": the default; "evict_last": a sequence's
-# cached keys, read again by every step, stay in L2 before other lines). An A/B knob (HYBRIDSERVE_KV_EVICT).
+# cached keys, read again by every step, stay in L2 before other lines). Even on an H100 at batch 1 / 8, context
+# 128 and 4096, alone or with the weights' evict-first hint (bench/results/decode_latency_evict-h100.json,
+# decode_latency_evict_4k-h100.json): once the weights leave L2 first, the keys stay anyway. An A/B knob
+# (HYBRIDSERVE_KV_EVICT).
 KV_EVICT = os.environ.get("HYBRIDSERVE_KV_EVICT", "")
 MERGE_SMALL = 8        # partials the merge kernel takes in one small tile when a sequence uses no more ...
 MERGE_CHUNK_BIG = 64   # ... else this many at a time
