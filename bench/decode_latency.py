@@ -308,11 +308,11 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             # the o projection with the general streamed-GEMV setting (fused_triton.AFTER_BLOCK_STREAM)
             "after_block_general": (*_knob(ft, "AFTER_BLOCK_STREAM"), None),
             # L2 eviction hints: the one-row GEMVs' weight loads evict-first (the default) or not, the
-            # attention's k/v loads evict-last, or both
+            # attention's k/v loads evict-last (both: "weight_evict_first&kv_evict_last", named "evict_both" in
+            # results/decode_latency_evict*-h100.json)
             "weight_evict_first": (*_knob(ft, "WEIGHT_EVICT"), "evict_first"),
             "weight_evict_normal": (*_knob(ft, "WEIGHT_EVICT"), ""),
             "kv_evict_last": (*_knob(pat, "KV_EVICT"), "evict_last"),
-            "evict_both": (*_knobs((ft, "WEIGHT_EVICT"), (pat, "KV_EVICT")), ("evict_first", "evict_last")),
             "idle_wait": (*_knob(pat, "IDLE_EXIT"), False),   # attention splits with no keys wait all the same
             "target_1024": (*_knob(pat, "TARGET_PROGRAMS"), 1024),   # attention grids of 1024 programs, not a wave
             # the step's ends as before: torch index kernels for the embedding and cos/sin, argmax without PDL

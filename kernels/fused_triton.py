@@ -388,7 +388,8 @@ AFTER_BLOCK_STREAM: tuple[int, int, int, int, bool] | None = (4, 1024, 4, 8, Fal
 # Kotodama-3B 2.585 → 2.566, Spartacus 1.064 → 1.062, Kotodama-108M 0.607 → 0.577, NeoLLM 0.243 → 0.244;
 # batch 8 even, and the multi-row matmul's weights with the hint were even at batch 8 and 32. The attention's
 # k/v loads as "evict_last" (paged_attention_triton.KV_EVICT) added nothing. "": the default policy
-# (HYBRIDSERVE_WEIGHT_EVICT="" for A/B).
+# (HYBRIDSERVE_WEIGHT_EVICT="" for A/B). The opt-in Spartacus kernels built on the same stream (monoid_triton's
+# PROJECTION_FUSED, spartacus_step_triton) keep the default policy: not measured with the hint.
 WEIGHT_EVICT = os.environ.get("HYBRIDSERVE_WEIGHT_EVICT", "evict_first")
 
 
