@@ -28,6 +28,7 @@ import torch
 
 from hybridserve.engine.cache_pools import CachePools, MemoryPlan
 from hybridserve.engine.config import EngineConfig
+from hybridserve.engine import cuda_graphs
 from hybridserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_buckets
 from hybridserve.engine.model_runner import SeqChunk, build_meta
 from hybridserve.kernels import attention_o_triton as aot
@@ -38,7 +39,7 @@ from hybridserve.kernels import neollm_ops_triton
 from hybridserve.kernels import paged_attention_triton as pat
 from hybridserve.kernels import pdl
 from hybridserve.kernels import sampling_triton
-from hybridserve.models import layers, nanohammer, spartacus
+from hybridserve.models import layers, llama, nanohammer, spartacus
 from hybridserve.models.registry import build_model
 from hybridserve.weights.checkpoint import Checkpoint
 from hybridserve.weights.synth import GENERATORS
@@ -293,6 +294,12 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             # ... and the splits merged by the last of them
             "attn_one_kernel_merge": (*_knobs((layers, "ATTN_STEP_FUSED"), (pat, "FUSED_MERGE")), (True, True)),
             "entry_fold_off": (*_knob(nanohammer, "FOLD_ENTRY"), False),  # NanoHammer's entries unfolded
+            # NanoHammer's state entry waited for at the layer's start (before the q|k|v GEMV), not at the attention
+            "entry_wait_early": (*_knob(llama, "ENTRY_AT_ATTENTION"), False),
+            # NanoHammer's token_to_state projection on cuBLAS (F.linear with its bias), not the side GEMV
+            "t2s_cublas": (*_knob(nanohammer, "TOKEN_TO_STATE_GEMV"), False),
+            # the decode graphs captured on a stream at the default (lowest) priority, as before
+            "capture_priority_default": (*_knob(cuda_graphs, "CAPTURE_PRIORITY"), 0),
             # Spartacus batch 1: the recurrence inside the qkvz GEMV (its programs-per-head sweep is in
             # bench/results/decode_latency_projection-h100.json, taken when it was on by default)
             "projection_on": (*_knob(mt, "PROJECTION_FUSED"), True),

@@ -47,6 +47,14 @@ def gc_paused():
             gc.enable()
 
 
+# The priority of the stream a graph is captured on, which its kernels keep (negative: above the default 0, the
+# lowest; 0: torch's own capture stream). Where a step runs two streams (NanoHammer's state entries on a side
+# stream at priority 0), the backbone's programs go first: NanoHammer batch 1 on an H100 −3 to −5 µs a step in
+# three runs (1.054 vs 1.060 ms, bench/results/decode_latency_side-h100.json, variant "main_priority_high");
+# one-stream models even.
+CAPTURE_PRIORITY = -1
+
+
 def capture(fn, pool, stream: torch.cuda.Stream):
     """Two warm-up calls of fn on a side stream (Triton compiles, allocator settles), then one captured
     into a graph on `pool`: (graph, fn's result, whose tensors each replay refills)."""
@@ -56,7 +64,8 @@ def capture(fn, pool, stream: torch.cuda.Stream):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     g = torch.cuda.CUDAGraph()
-    with gc_paused(), torch.cuda.graph(g, pool=pool):
+    capture_stream = torch.cuda.Stream(priority=CAPTURE_PRIORITY) if CAPTURE_PRIORITY else None
+    with gc_paused(), torch.cuda.graph(g, pool=pool, stream=capture_stream):
         out = fn()
     return g, out
 

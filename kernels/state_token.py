@@ -94,10 +94,13 @@ def decode_integral(u: torch.Tensor, state_pool: torch.Tensor, slot_ids: torch.T
 
 
 def decode_readout(w: torch.Tensor, positions: torch.Tensor, theta: torch.Tensor, state_pool: torch.Tensor,
-                   slot_ids: torch.Tensor) -> torch.Tensor:
+                   slot_ids: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The whole integral step of one decode token per sequence: I ← I + HoloRoPE(w, t) in slot_ids[b]
-    (in place), then the readout s^0 = HoloRoPE^{-1}(I, t) [B, S] fp32. theta = holo_theta(S) (fp64)."""
-    u = _holo_rotate(w.float(), positions, theta, 1.0)
+    (in place), then the readout s^0 = HoloRoPE^{-1}(I, t) [B, S] fp32. theta = holo_theta(S) (fp64).
+    `bias` [S], when given, is added to w first (in fp32): the token_to_state projection's bias where the
+    projection before ran without it."""
+    w = w.float() if bias is None else w.float() + bias.float()
+    u = _holo_rotate(w, positions, theta, 1.0)
     return _holo_rotate(decode_integral(u, state_pool, slot_ids), positions, theta, -1.0)
 
 

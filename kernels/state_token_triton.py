@@ -4,7 +4,7 @@ A decode step of NanoHammer rebuilds every layer's state entry from I, so in pla
 alone is ~200 tiny kernels (rotations, 16 Euler cells, norms) and each layer adds ~15 more for the state
 entry's norm, projection and log-sum-exp merge. Here:
 
-- `decode_readout`: rotate, integrate in the slot and read back, one kernel;
+- `decode_readout`: (the projection's bias added,) rotate, integrate in the slot and read back, one kernel;
 - `state_cell_steps`: two kernels per cell. Kernel A finishes cell l−1 (residual, α already applied,
   PostNorm) in its prologue, then runs PreNorm → fc1 → SiLU of cell l; kernel B is fc2 with α in its
   epilogue. The prologue needs whole state rows (512 wide), which every program recomputes; that is
@@ -39,8 +39,8 @@ CELL_GEMV_TILES = (1, 8, 4, 512)
 
 
 @triton.jit
-def _readout_kernel(w_ptr, pos_ptr, theta_ptr, pool_ptr, slot_ptr, s_ptr, sw,
-                    S: tl.constexpr, J: tl.constexpr, BJ: tl.constexpr, PDL: tl.constexpr):
+def _readout_kernel(w_ptr, bias_ptr, pos_ptr, theta_ptr, pool_ptr, slot_ptr, s_ptr, sw,
+                    S: tl.constexpr, J: tl.constexpr, BJ: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # kernels/pdl.py: nothing is read or written before the wait
         pdl.enter(PDL)
     b = tl.program_id(0).to(tl.int64)
@@ -53,6 +53,9 @@ def _readout_kernel(w_ptr, pos_ptr, theta_ptr, pool_ptr, slot_ptr, s_ptr, sw,
     c, sn = tl.cos(ang), tl.sin(ang)
     wa = tl.load(w_ptr + b * sw + 2 * j, mask=m, other=0.0).to(tl.float32)
     wb = tl.load(w_ptr + b * sw + 2 * j + 1, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        wa += tl.load(bias_ptr + 2 * j, mask=m, other=0.0).to(tl.float32)
+        wb += tl.load(bias_ptr + 2 * j + 1, mask=m, other=0.0).to(tl.float32)
     slot = tl.load(slot_ptr + b).to(tl.int64)
     ia = tl.load(pool_ptr + slot * S + 2 * j, mask=m, other=0.0) + (wa * c - wb * sn)
     ib = tl.load(pool_ptr + slot * S + 2 * j + 1, mask=m, other=0.0) + (wa * sn + wb * c)
@@ -63,15 +66,16 @@ def _readout_kernel(w_ptr, pos_ptr, theta_ptr, pool_ptr, slot_ptr, s_ptr, sw,
 
 
 def decode_readout(w: torch.Tensor, positions: torch.Tensor, theta: torch.Tensor, state_pool: torch.Tensor,
-                   slot_ids: torch.Tensor) -> torch.Tensor:
+                   slot_ids: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     B, S = w.shape
     assert state_pool.is_contiguous() and state_pool.dtype == torch.float32
     if w.stride(-1) != 1:
         w = w.contiguous()
     s = torch.empty(B, S, dtype=torch.float32, device=w.device)
     if B:
-        _readout_kernel[(B,)](w, positions, theta, state_pool, slot_ids, s, w.stride(0), S=S, J=S // 2,
-                              BJ=triton.next_power_of_2(S // 2), num_warps=1 if S <= 1024 else 4,
+        _readout_kernel[(B,)](w, w if bias is None else bias, positions, theta, state_pool, slot_ids, s, w.stride(0),
+                              S=S, J=S // 2, BJ=triton.next_power_of_2(S // 2), HAS_BIAS=bias is not None,
+                              num_warps=1 if S <= 1024 else 4,
                               **pdl.launch_kwargs(s.device))
     return s
 

@@ -117,6 +117,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return o.transpose(0, 1)
 
 
+def take_entry(entry):
+    """A query's extra key/value (NanoHammer's state entry) as the attention kernel reads it. The model may hand
+    it over as a zero-argument callable, taken here just before the attention: on a GPU that is where the
+    current stream starts waiting for the side stream that builds it, so the q|k|v GEMV and RoPE before it do
+    not wait too."""
+    return entry() if callable(entry) else entry
+
+
 def cached_attention(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta, scale: float,
                      return_lse: bool = False, entry: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Causal attention of q [T, H, D] over each sequence's pages, whose k/v for this step are already
@@ -125,6 +133,7 @@ def cached_attention(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], met
     token (graph-capturable), the varlen prefill kernel otherwise."""
     attn = pick("paged_attention", q.device)
     k_cache, v_cache = kv
+    entry = take_entry(entry)
     if meta.is_decode:
         return attn.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, return_lse=return_lse,
                            entry=entry)
@@ -186,12 +195,12 @@ def norm_attention_o(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: t
                                                                num_heads, kv[0], kv[1], meta.slot_mapping, q_norm,
                                                                k_norm)
         return h, pick("attention_o", h.device).decode_merged(q, kv[0], kv[1], meta.block_tables, meta.seq_lens,
-                                                              scale, o_weight, out, entry)
+                                                              scale, o_weight, out, take_entry(entry))
     h, qkv = pick("fused", h.device).add_norm_linear(h, delta, norm_weight, qkv_weight, eps)
     D = kv[0].shape[-1]
     return h, pick("attention_o", h.device).decode(
         qkv.view(h.shape[0], -1, D), cos, sin, num_heads, kv[0], kv[1], meta.slot_mapping, meta.block_tables,
-        meta.seq_lens, scale, o_weight, out, q_norm, k_norm, eps, entry)
+        meta.seq_lens, scale, o_weight, out, q_norm, k_norm, eps, take_entry(entry))
 
 
 def norm_attention(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, qkv_weight: torch.Tensor,
@@ -229,7 +238,7 @@ def attention_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_
     if meta.is_decode and ATTN_STEP_FUSED:
         return pick("paged_attention", qkv.device).decode_step(
             qkv, cos, sin, num_heads, k_cache, v_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens, scale,
-            q_norm, k_norm, eps, entry)
+            q_norm, k_norm, eps, take_entry(entry))
     q = pick("fused", qkv.device).rope_write_kv(qkv, cos, sin, num_heads, k_cache, v_cache, meta.slot_mapping,
                                                  q_norm, k_norm, eps)[:, :num_heads]
     return cached_attention(q, kv, meta, scale, entry=entry)

@@ -8,6 +8,7 @@ checkpoint name maps in weights/ translate HF / GGUF / training-checkpoint names
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,6 +21,16 @@ from hybridserve.models.cache import CacheLayout, CacheView, KVSpec
 from hybridserve.models.layers import (RopeTable, apply_rope, attention_o_applies, causal_attention, logit_rows,
                                        norm_attention, norm_attention_o,
                                        rms_norm, rope_cos_sin, rope_inv_freq, rope_params, swiglu, unique_bytes)
+
+
+# A query's extra key/value (NanoHammer's state entry, built on a side stream) handed to the attention as a
+# callable it takes just before its kernel (models/layers.py `take_entry`), so the stream's wait for the side
+# stream comes after the layer's q|k|v GEMV and RoPE. Off: taken at the layer's start, where layer 0's GEMV
+# waited for the whole first state chain (22 µs, bench/results/step_timeline_evict-h100.json) and every later
+# q|k|v GEMV, behind a plain edge, launched only once the down GEMV before it had ended. NanoHammer batch 1 on an
+# H100, on vs off: 1.067 vs 1.080 ms, 1.059 vs 1.077 (bench/results/decode_latency_entry_wait-h100.json,
+# decode_latency_side-h100.json); batch 8 even. An A/B knob.
+ENTRY_AT_ATTENTION = True
 
 
 @dataclass
@@ -170,7 +181,8 @@ class LlamaModel:
 
         def attention(i: int, lw: dict, h: torch.Tensor, delta: torch.Tensor | None):
             """(h + delta, the attention sublayer's output up to the o projection's) from the residual stream."""
-            entry = None if entries is None else entries.take(i)
+            entry = (None if entries is None else functools.partial(entries.take, i) if ENTRY_AT_ATTENTION
+                     else entries.take(i))
             if sums is not None:
                 return norm_attention_o(h, delta, lw["attn_norm"], lw["qkv"], lw["o"], sums[i], cos, sin, H,
                                         cache.kv[i], meta, self.scale, lw.get("q_norm"), lw.get("k_norm"), eps, entry)

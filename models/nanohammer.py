@@ -51,6 +51,13 @@ SIDE_STREAM = True
 FOLD_ENTRY = True
 
 
+# A decode step's token_to_state projection as the side GEMV (kernels/fused*.py `linear`, on PDL) with its bias
+# added by the readout kernel, instead of F.linear (a cuBLAS kernel of ~6 µs on an H100 at the head of the chain
+# that layer 0's attention waits for): batch 1 1.067 vs 1.073 ms (bench/results/decode_latency_entry_wait-h100.json),
+# batch 8 even. An A/B knob.
+TOKEN_TO_STATE_GEMV = True
+
+
 class StateEntries:
     """Per-layer state entries produced in order, on a side stream or in line. `take(i)` hands layer i's
     (k, v) to the current stream, which first waits for the event recorded after it. Tensors the side
@@ -209,10 +216,14 @@ class NanoHammerModel(LlamaModel):
         T, Hkv, D = h.shape[0], c.num_kv_heads, c.head_dim
         entries = StateEntries(self._side_stream() if SIDE_STREAM and h.is_cuda else None, keep=(h, cos, sin))
         with entries.on_side():
-            w = F.linear(h, *self.token_to_state)
-            if meta.is_decode:
-                s0 = ops.decode_readout(w, meta.positions, self.holo_theta, pool, meta.slot_ids)
+            if meta.is_decode and TOKEN_TO_STATE_GEMV:
+                s0 = ops.decode_readout(fused.linear(h, self.token_to_state[0], side=True), meta.positions,
+                                        self.holo_theta, pool, meta.slot_ids, bias=self.token_to_state[1])
+            elif meta.is_decode:
+                s0 = ops.decode_readout(F.linear(h, *self.token_to_state), meta.positions, self.holo_theta, pool,
+                                        meta.slot_ids)
             else:
+                w = F.linear(h, *self.token_to_state)
                 u = holo_rope(w.float(), meta.positions, c.holo_base)
                 s0 = holo_rope_inv(varlen_integral(u, meta.cu_seqlens, pool, meta.slot_ids), meta.positions,
                                    c.holo_base)

@@ -69,7 +69,10 @@ KNOBS = {"resident_o": [("kernels.fused_triton", "RESIDENT_AFTER_BLOCK"), ("kern
          "kv_early": [("kernels.paged_attention_triton", "KV_EARLY")],
          # L2 eviction hints (no effect on results): weights with the default policy, k/v loads evict-last
          "weight_evict_normal": [("kernels.fused_triton", "WEIGHT_EVICT", "")],
-         "kv_evict_last": [("kernels.paged_attention_triton", "KV_EVICT", "evict_last")]}
+         "kv_evict_last": [("kernels.paged_attention_triton", "KV_EVICT", "evict_last")],
+         # NanoHammer's state entry waited for at the layer's start; its token_to_state projection on cuBLAS
+         "entry_wait_early": [("models.llama", "ENTRY_AT_ATTENTION", False)],
+         "t2s_cublas": [("models.nanohammer", "TOKEN_TO_STATE_GEMV", False)]}
 
 
 @pytest.mark.parametrize("knobs", sorted(KNOBS))

@@ -971,16 +971,20 @@ def test_fused_rope_write_kv_qk_norm(device, dtype, norms, rot):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_state_decode_readout(device):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_state_decode_readout(device, with_bias):
     S = 32
     w = torch.randn(4, S, device=device, dtype=torch.bfloat16)
+    bias = torch.randn(S, device=device, dtype=torch.bfloat16) if with_bias else None
     pos = torch.tensor([0, 7, 131071, 65536], device=device)
     slots = decode_slots(4, device)
     pool = torch.randn(NUM_SLOTS, S, device=device)
     theta = state_ref.holo_theta(S, device=device)
     ref_pool, new_pool = pool.clone(), pool.clone()
-    got = state_tr.decode_readout(w, pos, theta, new_pool, slots)
-    want = state_ref.decode_readout(w, pos, theta, ref_pool, slots)
+    got = state_tr.decode_readout(w, pos, theta, new_pool, slots, bias=bias)
+    want = state_ref.decode_readout(w, pos, theta, ref_pool, slots, bias=bias)
+    if with_bias:   # the bias is the projection's: the same as adding it to w before the readout
+        assert rel_err(want, state_ref.decode_readout(w.float() + bias.float(), pos, theta, pool.clone(), slots)) == 0
     live = live_rows(slots)
     assert rel_err(got[live], want[live]) < 1e-5
     check_pools(new_pool, ref_pool, pool, slots, 1e-6)
