@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return o.transpose(0, 1)
 
 
-def take_entry(entry):
+# A query's extra key/value [T, Hkv, D] each, or a zero-argument callable giving them (`take_entry`)
+Entry = Union[tuple[torch.Tensor, torch.Tensor], Callable[[], tuple[torch.Tensor, torch.Tensor]]]
+
+
+def take_entry(entry: Entry | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A query's extra key/value (NanoHammer's state entry) as the attention kernel reads it. The model may hand
     it over as a zero-argument callable, taken here just before the attention: on a GPU that is where the
     current stream starts waiting for the side stream that builds it, so the q|k|v GEMV and RoPE before it do
@@ -126,7 +131,7 @@ def take_entry(entry):
 
 
 def cached_attention(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta, scale: float,
-                     return_lse: bool = False, entry: tuple[torch.Tensor, torch.Tensor] | None = None):
+                     return_lse: bool = False, entry: Entry | None = None):
     """Causal attention of q [T, H, D] over each sequence's pages, whose k/v for this step are already
     written (kernels/fused*.py `rope_write_kv`), plus each query's own extra key/value when `entry` =
     (k_e, v_e) [T, Hkv, D] is given (NanoHammer's state entry): the decode kernel when every row has one
@@ -187,7 +192,7 @@ def norm_attention_o(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: t
                      qkv_weight: torch.Tensor, o_weight: torch.Tensor, out: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, num_heads: int, kv: tuple[torch.Tensor, torch.Tensor], meta, scale: float,
                      q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-5,
-                     entry: tuple[torch.Tensor, torch.Tensor] | None = None):
+                     entry: Entry | None = None):
     """`norm_attention` and the o projection for a decode step where `attention_o_applies`: (h', the o
     projection, added into `out`, fp32 zeros)."""
     if ATTN_MERGE_O and not ATTN_O:
@@ -206,7 +211,7 @@ def norm_attention_o(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: t
 def norm_attention(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, qkv_weight: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, num_heads: int, kv: tuple[torch.Tensor, torch.Tensor], meta,
                    scale: float, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
-                   eps: float = 1e-5, entry: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   eps: float = 1e-5, entry: Entry | None = None,
                    prefetch: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None):
     """The attention sublayer from the residual stream, up to the o projection: h' = h + delta (h when delta is
     None), its RMSNorm and q|k|v projection, then `attention_step`. Returns (h', o [T, H, D]). A decode step
@@ -228,7 +233,7 @@ def norm_attention(h: torch.Tensor, delta: torch.Tensor | None, norm_weight: tor
 def attention_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
                    kv: tuple[torch.Tensor, torch.Tensor], meta, scale: float, q_norm: torch.Tensor | None = None,
                    k_norm: torch.Tensor | None = None, eps: float = 1e-5,
-                   entry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   entry: Entry | None = None) -> torch.Tensor:
     """The attention sublayer between its projections on the engine path: the raw q|k|v heads
     qkv [T, H + 2·Hkv, D] → o [T, H, D]. QK-norm (q_norm / k_norm) and RoPE, the step's k/v written to
     their pages, then causal attention over each sequence's pages, plus one extra key/value per query when
