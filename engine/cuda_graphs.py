@@ -49,9 +49,9 @@ def gc_paused():
 
 # The priority of the stream a graph is captured on, which its kernels keep (negative: above the default 0, the
 # lowest; 0: torch's own capture stream). Where a step runs two streams (NanoHammer's state entries on a side
-# stream at priority 0), the backbone's programs go first: NanoHammer batch 1 on an H100 −3 to −5 µs a step in
-# three runs (1.054 vs 1.060 ms, bench/results/decode_latency_side-h100.json, variant "main_priority_high");
-# one-stream models even.
+# stream at priority 0), the backbone's programs go first: NanoHammer batch 1 on an H100 −2.5 to −5 µs a step in
+# four runs (1.054 vs 1.060 ms, bench/results/decode_latency_side-h100.json, variant "main_priority_high"; five
+# rounds 1.0626 vs 1.0651, decode_latency_doubling2-h100.json, "capture_priority_default"); one-stream models even.
 CAPTURE_PRIORITY = -1
 
 
