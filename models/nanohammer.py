@@ -216,12 +216,11 @@ class NanoHammerModel(LlamaModel):
         T, Hkv, D = h.shape[0], c.num_kv_heads, c.head_dim
         entries = StateEntries(self._side_stream() if SIDE_STREAM and h.is_cuda else None, keep=(h, cos, sin))
         with entries.on_side():
-            if meta.is_decode and TOKEN_TO_STATE_GEMV:
-                s0 = ops.decode_readout(fused.linear(h, self.token_to_state[0], side=True), meta.positions,
-                                        self.holo_theta, pool, meta.slot_ids, bias=self.token_to_state[1])
-            elif meta.is_decode:
-                s0 = ops.decode_readout(F.linear(h, *self.token_to_state), meta.positions, self.holo_theta, pool,
-                                        meta.slot_ids)
+            if meta.is_decode:
+                weight, bias = self.token_to_state
+                w, bias = ((fused.linear(h, weight, side=True), bias) if TOKEN_TO_STATE_GEMV
+                           else (F.linear(h, weight, bias), None))
+                s0 = ops.decode_readout(w, meta.positions, self.holo_theta, pool, meta.slot_ids, bias=bias)
             else:
                 w = F.linear(h, *self.token_to_state)
                 u = holo_rope(w.float(), meta.positions, c.holo_base)
