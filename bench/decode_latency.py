@@ -39,6 +39,7 @@ from hybridserve.kernels import neollm_ops_triton
 from hybridserve.kernels import paged_attention_triton as pat
 from hybridserve.kernels import pdl
 from hybridserve.kernels import sampling_triton
+from hybridserve.kernels import state_token_triton
 from hybridserve.models import layers, llama, nanohammer, spartacus
 from hybridserve.models.registry import build_model
 from hybridserve.weights.checkpoint import Checkpoint
@@ -296,8 +297,18 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "entry_fold_off": (*_knob(nanohammer, "FOLD_ENTRY"), False),  # NanoHammer's entries unfolded
             # NanoHammer's state entry waited for at the layer's start (before the q|k|v GEMV), not at the attention
             "entry_wait_early": (*_knob(llama, "ENTRY_AT_ATTENTION"), False),
-            # NanoHammer's token_to_state projection on cuBLAS (F.linear with its bias), not the side GEMV
+            # NanoHammer's token_to_state projection on cuBLAS (F.linear with its bias), not the side GEMV (no effect
+            # while the token table is used: combine with state_table_off)
             "t2s_cublas": (*_knob(nanohammer, "TOKEN_TO_STATE_GEMV"), False),
+            # NanoHammer's token_to_state as a projection again (the side GEMV), not a row of the token table
+            "state_table_off": (*_knob(nanohammer, "TOKEN_STATE_TABLE"), False),
+            # NanoHammer decode: the readout and each layer's fold GEMV as kernels of their own again
+            "decode_chain_off": (*_knob(nanohammer, "DECODE_CHAIN"), False),
+            # ... with each layer's fold GEMV in the cell kernels up to 16 rows (the JSON before it was 1 by default
+            # calls 1 `fold_cell_rows_1`)
+            "fold_cell_rows_16": (*_knob(state_token_triton, "FOLD_IN_CELL_ROWS"), 16),
+            # NanoHammer with the table: the side chain queued after the embedding gather
+            "entries_after_gather": (*_knob(nanohammer, "ENTRIES_BEFORE_GATHER"), False),
             # the decode graphs captured on a stream at the default (lowest) priority, as before
             "capture_priority_default": (*_knob(cuda_graphs, "CAPTURE_PRIORITY"), 0),
             # Spartacus batch 1: the recurrence inside the qkvz GEMV (its programs-per-head sweep is in

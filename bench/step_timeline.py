@@ -1,4 +1,4 @@
-"""Where a batch-1 decode step's time goes, kernel by kernel, as the GPU ran it: the step's CUDA graph
+"""Where a decode step's time goes (batch 1 unless --batch), kernel by kernel, as the GPU ran it: the step's CUDA graph
 (bench/decode_latency.py's, as the engine replays it) profiled over a few replays with torch.profiler. Each
 kernel's *exposed* time is how far it moved the end of the step: its end minus the latest end before it
 (kernels overlap under programmatic dependent launch, so busy time adds up to more than the step). Summed by
@@ -72,25 +72,26 @@ def timeline(model, batch: int = 1) -> dict:
             "one_step": seq}
 
 
-def one(arch: str, variant: str, bw: float) -> dict:
+def one(arch: str, variant: str, bw: float, batch: int) -> dict:
     model = load_full(arch)
     if variant != "default":
         _, put, value = variant_knob(variant)
         put(value)
     return {"arch": arch, "variant": variant, "weights_bytes": model.weights_bytes(),
             "step_weight_bytes": step_weight_bytes(model), "floor_ms": 1e3 * step_weight_bytes(model) / bw,
-            **timeline(model)}
+            **timeline(model, batch)}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--archs", default="spartacus,nanohammer,kotodama:3b,kotodama,neollm")
     ap.add_argument("--variants", default="default", help="comma list: default and decode_latency.py's knobs")
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--child", default="", help="(internal) arch,variant,bandwidth: one row as JSON on stdout")
     args = ap.parse_args()
     if args.child:      # one model and setting per process: a finished profiler slows what runs after it
         arch, variant, bw = args.child.split(",")
-        print("ROW " + json.dumps(one(arch, variant, float(bw))))
+        print("ROW " + json.dumps(one(arch, variant, float(bw), args.batch)))
         return
     bw = measure_copy_bandwidth()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
@@ -98,7 +99,8 @@ def main():
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     for arch in args.archs.split(","):
         for variant in args.variants.split(","):
-            res = subprocess.run([sys.executable, __file__, "--child", f"{arch},{variant},{bw}"],
+            res = subprocess.run([sys.executable, __file__, "--child", f"{arch},{variant},{bw}",
+                                  "--batch", str(args.batch)],
                                  capture_output=True, text=True)
             line = next((x for x in res.stdout.splitlines() if x.startswith("ROW ")), None)
             if line is None:

@@ -125,6 +125,30 @@ def state_cell_steps(s0: torch.Tensor, pre_norm: torch.Tensor, fc1: torch.Tensor
         yield s.to(fc1.dtype)
 
 
+def decode_state_chain(x: torch.Tensor, x_rows: torch.Tensor | None, x_bias: torch.Tensor | None,
+                       positions: torch.Tensor, theta: torch.Tensor, state_pool: torch.Tensor, slot_ids: torch.Tensor,
+                       cells: tuple, eps: float, fold: torch.Tensor | None = None
+                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """A decode step's whole state chain, one token per sequence: w = x[x_rows] (x itself when x_rows is
+    None; x_rows are the token ids when x is `token_state_table`), `decode_readout` with bias x_bias, the
+    cells (`state_cell_steps`, cells = its seven weights in order), and with fold [L, R, S] each layer's
+    folded GEMV. Yields (s^l, s^l·fold[l]ᵀ or None) per layer in turn."""
+    w = x if x_rows is None else x[x_rows]
+    s0 = decode_readout(w, positions, theta, state_pool, slot_ids, bias=x_bias)
+    for i, s in enumerate(state_cell_steps(s0, *cells, eps)):
+        yield s, None if fold is None else F.linear(s, fold[i])
+
+
+def token_state_table(embed: torch.Tensor, weight: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """token_to_state (without its bias) of every token's embedding, [V, S] in the embedding's dtype: the
+    projection of a decode token becomes a row gather. Formed in fp32, rounded once."""
+    table = torch.empty(embed.shape[0], weight.shape[0], dtype=embed.dtype, device=embed.device)
+    w = weight.float()
+    for i in range(0, embed.shape[0], chunk):
+        table[i:i + chunk] = F.linear(embed[i:i + chunk].float(), w)
+    return table
+
+
 def state_inputs(r: torch.Tensor, r_bias: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """A layer's attention input for its state entries: RMSNorm(r + r_bias) with the layer's input norm
     `weight` (r + r_bias rounded to r's dtype first, as the projection's stored output)."""

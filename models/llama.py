@@ -171,8 +171,11 @@ class LlamaModel:
         fused = pick("fused", self.device)
         T, H = meta.input_ids.shape[0], c.num_heads
         cos, sin = self.rope_table(meta.positions, max(meta.seq_lens_cpu, default=0))
+        # entries that do not read the embedding are queued before its gather
+        entries = None if self._entries_need_embedding() else self._attention_entries(meta, None, cache, cos, sin)
         h = fused.gather_rows(self.embed, meta.input_ids)
-        entries = self._attention_entries(meta, h, cache, cos, sin)
+        if entries is None:
+            entries = self._attention_entries(meta, h, cache, cos, sin)
 
         # one kernel from the q|k|v projection through the o projection (models/layers.py ATTN_O), its fp32
         # outputs in one buffer zeroed at the step's start
@@ -222,11 +225,14 @@ class LlamaModel:
         h, delta = logit_rows(meta, h, delta)
         return fused.add_norm_linear(h, delta, self.norm, self.lm_head, eps, out_dtype=torch.float32)[1]
 
-    def _attention_entries(self, meta: BatchMeta, h: torch.Tensor, cache: CacheView, cos: torch.Tensor,
+    def _attention_entries(self, meta: BatchMeta, h: torch.Tensor | None, cache: CacheView, cos: torch.Tensor,
                            sin: torch.Tensor):
         """Per-layer extra key/value of each query (an object whose `take(i)` gives layer i's), or None:
-        plain Llama has none."""
+        plain Llama has none. h, the step's embedded tokens, is None where `_entries_need_embedding` is False."""
         return None
+
+    def _entries_need_embedding(self) -> bool:
+        return True
 
     # -- shared body ----------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from hybridserve.kernels.backend import pick
 from hybridserve.kernels.state_token import (HOLO_BASE, fold_entry_weights, holo_rope, holo_rope_inv, holo_theta,
-                                             integral_reference, state_logit, varlen_integral)
+                                             integral_reference, state_logit, token_state_table, varlen_integral)
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheLayout, CacheView, StateSpec
 from hybridserve.models.layers import apply_rope, rms_norm, rope_cos_sin
@@ -50,6 +50,25 @@ SIDE_STREAM = True
 # Read at construction (a model built with it off has no fold and keeps the chain) and at each forward.
 FOLD_ENTRY = True
 
+
+# token_to_state of every vocabulary entry's embedding, formed at load (kernels/state_token.py
+# `token_state_table`; [V, S] in the model dtype, 131 MB for the full-size model's 128256 × 512 in bf16): a
+# token's projection is then a row gather, and the state chain no longer waits for the embedding gather nor
+# reads the projection's 2 MB. Read at construction (built or not) and at each forward (used or not). H100,
+# five rounds: batch 1 1.051 vs 1.059 ms, batch 8 1.361 vs 1.369 (bench/results/decode_latency_chain3-h100.json).
+TOKEN_STATE_TABLE = True
+
+# With the token table the chain does not read the embedding, so it is queued before its gather. Off: after it,
+# batch 1 1.058 ms against 1.051, batch 8 even (decode_latency_chain3-h100.json). (Queued before the RoPE rows too, with the side stream's own: slower, batch 1 1.091 vs 1.059 ms and batch 8
+# 1.51 vs 1.44 on an H100, bench/results/decode_latency_chain2-h100.json; the graph then launched the whole
+# side chain ahead of the backbone.)
+ENTRIES_BEFORE_GATHER = True
+
+# A decode step's chain in the cell kernels (kernels/state_token_triton.py `decode_state_chain`): the readout
+# inside the first two, each layer's folded GEMV inside the one that finishes its state. Layer 0's entry is then
+# 4 kernels from the step's start (with the table) instead of 7. Off: the readout and the fold GEMVs as their own
+# kernels, batch 1 1.061 ms against 1.051 (decode_latency_chain3-h100.json). An A/B knob.
+DECODE_CHAIN = True
 
 # A decode step's token_to_state projection as the side GEMV (kernels/fused*.py `linear`, on PDL) with its bias
 # added by the readout kernel, instead of F.linear (a cuBLAS kernel of ~6 µs on an H100 at the head of the chain
@@ -157,6 +176,9 @@ class NanoHammerModel(LlamaModel):
         self._side: torch.cuda.Stream | None = None      # the state entries' stream (GPU)
         # (F [L, 2·Hkv·D + S, S], vec [L, 2·Hkv·D + S + 1] fp32): the folded state entries, engine path only
         self.entry_fold = self._fold_entries() if FOLD_ENTRY else None
+        # [V, S]: token_to_state of each embedding without its bias (TOKEN_STATE_TABLE), engine path only
+        self.token_state = (token_state_table(self.embed, self.token_to_state[0])
+                            if TOKEN_STATE_TABLE and self.token_to_state[0] is not None else None)
 
     def _fold_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         kv_rows = self.config.num_heads * self.config.head_dim
@@ -196,7 +218,7 @@ class NanoHammerModel(LlamaModel):
 
         return self._logits(self._hidden(input_ids, positions, attend))
 
-    def _attention_entries(self, meta: BatchMeta, h: torch.Tensor, cache: CacheView, cos: torch.Tensor,
+    def _attention_entries(self, meta: BatchMeta, h: torch.Tensor | None, cache: CacheView, cos: torch.Tensor,
                            sin: torch.Tensor) -> StateEntries:
         """The engine forward is Llama's (`LlamaModel.forward`: one-row q/k/v matmul, RoPE + KV write,
         paged attention) with every query's state entry as one extra key: a decode step's attention kernel
@@ -209,38 +231,66 @@ class NanoHammerModel(LlamaModel):
         layer i waits only for its own entry, just before its attention (in line elsewhere, or with
         SIDE_STREAM off). With the fold (FOLD_ENTRY, built at load) a layer's projection, norm, k/v
         projection and RoPE are one GEMV against its folded weight and one epilogue kernel, reading a quarter
-        of the bytes (at full size) on that side stream, where they take bandwidth from the backbone."""
+        of the bytes (at full size) on that side stream, where they take bandwidth from the backbone.
+
+        With the token table (TOKEN_STATE_TABLE) token_to_state is a row gather, so the chain reads token ids,
+        not h (None then): the forward queues it before the embedding gather (ENTRIES_BEFORE_GATHER). A decode
+        step's chain (DECODE_CHAIN, kernels/state_token*.py `decode_state_chain`) at batch 1 runs the readout
+        inside the first cell kernels and each layer's folded GEMV inside the cell kernel that finishes its
+        state: layer 0's entry is 4 kernels from the step's start. It yields no GEMV output where its kernels
+        leave the fold to this method (several rows)."""
         c, eps = self.config, self.config.rms_norm_eps
         pool = cache.states["integral"][0]
         ops, fused = pick("state_token", self.device), pick("fused", self.device)
-        T, Hkv, D = h.shape[0], c.num_kv_heads, c.head_dim
-        entries = StateEntries(self._side_stream() if SIDE_STREAM and h.is_cuda else None, keep=(h, cos, sin))
+        T, Hkv, D = meta.input_ids.shape[0], c.num_kv_heads, c.head_dim
+        table = self._table()
+        entries = StateEntries(self._side_stream() if SIDE_STREAM and pool.is_cuda else None, keep=(h, cos, sin))
+        st = self.state_stack
+        cells = (st["pre_norm"], st["fc1"], st["fc1_bias"], st["fc2"], st["fc2_bias"], st["alpha"], st["post_norm"])
+        fold, vec = self.entry_fold if FOLD_ENTRY and self.entry_fold is not None else (None, None)
         with entries.on_side():
+            weight, bias = self.token_to_state
             if meta.is_decode:
-                weight, bias = self.token_to_state
-                w, bias = ((fused.linear(h, weight, side=True), bias) if TOKEN_TO_STATE_GEMV
-                           else (F.linear(h, weight, bias), None))
-                s0 = ops.decode_readout(w, meta.positions, self.holo_theta, pool, meta.slot_ids, bias=bias)
+                if table is not None:
+                    x, rows = table, meta.input_ids
+                elif TOKEN_TO_STATE_GEMV:
+                    x, rows = fused.linear(h, weight, side=True), None
+                else:
+                    x, rows, bias = F.linear(h, weight, bias), None, None
+                if DECODE_CHAIN:
+                    chain = ops.decode_state_chain(x, rows, bias, meta.positions, self.holo_theta, pool, meta.slot_ids,
+                                                   cells, eps, fold)
+                else:
+                    s0 = ops.decode_readout(x if rows is None else fused.gather_rows(x, rows), meta.positions,
+                                            self.holo_theta, pool, meta.slot_ids, bias=bias)
+                    chain = ((s, None) for s in ops.state_cell_steps(s0, *cells, eps))
             else:
-                w = F.linear(h, *self.token_to_state)
-                u = holo_rope(w.float(), meta.positions, c.holo_base)
+                if table is not None:     # the bias in fp32, as the decode readout adds it
+                    w = table[meta.input_ids].float() + (0 if bias is None else bias.float())
+                else:
+                    w = F.linear(h, weight, bias).float()
+                u = holo_rope(w, meta.positions, c.holo_base)
                 s0 = holo_rope_inv(varlen_integral(u, meta.cu_seqlens, pool, meta.slot_ids), meta.positions,
                                    c.holo_base)
-            st = self.state_stack
-            cells = ops.state_cell_steps(s0, st["pre_norm"], st["fc1"], st["fc1_bias"], st["fc2"], st["fc2_bias"],
-                                         st["alpha"], st["post_norm"], eps)
-            fold, vec = self.entry_fold if FOLD_ENTRY and self.entry_fold is not None else (None, None)
-            for i, s in enumerate(cells):
+                chain = ((s, None) for s in ops.state_cell_steps(s0, *cells, eps))
+            for i, (s, entry) in enumerate(chain):
                 if fold is not None:
-                    entry = fused.linear(s, fold[i], side=True)
+                    if entry is None:
+                        entry = fused.linear(s, fold[i], side=True)
                     entries.add(*ops.folded_entry(entry, s, vec[i], cos, sin, Hkv, D, eps))
                     continue
                 r = fused.linear(s, st["proj"][i], side=True)
-                x = ops.state_inputs(r, None if st["proj_bias"] is None else st["proj_bias"][i],
-                                     self.layers[i]["attn_norm"], eps)
-                kv = fused.linear(x, self.layers[i]["qkv"][c.num_heads * D:], side=True).view(T, 2, Hkv, D)
+                xs = ops.state_inputs(r, None if st["proj_bias"] is None else st["proj_bias"][i],
+                                      self.layers[i]["attn_norm"], eps)
+                kv = fused.linear(xs, self.layers[i]["qkv"][c.num_heads * D:], side=True).view(T, 2, Hkv, D)
                 entries.add(fused.rope(kv[:, 0], cos, sin), kv[:, 1])
         return entries
+
+    def _table(self) -> torch.Tensor | None:
+        return self.token_state if TOKEN_STATE_TABLE else None
+
+    def _entries_need_embedding(self) -> bool:
+        return self._table() is None or not ENTRIES_BEFORE_GATHER
 
     def _side_stream(self) -> torch.cuda.Stream:
         if self._side is None:

@@ -72,7 +72,15 @@ KNOBS = {"resident_o": [("kernels.fused_triton", "RESIDENT_AFTER_BLOCK"), ("kern
          "kv_evict_last": [("kernels.paged_attention_triton", "KV_EVICT", "evict_last")],
          # NanoHammer's state entry waited for at the layer's start; its token_to_state projection on cuBLAS
          "entry_wait_early": [("models.llama", "ENTRY_AT_ATTENTION", False)],
-         "t2s_cublas": [("models.nanohammer", "TOKEN_TO_STATE_GEMV", False)]}
+         "t2s_cublas": [("models.nanohammer", "TOKEN_TO_STATE_GEMV", False),
+                        ("models.nanohammer", "TOKEN_STATE_TABLE", False)],
+         # ... as the side GEMV rather than a row of the token table; the decode readout and fold GEMVs as kernels
+         "state_table_off": [("models.nanohammer", "TOKEN_STATE_TABLE", False)],
+         "decode_chain_off": [("models.nanohammer", "DECODE_CHAIN", False)],
+         "entries_after_gather": [("models.nanohammer", "ENTRIES_BEFORE_GATHER", False)],
+         "fold_cell_rows_16": [("kernels.state_token_triton", "FOLD_IN_CELL_ROWS", 16)],
+         "no_table_no_chain": [("models.nanohammer", "TOKEN_STATE_TABLE", False),
+                               ("models.nanohammer", "DECODE_CHAIN", False)]}
 
 
 @pytest.mark.parametrize("knobs", sorted(KNOBS))

@@ -1011,6 +1011,62 @@ def test_state_cells(device, dtype, bias, T):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("source", ["table", "rows", "rows_no_bias"])
+@pytest.mark.parametrize("with_fold", [True, False])
+# rows, FOLD_IN_CELL_ROWS: the readout and fold in the cell kernels; the readout on its own, the fold GEMV left to
+# the caller or in the cells; several row tiles
+@pytest.mark.parametrize("T, fold_rows", [(1, 1), (5, 1), (5, 16), (18, 1)])
+def test_state_decode_chain(device, dtype, source, with_fold, T, fold_rows, monkeypatch):
+    """A decode step's state chain with the readout inside the first cell kernels and each layer's folded
+    GEMV in the kernel that finishes its state equals the reference chain (readout, cells, F.linear): the
+    states, the GEMV outputs and the slots written (live rows only: pad rows share slot 0)."""
+    L, S, I, R, heads, V = 3, 32, 48, 40, 4, 11
+    g = torch.Generator().manual_seed(1)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device=device, dtype=dtype)
+    cells = (rnd(L, S, scale=0.1, shift=1), rnd(L, I, S, scale=S ** -0.5), rnd(L, I, scale=0.1),
+             rnd(L, S, I, scale=I ** -0.5), rnd(L, S, scale=0.1), rnd(L, heads, scale=0.1, shift=0.5),
+             rnd(L, S, scale=0.1, shift=1))
+    fold = rnd(L, R, S, scale=S ** -0.5) if with_fold else None
+    slots = (torch.randperm(NUM_SLOTS * 4, generator=g)[:T] + 1 if T > 1 else torch.tensor([3])).to(device)
+    if T > 1:
+        slots[-2:] = 0                                   # two pad rows
+    pool = torch.randn(NUM_SLOTS * 4 + 1, S, generator=g).to(device)
+    pos = torch.randint(0, 140000, (T,), generator=g).to(device)
+    theta = state_ref.holo_theta(S, device=device)
+    if source == "table":
+        x, rows, xb = rnd(V, S), torch.randint(0, V, (T,), generator=g).to(device), rnd(S, scale=0.1)
+    else:
+        x, rows, xb = rnd(2, T, S)[1], None, rnd(S, scale=0.1) if source == "rows" else None   # a strided view
+    ref_pool, new_pool = pool.clone(), pool.clone()
+    monkeypatch.setattr(state_tr, "FOLD_IN_CELL_ROWS", fold_rows)
+    got = list(state_tr.decode_state_chain(x, rows, xb, pos, theta, new_pool, slots, cells, 1e-5, fold))
+    want = list(state_ref.decode_state_chain(x, rows, xb, pos, theta, ref_pool, slots, cells, 1e-5, fold))
+    assert len(got) == L
+    live = slots > 0
+    for (s, f), (s_ref, f_ref) in zip(got, want):
+        assert s.shape == (T, S) and s.dtype == dtype
+        _close(s[live], s_ref[live], dtype)
+        if with_fold and T <= fold_rows:
+            assert f.shape == (T, R) and f.dtype == dtype
+            _close(f[live], f_ref[live], dtype)
+        else:      # the kernels leave the GEMV to the caller
+            assert f is None and (f_ref is None) == (not with_fold)
+    check_pools(new_pool, ref_pool, pool, slots, 1e-6)
+
+
+def test_token_state_table():
+    """The table's rows are token_to_state of each embedding, without the bias."""
+    g = torch.Generator().manual_seed(2)
+    embed, weight = torch.randn(37, 24, generator=g), torch.randn(8, 24, generator=g)
+    table = state_ref.token_state_table(embed, weight, chunk=16)
+    assert table.shape == (37, 8) and table.dtype == embed.dtype
+    assert rel_err(table, embed @ weight.T) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_state_inputs(device, dtype, bias):
     T, N = 3, 40
