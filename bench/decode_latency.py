@@ -307,10 +307,6 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             # ... with each layer's fold GEMV in the cell kernels up to 16 rows (the JSON before it was 1 by default
             # calls 1 `fold_cell_rows_1`)
             "fold_cell_rows_16": (*_knob(state_token_triton, "FOLD_IN_CELL_ROWS"), 16),
-            # NanoHammer decode: each layer's take queues the side kernels of the entries up to k layers ahead
-            "entries_ahead_1": (*_knob(nanohammer, "ENTRIES_AHEAD"), 1),
-            "entries_ahead_2": (*_knob(nanohammer, "ENTRIES_AHEAD"), 2),
-            "entries_ahead_4": (*_knob(nanohammer, "ENTRIES_AHEAD"), 4),
             # NanoHammer with the table: the side chain queued after the embedding gather
             "entries_after_gather": (*_knob(nanohammer, "ENTRIES_BEFORE_GATHER"), False),
             # the decode graphs captured on a stream at the default (lowest) priority, as before

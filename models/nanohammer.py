@@ -26,7 +26,6 @@ reference_forward keeps the unfolded definition.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -71,11 +70,6 @@ ENTRIES_BEFORE_GATHER = True
 # kernels, batch 1 1.061 ms against 1.051 (decode_latency_chain3-h100.json). An A/B knob.
 DECODE_CHAIN = True
 
-# A decode step's entries queued lazily: layer i's take queues the side kernels of the entries up to layer
-# i + ENTRIES_AHEAD, so that they come after the backbone's earlier kernels in the graph's order. None: all at once,
-# before the first layer.
-ENTRIES_AHEAD: int | None = None
-
 # A decode step's token_to_state projection as the side GEMV (kernels/fused*.py `linear`, on PDL) with its bias
 # added by the readout kernel, instead of F.linear (a cuBLAS kernel of ~6 µs on an H100 at the head of the chain
 # that layer 0's attention waits for): batch 1 1.067 vs 1.073 ms (bench/results/decode_latency_entry_wait-h100.json),
@@ -106,17 +100,7 @@ class StateEntries:
             ev.record(self.side)
             self.events.append(ev)
 
-    def defer(self, producer: Iterator, ahead: int) -> None:
-        """Queue the entries lazily: `producer` adds one entry per step, and `take(i)` first queues those up
-        to layer i + ahead."""
-        self.producer, self.ahead = producer, ahead
-
     def take(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        producer = getattr(self, "producer", None)
-        if producer is not None:
-            with self.on_side():
-                while len(self.kv) <= i + self.ahead and next(producer, self) is not self:
-                    pass
         if self.side is not None:
             torch.cuda.current_stream(self.side.device).wait_event(self.events[i])
         return self.kv[i]
@@ -289,27 +273,17 @@ class NanoHammerModel(LlamaModel):
                 s0 = holo_rope_inv(varlen_integral(u, meta.cu_seqlens, pool, meta.slot_ids), meta.positions,
                                    c.holo_base)
                 chain = ((s, None) for s in ops.state_cell_steps(s0, *cells, eps))
-
-        def produce():
             for i, (s, entry) in enumerate(chain):
                 if fold is not None:
                     if entry is None:
                         entry = fused.linear(s, fold[i], side=True)
                     entries.add(*ops.folded_entry(entry, s, vec[i], cos, sin, Hkv, D, eps))
-                else:
-                    r = fused.linear(s, st["proj"][i], side=True)
-                    xs = ops.state_inputs(r, None if st["proj_bias"] is None else st["proj_bias"][i],
-                                          self.layers[i]["attn_norm"], eps)
-                    kv = fused.linear(xs, self.layers[i]["qkv"][c.num_heads * D:], side=True).view(T, 2, Hkv, D)
-                    entries.add(fused.rope(kv[:, 0], cos, sin), kv[:, 1])
-                yield
-
-        if meta.is_decode and ENTRIES_AHEAD is not None:
-            entries.defer(produce(), ENTRIES_AHEAD)
-        else:
-            with entries.on_side():
-                for _ in produce():
-                    pass
+                    continue
+                r = fused.linear(s, st["proj"][i], side=True)
+                xs = ops.state_inputs(r, None if st["proj_bias"] is None else st["proj_bias"][i],
+                                      self.layers[i]["attn_norm"], eps)
+                kv = fused.linear(xs, self.layers[i]["qkv"][c.num_heads * D:], side=True).view(T, 2, Hkv, D)
+                entries.add(fused.rope(kv[:, 0], cos, sin), kv[:, 1])
         return entries
 
     def _table(self) -> torch.Tensor | None:

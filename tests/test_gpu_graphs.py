@@ -79,7 +79,6 @@ KNOBS = {"resident_o": [("kernels.fused_triton", "RESIDENT_AFTER_BLOCK"), ("kern
          "decode_chain_off": [("models.nanohammer", "DECODE_CHAIN", False)],
          "entries_after_gather": [("models.nanohammer", "ENTRIES_BEFORE_GATHER", False)],
          "fold_cell_rows_16": [("kernels.state_token_triton", "FOLD_IN_CELL_ROWS", 16)],
-         "entries_ahead_1": [("models.nanohammer", "ENTRIES_AHEAD", 1)],
          "no_table_no_chain": [("models.nanohammer", "TOKEN_STATE_TABLE", False),
                                ("models.nanohammer", "DECODE_CHAIN", False)]}
 
