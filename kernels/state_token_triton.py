@@ -8,7 +8,7 @@ entry's norm, projection and log-sum-exp merge. Here:
 - `decode_state_chain`: a decode step's chain. At one row the readout runs inside the first two cell
   kernels (each program forms the whole s^0 row it needs; the second copies the new I into the slot, which
   the first reads) and each layer's folded GEMV in the cell kernel that finishes its s^l (extra programs),
-  so the chain to layer 0's entry is 4 kernels (cell, fc2, cell + fold, epilogue) rather than 7;
+  so with a token table the chain to layer 0's entry is 4 kernels (cell, fc2, cell + fold, epilogue), not 7;
 - `state_cell_steps`: two kernels per cell. Kernel A finishes cell l−1 (residual, α already applied,
   PostNorm) in its prologue, then runs PreNorm → fc1 → SiLU of cell l; kernel B is fc2 with α in its
   epilogue. The prologue needs whole state rows (512 wide), which every program recomputes; that is

@@ -21,7 +21,8 @@ backbone's eps; α is used as stored.
 The engine path builds each layer's state entry from the folded weight [W_kv·diag(norm)·W_p; W_pᵀW_p/N]
 (kernels/state_token.py, FOLD_ENTRY): one GEMV and an epilogue instead of the projection, the norm and the
 k/v projection, a quarter of their weight bytes on the side stream that shares bandwidth with the backbone.
-reference_forward keeps the unfolded definition.
+reference_forward keeps the unfolded definition. token_to_state is likewise applied to the whole vocabulary at
+load (TOKEN_STATE_TABLE), so the engine path gathers a token's row instead of projecting its embedding.
 """
 from __future__ import annotations
 
@@ -59,9 +60,10 @@ FOLD_ENTRY = True
 TOKEN_STATE_TABLE = True
 
 # With the token table the chain does not read the embedding, so it is queued before its gather. Off: after it,
-# batch 1 1.058 ms against 1.051, batch 8 even (decode_latency_chain3-h100.json). (Queued before the RoPE rows too, with the side stream's own: slower, batch 1 1.091 vs 1.059 ms and batch 8
-# 1.51 vs 1.44 on an H100, bench/results/decode_latency_chain2-h100.json; the graph then launched the whole
-# side chain ahead of the backbone.)
+# batch 1 1.058 ms against 1.051, batch 8 even (decode_latency_chain3-h100.json). Queued before the RoPE rows
+# too, with the side stream's own, it was slower: batch 1 1.091 vs 1.059 ms and batch 8 1.51 vs 1.44 on an H100
+# (bench/results/decode_latency_chain2-h100.json); the graph then launched the whole side chain ahead of the
+# backbone.
 ENTRIES_BEFORE_GATHER = True
 
 # A decode step's chain in the cell kernels (kernels/state_token_triton.py `decode_state_chain`): the readout
