@@ -304,8 +304,8 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "state_table_off": (*_knob(nanohammer, "TOKEN_STATE_TABLE"), False),
             # NanoHammer decode: the readout and each layer's fold GEMV as kernels of their own again
             "decode_chain_off": (*_knob(nanohammer, "DECODE_CHAIN"), False),
-            # ... with each layer's fold GEMV in the cell kernels up to 16 rows (the JSON before it was 1 by default
-            # calls 1 `fold_cell_rows_1`)
+            # ... with each layer's fold GEMV in the cell kernels up to 16 rows (decode_latency_chain3-h100.json,
+            # taken while 16 was the default, calls the present default `fold_cell_rows_1`)
             "fold_cell_rows_16": (*_knob(state_token_triton, "FOLD_IN_CELL_ROWS"), 16),
             # NanoHammer with the table: the side chain queued after the embedding gather
             "entries_after_gather": (*_knob(nanohammer, "ENTRIES_BEFORE_GATHER"), False),

@@ -259,8 +259,12 @@ def _cell_chain(s0: torch.Tensor | None, readout: tuple | None, cells: tuple, ep
     steps' kernels; each layer's folded GEMV (fold [L, R, S]) in the kernel that finishes its state."""
     pre_norm, fc1, fc1_bias, fc2, fc2_bias, alpha, post_norm = cells
     L, I, S = fc1.shape
-    T = s0.shape[0] if readout is None else readout[3].shape[0]
     dev = fc1.device
+    if readout is not None:
+        x, x_rows, x_bias, positions, theta, pool, slots = readout
+        T = positions.shape[0]
+    else:
+        T = s0.shape[0]
     out = torch.empty(L, T, S, dtype=fc1.dtype, device=dev)
     R = 0 if fold is None else fold.shape[1]
     fold_out = None if fold is None else torch.empty(L, T, R, dtype=fc1.dtype, device=dev)
@@ -272,10 +276,10 @@ def _cell_chain(s0: torch.Tensor | None, readout: tuple | None, cells: tuple, ep
     u = torch.empty(T, S, dtype=torch.float32, device=dev)
     h1 = torch.empty(T, I, dtype=fc1.dtype, device=dev)
     if readout is not None:
-        x, x_rows, x_bias, positions, theta, pool, slots = readout
         s0, integ = torch.empty(2, T, S, dtype=torch.float32, device=dev)   # written by step 0, read by step 1
     else:
-        x = x_rows = x_bias = positions = theta = pool = slots = integ = u     # unread placeholders
+        x = positions = theta = pool = slots = integ = u     # unread placeholders
+        x_rows = x_bias = None
     f32 = INTERPRETED or fc1.dtype == torch.float32
     common = dict(F32_DOT=INTERPRETED, PREC="ieee" if f32 else "tf32", num_warps=4)
     BM, BN1, BN2, BK2 = CELL_GEMV_TILES if T == 1 else CELL_TILES

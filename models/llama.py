@@ -172,9 +172,10 @@ class LlamaModel:
         T, H = meta.input_ids.shape[0], c.num_heads
         cos, sin = self.rope_table(meta.positions, max(meta.seq_lens_cpu, default=0))
         # entries that do not read the embedding are queued before its gather
-        entries = None if self._entries_need_embedding() else self._attention_entries(meta, None, cache, cos, sin)
+        early = not self._entries_need_embedding()
+        entries = self._attention_entries(meta, None, cache, cos, sin) if early else None
         h = fused.gather_rows(self.embed, meta.input_ids)
-        if entries is None:
+        if not early:
             entries = self._attention_entries(meta, h, cache, cos, sin)
 
         # one kernel from the q|k|v projection through the o projection (models/layers.py ATTN_O), its fp32
