@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from hybridserve.kernels import input_fetch as input_fetch_reference
 from hybridserve.kernels.backend import pick
 from hybridserve.models.batch import BatchMeta
 from hybridserve.models.cache import CacheView
@@ -73,9 +74,10 @@ def capture(fn, pool, stream: torch.cuda.Stream):
 class PackedInputs:
     """A graph's per-step inputs as typed views of one device buffer, beside a pinned host buffer of the same
     layout (`dev` / `host`: name → tensor, `arrays()`: name → numpy view of the host one). A step fills the host
-    views and copies them in without a synchronisation: the buffer's first `end` bytes in one copy (`send`),
-    and any other view it wants copied; then `sent()`. `arrays()` first waits for the copies that read the
-    previous fill. Every part starts 16-byte aligned (Triton specialises on pointer alignment)."""
+    views and brings them in without a synchronisation (`send`: the buffer's first `end` bytes, a 2-D part's
+    used columns, tokens gathered on the device; one kernel reading the pinned buffer on a GPU,
+    kernels/input_fetch*.py); then `sent()`. `arrays()` first waits for the reads of the previous fill. Every
+    part starts 16-byte aligned (Triton specialises on pointer alignment)."""
 
     def __init__(self, device: torch.device, parts: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
         self.offsets, end = {}, 0
@@ -89,17 +91,36 @@ class PackedInputs:
             return {name: buf[self.offsets[name]:self.offsets[name] + math.prod(shape) * dtype.itemsize]
                     .view(dtype).view(shape) for name, (dtype, shape) in parts.items()}
         self.dev, self.host = views(self.device_bytes), views(self.host_bytes)
+        self.shapes = {name: shape for name, (_, shape) in parts.items()}
         self._arrays = {name: t.numpy() for name, t in self.host.items()}
         self._copied: torch.cuda.Event | None = None
+        self._ops = pick("input_fetch", device)
 
     def arrays(self) -> dict[str, np.ndarray]:
         if self._copied is not None:
             self._copied.synchronize()
         return self._arrays
 
-    def send(self, end: int | None = None) -> None:
-        """Copy the host buffer's first `end` bytes (all of it by default) in, without a synchronisation."""
-        self.device_bytes[:end].copy_(self.host_bytes[:end], non_blocking=True)
+    def send(self, end: int | None = None, table: tuple[str, int, int] | None = None,
+             gather: tuple[int, int, int, torch.Tensor] | None = None) -> None:
+        """Bring the host buffer's first `end` bytes (all of it by default) in, without a synchronisation;
+        table = (name, rows, cols): also the first `cols` columns of the first `rows` rows of that 2-D int32 part;
+        gather = (dst, src, n, values), in int64 elements of the buffer: element dst + i takes
+        values[host element src + i] for i < n (kernels/input_fetch.py)."""
+        end = self.host_bytes.numel() if end is None else end
+        if table is not None:
+            name, rows, cols = table
+            table = (self.offsets[name] // 4, self.shapes[name][1], rows, cols)
+        try:
+            self._ops.fetch(self.host_bytes, self.device_bytes, end, table, gather)
+        except ValueError:
+            # a device that cannot read the pinned buffer itself (the kernel checks its pointers before the
+            # launch, so nothing ran): copies instead, from now on
+            if self._ops is input_fetch_reference:
+                raise
+            log.warning("the pinned input buffer is not readable from the device; copying it instead")
+            self._ops = input_fetch_reference
+            self._ops.fetch(self.host_bytes, self.device_bytes, end, table, gather)
 
     def sent(self) -> None:
         """Marks the copies just enqueued from the host buffer."""
@@ -134,16 +155,12 @@ def fill_block_tables(table: np.ndarray, held: list, page_lists: list[list[int]]
     return w
 
 
-# A decode step's block tables go over whole (all columns of its rows, in the one copy of its inputs) up to this
-# many bytes; a wider table sends just the columns in use, in a second copy.
-TABLE_COPY_BYTES = 128 << 10
-
-
 class DecodeGraphs:
     """Decode-step graphs per padded batch size over persistent inputs. `run_chunks` fills them from the
     scheduled chunks through one pinned host buffer (PackedInputs): the five int64 rows (token, position, state
-    slot, KV slot, previous-step row), the sequence lengths and the block tables go over in one copy, so the
-    step costs that copy and one replay instead of a metadata build and a copy per field. A row's block table
+    slot, KV slot, previous-step row), the sequence lengths and the block tables' used columns come in through
+    one kernel (with an async-scheduled step's tokens gathered from the previous step's on the device), so the
+    step costs that kernel and one replay instead of a metadata build and a copy per field. A row's block table
     is rewritten on the host only when the row holds another request's pages or more of them than last time.
     Each graph also leaves each row's argmax beside the logits (`last_argmax`) for all-greedy batches."""
 
@@ -219,21 +236,17 @@ class DecodeGraphs:
         a32[:B] += 1
         a64[:, B:bs] = 0
         a32[B:bs] = 1
-        tables = self.inputs.offsets["block_tables"]
-        if not self.uses_kv:
-            self.inputs.send(tables)
-        else:
-            w = fill_block_tables(a["block_tables"], self._held, [c.pages for c in chunks], bs)
-            whole = bs * self.max_blocks * 4
-            if whole <= TABLE_COPY_BYTES:
-                self.inputs.send(tables + whole)
-            else:
-                self.inputs.send(tables)
-                self.block_tables[:bs, :w].copy_(self.inputs.host["block_tables"][:bs, :w], non_blocking=True)
-        self.inputs.sent()
+        gather = None
         if prev_tokens is not None:
             assert all(c.prev_row >= 0 for c in chunks), "an async-scheduled step takes every token from the last"
-            torch.index_select(prev_tokens, 0, self.prev_rows[:B], out=self.input_ids[:B])
+            i64 = self.inputs.offsets["i64"] // 8        # row 0: the tokens, row 4: the previous step's rows
+            gather = (i64, i64 + 4 * self.max_bs, B, prev_tokens)
+        table = None
+        if self.uses_kv:
+            w = fill_block_tables(a["block_tables"], self._held, [c.pages for c in chunks], bs)
+            table = ("block_tables", bs, w)
+        self.inputs.send(self.inputs.offsets["block_tables"], table, gather)
+        self.inputs.sent()
         self.graphs[bs].replay()
         self.last_argmax = self.argmax[bs][:B]
         return self.outputs[bs][:B]
@@ -300,9 +313,9 @@ class PrefillGraphs:
     0 and are left unread. A chunk that wants no logits (not its prompt's last) runs the same way.
 
     The inputs are filled through one pinned host buffer (PackedInputs, sized for the largest capacity; a
-    smaller capacity uses the prefixes of its parts): one copy for the token rows (ids, positions, KV slots),
-    the per-sequence int64 rows (state slots, logit rows) and the int32 rows (cu_seqlens, seq_lens), one for
-    the block tables' used columns."""
+    smaller capacity uses the prefixes of its parts) and come in through one kernel: the token rows (ids,
+    positions, KV slots), the per-sequence int64 rows (state slots, logit rows), the int32 rows (cu_seqlens,
+    seq_lens) and the block tables' used columns."""
 
     def __init__(self, model, cache: CacheView, max_blocks: int, buckets: tuple[int, ...] = PREFILL_BUCKETS,
                  capacities: tuple[int, ...] = (1,)):
@@ -334,12 +347,10 @@ class PrefillGraphs:
         abt[:, :self._width] = 0           # the last fill's pages (its copy has been read: arrays() waited)
         self._width, self.wanted = fill_prefill_inputs(chunks, bucket, self.page_size, a64,
                                                        *self._parts(S, s64, a32, abt))
-        # the token and per-sequence rows in one copy (a smaller capacity's graph reads only their prefixes),
-        # then the block tables' used columns
-        self.inputs.send(self.inputs.offsets["block_tables"])
-        if self.cache.kv:
-            host = self.inputs.host["block_tables"]
-            self.block_tables[:S + 1, :self._width].copy_(host[:S + 1, :self._width], non_blocking=True)
+        # the token and per-sequence rows (a smaller capacity's graph reads only their prefixes) and the block
+        # tables' used columns
+        self.inputs.send(self.inputs.offsets["block_tables"],
+                         ("block_tables", S + 1, self._width) if self.cache.kv else None)
         self.inputs.sent()
 
     @torch.inference_mode()
