@@ -8,6 +8,8 @@ memory-bandwidth / FLOP floor and a plain-PyTorch baseline measured in the same 
   mirrors, one replay per step), timed back to back as the engine runs it with async scheduling
   (`ms_per_step`). Until the ninth session each step was waited for and its inputs copied from a BatchMeta
   (~8 device copies), which added the host's launches to every step: `ms_per_step_each_waited` is that.
+  `ms_per_step_replay_only`: the replay alone, back to back, its inputs not brought in (the lower bound of the
+  input path).
 - baseline: the same model, eager PyTorch with the reference kernels (per-op launches, no graph).
 
 Usage (on the GPU machine): python bench/decode_latency.py [--archs spartacus,...] [--batches 1,8,...]
@@ -213,6 +215,7 @@ def graph_step(model, s: Setup, B: int):
     def step():
         return graphs.run_chunks(s.chunks, PAGE)
     step.from_meta = lambda: graphs.run(s.meta)      # the earlier sessions' input path (~8 device copies)
+    step.replay = graphs.graphs[graphs.padded_size(B)].replay    # the graph alone: no input copy before it
     return step
 
 
@@ -309,6 +312,8 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "fold_cell_rows_16": (*_knob(state_token_triton, "FOLD_IN_CELL_ROWS"), 16),
             # NanoHammer with the table: the side chain queued after the embedding gather
             "entries_after_gather": (*_knob(nanohammer, "ENTRIES_BEFORE_GATHER"), False),
+            # NanoHammer's side stream with programmatic dependent launch, as the backbone
+            "side_pdl": (*_knob(nanohammer, "SIDE_PLAIN"), False),
             # the decode graphs captured on a stream at the default (lowest) priority, as before
             "capture_priority_default": (*_knob(cuda_graphs, "CAPTURE_PRIORITY"), 0),
             # Spartacus batch 1: the recurrence inside the qkvz GEMV (its programs-per-head sweep is in
@@ -397,6 +402,7 @@ def decode_rows(model, arch, batches, bw, baseline_max_batch, pdl_batches=(), va
     for B in batches:
         s = Setup(model, B, context)
         steps = {"": graph_step(model, s, B)}
+        steps["replay_only"] = steps[""].replay
         for name in (PDL_COMPARE if B in pdl_batches else ()) + tuple(variants if B in variant_batches else ()):
             step = variant_step(model, s, B, name)
             if step is not None:

@@ -19,6 +19,8 @@ HYBRIDSERVE_PDL=0 turns it off (debugging, or to measure its effect).
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -68,10 +70,24 @@ def enabled(device: torch.device) -> bool:
                                                 torch.cuda.current_device())
 
 
+_local = threading.local()
+
+
+@contextmanager
+def without():
+    """Kernels launched inside this block (this thread) go without PDL: a branch forked from another stream inside
+    a CUDA graph (models/nanohammer.py SIDE_PLAIN)."""
+    _local.off = getattr(_local, "off", 0) + 1
+    try:
+        yield
+    finally:
+        _local.off -= 1
+
+
 def launch_kwargs(device: torch.device, early: bool = False) -> dict:
     """Extra keyword arguments for a Triton launch (PDL constexpr + the launch attribute); `early`: a token
     mixer's kernel (EARLY_MIXER)."""
-    if not enabled(device):
+    if not enabled(device) or getattr(_local, "off", 0):
         return {"PDL": False}
     return {"PDL": 2 if EARLY_RELEASE or (early and EARLY_MIXER) else 1, "launch_pdl": True}
 

@@ -45,6 +45,13 @@ from hybridserve.models.llama import LlamaConfig, LlamaModel
 # before the first layer (an A/B knob for bench/decode_latency.py).
 SIDE_STREAM = True
 
+# The side stream's kernels launched without programmatic dependent launch (kernels/pdl.py `without`), each once
+# the kernel before it has finished. H100, five rounds in turn, against all with it: batch 1 1.021 vs 1.044 ms and
+# 1.024 vs 1.046, batch 8 1.337 vs 1.347 and 1.338 vs 1.348 (bench/results/decode_latency_side_plain-h100.json,
+# _side_plain2-h100.json). Only the chain's first kernel without it: 1.047 vs 1.045 (_side_first-h100.json).
+# An A/B knob.
+SIDE_PLAIN = True
+
 # Build each layer's state entry from one GEMV against a folded weight (kernels/state_token.py): the
 # projection, input norm and k/v projection composed at load time, 1/4 of their weight bytes per layer at
 # full size, read on the side stream. Off: the unfolded chain (projection → norm → k/v → RoPE), 4 kernels.
@@ -93,7 +100,14 @@ class StateEntries:
             side.wait_stream(torch.cuda.current_stream(side.device))
 
     def on_side(self):
-        return torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext()
+        if self.side is None:
+            return contextlib.nullcontext()
+        scope = contextlib.ExitStack()
+        scope.enter_context(torch.cuda.stream(self.side))
+        if SIDE_PLAIN:
+            from hybridserve.kernels import pdl     # GPU only: the model module does not import triton
+            scope.enter_context(pdl.without())
+        return scope
 
     def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.kv.append((k, v))

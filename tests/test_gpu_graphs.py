@@ -79,6 +79,7 @@ KNOBS = {"resident_o": [("kernels.fused_triton", "RESIDENT_AFTER_BLOCK"), ("kern
          "decode_chain_off": [("models.nanohammer", "DECODE_CHAIN", False)],
          "entries_after_gather": [("models.nanohammer", "ENTRIES_BEFORE_GATHER", False)],
          "fold_cell_rows_16": [("kernels.state_token_triton", "FOLD_IN_CELL_ROWS", 16)],
+         "side_pdl": [("models.nanohammer", "SIDE_PLAIN", False)],
          "no_table_no_chain": [("models.nanohammer", "TOKEN_STATE_TABLE", False),
                                ("models.nanohammer", "DECODE_CHAIN", False)]}
 
