@@ -34,22 +34,27 @@ def short(name: str) -> str:
     return name[:60]
 
 
-def timeline(model, batch: int = 1) -> dict:
+def timeline(model, batch: int = 1, back_to_back: bool = False) -> dict:
     s = Setup(model, batch, 128)
     width = max(s.pages_per_seq, -(-model.max_model_len // PAGE))
     graphs = DecodeGraphs(model, s.pools.view, batch, width, sizes=[batch])
     graphs.capture()
-    ms = time_fn(lambda: graphs.run(s.meta))
+    # each replay from an idle GPU with the earlier sessions' input path, or (back to back) queued behind the one
+    # before with its inputs in one copy from the pinned mirrors, as decode_latency.py times it and the engine runs
+    run = (lambda: graphs.run_chunks(s.chunks, PAGE)) if back_to_back else (lambda: graphs.run(s.meta))
+    ms = time_fn(run)
     for _ in range(20):
-        graphs.run(s.meta)
+        run()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(REPLAYS):
-            graphs.run(s.meta)
-            torch.cuda.synchronize()
+            run()
+            if not back_to_back:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
     kernels = sorted(((e.time_range.start, e.time_range.end, short(e.name)) for e in prof.events()
-                      if e.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name
-                      and "Memset" not in e.name), key=lambda k: k[0])
+                      if e.device_type == torch.autograd.DeviceType.CUDA
+                      and (back_to_back or ("Memcpy" not in e.name and "Memset" not in e.name))), key=lambda k: k[0])
     per = len(kernels) // REPLAYS                   # every replay runs the same kernels
     steps = [kernels[i * per:(i + 1) * per] for i in range(REPLAYS)]
     exposed, busy, count = defaultdict(float), defaultdict(float), defaultdict(int)
@@ -67,19 +72,22 @@ def timeline(model, batch: int = 1) -> dict:
                    for k in exposed), key=lambda r: -r["exposed_us"])
     first = steps[-1]
     seq = [{"kernel": name, "start_us": a - first[0][0], "dur_us": b - a} for a, b, name in first]
-    return {"batch": batch, "ms_per_step_timed": ms, "profiled_steps": n,
+    # from the end of one replay's last kernel to the start of the next one's first
+    gaps = [b[0][0] - max(e for _, e, _ in a) for a, b in zip(steps, steps[1:])]
+    return {"batch": batch, "back_to_back": back_to_back, "ms_per_step_timed": ms, "profiled_steps": n,
+            "gaps_between_steps_us": gaps,
             "profiled_span_us": sorted(spans)[n // 2], "kernels_per_step": len(first), "by_kernel": rows,
             "one_step": seq}
 
 
-def one(arch: str, variant: str, bw: float, batch: int) -> dict:
+def one(arch: str, variant: str, bw: float, batch: int, back_to_back: bool) -> dict:
     model = load_full(arch)
     if variant != "default":
         _, put, value = variant_knob(variant)
         put(value)
     return {"arch": arch, "variant": variant, "weights_bytes": model.weights_bytes(),
             "step_weight_bytes": step_weight_bytes(model), "floor_ms": 1e3 * step_weight_bytes(model) / bw,
-            **timeline(model, batch)}
+            **timeline(model, batch, back_to_back)}
 
 
 def main():
@@ -87,11 +95,14 @@ def main():
     ap.add_argument("--archs", default="spartacus,nanohammer,kotodama:3b,kotodama,neollm")
     ap.add_argument("--variants", default="default", help="comma list: default and decode_latency.py's knobs")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--back-to-back", action="store_true",
+                    help="queue the profiled replays without a sync between them, inputs as decode_latency.py "
+                         "sends them; copies included (the last replay is shown)")
     ap.add_argument("--child", default="", help="(internal) arch,variant,bandwidth: one row as JSON on stdout")
     args = ap.parse_args()
     if args.child:      # one model and setting per process: a finished profiler slows what runs after it
         arch, variant, bw = args.child.split(",")
-        print("ROW " + json.dumps(one(arch, variant, float(bw), args.batch)))
+        print("ROW " + json.dumps(one(arch, variant, float(bw), args.batch, args.back_to_back)))
         return
     bw = measure_copy_bandwidth()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
@@ -100,7 +111,7 @@ def main():
     for arch in args.archs.split(","):
         for variant in args.variants.split(","):
             res = subprocess.run([sys.executable, __file__, "--child", f"{arch},{variant},{bw}",
-                                  "--batch", str(args.batch)],
+                                  "--batch", str(args.batch)] + ["--back-to-back"] * args.back_to_back,
                                  capture_output=True, text=True)
             line = next((x for x in res.stdout.splitlines() if x.startswith("ROW ")), None)
             if line is None:
