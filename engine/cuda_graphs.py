@@ -95,6 +95,10 @@ class PackedInputs:
         self._arrays = {name: t.numpy() for name, t in self.host.items()}
         self._copied: torch.cuda.Event | None = None
         self._ops = pick("input_fetch", device)
+        try:
+            self._ops.warm(self.host_bytes, self.device_bytes)     # both still zero
+        except ValueError:
+            self._copy_instead()
 
     def arrays(self) -> dict[str, np.ndarray]:
         if self._copied is not None:
@@ -114,13 +118,16 @@ class PackedInputs:
         try:
             self._ops.fetch(self.host_bytes, self.device_bytes, end, table, gather)
         except ValueError:
-            # a device that cannot read the pinned buffer itself (the kernel checks its pointers before the
-            # launch, so nothing ran): copies instead, from now on
-            if self._ops is input_fetch_reference:
-                raise
-            log.warning("the pinned input buffer is not readable from the device; copying it instead")
-            self._ops = input_fetch_reference
+            self._copy_instead()
             self._ops.fetch(self.host_bytes, self.device_bytes, end, table, gather)
+
+    def _copy_instead(self) -> None:
+        """A device that cannot read the pinned buffer itself (the kernel checks its pointers before the launch,
+        so nothing ran): copies, from now on."""
+        if self._ops is input_fetch_reference:
+            raise
+        log.warning("the pinned input buffer is not readable from the device; copying it instead")
+        self._ops = input_fetch_reference
 
     def sent(self) -> None:
         """Marks the copies just enqueued from the host buffer."""

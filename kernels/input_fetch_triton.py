@@ -21,9 +21,14 @@ import triton.language as tl
 from hybridserve.kernels.input_fetch import check
 
 BLOCK = 1024      # words a program copies
+GATHER_BLOCK = 128   # tokens program 0 gathers at a time
+
+_SIZES = ["n_flat", "flat_blocks", "t_off", "t_stride", "t_cols", "t_blocks", "g_dst", "g_src", "g_n"]
 
 
-@triton.jit
+# Sizes and offsets are not specialised on (1, multiples of 16): the kernel has one compiled variant with a gather
+# and one without, both built when the packed inputs are (`warm`), so no step compiles one later.
+@triton.jit(do_not_specialize=_SIZES)
 def _fetch_kernel(src32, dst32, src64, dst64, values, n_flat, flat_blocks, t_off, t_stride, t_cols, t_blocks,
                   g_dst, g_src, g_n, BLOCK: tl.constexpr, BG: tl.constexpr, GATHER: tl.constexpr):
     pid = tl.program_id(0)
@@ -36,10 +41,11 @@ def _fetch_kernel(src32, dst32, src64, dst64, values, n_flat, flat_blocks, t_off
         tl.store(dst32 + w, tl.load(src32 + w, mask=m), mask=m)
         if GATHER:
             if pid == 0:
-                i = tl.arange(0, BG)
-                mi = i < g_n
-                prev = tl.load(src64 + g_src + i, mask=mi, other=0)
-                tl.store(dst64 + g_dst + i, tl.load(values + prev, mask=mi), mask=mi)
+                for start in range(0, g_n, BG):
+                    i = start + tl.arange(0, BG)
+                    mi = i < g_n
+                    prev = tl.load(src64 + g_src + i, mask=mi, other=0)
+                    tl.store(dst64 + g_dst + i, tl.load(values + prev, mask=mi), mask=mi)
     else:
         q = pid - flat_blocks
         r = q // t_blocks
@@ -63,5 +69,12 @@ def fetch(host: torch.Tensor, dev: torch.Tensor, end: int, table: tuple[int, int
     s32, d32 = host.view(torch.int32), dev.view(torch.int32)
     s64, d64 = host.view(torch.int64), dev.view(torch.int64)
     _fetch_kernel[(grid,)](s32, d32, s64, d64, d64 if values is None else values, n_flat, flat_blocks, off,
-                           max(stride, 1), cols, max(t_blocks, 1), dst, src, n, BLOCK=BLOCK,
-                           BG=triton.next_power_of_2(max(n, 1)), GATHER=values is not None, num_warps=4)
+                           max(stride, 1), cols, max(t_blocks, 1), dst, src, n, BLOCK=BLOCK, BG=GATHER_BLOCK,
+                           GATHER=values is not None, num_warps=4)
+
+
+def warm(host: torch.Tensor, dev: torch.Tensor) -> None:
+    """Compiles both variants (with and without a gather) on a buffer pair whose first 16 bytes are zero on both
+    sides, which they stay: element 0 gathers values[0] from dev itself."""
+    fetch(host, dev, 16)
+    fetch(host, dev, 16, None, (0, 0, 1, dev.view(torch.int64)))
