@@ -91,7 +91,6 @@ class PackedInputs:
             return {name: buf[self.offsets[name]:self.offsets[name] + math.prod(shape) * dtype.itemsize]
                     .view(dtype).view(shape) for name, (dtype, shape) in parts.items()}
         self.dev, self.host = views(self.device_bytes), views(self.host_bytes)
-        self.shapes = {name: shape for name, (_, shape) in parts.items()}
         self._arrays = {name: t.numpy() for name, t in self.host.items()}
         self._copied: torch.cuda.Event | None = None
         self._ops = pick("input_fetch", device)
@@ -114,12 +113,16 @@ class PackedInputs:
         end = self.host_bytes.numel() if end is None else end
         if table is not None:
             name, rows, cols = table
-            table = (self.offsets[name] // 4, self.shapes[name][1], rows, cols)
+            table = (self.offsets[name] // 4, self.host[name].shape[1], rows, cols)
         try:
             self._ops.fetch(self.host_bytes, self.device_bytes, end, table, gather)
         except ValueError:
             self._copy_instead()
             self._ops.fetch(self.host_bytes, self.device_bytes, end, table, gather)
+
+    def element(self, view: torch.Tensor) -> int:
+        """Where device view `view` starts in the buffer, in its own elements (a `send` gather's dst / src)."""
+        return (view.data_ptr() - self.device_bytes.data_ptr()) // view.element_size()
 
     def _copy_instead(self) -> None:
         """A device that cannot read the pinned buffer itself (the kernel checks its pointers before the launch,
@@ -183,6 +186,8 @@ class DecodeGraphs:
         # prev_rows: in an async-scheduled step (engine/inflight.py), the row of the previous step's device
         # tokens each row takes as its input
         self.input_ids, self.positions, self.slot_ids, self.slot_mapping, self.prev_rows = self.i64.unbind(0)
+        # an async step's gather (PackedInputs.send): into the tokens' row, from the previous-step rows' row
+        self._token_rows = (self.inputs.element(self.input_ids), self.inputs.element(self.prev_rows))
         self.seq_lens.fill_(1)
         self.inputs.host["seq_lens"].fill_(1)
         self._held: list = [None] * max_bs   # what each host table row holds (fill_block_tables)
@@ -246,8 +251,7 @@ class DecodeGraphs:
         gather = None
         if prev_tokens is not None:
             assert all(c.prev_row >= 0 for c in chunks), "an async-scheduled step takes every token from the last"
-            i64 = self.inputs.offsets["i64"] // 8        # row 0: the tokens, row 4: the previous step's rows
-            gather = (i64, i64 + 4 * self.max_bs, B, prev_tokens)
+            gather = (*self._token_rows, B, prev_tokens)
         table = None
         if self.uses_kv:
             w = fill_block_tables(a["block_tables"], self._held, [c.pages for c in chunks], bs)
