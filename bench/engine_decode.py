@@ -10,7 +10,8 @@ prefill. Per step: wall time of `LLMEngine.step`, the GPU time of the forward it
 the runner: includes the input copies), the host time until that launch returned (schedule + inputs + launch)
 and the time after it (sampling, which ends in the one device→host read, then append, detokenize, finish
 checks; with async scheduling the read is the previous step's). The baseline: the same decode graph replayed
-back to back (no host work in between); overhead = step − replay.
+back to back (no host work in between); overhead = step − replay. `--gc plain,frozen` runs rows in turn with
+the heap as built or frozen (engine/gc_pauses.py), with each row's garbage collections.
 
 Usage (GPU machine): python bench/engine_decode.py --tokenizer DIR [--archs ...] → $OUT/engine_decode.json
 """
@@ -32,6 +33,7 @@ import torch
 from decode_latency import load_full, measure_copy_bandwidth, time_fn
 from hybridserve.engine.cache_pools import CachePools, plan_memory
 from hybridserve.engine.config import EngineConfig
+from hybridserve.engine.gc_pauses import GcWatch, freeze_heap
 from hybridserve.engine import detokenizer, model_runner, sampler_graphs
 from hybridserve.engine.llm_engine import LLMEngine
 from hybridserve.engine.request import SamplingParams
@@ -86,7 +88,7 @@ def new_engine(model, tokenizer, budget: int = 4 << 30, **config) -> LLMEngine:
 
 
 def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_seqs: int, async_on: bool,
-            profile_host: bool = False) -> dict:
+            profile_host: bool = False, freeze: bool = False) -> dict:
     t = time.perf_counter()
     search = sampling_triton.truncation_floor
     if mode.endswith("_sort"):          # captured into the sampler graphs at engine start
@@ -98,6 +100,9 @@ def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_se
     pools = eng.pools
     setup_s = time.perf_counter() - t
     clock = StepClock(eng)
+    if freeze:                  # as the server does once warm (engine/gc_pauses.py); undone after the row
+        freeze_heap()
+    gc_watch = GcWatch()
     g = torch.Generator().manual_seed(batch)
     for b in range(batch):
         prompt = torch.randint(100, 40000, (64,), generator=g).tolist()
@@ -110,8 +115,11 @@ def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_se
             prof.enable()
         clock.step(record=n >= 8)                          # the first decode steps warm up clocks and caches
         n += 1
+    gc_seen = gc_watch.summary()
+    gc_watch.close()
     row = {"batch": batch, "mode": mode, "async_scheduling": async_on, "decode_steps": n,
-           "async_steps": eng.num_async_steps, "engine_setup_s": setup_s, **clock.summary()}
+           "async_steps": eng.num_async_steps, "engine_setup_s": setup_s, "gc_frozen": gc_seen.frozen,
+           "gc_collections": list(gc_seen.collections), "gc_ms": 1e3 * sum(gc_seen.seconds), **clock.summary()}
     if prof is not None:        # host functions by own time per step (the profiler slows the host part)
         prof.disable()
         stats = pstats.Stats(prof).stats
@@ -128,6 +136,7 @@ def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_se
     row["tok_per_s"] = 1e3 * batch / row["step_ms"]
     eng.runner.run = None                                   # the clock's wrapper holds the engine
     del eng, pools, clock, graph
+    gc.unfreeze()
     gc.collect()
     torch.cuda.empty_cache()
     return row
@@ -186,6 +195,8 @@ def main():
     ap.add_argument("--async", dest="async_modes", default="off,on", help="async scheduling: off, on or both")
     ap.add_argument("--detok", default="stream", help="incremental detokenizer, comma list: stream (tokenizers' "
                     "DecodeStream where available), window (engine/detokenizer.py's own code)")
+    ap.add_argument("--gc", default="plain", help="the heap during the steps, comma list: plain, frozen (gc.freeze "
+                    "after the engine is built, as the server does once warm); rows in turn")
     ap.add_argument("--profile-host", action="store_true", help="cProfile the decode steps' host code")
     ap.add_argument("--sampler-max-batch", default="", help="comma list of engine/sampler_graphs.py MAX_BATCH "
                     "values, each a row (the largest batch sampled by graphs; larger ones sample eagerly)")
@@ -212,14 +223,17 @@ def main():
             torch.cuda.empty_cache()
             continue
         caps = [int(c) for c in args.sampler_max_batch.split(",") if c] or [sampler_graphs.MAX_BATCH]
-        for mode, B, am, dt, cap in itertools.product(args.modes.split(","), batches, args.async_modes.split(","),
-                                                      args.detok.split(","), caps):
+        for mode, B, am, dt, cap, heap in itertools.product(args.modes.split(","), batches,
+                                                            args.async_modes.split(","), args.detok.split(","), caps,
+                                                            args.gc.split(",")):
             detokenizer.STREAM = dt == "stream"
             sampler_graphs.MAX_BATCH = cap
-            row = {"arch": arch, "detok": dt, "sampler_max_batch": cap,
-                   **run_row(model, tokenizer, B, mode, args.tokens, max(batches), am == "on", args.profile_host)}
+            row = {"arch": arch, "detok": dt, "sampler_max_batch": cap, "heap": heap,
+                   **run_row(model, tokenizer, B, mode, args.tokens, max(batches), am == "on", args.profile_host,
+                             heap == "frozen")}
             out["rows"].append(row)
-            print(f"{arch:11} {mode:7} B={B:3} async {am:3} detok {dt:6} samplers<={cap:3}  step "
+            print(f"{arch:11} {mode:7} B={B:3} async {am:3} detok {dt:6} samplers<={cap:3} heap {heap:6} "
+                  f"(gc {row['gc_collections']} {row['gc_ms']:.1f} ms)  step "
                   f"{row['step_ms']:6.3f} ms  graph replay {row['graph_replay_ms']:6.3f}  overhead "
                   f"{row['overhead_ms']:6.3f} (to launch {row['host_to_launch_ms']:.3f}, after "
                   f"{row['after_launch_ms']:.3f}; forward GPU {row['forward_gpu_ms']:.3f})  "

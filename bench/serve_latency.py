@@ -3,12 +3,16 @@ clients at once through /v1/completions (token-id prompts, ignore_eos), with asy
 same run. Per request, from the SSE events' arrival times: TTFT, time per output token after the first (TPOT)
 and the gaps between events (ITL); per run: their medians and p99, output tokens/s, and after the run the
 server's /metrics must show no KV page or state slot in use; it also gives the Triton compiles since the
-server turned ready (a stall each on a machine with an empty Triton cache). The server's own mean TTFT over
+server turned ready (a stall each on a machine with an empty Triton cache), and each process's Python garbage
+collections in the round (full ones, their seconds, the longest pause since ready; `--gc-freeze on,off` serves
+with the server process's start-up heap frozen or not, `api`, `engine`, `both` freeze those processes,
+engine/gc_pauses.py). The server's own mean TTFT over
 the round (its time_to_first_token histogram: engine submission to first token) sits beside the clients'
 median, so the part spent in the client and on the HTTP side before submission shows.
 
 Usage (GPU machine; fastapi, uvicorn, pydantic from wheels): python bench/serve_latency.py --tokenizer DIR
 [--archs spartacus,kotodama] [--concurrency 1,8,32] [--clients httpx,raw] [--merge on,off] [--core process,thread]
+[--gc-freeze on,off]
 → $OUT/serve_latency.json
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -127,6 +132,27 @@ def server_ttft(url: str) -> tuple[float, float]:
             sum(metric(text, "hybridserve:time_to_first_token_seconds_count")))
 
 
+def gc_figures(url: str) -> dict[str, tuple[float, float, float]]:
+    """Per process (api, engine): full collections and all collections' seconds since ready, and the longest
+    pause since ready, from /metrics."""
+    text = httpx.get(f"{url}/metrics").text
+    out = {}
+    for process in ("api", "engine"):
+        p = f'process="{process}"'
+        full = [v for v, labels in samples(text, "hybridserve:gc_collections_total") if p in labels
+                and 'generation="2"' in labels]
+        if full:
+            out[process] = (full[0], sum(metric(text, "hybridserve:gc_pause_seconds_total", p)),
+                            max(metric(text, "hybridserve:gc_pause_longest_seconds", p)))
+    return out
+
+
+def samples(text: str, name: str) -> list[tuple[float, str]]:
+    """(value, labels) of every sample of `name`."""
+    return [(float(m.group(2)), m.group(1)) for m in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text,
+                                                                 re.M)]
+
+
 async def run_round(url: str, model: str, clients: int, prompt_len: int, max_tokens: int, knobs: dict,
                     seed: int, client: str = "httpx", warmup: bool = False) -> dict:
     """One round of `clients` streams at once; a warm-up round only runs them (a short stream of a fast model
@@ -156,7 +182,18 @@ async def run_round(url: str, model: str, clients: int, prompt_len: int, max_tok
             "streams_one_event": sum(d["tpot"] is None for d in done),
             # a short round's tokens may all arrive in one event after the first (merged): no gaps then
             "itl_ms_median": 1e3 * statistics.median(gaps) if gaps else float("nan"),
-            "itl_ms_p99": 1e3 * pct(gaps, 0.99) if gaps else float("nan")}
+            "itl_ms_p99": 1e3 * pct(gaps, 0.99) if gaps else float("nan"),
+            "itl_ms_max": 1e3 * max(gaps) if gaps else float("nan")}
+
+
+def gc_round(before: dict, after: dict) -> dict:
+    """Per process: full collections and seconds collecting in the round, the longest pause since ready."""
+    row = {}
+    for process, (full, seconds, longest) in after.items():
+        full0, seconds0, _ = before.get(process, (0.0, 0.0, 0.0))
+        row |= {f"gc_{process}_full": full - full0, f"gc_{process}_ms": 1e3 * (seconds - seconds0),
+                f"gc_{process}_longest_ms": 1e3 * longest}
+    return row
 
 
 def held(url: str) -> dict:
@@ -189,6 +226,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="measured rounds per setting (each its own row)")
     ap.add_argument("--core", default="process", help="where the engine core runs, comma list: process "
                     "(--engine-process), thread (--no-engine-process); one server process each")
+    ap.add_argument("--gc-freeze", default="on", help="servers with the start-up heap frozen once warm or not "
+                    "(--gc-freeze / --no-gc-freeze), comma list: on (the default: the serving process), off, api, "
+                    "engine or both (those processes); one server process each")
     ap.add_argument("--clients", default="httpx", help="client kinds, comma list: httpx, raw (bare asyncio "
                     "connections, a lighter client); each round is run with each in turn")
     args = ap.parse_args()
@@ -200,15 +240,19 @@ def main():
     for arch in args.archs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             path = write_synthetic(arch, args.size, Path(tmp) / arch, seed=0, tokenizer_from=Path(args.tokenizer))
-            for flag, merge, core, ev in [({"sync": "--no-async-scheduling", "async": "--async-scheduling"}[m], g, k, e)
-                                          for m in args.scheduling.split(",") for g in args.merge.split(",")
-                                          for k in args.core.split(",") for e in args.loops.split(",")]:
+            for flag, merge, core, ev, freeze in [
+                    ({"sync": "--no-async-scheduling", "async": "--async-scheduling"}[m], g, k, e, f)
+                    for m in args.scheduling.split(",") for g in args.merge.split(",")
+                    for k in args.core.split(",") for e in args.loops.split(",") for f in args.gc_freeze.split(",")]:
                 os.environ["HYBRIDSERVE_STREAM_MERGE"] = "1" if merge == "on" else "0"
+                os.environ["HYBRIDSERVE_GC_FREEZE_PROCESSES"] = {"api": "api", "engine": "engine",
+                                                                 "both": "api,engine"}.get(freeze, "api")
                 t0 = time.perf_counter()
                 with running_server("--model", str(path), "--max-num-seqs", str(max(conc)), "--max-model-len",
                                     "2048", "--log-level", "warning", flag,
                                     {"process": "--engine-process", "thread": "--no-engine-process"}[core],
-                                    "--loop", ev, timeout=600) as (url, _):
+                                    "--loop", ev, "--no-gc-freeze" if freeze == "off" else "--gc-freeze",
+                                    timeout=600) as (url, _):
                     start_s = time.perf_counter() - t0
                     model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
                     for mode in args.modes.split(","):
@@ -216,22 +260,31 @@ def main():
                             asyncio.run(run_round(url, model, c, args.prompt_len, 16, SAMPLING[mode], 1,
                                                   client, warmup=True))
                             for rnd in range(args.rounds):
+                                gc_before = gc_figures(url)
                                 row = {"arch": arch, "engine_process": core == "process", "loop": ev,
                                        "async_scheduling": flag == "--async-scheduling", "mode": mode,
-                                       "stream_merge": merge == "on", "server_start_s": start_s, "round": rnd,
+                                       "stream_merge": merge == "on", "gc_freeze": freeze,
+                                       "server_start_s": start_s, "round": rnd,
                                        **asyncio.run(run_round(url, model, c, args.prompt_len, args.max_tokens,
                                                                SAMPLING[mode], 2 + rnd, client)), **held(url)}
+                                row |= gc_round(gc_before, gc_figures(url))
                                 out["rows"].append(row)
-                                print(f"{arch:10} {core:7} {ev:7} {flag:21} merge {merge:3} {mode:7} C={c:3} "
+                                gc_text = " ".join(f"{p} {row[f'gc_{p}_full']:.0f} full {row[f'gc_{p}_ms']:.0f} ms "
+                                                   f"(longest {row[f'gc_{p}_longest_ms']:.0f})"
+                                                   for p in ("api", "engine") if f"gc_{p}_full" in row)
+                                print(f"{arch:10} {core:7} {ev:7} {flag:21} merge {merge:3} gc freeze {freeze:3} "
+                                      f"{mode:7} C={c:3} "
                                       f"{client:5}  "
                                       f"TPOT {row['tpot_ms_median']:6.3f} ms  "
-                                      f"ITL p50 {row['itl_ms_median']:6.3f} p99 {row['itl_ms_p99']:6.3f}  TTFT "
+                                      f"ITL p50 {row['itl_ms_median']:6.3f} p99 {row['itl_ms_p99']:6.3f} max "
+                                      f"{row['itl_ms_max']:6.1f}  TTFT "
                                       f"{row['ttft_ms_median']:7.2f} ms (max {row['ttft_ms_max']:7.1f}, server mean "
                                       f"{row['ttft_ms_server_mean']:6.1f})  "
                                       f"{row['output_tok_per_s']:8.0f} tok/s  "
                                       f"{row['streams_one_event']} one-event  held "
                                       f"{row['kv_pages_used']:.0f} pages {row['state_slots_used']:.0f} slots; "
-                                      f"{row['jit_compiles_after_ready']:.0f} compiles after ready", flush=True)
+                                      f"{row['jit_compiles_after_ready']:.0f} compiles after ready; gc {gc_text}",
+                                      flush=True)
                             (out_dir / "serve_latency.json").write_text(json.dumps(out, indent=1))
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from hybridserve.engine import warmup
 from hybridserve.engine.config import EngineStats
 from hybridserve.engine.core_thread import ThreadCore
+from hybridserve.engine.gc_pauses import FREEZE_PROCESSES, GcSummary, GcWatch, freeze_heap
 from hybridserve.engine.llm_engine import LLMEngine
 from hybridserve.engine.request import FinishReason, RequestOutput, SamplingParams
 
@@ -157,7 +158,7 @@ async def _consume_warmup(stream: RequestStream, first: asyncio.Event) -> None:
 class AsyncEngine:
     """`core`: an LLMEngine (driven on a thread of this process) or a ProcessCore (an engine process)."""
 
-    def __init__(self, core: LLMEngine | ThreadCore | ProcessCore, model_name: str):
+    def __init__(self, core: LLMEngine | ThreadCore | ProcessCore, model_name: str, gc_freeze: bool = False):
         if isinstance(core, LLMEngine):
             core = ThreadCore(core)
         self.core = core
@@ -175,6 +176,11 @@ class AsyncEngine:
         self.ready = False                # warm-up done, accepting requests
         self.draining = False             # shutting down: finishing in-flight requests, refusing new ones
         self.unhealthy: str | None = None  # why the engine can no longer serve (sticky until restart)
+        # Freeze the start-up heap once warm, in the processes engine/gc_pauses.py FREEZE_PROCESSES names (this
+        # one): for a server's one engine; off where a process builds engines one after another (tests), whose
+        # cycles a freeze would keep for ever.
+        self.gc_freeze = gc_freeze
+        self._gc_watch: GcWatch | None = None
         self._requests: dict[str, _Entry] = {}
         self._queued_requests = 0
         self._queued_tokens = 0
@@ -200,8 +206,12 @@ class AsyncEngine:
             await self._warm_up()
         if self.watchdog_timeout > 0:
             self._watchdog = asyncio.create_task(self._watch())
+        if self.gc_freeze and "api" in FREEZE_PROCESSES:
+            log.info("%d start-up objects frozen out of the collector's reach", freeze_heap())
+        if self._gc_watch is None:
+            self._gc_watch = GcWatch()
         self.ready = True
-        self.core.mark_ready()
+        self.core.mark_ready(self.gc_freeze and "engine" in FREEZE_PROCESSES)
 
     @property
     def jit_compiles_after_ready(self) -> int:
@@ -271,6 +281,9 @@ class AsyncEngine:
             # A hung step never returns: do not let it hold the process past a short wait.
             await asyncio.to_thread(self.core.stop, self.unhealthy is not None)
             self._started = False
+        if self._gc_watch is not None:
+            self._gc_watch.close()
+            self._gc_watch = None
 
     def health(self) -> str | None:
         """None when serving; otherwise why not (for /health and 503 bodies)."""
@@ -284,6 +297,14 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self.core.stats()
+
+    def gc_summaries(self) -> dict[str, GcSummary]:
+        """Garbage collections since ready, by process: "api" (this one, which also runs an engine thread) and,
+        where the engine has its own process, "engine"."""
+        out = {"api": self._gc_watch.summary()} if self._gc_watch is not None else {}
+        if self.core.gc_summary is not None:
+            out["engine"] = self.core.gc_summary
+        return out
 
     @property
     def num_inflight(self) -> int:

@@ -63,9 +63,9 @@ def build_llm_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
     return LLMEngine(model, ckpt.tokenizer, pools, config, max_len, defaults), name
 
 
-def build_engine(config: EngineConfig) -> AsyncEngine:
+def build_engine(config: EngineConfig, gc_freeze: bool = False) -> AsyncEngine:
     engine, name = build_llm_engine(config)
-    return AsyncEngine(engine, name)
+    return AsyncEngine(engine, name, gc_freeze=gc_freeze)
 
 
 def _default_name(model: str, ckpt) -> str:

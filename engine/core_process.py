@@ -8,7 +8,8 @@ busy most of a step, so the engine waits for the lock and the GPU idles between 
 rose to about twice the engine step at 32 streams. Apart, each has its own core.
 
 The wire (two one-way pipes, pickled tuples):
-  API → engine: ("add", request_id, prompt_ids, SamplingParams), ("abort", request_id), ("ready",), ("stop",)
+  API → engine: ("add", request_id, prompt_ids, SamplingParams), ("abort", request_id), ("ready", freeze_heap),
+                ("stop",)
   engine → API: ("hello", EngineInfo) once the engine is built, or ("failed", message);
                 ("update", outputs, started, Snapshot | None) per turn with something to say, each output as
                 RequestOutput.to_wire's plain tuple.
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 
 from hybridserve.engine.config import EngineConfig, EngineStats
 from hybridserve.engine.core_loop import EngineFacts
+from hybridserve.engine.gc_pauses import GcSummary, GcWatch, freeze_heap
 from hybridserve.engine.request import RequestOutput
 
 log = logging.getLogger("hybridserve.engine")
@@ -57,6 +59,7 @@ class Snapshot:
     device_memory: dict[str, int]
     jit_compiles: int | None
     jit_compiles_after_ready: int
+    gc: GcSummary | None = None     # the engine process's collections since ready (engine/gc_pauses.py)
 
 
 class EngineStartError(RuntimeError):
@@ -96,6 +99,11 @@ class ProcessCore:
     def jit_compiles_after_ready(self) -> int:
         return self._snapshot.jit_compiles_after_ready
 
+    @property
+    def gc_summary(self) -> GcSummary | None:
+        """The engine process's garbage collections since ready."""
+        return self._snapshot.gc
+
     def step_started(self) -> float | None:
         t = self._step_clock.value
         return t if t > 0 else None
@@ -114,8 +122,9 @@ class ProcessCore:
         self._sender.start()
         loop.add_reader(self._updates.fileno(), self._on_readable)
 
-    def mark_ready(self) -> None:
-        self.post(("ready",))
+    def mark_ready(self, freeze: bool = False) -> None:
+        """The server turned ready; `freeze`: the engine process freezes its heap (engine/gc_pauses.py) first."""
+        self.post(("ready", freeze))
 
     def post(self, cmd: tuple) -> None:
         self._outbox.put(cmd)
@@ -235,7 +244,8 @@ def _engine_main(config: EngineConfig, commands, updates, step_clock, log_level:
         return
     updates.send(("hello", EngineInfo(name, core.facts, eng.stats())))
     core.watch_compiles(True)
-    state = {"stop": False, "last": 0.0, "stats": None}   # stop asked; the last snapshot's time and stats
+    state = {"stop": False, "last": 0.0, "stats": None}   # stop asked; the last snapshot's time and figures
+    watch: list[GcWatch] = []                              # the collections' watch, from ready on
 
     def take(timeout: float) -> list:
         cmds = []
@@ -247,6 +257,11 @@ def _engine_main(config: EngineConfig, commands, updates, step_clock, log_level:
                 if cmd[0] == "stop":
                     state["stop"] = True
                 elif cmd[0] == "ready":
+                    if cmd[1]:
+                        log.info("engine process: %d start-up objects frozen out of the collector's reach",
+                                 freeze_heap())
+                    if not watch:
+                        watch.append(GcWatch())
                     core.mark_ready()
                 else:
                     cmds.append(cmd)
@@ -259,10 +274,11 @@ def _engine_main(config: EngineConfig, commands, updates, step_clock, log_level:
         busy, and whenever the engine turns idle with figures that changed."""
         now, snap = time.monotonic(), None
         if idle or now - state["last"] >= SNAPSHOT_INTERVAL:
-            stats = eng.stats()
-            if not idle or stats != state["stats"]:
-                state["last"], state["stats"] = now, stats
-                snap = Snapshot(stats, core.device_memory(), core.jit_compiles, core.jit_compiles_after_ready)
+            stats, gc_now = eng.stats(), (watch[0].summary() if watch else None)
+            if not idle or (stats, gc_now) != state["stats"]:
+                state["last"], state["stats"] = now, (stats, gc_now)
+                snap = Snapshot(stats, core.device_memory(), core.jit_compiles, core.jit_compiles_after_ready,
+                                gc_now)
         if outs or started or snap is not None:
             try:
                 updates.send(("update", [o.to_wire() for o in outs], started, snap))

@@ -73,8 +73,13 @@ class ThreadCore:
         if self._jit is not None:
             (self._jit.start if on else self._jit.stop)()
 
-    def mark_ready(self) -> None:
+    def mark_ready(self, freeze: bool = False) -> None:
+        """The server turned ready. `freeze` is ProcessCore's: this core shares the serving process, whose heap
+        the AsyncEngine freezes."""
         self._ready = True
+
+    # the engine's collections are the serving process's own (AsyncEngine.gc_summaries)
+    gc_summary = None
 
     def post(self, cmd: tuple) -> None:
         self._commands.put(cmd)

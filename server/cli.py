@@ -81,6 +81,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                    help="run the engine core in its own process beside the HTTP server's, so the engine's and "
                         "the event loop's Python do not take turns on one interpreter lock (default: on for "
                         "CUDA, off elsewhere)")
+    p.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
+                   help="once warm, move the server process's start-up heap out of Python's garbage collector's "
+                        "reach (gc.freeze), so a full collection does not stall every stream for 100+ ms "
+                        "(default on)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="engine seed for unseeded requests")
     p.add_argument("--warmup", default=defaults.warmup, choices=["auto", "basic", "shapes"],
                    help="requests served before /health turns ready: 'shapes' meets the eagerly run step shapes "
@@ -155,10 +159,10 @@ def run_serve(args: argparse.Namespace) -> None:
             from hybridserve.engine.core_process import start_engine_process
 
             core = start_engine_process(config, args.log_level)
-            engine = AsyncEngine(core, core.model_name)
+            engine = AsyncEngine(core, core.model_name, gc_freeze=args.gc_freeze)
             logger.info("engine process %d started", core.pid)
         else:
-            engine = build_engine(config)
+            engine = build_engine(config, gc_freeze=args.gc_freeze)
         logger.info("loaded %r (max_model_len %d)", engine.model_name, engine.max_model_len)
         for line in memory_summary(engine.stats()):
             logger.info("  %s", line)

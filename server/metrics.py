@@ -77,6 +77,7 @@ class _EngineStatsCollector(Collector):
                                        labels=["model_name"])
         compiles.add_metric([m], self.engine.jit_compiles_after_ready)
         yield compiles
+        yield from self._gc_families(m)
 
         groups = s.state_groups.items()
         memory = GaugeMetricFamily(PREFIX + "memory_bytes", "Engine memory by component, in bytes.",
@@ -111,6 +112,28 @@ class _EngineStatsCollector(Collector):
             for group, g in groups:
                 family.add_metric([m, group], value_of(g))
             yield family
+
+    def _gc_families(self, m: str) -> Iterator[Metric]:
+        """Python's garbage collections since ready (engine/gc_pauses.py), by process: `api` (the serving
+        process, with the engine thread where there is no engine process) and `engine`."""
+        summaries = self.engine.gc_summaries()
+        labels = ["model_name", "process", "generation"]
+        collections = CounterMetricFamily(PREFIX + "gc_collections", "Python garbage collections since ready.",
+                                          labels=labels)
+        seconds = CounterMetricFamily(PREFIX + "gc_pause_seconds", "Time spent in Python garbage collections "
+                                      "since ready (each one stops its whole process).", labels=labels)
+        longest = GaugeMetricFamily(PREFIX + "gc_pause_longest_seconds",
+                                    "The longest Python garbage collection since ready.", labels=labels[:2])
+        frozen = GaugeMetricFamily(PREFIX + "gc_frozen_objects", "Objects out of the collector's reach (the "
+                                   "serving process freezes its start-up heap once warm unless --no-gc-freeze).",
+                                   labels=labels[:2])
+        for process, s in summaries.items():
+            for generation in range(3):
+                collections.add_metric([m, process, str(generation)], s.collections[generation])
+                seconds.add_metric([m, process, str(generation)], s.seconds[generation])
+            longest.add_metric([m, process], s.longest)
+            frozen.add_metric([m, process], s.frozen)
+        yield from (collections, seconds, longest, frozen)
 
 
 class ServerMetrics:

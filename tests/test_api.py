@@ -267,6 +267,11 @@ def test_metrics(client):
     assert metric(text, "hybridserve:memory_bytes", 'component="state_total"') == 0
     assert metric(text, "hybridserve:kv_pages_used") == 0
     assert metric(text, "hybridserve:prompt_tokens_total") > 0 and metric(text, "hybridserve:generation_tokens_total") > 0
+    # the serving process (the engine on a thread in it) froze its start-up heap once warm (engine/gc_pauses.py)
+    assert metric(text, "hybridserve:gc_frozen_objects", 'process="api"') > 10_000
+    assert len(re.findall(r'^hybridserve:gc_collections_total\{[^}]*process="api"', text, re.M)) == 3
+    assert metric(text, "hybridserve:gc_pause_longest_seconds", 'process="api"') >= 0
+    assert 'process="engine"' not in text                                          # no engine process here
 
 
 def test_still_serving(client):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hybridserve.engine.config import EngineStats, StateGroupStats
+from hybridserve.engine.gc_pauses import GcSummary
 from hybridserve.server.cli import add_serve_command
 from hybridserve.server.metrics import ServerMetrics
 from prometheus_client.parser import text_string_to_metric_families
@@ -129,6 +130,9 @@ def exposed() -> dict[str, set[str]]:
 
         def stats(self) -> EngineStats:
             return stats
+
+        def gc_summaries(self) -> dict[str, GcSummary]:
+            return {"api": GcSummary(), "engine": GcSummary()}
 
         def __getattr__(self, name: str) -> int:  # other engine gauges read at scrape time (num_inflight, ...)
             return 0
@@ -303,6 +307,7 @@ def test_dashboard_covers_the_operator_questions():
     assert has("generation_tokens_total", rate=True)
     assert has("num_preemptions_total", rate=True)
     assert has("jit_compiles_after_ready_total")
+    assert has("gc_pause_seconds_total", rate=True) and has("gc_pause_longest_seconds")
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "kv_pages_used",
                   "kv_pages_total", "state_usage_perc", "memory_bytes"):
         assert has(gauge), gauge

@@ -85,6 +85,10 @@ def test_serves_like_the_engine_on_a_thread(model):
 
         text = httpx.get(f"{url}/metrics").text
         assert metric(text, "hybridserve:kv_pages_total")[0] > 0 and metric(text, "hybridserve:kv_pages_used") == [0]
+        # the serving process froze its start-up heap once warm, the engine process did not (engine/gc_pauses.py)
+        assert metric(text, "hybridserve:gc_frozen_objects", 'process="api"')[0] > 10_000
+        assert metric(text, "hybridserve:gc_frozen_objects", 'process="engine"') == [0]
+        assert len(metric(text, "hybridserve:gc_collections_total", 'process="engine"')) == 3
         assert alive(child)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
@@ -92,11 +96,17 @@ def test_serves_like_the_engine_on_a_thread(model):
 
 
 def test_load_round_without_leaks(model):
-    """test_load's traffic (200 streaming clients, a fifth leaving mid-stream) through an engine process."""
+    """test_load's traffic (200 streaming clients, a fifth leaving mid-stream) through an engine process, here
+    with the collector left as it is (--no-gc-freeze)."""
     args = serve_args(model, "--engine-process", "--max-num-seqs", "64", "--max-queued-requests", "512",
-                      "--kv-cache-memory", "64MiB")
+                      "--kv-cache-memory", "64MiB", "--no-gc-freeze")
     with running_server(*args) as (url, _):
         _check_round(url, asyncio.run(_round(url, 11)))
+        # --no-gc-freeze: nothing frozen; each process's collections were timed through the round
+        text = httpx.get(f"{url}/metrics").text
+        for process in ("api", "engine"):
+            assert metric(text, "hybridserve:gc_frozen_objects", f'process="{process}"') == [0], process
+            assert sum(metric(text, "hybridserve:gc_collections_total", f'process="{process}"')) > 0, process
 
 
 def test_engine_process_death_is_reported(model):
