@@ -12,6 +12,9 @@ programmatic dependent launch as the decode kernels are, `_pdl`):
 - `_hi`: captured on a stream of the highest priority (as the decode graphs are: engine/cuda_graphs.py
   CAPTURE_PRIORITY), the side stream at the default one; `_both_hi`: the side stream at the highest too.
 
+The gaps are read from a profile, which moves a two-stream graph's start by 12-17 µs that timed replays do not pay
+(bench/graph_joins.py); the timed µs a replay are the cost.
+
 Usage (GPU machine): python bench/graph_branch.py → $OUT/graph_branch.json
 """
 from __future__ import annotations
@@ -92,8 +95,9 @@ def build(kind: str):
     return g
 
 
-def first_gaps(g, replays: int = 6) -> list[float]:
-    """Start of the graph's second kernel minus the start of its first, per replay (back to back)."""
+def profiled_kernels(g, replays: int = 6) -> list[tuple[float, float, str]]:
+    """(start, end, name) of every kernel of `replays` replays queued back to back under the profiler, in start
+    order, after ten unprofiled ones."""
     for _ in range(10):
         g.replay()
     torch.cuda.synchronize()
@@ -101,7 +105,13 @@ def first_gaps(g, replays: int = 6) -> list[float]:
         for _ in range(replays):
             g.replay()
         torch.cuda.synchronize()
-    starts = sorted(e.time_range.start for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def first_gaps(g, replays: int = 6) -> list[float]:
+    """Start of the graph's second kernel minus the start of its first, per replay (back to back)."""
+    starts = [t for t, _, _ in profiled_kernels(g, replays)]
     per = len(starts) // replays
     return [starts[i * per + 1] - starts[i * per] for i in range(replays)]
 

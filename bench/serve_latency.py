@@ -6,13 +6,16 @@ server's /metrics must show no KV page or state slot in use; it also gives the T
 server turned ready (a stall each on a machine with an empty Triton cache), and each process's Python garbage
 collections in the round (full ones, their seconds, the longest pause since ready; `--gc-freeze on,off` serves
 with the server process's start-up heap frozen or not, `api`, `engine`, `both` freeze those processes,
-engine/gc_pauses.py). The server's own mean TTFT over
+engine/gc_pauses.py), when in the round its longest gaps fell, and the server's and engine process's CPU time
+over the round's (cores busy). `--client-procs 4` spreads a round's streams over four client processes, so that
+one client's event loop does not hold up the arrival times it records.
+The server's own mean TTFT over
 the round (its time_to_first_token histogram: engine submission to first token) sits beside the clients'
 median, so the part spent in the client and on the HTTP side before submission shows.
 
 Usage (GPU machine; fastapi, uvicorn, pydantic from wheels): python bench/serve_latency.py --tokenizer DIR
 [--archs spartacus,kotodama] [--concurrency 1,8,32] [--clients httpx,raw] [--merge on,off] [--core process,thread]
-[--gc-freeze on,off]
+[--gc-freeze on,off] [--client-procs 1,4]
 → $OUT/serve_latency.json
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -27,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -78,7 +83,8 @@ class Arrivals:
         # a stream whose reader fell behind for its whole length gets its tokens in one merged event: no time per
         # token (None), counted per round as streams_one_event
         return {"ttft": t[0] - self.t0, "tpot": (t[-1] - t[0]) / (n - 1) if len(t) > 1 else None,
-                "gaps": [b - a for a, b in zip(t, t[1:])], "end": t[-1] - self.t0, "tokens": n}
+                "gaps": [b - a for a, b in zip(t, t[1:])], "gap_starts": t[:-1], "end": t[-1] - self.t0,
+                "tokens": n}
 
 
 async def one_request(http: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int, knobs: dict,
@@ -153,27 +159,52 @@ def samples(text: str, name: str) -> list[tuple[float, str]]:
                                                                  re.M)]
 
 
-async def run_round(url: str, model: str, clients: int, prompt_len: int, max_tokens: int, knobs: dict,
-                    seed: int, client: str = "httpx", warmup: bool = False) -> dict:
+async def _streams(url: str, model: str, prompts: list[list[int]], max_tokens: int, knobs: dict, client: str,
+                   timed: bool) -> list[dict | None]:
+    async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+        if client == "raw":
+            return await asyncio.gather(*[one_request_raw(url, model, p, max_tokens, knobs, timed) for p in prompts])
+        return await asyncio.gather(*[one_request(http, model, p, max_tokens, knobs, timed) for p in prompts])
+
+
+def client_share(url: str, model: str, prompts: list[list[int]], max_tokens: int, knobs: dict, client: str,
+                 timed: bool, start_at: float) -> list[dict | None]:
+    """A client process's share of a round's streams, opened at `start_at` (time.perf_counter is the system's
+    monotonic clock on Linux, the same in every process, so the arrival times of all shares compare)."""
+    while (wait := start_at - time.perf_counter()) > 0:
+        time.sleep(min(wait, 0.005))
+    return asyncio.run(_streams(url, model, prompts, max_tokens, knobs, client, timed))
+
+
+def run_round(url: str, model: str, clients: int, prompt_len: int, max_tokens: int, knobs: dict, seed: int,
+              client: str = "httpx", warmup: bool = False, pool: ProcessPoolExecutor | None = None) -> dict:
     """One round of `clients` streams at once; a warm-up round only runs them (a short stream of a fast model
-    under load may arrive as one merged event, which has no time per token)."""
+    under load may arrive as one merged event, which has no time per token). With a `pool`, the streams are
+    spread over its client processes: one Python client reading 128 streams spends most of its time on its
+    own event loop, and the arrival times it records then include its own queueing."""
     rng = random.Random(seed)
     before = server_ttft(url)
     prompts = [[rng.randrange(100, 40000) for _ in range(prompt_len)] for _ in range(clients)]
-    async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+    if pool is None:
         t0 = time.perf_counter()
-        if client == "raw":
-            done = await asyncio.gather(*[one_request_raw(url, model, p, max_tokens, knobs, not warmup)
-                                          for p in prompts])
-        else:
-            done = await asyncio.gather(*[one_request(http, model, p, max_tokens, knobs, not warmup) for p in prompts])
-        wall = time.perf_counter() - t0
+        done = asyncio.run(_streams(url, model, prompts, max_tokens, knobs, client, not warmup))
+    else:
+        n = pool._max_workers
+        t0 = time.perf_counter() + 0.1
+        shares = [pool.submit(client_share, url, model, prompts[i::n], max_tokens, knobs, client, not warmup, t0)
+                  for i in range(n)]
+        done = [d for f in shares for d in f.result()]
+    wall = time.perf_counter() - t0
     if warmup:
         return {}
     after = server_ttft(url)
     gaps = [g for d in done for g in d["gaps"]]
+    # the round's longest gaps, each as (ms after the round began, ms long): when in the round the stalls fall
+    longest = sorted(((1e3 * (a - t0), 1e3 * g) for d in done for a, g in zip(d["gap_starts"], d["gaps"])),
+                     key=lambda x: -x[1])
     nan = float("nan")
-    return {"client": client, "clients": clients, "wall_s": wall,
+    return {"client": client, "client_procs": pool._max_workers if pool is not None else 1, "clients": clients,
+            "wall_s": wall,
             "output_tok_per_s": sum(d["tokens"] for d in done) / wall,
             "ttft_ms_median": 1e3 * statistics.median(d["ttft"] for d in done),
             "ttft_ms_max": 1e3 * max(d["ttft"] for d in done),
@@ -183,7 +214,9 @@ async def run_round(url: str, model: str, clients: int, prompt_len: int, max_tok
             # a short round's tokens may all arrive in one event after the first (merged): no gaps then
             "itl_ms_median": 1e3 * statistics.median(gaps) if gaps else float("nan"),
             "itl_ms_p99": 1e3 * pct(gaps, 0.99) if gaps else float("nan"),
-            "itl_ms_max": 1e3 * max(gaps) if gaps else float("nan")}
+            "itl_ms_max": 1e3 * max(gaps) if gaps else float("nan"),
+            "itl_over_50ms": sum(g > 0.05 for g in gaps),
+            "itl_longest_at_ms": [[round(a, 1), round(g, 1)] for a, g in longest[:12]]}
 
 
 def gc_round(before: dict, after: dict) -> dict:
@@ -194,6 +227,20 @@ def gc_round(before: dict, after: dict) -> dict:
         row |= {f"gc_{process}_full": full - full0, f"gc_{process}_ms": 1e3 * (seconds - seconds0),
                 f"gc_{process}_longest_ms": 1e3 * longest}
     return row
+
+
+def cpu_seconds(server_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the server process ("api") and of its engine process ("engine",
+    the spawned child), from /proc (Linux)."""
+    def of(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    out = {"api": of(server_pid)}
+    for child in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split():
+        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+            out["engine"] = of(int(child))
+    return out
 
 
 def held(url: str) -> dict:
@@ -231,8 +278,21 @@ def main():
                     "engine or both (those processes); one server process each")
     ap.add_argument("--clients", default="httpx", help="client kinds, comma list: httpx, raw (bare asyncio "
                     "connections, a lighter client); each round is run with each in turn")
+    ap.add_argument("--client-procs", default="1", help="client processes a round's streams are spread over, comma "
+                    "list (each round is run with each in turn): 1 reads every stream on this process's event loop")
     args = ap.parse_args()
     conc = [int(c) for c in args.concurrency.split(",")]
+    pools: dict[int, ProcessPoolExecutor] = {}
+
+    def client_pool(procs: int) -> ProcessPoolExecutor | None:
+        """A pool of `procs` client processes (None for 1), started once and warmed (imports) before use."""
+        if procs <= 1:
+            return None
+        if procs not in pools:
+            pools[procs] = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
+            list(pools[procs].map(time.sleep, [0.5] * procs))
+        return pools[procs]
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     out = {"device": device, "torch": torch.__version__, "prompt_len": args.prompt_len,
            "max_tokens": args.max_tokens, "rows": []}
@@ -252,29 +312,34 @@ def main():
                                     "2048", "--log-level", "warning", flag,
                                     {"process": "--engine-process", "thread": "--no-engine-process"}[core],
                                     "--loop", ev, "--no-gc-freeze" if freeze == "off" else "--gc-freeze",
-                                    timeout=600) as (url, _):
+                                    timeout=600) as (url, server):
                     start_s = time.perf_counter() - t0
                     model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
                     for mode in args.modes.split(","):
-                        for c, client in [(c, k) for c in conc for k in args.clients.split(",")]:
-                            asyncio.run(run_round(url, model, c, args.prompt_len, 16, SAMPLING[mode], 1,
-                                                  client, warmup=True))
+                        for c, client, procs in [(c, k, int(n)) for c in conc for k in args.clients.split(",")
+                                                 for n in args.client_procs.split(",")]:
+                            pool = client_pool(procs)
+                            run_round(url, model, c, args.prompt_len, 16, SAMPLING[mode], 1, client, warmup=True,
+                                      pool=pool)
                             for rnd in range(args.rounds):
-                                gc_before = gc_figures(url)
+                                gc_before, cpu_before = gc_figures(url), cpu_seconds(server.pid)
                                 row = {"arch": arch, "engine_process": core == "process", "loop": ev,
                                        "async_scheduling": flag == "--async-scheduling", "mode": mode,
                                        "stream_merge": merge == "on", "gc_freeze": freeze,
                                        "server_start_s": start_s, "round": rnd,
-                                       **asyncio.run(run_round(url, model, c, args.prompt_len, args.max_tokens,
-                                                               SAMPLING[mode], 2 + rnd, client)), **held(url)}
+                                       **run_round(url, model, c, args.prompt_len, args.max_tokens,
+                                                   SAMPLING[mode], 2 + rnd, client, pool=pool), **held(url)}
                                 row |= gc_round(gc_before, gc_figures(url))
+                                # each process's CPU time over the round's wall time (1.0: a core busy throughout)
+                                row |= {f"cpu_{p}": (t - cpu_before[p]) / row["wall_s"]
+                                        for p, t in cpu_seconds(server.pid).items()}
                                 out["rows"].append(row)
                                 gc_text = " ".join(f"{p} {row[f'gc_{p}_full']:.0f} full {row[f'gc_{p}_ms']:.0f} ms "
                                                    f"(longest {row[f'gc_{p}_longest_ms']:.0f})"
                                                    for p in ("api", "engine") if f"gc_{p}_full" in row)
                                 print(f"{arch:10} {core:7} {ev:7} {flag:21} merge {merge:3} gc freeze {freeze:3} "
                                       f"{mode:7} C={c:3} "
-                                      f"{client:5}  "
+                                      f"{client:5} x{procs} "
                                       f"TPOT {row['tpot_ms_median']:6.3f} ms  "
                                       f"ITL p50 {row['itl_ms_median']:6.3f} p99 {row['itl_ms_p99']:6.3f} max "
                                       f"{row['itl_ms_max']:6.1f}  TTFT "
@@ -283,7 +348,9 @@ def main():
                                       f"{row['output_tok_per_s']:8.0f} tok/s  "
                                       f"{row['streams_one_event']} one-event  held "
                                       f"{row['kv_pages_used']:.0f} pages {row['state_slots_used']:.0f} slots; "
-                                      f"{row['jit_compiles_after_ready']:.0f} compiles after ready; gc {gc_text}",
+                                      f"{row['jit_compiles_after_ready']:.0f} compiles after ready; gc {gc_text}; "
+                                      f"CPU " + " ".join(f"{p} {row[f'cpu_{p}']:.2f}" for p in ("api", "engine")
+                                                         if f"cpu_{p}" in row),
                                       flush=True)
                             (out_dir / "serve_latency.json").write_text(json.dumps(out, indent=1))
 

@@ -4,6 +4,12 @@ kernel's *exposed* time is how far it moved the end of the step: its end minus t
 (kernels overlap under programmatic dependent launch, so busy time adds up to more than the step). Summed by
 kernel name, exposed time is the step; a kernel that hides under its predecessor shows ~0.
 
+The profiler moves the start of a graph: under it, the kernels after a graph's first start late, by 3-4 µs in a
+one-stream graph and 12-17 µs where the graph forks a second stream (NanoHammer's state entries), which timed
+replays do not pay (bench/graph_joins.py, bench/results/graph_joins-h100.json: a branch of one kernel joined at
+once costs the timed replay 1.2-1.5 µs while the profile shows the main chain's next kernel 16-17 µs later). Read
+a step's first kernels with that in mind; further in, the profile's kernel-to-kernel spacing matches the timed rate.
+
 Usage (GPU machine): python bench/step_timeline.py [--archs spartacus,...] [--variants default,resident_o,...]
 (the variants are bench/decode_latency.py's A/B knobs)
 → $OUT/step_timeline.json (or bench/results/).
