@@ -234,6 +234,16 @@ def _knobs(*pairs):
             lambda vs: [setattr(m, a, v) for (m, a), v in zip(pairs, vs)])
 
 
+def _entry_waits_from(first: int):
+    """NanoHammer's StateEntries.take with no wait for the layers before `first` (a timing probe)."""
+    real = nanohammer.StateEntries.take
+
+    def take(self, i):
+        return self.kv[i] if i < first else real(self, i)
+
+    return (lambda: nanohammer.StateEntries.take, lambda f: setattr(nanohammer.StateEntries, "take", f), take)
+
+
 def _attn_o(per_sm=None, rows=None):
     """The attention sublayer through the o projection in one kernel (layers.ATTN_O), with its programs per SM
     and weight-tile rows (None: the defaults)."""
@@ -314,6 +324,10 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "entries_after_gather": (*_knob(nanohammer, "ENTRIES_BEFORE_GATHER"), False),
             # NanoHammer's side stream with programmatic dependent launch, as the backbone
             "side_pdl": (*_knob(nanohammer, "SIDE_PLAIN"), False),
+            # timing probes only, wrong results: layer 0 (or layers 0-1) reads its state entry without waiting for
+            # the side stream to finish it, so the step shows what that wait costs
+            "probe_no_entry0_wait": _entry_waits_from(1),
+            "probe_no_entry01_wait": _entry_waits_from(2),
             # the decode graphs captured on a stream at the default (lowest) priority, as before
             "capture_priority_default": (*_knob(cuda_graphs, "CAPTURE_PRIORITY"), 0),
             # Spartacus batch 1: the recurrence inside the qkvz GEMV (its programs-per-head sweep is in
