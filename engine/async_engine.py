@@ -298,6 +298,14 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.core.stats()
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time so far by process: "api" (this one) and, where the engine has its own process, "engine" (as
+        of its last stats snapshot)."""
+        out = {"api": time.process_time()}
+        if self.core.cpu_seconds is not None:
+            out["engine"] = self.core.cpu_seconds
+        return out
+
     def gc_summaries(self) -> dict[str, GcSummary]:
         """Garbage collections since ready, by process: "api" (this one, which also runs an engine thread) and,
         where the engine has its own process, "engine"."""

@@ -60,6 +60,7 @@ class Snapshot:
     jit_compiles: int | None
     jit_compiles_after_ready: int
     gc: GcSummary | None = None     # the engine process's collections since ready (engine/gc_pauses.py)
+    cpu_seconds: float | None = None   # the engine process's CPU time so far (time.process_time)
 
 
 class EngineStartError(RuntimeError):
@@ -98,6 +99,11 @@ class ProcessCore:
     @property
     def jit_compiles_after_ready(self) -> int:
         return self._snapshot.jit_compiles_after_ready
+
+    @property
+    def cpu_seconds(self) -> float | None:
+        """The engine process's CPU time as of its last snapshot."""
+        return self._snapshot.cpu_seconds
 
     @property
     def gc_summary(self) -> GcSummary | None:
@@ -278,7 +284,7 @@ def _engine_main(config: EngineConfig, commands, updates, step_clock, log_level:
             if not idle or (stats, gc_now) != state["stats"]:
                 state["last"], state["stats"] = now, (stats, gc_now)
                 snap = Snapshot(stats, core.device_memory(), core.jit_compiles, core.jit_compiles_after_ready,
-                                gc_now)
+                                gc_now, time.process_time())
         if outs or started or snap is not None:
             try:
                 updates.send(("update", [o.to_wire() for o in outs], started, snap))

@@ -78,8 +78,9 @@ class ThreadCore:
         the AsyncEngine freezes."""
         self._ready = True
 
-    # the engine's collections are the serving process's own (AsyncEngine.gc_summaries)
+    # the engine's collections and CPU time are the serving process's own (AsyncEngine.gc_summaries, cpu_seconds)
     gc_summary = None
+    cpu_seconds = None
 
     def post(self, cmd: tuple) -> None:
         self._commands.put(cmd)

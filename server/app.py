@@ -621,6 +621,7 @@ def create_app(engine: AsyncEngine | None = None, *, load: Callable[[], AsyncEng
             eng = engine if engine is not None else await _in_daemon_thread(load)
             state.serving = _Serving(eng)
             state.engine = eng
+            state.serving.metrics.start()
             await eng.start()
             logger.info("ready: serving %r", eng.model_name)
         except Exception as exc:
@@ -640,6 +641,8 @@ def create_app(engine: AsyncEngine | None = None, *, load: Callable[[], AsyncEng
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            if state.serving is not None:
+                await state.serving.metrics.stop()
             if state.engine is not None:
                 await state.engine.shutdown()
 

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from hybridserve.engine.request import RequestOutput
+from hybridserve.server.loop_lag import LoopLag
 
 if TYPE_CHECKING:
     from hybridserve.engine.async_engine import AsyncEngine
@@ -26,6 +27,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                40.0, 80.0)
+# the event loop's lag (server/loop_lag.py): under a millisecond when idle, tens to hundreds when saturated
+LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                480.0, 960.0, 1920.0, 7680.0)
 
@@ -78,6 +81,12 @@ class _EngineStatsCollector(Collector):
         compiles.add_metric([m], self.engine.jit_compiles_after_ready)
         yield compiles
         yield from self._gc_families(m)
+        cpu = CounterMetricFamily(PREFIX + "process_cpu_seconds", "CPU time (user + system, all threads) of the "
+                                  "server process (api) and the engine process (engine): about 1 s a second for "
+                                  "api means its event loop is the limit.", labels=["model_name", "process"])
+        for process, seconds in self.engine.cpu_seconds().items():
+            cpu.add_metric([m, process], seconds)
+        yield cpu
 
         groups = s.state_groups.items()
         memory = GaugeMetricFamily(PREFIX + "memory_bytes", "Engine memory by component, in bytes.",
@@ -166,7 +175,18 @@ class ServerMetrics:
         self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt length per request.", token_bins)
         self.request_generation_tokens = histogram("request_generation_tokens", "Generated tokens per request.",
                                                    token_bins)
+        self.loop_lag = histogram("event_loop_lag_seconds", "How much later than asked the server process's event "
+                                  "loop ran a timer, sampled every 50 ms: past a few ms the loop is busy, and new "
+                                  "requests and every stream's tokens wait behind its callbacks.", LAG_BUCKETS)
+        self._lag = LoopLag(self.loop_lag.observe)
         self.registry.register(_EngineStatsCollector(engine, name))
+
+    def start(self) -> None:
+        """On the serving event loop: start sampling its lag."""
+        self._lag.start()
+
+    async def stop(self) -> None:
+        await self._lag.stop()
 
     def rejected(self, reason: str) -> None:
         """reason: queue_full | not_serving (loading, draining or unhealthy)."""

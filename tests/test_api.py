@@ -272,6 +272,9 @@ def test_metrics(client):
     assert len(re.findall(r'^hybridserve:gc_collections_total\{[^}]*process="api"', text, re.M)) == 3
     assert metric(text, "hybridserve:gc_pause_longest_seconds", 'process="api"') >= 0
     assert 'process="engine"' not in text                                          # no engine process here
+    # the event loop's lag is sampled while serving (server/loop_lag.py), and the process's CPU time counted
+    assert metric(text, "hybridserve:event_loop_lag_seconds_count") > 0
+    assert metric(text, "hybridserve:process_cpu_seconds_total", 'process="api"') > 0
 
 
 def test_still_serving(client):

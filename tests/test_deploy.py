@@ -134,6 +134,9 @@ def exposed() -> dict[str, set[str]]:
         def gc_summaries(self) -> dict[str, GcSummary]:
             return {"api": GcSummary(), "engine": GcSummary()}
 
+        def cpu_seconds(self) -> dict[str, float]:
+            return {"api": 1.0, "engine": 2.0}
+
         def __getattr__(self, name: str) -> int:  # other engine gauges read at scrape time (num_inflight, ...)
             return 0
 
@@ -308,6 +311,8 @@ def test_dashboard_covers_the_operator_questions():
     assert has("num_preemptions_total", rate=True)
     assert has("jit_compiles_after_ready_total")
     assert has("gc_pause_seconds_total", rate=True) and has("gc_pause_longest_seconds")
+    assert has("event_loop_lag_seconds_bucket", rate=True, quantiles=("0.99",))
+    assert any("hybridserve:process_cpu_seconds_total" in e and "by (process)" in e and "rate(" in e for e in exprs)
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "kv_pages_used",
                   "kv_pages_total", "state_usage_perc", "memory_bytes"):
         assert has(gauge), gauge

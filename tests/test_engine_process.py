@@ -89,6 +89,8 @@ def test_serves_like_the_engine_on_a_thread(model):
         assert metric(text, "hybridserve:gc_frozen_objects", 'process="api"')[0] > 10_000
         assert metric(text, "hybridserve:gc_frozen_objects", 'process="engine"') == [0]
         assert len(metric(text, "hybridserve:gc_collections_total", 'process="engine"')) == 3
+        for process in ("api", "engine"):   # both processes' CPU time, the engine's from its snapshots
+            assert metric(text, "hybridserve:process_cpu_seconds_total", f'process="{process}"')[0] > 0, process
         assert alive(child)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
