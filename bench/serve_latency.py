@@ -6,10 +6,10 @@ server's /metrics must show no KV page or state slot in use; it also gives the T
 server turned ready (a stall each on a machine with an empty Triton cache), and each process's Python garbage
 collections in the round (full ones, their seconds, the longest pause since ready; `--gc-freeze on,off` serves
 with the server process's start-up heap frozen or not, `api`, `engine`, `both` freeze those processes,
-engine/gc_pauses.py), when in the round its longest gaps fell, and the server's and engine process's CPU time
-over the round's (cores busy). `--client-procs 4` spreads a round's streams over four client processes, so that
-one client's event loop does not hold up the arrival times it records.
-The server's own mean TTFT over
+engine/gc_pauses.py), when in the round its longest gaps fell, the server's and engine process's CPU time
+over the round's (cores busy), and the server's event-loop lag (server/loop_lag.py: mean, share over 10 ms).
+`--client-procs 4` spreads a round's streams over four client processes, so that one client's event loop does not
+hold up the arrival times it records. The server's own mean TTFT over
 the round (its time_to_first_token histogram: engine submission to first token) sits beside the clients'
 median, so the part spent in the client and on the HTTP side before submission shows.
 
@@ -177,14 +177,19 @@ def client_share(url: str, model: str, prompts: list[list[int]], max_tokens: int
 
 
 def run_round(url: str, model: str, clients: int, prompt_len: int, max_tokens: int, knobs: dict, seed: int,
-              client: str = "httpx", warmup: bool = False, pool: ProcessPoolExecutor | None = None) -> dict:
+              client: str = "httpx", warmup: bool = False, pool: ProcessPoolExecutor | None = None,
+              server_pid: int | None = None) -> dict:
     """One round of `clients` streams at once; a warm-up round only runs them (a short stream of a fast model
     under load may arrive as one merged event, which has no time per token). With a `pool`, the streams are
     spread over its client processes: one Python client reading 128 streams spends most of its time on its
-    own event loop, and the arrival times it records then include its own queueing."""
+    own event loop, and the arrival times it records then include its own queueing. With `server_pid`, the
+    server's and engine process's CPU time and the event loop's lag over the round's own span (read just before
+    and after it, so the bench's /metrics reads between rounds stay out)."""
     rng = random.Random(seed)
     before = server_ttft(url)
     prompts = [[rng.randrange(100, 40000) for _ in range(prompt_len)] for _ in range(clients)]
+    if server_pid is not None and not warmup:
+        lag_before, cpu_before = lag_figures(url), cpu_seconds(server_pid)
     if pool is None:
         t0 = time.perf_counter()
         done = asyncio.run(_streams(url, model, prompts, max_tokens, knobs, client, not warmup))
@@ -195,6 +200,11 @@ def run_round(url: str, model: str, clients: int, prompt_len: int, max_tokens: i
                   for i in range(n)]
         done = [d for f in shares for d in f.result()]
     wall = time.perf_counter() - t0
+    spent = {}
+    if server_pid is not None and not warmup:
+        # each process's CPU time over the round's wall time (1.0: a core busy throughout)
+        spent = {f"cpu_{p}": (t - cpu_before[p]) / wall for p, t in cpu_seconds(server_pid).items()}
+        spent |= lag_round(lag_before, lag_figures(url))
     if warmup:
         return {}
     after = server_ttft(url)
@@ -216,7 +226,24 @@ def run_round(url: str, model: str, clients: int, prompt_len: int, max_tokens: i
             "itl_ms_p99": 1e3 * pct(gaps, 0.99) if gaps else float("nan"),
             "itl_ms_max": 1e3 * max(gaps) if gaps else float("nan"),
             "itl_over_50ms": sum(g > 0.05 for g in gaps),
-            "itl_longest_at_ms": [[round(a, 1), round(g, 1)] for a, g in longest[:12]]}
+            "itl_longest_at_ms": [[round(a, 1), round(g, 1)] for a, g in longest[:12]], **spent}
+
+
+def lag_figures(url: str) -> tuple[float, float, float]:
+    """The server's event-loop lag histogram so far: (sum of seconds, samples, samples within 10 ms)."""
+    text = httpx.get(f"{url}/metrics").text
+    within = [v for v, labels in samples(text, "hybridserve:event_loop_lag_seconds_bucket") if 'le="0.01"' in labels]
+    return (sum(metric(text, "hybridserve:event_loop_lag_seconds_sum")),
+            sum(metric(text, "hybridserve:event_loop_lag_seconds_count")), sum(within))
+
+
+def lag_round(before: tuple, after: tuple) -> dict:
+    """The round's mean event-loop lag and the share of its samples over 10 ms."""
+    n = after[1] - before[1]
+    if n <= 0:
+        return {}
+    return {"loop_lag_ms_mean": 1e3 * (after[0] - before[0]) / n,
+            "loop_lag_over_10ms": 1 - (after[2] - before[2]) / n}
 
 
 def gc_round(before: dict, after: dict) -> dict:
@@ -322,17 +349,15 @@ def main():
                             run_round(url, model, c, args.prompt_len, 16, SAMPLING[mode], 1, client, warmup=True,
                                       pool=pool)
                             for rnd in range(args.rounds):
-                                gc_before, cpu_before = gc_figures(url), cpu_seconds(server.pid)
+                                gc_before = gc_figures(url)
                                 row = {"arch": arch, "engine_process": core == "process", "loop": ev,
                                        "async_scheduling": flag == "--async-scheduling", "mode": mode,
                                        "stream_merge": merge == "on", "gc_freeze": freeze,
                                        "server_start_s": start_s, "round": rnd,
                                        **run_round(url, model, c, args.prompt_len, args.max_tokens,
-                                                   SAMPLING[mode], 2 + rnd, client, pool=pool), **held(url)}
+                                                   SAMPLING[mode], 2 + rnd, client, pool=pool, server_pid=server.pid),
+                                       **held(url)}
                                 row |= gc_round(gc_before, gc_figures(url))
-                                # each process's CPU time over the round's wall time (1.0: a core busy throughout)
-                                row |= {f"cpu_{p}": (t - cpu_before[p]) / row["wall_s"]
-                                        for p, t in cpu_seconds(server.pid).items()}
                                 out["rows"].append(row)
                                 gc_text = " ".join(f"{p} {row[f'gc_{p}_full']:.0f} full {row[f'gc_{p}_ms']:.0f} ms "
                                                    f"(longest {row[f'gc_{p}_longest_ms']:.0f})"
@@ -350,7 +375,9 @@ def main():
                                       f"{row['kv_pages_used']:.0f} pages {row['state_slots_used']:.0f} slots; "
                                       f"{row['jit_compiles_after_ready']:.0f} compiles after ready; gc {gc_text}; "
                                       f"CPU " + " ".join(f"{p} {row[f'cpu_{p}']:.2f}" for p in ("api", "engine")
-                                                         if f"cpu_{p}" in row),
+                                                         if f"cpu_{p}" in row)
+                                      + f"; loop lag {row.get('loop_lag_ms_mean', float('nan')):.1f} ms mean, "
+                                      f"{100 * row.get('loop_lag_over_10ms', float('nan')):.0f} % over 10 ms",
                                       flush=True)
                             (out_dir / "serve_latency.json").write_text(json.dumps(out, indent=1))
 

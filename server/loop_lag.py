@@ -3,10 +3,11 @@ later it woke. An idle loop wakes within a fraction of a millisecond. A busy one
 turn first, so the timer waits behind them, and so do new requests (accepted, parsed, submitted) and the tokens
 each stream sends.
 
-Past ~32 streams the loop is busy all the time: on an H100 host the server process used 1.0-1.3 cores at 32-128
-streams, and at 128 streams a request waited 100-200 ms in it before its submission against 11-35 ms from
-submission to first token (bench/NOTES.md, twenty-seventh session). The lag histogram on /metrics shows that
-state to an operator, beside the processes' CPU time.
+Past ~64 streams the loop is busy nearly all the time: on an H100 host serving NeoLLM-110M the server process
+used 0.90-0.97 cores at 64-128 streams (0.8 at 32), this lag averaged 4-8 ms (under 1 ms at 32), and at 128
+streams a request waited ~100 ms or more before its submission against 10-35 ms from submission to first token
+(bench/NOTES.md, twenty-seventh session). The lag histogram on /metrics shows that state to an operator, beside
+the processes' CPU time.
 """
 from __future__ import annotations
 
