@@ -7,6 +7,7 @@ clients received. The engine's step time does not enter the figure (another thre
 machine as well; rounds alternate the server's A/B knobs in one process.
 
 Usage: python bench/serve_host_cost.py [--concurrency 32] [--max-tokens 128] [--rounds 3] [--profile 30]
+[--http h11,httptools]
 → $OUT/serve_host_cost.json
 """
 from __future__ import annotations
@@ -85,37 +86,48 @@ async def measure(url: str, C: int, tokens: int, profiler=None) -> dict:
 
 
 async def run(args, model_dir: Path) -> dict:
-    engine = build_engine(EngineConfig(model=str(model_dir), device=args.device, max_num_seqs=args.concurrency,
-                                       max_model_len=512))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=args.port, log_level="warning"))
-    serving = asyncio.create_task(server.serve())
-    while not server.started or engine.health() is not None:
+    """A server per HTTP implementation (`--http`), all on this event loop; the rounds take them and the knobs in
+    turn (only one server is busy at a time, so the loop's CPU time is that server's)."""
+    impls = args.http.split(",")
+    servers, urls, engines = [], {}, []
+    for i, impl in enumerate(impls):
+        engine = build_engine(EngineConfig(model=str(model_dir), device=args.device, max_num_seqs=args.concurrency,
+                                           max_model_len=512))
+        server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=args.port + i,
+                                               log_level="warning", http=impl))
+        servers.append((server, asyncio.create_task(server.serve())))
+        engines.append(engine)
+        urls[impl] = f"http://127.0.0.1:{args.port + i}"
+    while not all(s.started for s, _ in servers) or any(e.health() is not None for e in engines):
         await asyncio.sleep(0.05)
-    url = f"http://127.0.0.1:{args.port}"
     names = [""] + [v for v in args.variants.split(",") if v]
-    runs = {name or "default": [] for name in names}
+    label = {(impl, name): (name or "default") + ("" if len(impls) == 1 else f" http={impl}")
+             for impl in impls for name in names}
+    runs = {v: [] for v in label.values()}
     try:
-        await measure(url, args.concurrency, 16)          # warm-up
+        for url in urls.values():
+            await measure(url, args.concurrency, 16)          # warm-up
         for _ in range(args.rounds):
-            for name in names:
+            for (impl, name), key in label.items():
                 mod, attr, value = VARIANTS[name] if name else (None, None, None)
                 before = getattr(mod, attr) if mod else None
                 if mod:
                     setattr(mod, attr, value)
                 try:
-                    runs[name or "default"].append(await measure(url, args.concurrency, args.max_tokens))
+                    runs[key].append(await measure(urls[impl], args.concurrency, args.max_tokens))
                 finally:
                     if mod:
                         setattr(mod, attr, before)
         if args.profile:      # one more default round under cProfile (this thread only: the event loop)
             prof = cProfile.Profile()
-            await measure(url, args.concurrency, args.max_tokens, prof)
+            await measure(urls[impls[0]], args.concurrency, args.max_tokens, prof)
             stats = io.StringIO()
             pstats.Stats(prof, stream=stats).sort_stats("tottime").print_stats(args.profile)
             runs["profile"] = stats.getvalue()
     finally:
-        server.should_exit = True
-        await serving
+        for server, serving in servers:
+            server.should_exit = True
+            await serving
     return runs
 
 
@@ -129,6 +141,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", default="text_events_off,direct_single_off",
                     help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--http", default="h11", help="uvicorn's HTTP implementations, comma list (h11, httptools): a "
+                    "server each, rounds in turn")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--profile", type=int, default=0, help="also profile one default round (cProfile, the event "
                     "loop's thread) and print this many functions by own time")

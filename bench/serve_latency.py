@@ -15,7 +15,7 @@ median, so the part spent in the client and on the HTTP side before submission s
 
 Usage (GPU machine; fastapi, uvicorn, pydantic from wheels): python bench/serve_latency.py --tokenizer DIR
 [--archs spartacus,kotodama] [--concurrency 1,8,32] [--clients httpx,raw] [--merge on,off] [--core process,thread]
-[--gc-freeze on,off] [--client-procs 1,4]
+[--gc-freeze on,off] [--client-procs 1,4] [--http h11,httptools]
 → $OUT/serve_latency.json
 """
 from __future__ import annotations
@@ -305,6 +305,8 @@ def main():
                     "engine or both (those processes); one server process each")
     ap.add_argument("--clients", default="httpx", help="client kinds, comma list: httpx, raw (bare asyncio "
                     "connections, a lighter client); each round is run with each in turn")
+    ap.add_argument("--http", default="auto", help="the server's HTTP implementation (--http), comma list: auto, "
+                    "h11, httptools; one server process each")
     ap.add_argument("--client-procs", default="1", help="client processes a round's streams are spread over, comma "
                     "list (each round is run with each in turn): 1 reads every stream on this process's event loop")
     args = ap.parse_args()
@@ -327,10 +329,11 @@ def main():
     for arch in args.archs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             path = write_synthetic(arch, args.size, Path(tmp) / arch, seed=0, tokenizer_from=Path(args.tokenizer))
-            for flag, merge, core, ev, freeze in [
-                    ({"sync": "--no-async-scheduling", "async": "--async-scheduling"}[m], g, k, e, f)
+            for flag, merge, core, ev, freeze, http in [
+                    ({"sync": "--no-async-scheduling", "async": "--async-scheduling"}[m], g, k, e, f, h)
                     for m in args.scheduling.split(",") for g in args.merge.split(",")
-                    for k in args.core.split(",") for e in args.loops.split(",") for f in args.gc_freeze.split(",")]:
+                    for k in args.core.split(",") for e in args.loops.split(",") for f in args.gc_freeze.split(",")
+                    for h in args.http.split(",")]:
                 os.environ["HYBRIDSERVE_STREAM_MERGE"] = "1" if merge == "on" else "0"
                 os.environ["HYBRIDSERVE_GC_FREEZE_PROCESSES"] = {"api": "api", "engine": "engine",
                                                                  "both": "api,engine"}.get(freeze, "api")
@@ -339,6 +342,7 @@ def main():
                                     "2048", "--log-level", "warning", flag,
                                     {"process": "--engine-process", "thread": "--no-engine-process"}[core],
                                     "--loop", ev, "--no-gc-freeze" if freeze == "off" else "--gc-freeze",
+                                    "--http", http,
                                     timeout=600) as (url, server):
                     start_s = time.perf_counter() - t0
                     model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
@@ -352,7 +356,7 @@ def main():
                                 gc_before = gc_figures(url)
                                 row = {"arch": arch, "engine_process": core == "process", "loop": ev,
                                        "async_scheduling": flag == "--async-scheduling", "mode": mode,
-                                       "stream_merge": merge == "on", "gc_freeze": freeze,
+                                       "stream_merge": merge == "on", "gc_freeze": freeze, "http": http,
                                        "server_start_s": start_s, "round": rnd,
                                        **run_round(url, model, c, args.prompt_len, args.max_tokens,
                                                    SAMPLING[mode], 2 + rnd, client, pool=pool, server_pid=server.pid),
@@ -363,6 +367,7 @@ def main():
                                                    f"(longest {row[f'gc_{p}_longest_ms']:.0f})"
                                                    for p in ("api", "engine") if f"gc_{p}_full" in row)
                                 print(f"{arch:10} {core:7} {ev:7} {flag:21} merge {merge:3} gc freeze {freeze:3} "
+                                      f"http {http:9} "
                                       f"{mode:7} C={c:3} "
                                       f"{client:5} x{procs} "
                                       f"TPOT {row['tpot_ms_median']:6.3f} ms  "

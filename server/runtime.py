@@ -89,9 +89,10 @@ class HybridServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: FastAPI, host: str, port: int, log_level: str, shutdown_timeout: float, loop: str = "auto") -> int:
+def serve(app: FastAPI, host: str, port: int, log_level: str, shutdown_timeout: float, loop: str = "auto",
+          http: str = "auto") -> int:
     """Run until drained after a signal (exit status 0) or a failed start (1)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", loop=loop,
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", loop=loop, http=http,
                             timeout_graceful_shutdown=CONNECTION_GRACE_S)
     server = HybridServer(config, app.state.hybridserve, shutdown_timeout)
     server.run()

@@ -146,8 +146,9 @@ def test_engine_process_death_is_reported(model):
 
 def test_sigterm_to_both_processes_still_drains(model):
     """A service manager may signal every process of the service: the engine process ignores SIGTERM, and the
-    server's drain lets the stream in flight finish before both exit."""
-    args = serve_args(model, "--engine-process", "--max-num-seqs", "4")
+    server's drain lets the stream in flight finish before both exit. Served over uvicorn's h11 (`--http h11`;
+    the other tests take the default, httptools)."""
+    args = serve_args(model, "--engine-process", "--max-num-seqs", "4", "--http", "h11")
 
     async def stream_through_sigterm(url: str, pids: list[int]) -> list[str]:
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
