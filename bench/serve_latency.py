@@ -4,7 +4,7 @@ same run. Per request, from the SSE events' arrival times: TTFT, time per output
 and the gaps between events (ITL); per run: their medians and p99, output tokens/s, and after the run the
 server's /metrics must show no KV page or state slot in use; it also gives the Triton compiles since the
 server turned ready (a stall each on a machine with an empty Triton cache), and each process's Python garbage
-collections in the round (full ones, their seconds, the longest pause since ready; `--gc-freeze on,off` serves
+collections over the round (full ones, their seconds, the longest pause since ready; `--gc-freeze on,off` serves
 with the server process's start-up heap frozen or not, `api`, `engine`, `both` freeze those processes,
 engine/gc_pauses.py), when in the round its longest gaps fell, the server's and engine process's CPU time
 over the round's (cores busy), and the server's event-loop lag (server/loop_lag.py: mean, share over 10 ms).
@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import random
-import re
 import statistics
 import sys
 import tempfile
@@ -131,32 +130,35 @@ async def one_request_raw(url: str, model: str, prompt: list[int], max_tokens: i
     return seen.timings(max_tokens) if timed else None
 
 
-def server_ttft(url: str) -> tuple[float, float]:
-    """(sum of seconds, count) of the server's time_to_first_token histogram."""
-    text = httpx.get(f"{url}/metrics").text
+def scrape(url: str) -> str:
+    return httpx.get(f"{url}/metrics").text
+
+
+def server_ttft(text: str) -> tuple[float, float]:
+    """(sum of seconds, count) of the server's time_to_first_token histogram, from /metrics text."""
     return (sum(metric(text, "hybridserve:time_to_first_token_seconds_sum")),
             sum(metric(text, "hybridserve:time_to_first_token_seconds_count")))
 
 
-def gc_figures(url: str) -> dict[str, tuple[float, float, float]]:
+def gc_figures(text: str) -> dict[str, tuple[float, float, float]]:
     """Per process (api, engine): full collections and all collections' seconds since ready, and the longest
-    pause since ready, from /metrics."""
-    text = httpx.get(f"{url}/metrics").text
+    pause since ready, from /metrics text."""
     out = {}
     for process in ("api", "engine"):
         p = f'process="{process}"'
-        full = [v for v, labels in samples(text, "hybridserve:gc_collections_total") if p in labels
-                and 'generation="2"' in labels]
+        full = metric(text, "hybridserve:gc_collections_total", p, 'generation="2"')
         if full:
             out[process] = (full[0], sum(metric(text, "hybridserve:gc_pause_seconds_total", p)),
                             max(metric(text, "hybridserve:gc_pause_longest_seconds", p)))
     return out
 
 
-def samples(text: str, name: str) -> list[tuple[float, str]]:
-    """(value, labels) of every sample of `name`."""
-    return [(float(m.group(2)), m.group(1)) for m in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text,
-                                                                 re.M)]
+def lag_figures(text: str) -> tuple[float, float, float]:
+    """The server's event-loop lag histogram so far, from /metrics text: (sum of seconds, samples, samples within
+    10 ms)."""
+    return (sum(metric(text, "hybridserve:event_loop_lag_seconds_sum")),
+            sum(metric(text, "hybridserve:event_loop_lag_seconds_count")),
+            sum(metric(text, "hybridserve:event_loop_lag_seconds_bucket", 'le="0.01"')))
 
 
 async def _streams(url: str, model: str, prompts: list[list[int]], max_tokens: int, knobs: dict, client: str,
@@ -177,43 +179,43 @@ def client_share(url: str, model: str, prompts: list[list[int]], max_tokens: int
 
 
 def run_round(url: str, model: str, clients: int, prompt_len: int, max_tokens: int, knobs: dict, seed: int,
-              client: str = "httpx", warmup: bool = False, pool: ProcessPoolExecutor | None = None,
+              client: str = "httpx", warmup: bool = False, pool: tuple[ProcessPoolExecutor, int] | None = None,
               server_pid: int | None = None) -> dict:
     """One round of `clients` streams at once; a warm-up round only runs them (a short stream of a fast model
-    under load may arrive as one merged event, which has no time per token). With a `pool`, the streams are
-    spread over its client processes: one Python client reading 128 streams spends most of its time on its
-    own event loop, and the arrival times it records then include its own queueing. With `server_pid`, the
-    server's and engine process's CPU time and the event loop's lag over the round's own span (read just before
-    and after it, so the bench's /metrics reads between rounds stay out)."""
+    under load may arrive as one merged event, which has no time per token). With a `pool` (the executor and its
+    process count), the streams are spread over its client processes: one Python client reading 128 streams
+    spends most of its time on its own event loop, and the arrival times it records then include its own
+    queueing. The server's figures (its TTFT histogram, garbage collections, event-loop lag and, with
+    `server_pid`, each process's CPU time) are read once just before and once just after the round, so they
+    cover the round's own span."""
     rng = random.Random(seed)
-    before = server_ttft(url)
     prompts = [[rng.randrange(100, 40000) for _ in range(prompt_len)] for _ in range(clients)]
-    if server_pid is not None and not warmup:
-        lag_before, cpu_before = lag_figures(url), cpu_seconds(server_pid)
+    if not warmup:
+        text0 = scrape(url)
+        cpu_before = cpu_seconds(server_pid) if server_pid is not None else {}
     if pool is None:
         t0 = time.perf_counter()
         done = asyncio.run(_streams(url, model, prompts, max_tokens, knobs, client, not warmup))
     else:
-        n = pool._max_workers
+        executor, n = pool
         t0 = time.perf_counter() + 0.1
-        shares = [pool.submit(client_share, url, model, prompts[i::n], max_tokens, knobs, client, not warmup, t0)
-                  for i in range(n)]
+        shares = [executor.submit(client_share, url, model, prompts[i::n], max_tokens, knobs, client, not warmup,
+                                  t0) for i in range(n)]
         done = [d for f in shares for d in f.result()]
     wall = time.perf_counter() - t0
-    spent = {}
-    if server_pid is not None and not warmup:
-        # each process's CPU time over the round's wall time (1.0: a core busy throughout)
-        spent = {f"cpu_{p}": (t - cpu_before[p]) / wall for p, t in cpu_seconds(server_pid).items()}
-        spent |= lag_round(lag_before, lag_figures(url))
     if warmup:
         return {}
-    after = server_ttft(url)
+    # each process's CPU time over the round's wall time (1.0: a core busy throughout)
+    spent = {f"cpu_{p}": (t - cpu_before[p]) / wall for p, t in cpu_seconds(server_pid).items()} if cpu_before else {}
+    text1 = scrape(url)
+    spent |= lag_round(lag_figures(text0), lag_figures(text1)) | gc_round(gc_figures(text0), gc_figures(text1))
+    before, after = server_ttft(text0), server_ttft(text1)
     gaps = [g for d in done for g in d["gaps"]]
     # the round's longest gaps, each as (ms after the round began, ms long): when in the round the stalls fall
     longest = sorted(((1e3 * (a - t0), 1e3 * g) for d in done for a, g in zip(d["gap_starts"], d["gaps"])),
                      key=lambda x: -x[1])
     nan = float("nan")
-    return {"client": client, "client_procs": pool._max_workers if pool is not None else 1, "clients": clients,
+    return {"client": client, "client_procs": pool[1] if pool is not None else 1, "clients": clients,
             "wall_s": wall,
             "output_tok_per_s": sum(d["tokens"] for d in done) / wall,
             "ttft_ms_median": 1e3 * statistics.median(d["ttft"] for d in done),
@@ -227,14 +229,6 @@ def run_round(url: str, model: str, clients: int, prompt_len: int, max_tokens: i
             "itl_ms_max": 1e3 * max(gaps) if gaps else float("nan"),
             "itl_over_50ms": sum(g > 0.05 for g in gaps),
             "itl_longest_at_ms": [[round(a, 1), round(g, 1)] for a, g in longest[:12]], **spent}
-
-
-def lag_figures(url: str) -> tuple[float, float, float]:
-    """The server's event-loop lag histogram so far: (sum of seconds, samples, samples within 10 ms)."""
-    text = httpx.get(f"{url}/metrics").text
-    within = [v for v, labels in samples(text, "hybridserve:event_loop_lag_seconds_bucket") if 'le="0.01"' in labels]
-    return (sum(metric(text, "hybridserve:event_loop_lag_seconds_sum")),
-            sum(metric(text, "hybridserve:event_loop_lag_seconds_count")), sum(within))
 
 
 def lag_round(before: tuple, after: tuple) -> dict:
@@ -274,7 +268,7 @@ def held(url: str) -> dict:
     """KV pages and state slots in use, from /metrics, once the server has settled."""
     deadline = time.monotonic() + 10
     while True:
-        text = httpx.get(f"{url}/metrics").text
+        text = scrape(url)
         pages = sum(metric(text, "hybridserve:kv_pages_used"))
         slots = sum(metric(text, "hybridserve:state_slots_used"))
         jit = sum(metric(text, "hybridserve:jit_compiles_after_ready_total"))
@@ -311,15 +305,16 @@ def main():
                     "list (each round is run with each in turn): 1 reads every stream on this process's event loop")
     args = ap.parse_args()
     conc = [int(c) for c in args.concurrency.split(",")]
-    pools: dict[int, ProcessPoolExecutor] = {}
+    pools: dict[int, tuple[ProcessPoolExecutor, int]] = {}
 
-    def client_pool(procs: int) -> ProcessPoolExecutor | None:
+    def client_pool(procs: int) -> tuple[ProcessPoolExecutor, int] | None:
         """A pool of `procs` client processes (None for 1), started once and warmed (imports) before use."""
         if procs <= 1:
             return None
         if procs not in pools:
-            pools[procs] = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
-            list(pools[procs].map(time.sleep, [0.5] * procs))
+            executor = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
+            list(executor.map(time.sleep, [0.5] * procs))
+            pools[procs] = (executor, procs)
         return pools[procs]
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -353,7 +348,6 @@ def main():
                             run_round(url, model, c, args.prompt_len, 16, SAMPLING[mode], 1, client, warmup=True,
                                       pool=pool)
                             for rnd in range(args.rounds):
-                                gc_before = gc_figures(url)
                                 row = {"arch": arch, "engine_process": core == "process", "loop": ev,
                                        "async_scheduling": flag == "--async-scheduling", "mode": mode,
                                        "stream_merge": merge == "on", "gc_freeze": freeze, "http": http,
@@ -361,7 +355,6 @@ def main():
                                        **run_round(url, model, c, args.prompt_len, args.max_tokens,
                                                    SAMPLING[mode], 2 + rnd, client, pool=pool, server_pid=server.pid),
                                        **held(url)}
-                                row |= gc_round(gc_before, gc_figures(url))
                                 out["rows"].append(row)
                                 gc_text = " ".join(f"{p} {row[f'gc_{p}_full']:.0f} full {row[f'gc_{p}_ms']:.0f} ms "
                                                    f"(longest {row[f'gc_{p}_longest_ms']:.0f})"

@@ -69,10 +69,10 @@ def time_step(llm_engine, n_tokens: int) -> float:
     return elapsed
 
 
-def metric(text: str, name: str, labels: str = "") -> list[float]:
-    """Every sample of `name` whose labels contain `labels`."""
+def metric(text: str, name: str, *labels: str) -> list[float]:
+    """Every sample of `name` whose labels contain each of `labels` (e.g. 'process="api"')."""
     return [float(m.group(2)) for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M)
-            if labels in (m.group(1) or "")]
+            if all(label in (m.group(1) or "") for label in labels)]
 
 
 async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:
