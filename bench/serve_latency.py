@@ -9,13 +9,15 @@ with the server process's start-up heap frozen or not, `api`, `engine`, `both` f
 engine/gc_pauses.py), when in the round its longest gaps fell, the server's and engine process's CPU time
 over the round's (cores busy), and the server's event-loop lag (server/loop_lag.py: mean, share over 10 ms).
 `--client-procs 4` spreads a round's streams over four client processes, so that one client's event loop does not
-hold up the arrival times it records. The server's own mean TTFT over
+hold up the arrival times it records. `--api-servers 1,2,4` serves each setting with that many API processes in
+front of the engine process (--api-server-count; their CPU time summed as `cpu_api`, each as `cpu_api-<i>`). The
+server's own mean TTFT over
 the round (its time_to_first_token histogram: engine submission to first token) sits beside the clients'
 median, so the part spent in the client and on the HTTP side before submission shows.
 
 Usage (GPU machine; fastapi, uvicorn, pydantic from wheels): python bench/serve_latency.py --tokenizer DIR
 [--archs spartacus,kotodama] [--concurrency 1,8,32] [--clients httpx,raw] [--merge on,off] [--core process,thread]
-[--gc-freeze on,off] [--client-procs 1,4] [--http h11,httptools]
+[--gc-freeze on,off] [--client-procs 1,4] [--http h11,httptools] [--api-servers 1,2,4]
 → $OUT/serve_latency.json
 """
 from __future__ import annotations
@@ -140,11 +142,14 @@ def server_ttft(text: str) -> tuple[float, float]:
             sum(metric(text, "hybridserve:time_to_first_token_seconds_count")))
 
 
+PROCESSES = ("api", "engine", *(f"api-{i}" for i in range(16)))   # /metrics' process labels
+
+
 def gc_figures(text: str) -> dict[str, tuple[float, float, float]]:
-    """Per process (api, engine): full collections and all collections' seconds since ready, and the longest
-    pause since ready, from /metrics text."""
+    """Per process (api, or api-<i> with several API processes, and engine): full collections and all
+    collections' seconds since ready, and the longest pause since ready, from /metrics text."""
     out = {}
-    for process in ("api", "engine"):
+    for process in PROCESSES:
         p = f'process="{process}"'
         full = metric(text, "hybridserve:gc_collections_total", p, 'generation="2"')
         if full:
@@ -251,16 +256,22 @@ def gc_round(before: dict, after: dict) -> dict:
 
 
 def cpu_seconds(server_pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) so far of the server process ("api") and of its engine process ("engine",
-    the spawned child), from /proc (Linux)."""
+    """CPU seconds (user + system) so far, from /proc (Linux), of the engine process ("engine", a child named
+    hs-engine) and of the API process: the server process itself ("api"), or with several, each child named
+    hs-api-<i> ("api-<i>", and their sum as "api")."""
     def of(pid: int) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    out = {"api": of(server_pid)}
+    out = {}
     for child in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split():
-        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+        name = Path(f"/proc/{child}/comm").read_text().strip()
+        if name == "hs-engine":
             out["engine"] = of(int(child))
+        elif name.startswith("hs-api-"):
+            out[name[3:]] = of(int(child))
+    apis = [v for k, v in out.items() if k.startswith("api-")]
+    out["api"] = sum(apis) if apis else of(server_pid)
     return out
 
 
@@ -301,6 +312,8 @@ def main():
                     "connections, a lighter client); each round is run with each in turn")
     ap.add_argument("--http", default="auto", help="the server's HTTP implementation (--http), comma list: auto, "
                     "h11, httptools; one server process each")
+    ap.add_argument("--api-servers", default="1", help="API processes in front of the engine process "
+                    "(--api-server-count), comma list: a server each")
     ap.add_argument("--client-procs", default="1", help="client processes a round's streams are spread over, comma "
                     "list (each round is run with each in turn): 1 reads every stream on this process's event loop")
     args = ap.parse_args()
@@ -324,11 +337,11 @@ def main():
     for arch in args.archs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             path = write_synthetic(arch, args.size, Path(tmp) / arch, seed=0, tokenizer_from=Path(args.tokenizer))
-            for flag, merge, core, ev, freeze, http in [
-                    ({"sync": "--no-async-scheduling", "async": "--async-scheduling"}[m], g, k, e, f, h)
+            for flag, merge, core, ev, freeze, http, apis in [
+                    ({"sync": "--no-async-scheduling", "async": "--async-scheduling"}[m], g, k, e, f, h, int(a))
                     for m in args.scheduling.split(",") for g in args.merge.split(",")
                     for k in args.core.split(",") for e in args.loops.split(",") for f in args.gc_freeze.split(",")
-                    for h in args.http.split(",")]:
+                    for h in args.http.split(",") for a in args.api_servers.split(",")]:
                 os.environ["HYBRIDSERVE_STREAM_MERGE"] = "1" if merge == "on" else "0"
                 os.environ["HYBRIDSERVE_GC_FREEZE_PROCESSES"] = {"api": "api", "engine": "engine",
                                                                  "both": "api,engine"}.get(freeze, "api")
@@ -337,7 +350,7 @@ def main():
                                     "2048", "--log-level", "warning", flag,
                                     {"process": "--engine-process", "thread": "--no-engine-process"}[core],
                                     "--loop", ev, "--no-gc-freeze" if freeze == "off" else "--gc-freeze",
-                                    "--http", http,
+                                    "--http", http, "--api-server-count", str(apis),
                                     timeout=600) as (url, server):
                     start_s = time.perf_counter() - t0
                     model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
@@ -351,6 +364,7 @@ def main():
                                 row = {"arch": arch, "engine_process": core == "process", "loop": ev,
                                        "async_scheduling": flag == "--async-scheduling", "mode": mode,
                                        "stream_merge": merge == "on", "gc_freeze": freeze, "http": http,
+                                       "api_servers": apis,
                                        "server_start_s": start_s, "round": rnd,
                                        **run_round(url, model, c, args.prompt_len, args.max_tokens,
                                                    SAMPLING[mode], 2 + rnd, client, pool=pool, server_pid=server.pid),
@@ -358,9 +372,9 @@ def main():
                                 out["rows"].append(row)
                                 gc_text = " ".join(f"{p} {row[f'gc_{p}_full']:.0f} full {row[f'gc_{p}_ms']:.0f} ms "
                                                    f"(longest {row[f'gc_{p}_longest_ms']:.0f})"
-                                                   for p in ("api", "engine") if f"gc_{p}_full" in row)
+                                                   for p in PROCESSES if f"gc_{p}_full" in row)
                                 print(f"{arch:10} {core:7} {ev:7} {flag:21} merge {merge:3} gc freeze {freeze:3} "
-                                      f"http {http:9} "
+                                      f"http {http:9} api x{apis} "
                                       f"{mode:7} C={c:3} "
                                       f"{client:5} x{procs} "
                                       f"TPOT {row['tpot_ms_median']:6.3f} ms  "
@@ -372,7 +386,7 @@ def main():
                                       f"{row['streams_one_event']} one-event  held "
                                       f"{row['kv_pages_used']:.0f} pages {row['state_slots_used']:.0f} slots; "
                                       f"{row['jit_compiles_after_ready']:.0f} compiles after ready; gc {gc_text}; "
-                                      f"CPU " + " ".join(f"{p} {row[f'cpu_{p}']:.2f}" for p in ("api", "engine")
+                                      f"CPU " + " ".join(f"{p} {row[f'cpu_{p}']:.2f}" for p in PROCESSES
                                                          if f"cpu_{p}" in row)
                                       + f"; loop lag {row.get('loop_lag_ms_mean', float('nan')):.1f} ms mean, "
                                       f"{100 * row.get('loop_lag_over_10ms', float('nan')):.0f} % over 10 ms",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hybridserve.engine import warmup
+from hybridserve.engine.api_share import ApiShare
 from hybridserve.engine.config import EngineStats
 from hybridserve.engine.core_thread import ThreadCore
 from hybridserve.engine.gc_pauses import FREEZE_PROCESSES, GcSummary, GcWatch, freeze_heap
@@ -156,9 +157,13 @@ async def _consume_warmup(stream: RequestStream, first: asyncio.Event) -> None:
 
 
 class AsyncEngine:
-    """`core`: an LLMEngine (driven on a thread of this process) or a ProcessCore (an engine process)."""
+    """`core`: an LLMEngine (driven on a thread of this process) or a ProcessCore (an engine process).
 
-    def __init__(self, core: LLMEngine | ThreadCore | ProcessCore, model_name: str, gc_freeze: bool = False):
+    `share`: where this is one of several API processes in front of one engine process (engine/api_share.py),
+    the rows through which their admission bounds count all of them, and /metrics shows each one."""
+
+    def __init__(self, core: LLMEngine | ThreadCore | ProcessCore, model_name: str, gc_freeze: bool = False,
+                 share: ApiShare | None = None):
         if isinstance(core, LLMEngine):
             core = ThreadCore(core)
         self.core = core
@@ -181,6 +186,7 @@ class AsyncEngine:
         # cycles a freeze would keep for ever.
         self.gc_freeze = gc_freeze
         self._gc_watch: GcWatch | None = None
+        self.share = share
         self._requests: dict[str, _Entry] = {}
         self._queued_requests = 0
         self._queued_tokens = 0
@@ -202,8 +208,9 @@ class AsyncEngine:
         self._started = True
         self.draining = False
         self.core.start(self._loop, self._on_engine_update, self._mark_unhealthy)
-        if warm_up:
+        if warm_up and self.core.warms_up:
             await self._warm_up()
+        await self.core.wait_warm()   # one API process warms the engine up; the others wait for it
         if self.watchdog_timeout > 0:
             self._watchdog = asyncio.create_task(self._watch())
         if self.gc_freeze and "api" in FREEZE_PROCESSES:
@@ -277,6 +284,8 @@ class AsyncEngine:
         self._end_all(lambda: ShuttingDown("The server is shutting down."))
         self._requests.clear()
         self._queued_requests = self._queued_tokens = 0
+        if self.share is not None:
+            self._share_counts()
         if self._started:
             # A hung step never returns: do not let it hold the process past a short wait.
             await asyncio.to_thread(self.core.stop, self.unhealthy is not None)
@@ -298,18 +307,32 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.core.stats()
 
+    def publish(self) -> None:
+        """Where there are several API processes: this one's CPU time and collections into its shared row."""
+        if self.share is not None:
+            self.share.publish(time.process_time(),
+                               self._gc_watch.summary() if self._gc_watch is not None else None)
+
     def cpu_seconds(self) -> dict[str, float]:
-        """CPU time so far by process: "api" (this one) and, where the engine has its own process, "engine" (as
-        of its last stats snapshot)."""
-        out = {"api": time.process_time()}
+        """CPU time so far by process: "api" (this one; with several API processes, "api-<i>" for each) and, where
+        the engine has its own process, "engine" (as of its last stats snapshot)."""
+        if self.share is not None:
+            self.publish()
+            out = self.share.cpu_seconds()
+        else:
+            out = {"api": time.process_time()}
         if self.core.cpu_seconds is not None:
             out["engine"] = self.core.cpu_seconds
         return out
 
     def gc_summaries(self) -> dict[str, GcSummary]:
         """Garbage collections since ready, by process: "api" (this one, which also runs an engine thread) and,
-        where the engine has its own process, "engine"."""
-        out = {"api": self._gc_watch.summary()} if self._gc_watch is not None else {}
+        where the engine has its own process, "engine". With several API processes, "api-<i>" for each."""
+        if self.share is not None:
+            self.publish()
+            out = self.share.gc_summaries()
+        else:
+            out = {"api": self._gc_watch.summary()} if self._gc_watch is not None else {}
         if self.core.gc_summary is not None:
             out["engine"] = self.core.gc_summary
         return out
@@ -318,6 +341,11 @@ class AsyncEngine:
     def num_inflight(self) -> int:
         """Submitted requests whose streams are still open."""
         return len(self._requests)
+
+    @property
+    def num_inflight_all(self) -> int:
+        """The same over every API process in front of the engine."""
+        return self.share.total_inflight() if self.share is not None else len(self._requests)
 
     @property
     def device_memory(self) -> dict[str, int]:
@@ -354,12 +382,16 @@ class AsyncEngine:
         if n > self.max_queued_requests:
             raise ValueError(f"This request starts {n} generations; the server queues at most "
                              f"{self.max_queued_requests}.")
-        if self._queued_requests + n > self.max_queued_requests:
-            raise QueueFull(f"The server is overloaded: {self._queued_requests} requests are waiting "
+        queued, queued_tokens = self._queued_requests, self._queued_tokens
+        if self.share is not None:
+            others, other_tokens = self.share.others_queued()
+            queued, queued_tokens = queued + others, queued_tokens + other_tokens
+        if queued + n > self.max_queued_requests:
+            raise QueueFull(f"The server is overloaded: {queued} requests are waiting "
                             f"(limit {self.max_queued_requests}). Retry shortly.")
-        if self._queued_requests and self._queued_tokens + tokens > self.max_queued_tokens:
+        if queued and queued_tokens + tokens > self.max_queued_tokens:
             # An empty queue always admits, so one long prompt is never refused forever.
-            raise QueueFull(f"The server is overloaded: {self._queued_tokens} prompt tokens are waiting "
+            raise QueueFull(f"The server is overloaded: {queued_tokens} prompt tokens are waiting "
                             f"(limit {self.max_queued_tokens}). Retry shortly.")
         ids_seen = {rid for rid, _, _ in requests}
         if len(ids_seen) != n or any(rid in self._requests for rid in ids_seen):
@@ -394,6 +426,8 @@ class AsyncEngine:
         if queued:
             self._queued_requests += 1
             self._queued_tokens += len(ids)
+        if self.share is not None:
+            self._share_counts()
         if timeout is not None:
             entry.timer = self._loop.call_later(timeout, self._expire, rid, timeout)
         self._post(("add", rid, list(ids), params))
@@ -404,6 +438,12 @@ class AsyncEngine:
             entry.queued = False
             self._queued_requests -= 1
             self._queued_tokens -= entry.prompt_tokens
+            if self.share is not None:
+                self._share_counts()
+
+    def _share_counts(self) -> None:
+        self.share.set_queued(self._queued_requests, self._queued_tokens)
+        self.share.set_inflight(len(self._requests))
 
     def _end(self, rid: str, entry: _Entry, last: RequestOutput | BaseException) -> None:
         """Give the consumer its last item now and abort the request in the engine."""
@@ -426,6 +466,8 @@ class AsyncEngine:
         if entry.timer is not None:
             entry.timer.cancel()
         self._unqueue(entry)
+        if self.share is not None:
+            self._share_counts()
         if not entry.done:
             self._post(("abort", rid))
 

@@ -81,6 +81,11 @@ class ThreadCore:
     # the engine's collections and CPU time are the serving process's own (AsyncEngine.gc_summaries, cpu_seconds)
     gc_summary = None
     cpu_seconds = None
+    # the one process that serves this engine warms it up (ProcessCore: one of several API processes)
+    warms_up = True
+
+    async def wait_warm(self) -> None:
+        return None
 
     def post(self, cmd: tuple) -> None:
         self._commands.put(cmd)

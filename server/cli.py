@@ -52,6 +52,13 @@ def memory_summary(stats: EngineStats) -> list[str]:
     return lines
 
 
+def log_loaded(engine) -> None:
+    """The start-up log's lines about the loaded engine (an AsyncEngine)."""
+    logger.info("loaded %r (max_model_len %d)", engine.model_name, engine.max_model_len)
+    for line in memory_summary(engine.stats()):
+        logger.info("  %s", line)
+
+
 # ---- serve ---------------------------------------------------------------------------------------------------
 
 
@@ -81,6 +88,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                    help="run the engine core in its own process beside the HTTP server's, so the engine's and "
                         "the event loop's Python do not take turns on one interpreter lock (default: on for "
                         "CUDA, off elsewhere)")
+    p.add_argument("--api-server-count", type=_positive_int, default=1,
+                   help="API processes (HTTP, SSE, admission) in front of the one engine process, sharing the port: "
+                        "one event loop is the limit past ~64 streams; more than 1 needs the engine process "
+                        "(default 1)")
     p.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
                    help="once warm, move the server process's start-up heap out of Python's garbage collector's "
                         "reach (gc.freeze), so a full collection does not stall every stream for 100+ ms "
@@ -158,6 +169,15 @@ def run_serve(args: argparse.Namespace) -> None:
         request_timeout=args.request_timeout, watchdog_timeout=args.watchdog_timeout,
     )
 
+    if args.api_server_count > 1:
+        if args.engine_process is False:
+            raise SystemExit("--api-server-count above 1 needs the engine process (drop --no-engine-process)")
+        from hybridserve.server.api_servers import ApiSettings, serve_api_processes
+
+        settings = ApiSettings(args.api_key or None, args.max_request_bytes, args.gc_freeze, args.log_level,
+                               args.shutdown_timeout, args.loop, args.http)
+        raise SystemExit(serve_api_processes(settings, config, args.api_server_count, args.host, args.port))
+
     def load() -> AsyncEngine:
         if use_engine_process(args.engine_process, config.device):
             from hybridserve.engine.core_process import start_engine_process
@@ -167,9 +187,7 @@ def run_serve(args: argparse.Namespace) -> None:
             logger.info("engine process %d started", core.pid)
         else:
             engine = build_engine(config, gc_freeze=args.gc_freeze)
-        logger.info("loaded %r (max_model_len %d)", engine.model_name, engine.max_model_len)
-        for line in memory_summary(engine.stats()):
-            logger.info("  %s", line)
+        log_loaded(engine)
         return engine
 
     # The port opens first and the weights load behind it: /health answers 503 until the warm-up is done.

@@ -6,6 +6,7 @@ Latency and token metrics are observed here in the API layer; pool and scheduler
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -61,7 +62,7 @@ class _EngineStatsCollector(Collector):
             return family
 
         yield gauge("num_requests_inflight", "Submitted requests whose output streams are still open.",
-                    self.engine.num_inflight)
+                    self.engine.num_inflight_all)
         yield gauge("num_requests_running", "Requests in the running batch.", s.num_running)
         yield gauge("num_requests_waiting", "Requests waiting for admission.", s.num_waiting)
         yield gauge("kv_cache_usage_perc", "Fraction of KV pages in use (0-1); state slots are separate.",
@@ -145,6 +146,11 @@ class _EngineStatsCollector(Collector):
         yield from (collections, seconds, longest, frozen)
 
 
+def multiprocess_dir() -> str | None:
+    """prometheus-client's multiprocess mode: where each process's metric files are (read at its import)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
 class ServerMetrics:
     """One registry per app (not prometheus' global one), so several apps can live in one process."""
 
@@ -178,8 +184,29 @@ class ServerMetrics:
         self.loop_lag = histogram("event_loop_lag_seconds", "How much later than asked the server process's event "
                                   "loop ran a timer, sampled every 50 ms: past a few ms the loop is busy, and new "
                                   "requests and every stream's tokens wait behind its callbacks.", LAG_BUCKETS)
-        self._lag = LoopLag(self.loop_lag.observe)
         self.registry.register(_EngineStatsCollector(engine, name))
+        if engine.share is None:
+            self._lag = LoopLag(self.loop_lag.observe)
+            self._scraped = self.registry
+        else:
+            # One of several API processes (server/api_servers.py): the counters and histograms above live in
+            # prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set before this process started),
+            # and a scrape, which reaches any one of the processes, sums them over all; the engine's and each
+            # process's own figures come from the shared rows (engine/api_share.py), which the lag timer also
+            # refreshes.
+            from prometheus_client import multiprocess
+
+            if not multiprocess_dir():
+                raise RuntimeError("several API processes need PROMETHEUS_MULTIPROC_DIR set before they start")
+
+            def tick(lag: float) -> None:
+                self.loop_lag.observe(lag)
+                engine.publish()
+
+            self._lag = LoopLag(tick)
+            self._scraped = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self._scraped)
+            self._scraped.register(_EngineStatsCollector(engine, name))
 
     def start(self) -> None:
         """On the serving event loop: start sampling its lag."""
@@ -197,7 +224,7 @@ class ServerMetrics:
         self._failed.labels(self.model_name, reason).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._scraped)
 
     def track(self, num_prompt_tokens: int) -> RequestTracker:
         return RequestTracker(self, num_prompt_tokens)

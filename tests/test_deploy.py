@@ -127,6 +127,7 @@ def exposed() -> dict[str, set[str]]:
         model_name = "m"
         max_model_len = 2048
         device_memory = {"allocated": 1 << 30, "reserved": 2 << 30}     # as on CUDA
+        share = None    # one API process
 
         def stats(self) -> EngineStats:
             return stats
