@@ -288,6 +288,20 @@ def held(url: str) -> dict:
         time.sleep(0.2)
 
 
+_pools: dict[int, tuple[ProcessPoolExecutor, int]] = {}
+
+
+def client_pool(procs: int) -> tuple[ProcessPoolExecutor, int] | None:
+    """A pool of `procs` client processes (None for 1), started once and warmed (imports) before use."""
+    if procs <= 1:
+        return None
+    if procs not in _pools:
+        executor = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
+        list(executor.map(time.sleep, [0.5] * procs))
+        _pools[procs] = (executor, procs)
+    return _pools[procs]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", required=True, help="a directory with the files weights/synth.py writes")
@@ -318,18 +332,6 @@ def main():
                     "list (each round is run with each in turn): 1 reads every stream on this process's event loop")
     args = ap.parse_args()
     conc = [int(c) for c in args.concurrency.split(",")]
-    pools: dict[int, tuple[ProcessPoolExecutor, int]] = {}
-
-    def client_pool(procs: int) -> tuple[ProcessPoolExecutor, int] | None:
-        """A pool of `procs` client processes (None for 1), started once and warmed (imports) before use."""
-        if procs <= 1:
-            return None
-        if procs not in pools:
-            executor = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
-            list(executor.map(time.sleep, [0.5] * procs))
-            pools[procs] = (executor, procs)
-        return pools[procs]
-
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     out = {"device": device, "torch": torch.__version__, "prompt_len": args.prompt_len,
            "max_tokens": args.max_tokens, "rows": []}

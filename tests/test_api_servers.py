@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from hybridserve.engine.build import build_llm_engine
 from hybridserve.engine.core_process import connect_engine, spawn_engine_process
 from hybridserve.engine.gc_pauses import GcSummary
 from hybridserve.engine.request import SamplingParams
-from server_process import running_server
+from server_process import free_port, running_server
 from test_engine_process import alive, in_thread_text, one_torch_thread  # noqa: F401 (an autouse fixture)
 from test_load import CLIENTS, _check_round, _round
 from tiny import check_chat_stream, engine_config, metric, prompt_ids, serve_args, sse_payloads, synth
@@ -227,11 +229,15 @@ def test_an_api_process_that_dies_takes_the_service_down(model):
     assert not any(alive(pid) for pid in pids.values())
 
 
-def test_more_api_processes_need_the_engine_process(model):
-    import subprocess
-    import sys
+def test_refused_and_failed_starts(model, tmp_path):
+    """More API processes without the engine process is refused; an engine that cannot be built fails every API
+    process's start, and the service exits with status 1 (nothing left running)."""
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "hybridserve.server.cli", "serve", "--port", str(free_port()),
+                               *args], capture_output=True, text=True, timeout=120)
 
-    done = subprocess.run([sys.executable, "-m", "hybridserve.server.cli", "serve",
-                           *serve_args(model, "--api-server-count", "2", "--no-engine-process")],
-                          capture_output=True, text=True, timeout=60)
+    done = serve(*serve_args(model, "--api-server-count", "2", "--no-engine-process"))
     assert done.returncode != 0 and "needs the engine process" in done.stderr
+    done = serve(*serve_args(tmp_path / "missing", "--api-server-count", "2", "--log-level", "info"))
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Startup failed" in done.stderr or "startup failed" in done.stderr
