@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from hybridserve.engine.api_share import WIDTH, ApiShare, shared_rows
-from hybridserve.engine.async_engine import AsyncEngine, QueueFull
+from hybridserve.engine.async_engine import AsyncEngine, NotAccepting, QueueFull
 from hybridserve.engine.build import build_llm_engine
 from hybridserve.engine.core_process import connect_engine, spawn_engine_process
 from hybridserve.engine.gc_pauses import GcSummary
@@ -226,6 +226,52 @@ def test_an_api_process_that_dies_takes_the_service_down(model):
         assert client.completions.create(model=name, prompt=prompt_ids(8), max_tokens=4).usage.completion_tokens == 4
         os.kill(pids["hs-api-1"], signal.SIGKILL)
         assert proc.wait(timeout=60) == 1
+    assert not any(alive(pid) for pid in pids.values())
+
+
+def test_engine_process_death_turns_every_api_end_unhealthy(model):
+    """The engine process killed: each API end reports it (503 for good, for the orchestrator to restart the
+    service)."""
+    proc, links = spawn_engine_process(engine_config(model, max_num_seqs=4), "warning", clients=2)
+    rows = shared_rows(2)
+
+    async def run() -> None:
+        cores = [connect_engine(link, proc) for link in links]
+        engines = [AsyncEngine(core, core.model_name, share=ApiShare(rows, i, 2)) for i, core in enumerate(cores)]
+        await asyncio.gather(*(e.start() for e in engines))
+        try:
+            assert all(e.health() is None for e in engines)
+            os.kill(proc.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while any(e.health() is None for e in engines) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            for e in engines:
+                assert "engine process exited" in e.health()
+                with pytest.raises(NotAccepting):
+                    e.submit([("late", prompt_ids(4), SamplingParams(max_tokens=2))])
+        finally:
+            for e in engines:
+                await e.shutdown()
+
+    asyncio.run(run())
+
+
+def test_engine_process_death_keeps_the_service_up_unhealthy(model):
+    """Served: after the engine process is killed, /health answers 503 on every new connection (either API process
+    may take it) while the API processes stay up; a SIGTERM still drains them and exits with 0."""
+    args = serve_args(model, "--api-server-count", "2", "--max-num-seqs", "4")
+    with running_server(*args) as (url, proc):
+        pids = service_pids(proc.pid)
+        os.kill(pids["hs-engine"], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{url}/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)    # both API processes have read the end of their pipes
+        answers = [httpx.get(f"{url}/health") for _ in range(12)]    # a connection each
+        assert all(r.status_code == 503 and "engine process exited" in r.text for r in answers)
+        assert alive(pids["hs-api-0"]) and alive(pids["hs-api-1"])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
     assert not any(alive(pid) for pid in pids.values())
 
 
