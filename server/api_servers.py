@@ -72,7 +72,11 @@ def serve_api_processes(settings: ApiSettings, config: EngineConfig, count: int,
     """Run the service: the engine process and `count` API processes. Returns the exit status: 0 after a drain
     the signals asked for, 1 if an API process exited on its own."""
     ctx = multiprocessing.get_context("spawn")
-    sock = listen(host, port)
+    try:
+        sock = listen(host, port)
+    except OSError as e:
+        log.error("cannot listen on %s:%d: %s", host, port, e)
+        return 1
     metrics_dir = tempfile.mkdtemp(prefix="hybridserve-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir    # read by each spawned process at its import
     received: list[int] = []

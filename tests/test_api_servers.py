@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -287,3 +288,10 @@ def test_refused_and_failed_starts(model, tmp_path):
     done = serve(*serve_args(tmp_path / "missing", "--api-server-count", "2", "--log-level", "info"))
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Startup failed" in done.stderr or "startup failed" in done.stderr
+    with socket.socket() as taken:    # the port is someone else's
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = subprocess.run([sys.executable, "-m", "hybridserve.server.cli", "serve", "--port",
+                               str(taken.getsockname()[1]), *serve_args(model, "--api-server-count", "2")],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "cannot listen" in done.stderr
