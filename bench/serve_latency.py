@@ -39,7 +39,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from server_process import running_server  # noqa: E402
+from server_process import cpu_seconds as process_cpu, named_children, running_server  # noqa: E402
 from tiny import metric  # noqa: E402
 from hybridserve.weights.synth import write_synthetic  # noqa: E402
 
@@ -259,19 +259,9 @@ def cpu_seconds(server_pid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far, from /proc (Linux), of the engine process ("engine", a child named
     hs-engine) and of the API process: the server process itself ("api"), or with several, each child named
     hs-api-<i> ("api-<i>", and their sum as "api")."""
-    def of(pid: int) -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    out = {}
-    for child in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split():
-        name = Path(f"/proc/{child}/comm").read_text().strip()
-        if name == "hs-engine":
-            out["engine"] = of(int(child))
-        elif name.startswith("hs-api-"):
-            out[name[3:]] = of(int(child))
+    out = {name[3:]: process_cpu(pid) for name, pid in named_children(server_pid).items()}
     apis = [v for k, v in out.items() if k.startswith("api-")]
-    out["api"] = sum(apis) if apis else of(server_pid)
+    out["api"] = sum(apis) if apis else process_cpu(server_pid)
     return out
 
 

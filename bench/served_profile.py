@@ -29,18 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_latency import SAMPLING, client_pool, run_round  # noqa: E402
-from server_process import running_server  # noqa: E402  (serve_latency puts tests/ on the path)
+from server_process import named_children, running_server  # noqa: E402  (serve_latency puts tests/ on the path)
 from hybridserve.weights.synth import write_synthetic  # noqa: E402
-
-
-def named_children(pid: int) -> dict[str, int]:
-    """A server's processes by the names they give themselves (hs-engine, hs-api-<i>)."""
-    out = {}
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        name = Path(f"/proc/{child}/comm").read_text().strip()
-        if name.startswith("hs-"):
-            out[name[3:]] = int(child)
-    return out
 
 
 def summarize(raw: str, top: int) -> dict:
@@ -86,7 +76,7 @@ def main() -> None:
                             str(args.max_model_len), "--log-level", "warning", "--async-scheduling", "--engine-process",
                             "--api-server-count", str(args.api_servers), timeout=600) as (url, server):
             model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-            pids = named_children(server.pid)
+            pids = {name[3:]: pid for name, pid in named_children(server.pid).items()}
             if args.api_servers == 1:
                 pids["api-0"] = server.pid
             run_round(url, model, args.concurrency, args.prompt_len, 16, SAMPLING["greedy"], 1, "raw", warmup=True,

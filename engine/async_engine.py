@@ -284,8 +284,7 @@ class AsyncEngine:
         self._end_all(lambda: ShuttingDown("The server is shutting down."))
         self._requests.clear()
         self._queued_requests = self._queued_tokens = 0
-        if self.share is not None:
-            self._share_counts()
+        self._share_counts()
         if self._started:
             # A hung step never returns: do not let it hold the process past a short wait.
             await asyncio.to_thread(self.core.stop, self.unhealthy is not None)
@@ -426,8 +425,7 @@ class AsyncEngine:
         if queued:
             self._queued_requests += 1
             self._queued_tokens += len(ids)
-        if self.share is not None:
-            self._share_counts()
+        self._share_counts()
         if timeout is not None:
             entry.timer = self._loop.call_later(timeout, self._expire, rid, timeout)
         self._post(("add", rid, list(ids), params))
@@ -438,12 +436,13 @@ class AsyncEngine:
             entry.queued = False
             self._queued_requests -= 1
             self._queued_tokens -= entry.prompt_tokens
-            if self.share is not None:
-                self._share_counts()
+            self._share_counts()
 
     def _share_counts(self) -> None:
-        self.share.set_queued(self._queued_requests, self._queued_tokens)
-        self.share.set_inflight(len(self._requests))
+        """Where there are several API processes: this one's admission counts into its shared row."""
+        if self.share is not None:
+            self.share.set_queued(self._queued_requests, self._queued_tokens)
+            self.share.set_inflight(len(self._requests))
 
     def _end(self, rid: str, entry: _Entry, last: RequestOutput | BaseException) -> None:
         """Give the consumer its last item now and abort the request in the engine."""
@@ -466,8 +465,7 @@ class AsyncEngine:
         if entry.timer is not None:
             entry.timer.cancel()
         self._unqueue(entry)
-        if self.share is not None:
-            self._share_counts()
+        self._share_counts()
         if not entry.done:
             self._post(("abort", rid))
 

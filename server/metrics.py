@@ -184,7 +184,6 @@ class ServerMetrics:
         self.loop_lag = histogram("event_loop_lag_seconds", "How much later than asked the server process's event "
                                   "loop ran a timer, sampled every 50 ms: past a few ms the loop is busy, and new "
                                   "requests and every stream's tokens wait behind its callbacks.", LAG_BUCKETS)
-        self.registry.register(_EngineStatsCollector(engine, name))
         if engine.share is None:
             self._lag = LoopLag(self.loop_lag.observe)
             self._scraped = self.registry
@@ -206,7 +205,7 @@ class ServerMetrics:
             self._lag = LoopLag(tick)
             self._scraped = CollectorRegistry()
             multiprocess.MultiProcessCollector(self._scraped)
-            self._scraped.register(_EngineStatsCollector(engine, name))
+        self._scraped.register(_EngineStatsCollector(engine, name))
 
     def start(self) -> None:
         """On the serving event loop: start sampling its lag."""

@@ -2,13 +2,31 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
+
+
+def named_children(pid: int) -> dict[str, int]:
+    """A server's child processes by the names they give themselves (Linux): hs-engine, hs-api-0, ..."""
+    out = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        name = Path(f"/proc/{child}/comm").read_text().strip()
+        if name.startswith("hs-"):
+            out[name] = int(child)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user + system), from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:

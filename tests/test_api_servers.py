@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -23,7 +22,7 @@ from hybridserve.engine.build import build_llm_engine
 from hybridserve.engine.core_process import connect_engine, spawn_engine_process
 from hybridserve.engine.gc_pauses import GcSummary
 from hybridserve.engine.request import SamplingParams
-from server_process import free_port, running_server
+from server_process import cpu_seconds, free_port, named_children as service_pids, running_server
 from test_engine_process import alive, in_thread_text, one_torch_thread  # noqa: F401 (an autouse fixture)
 from test_load import CLIENTS, _check_round, _round
 from tiny import check_chat_stream, engine_config, metric, prompt_ids, serve_args, sse_payloads, synth
@@ -32,18 +31,6 @@ from tiny import check_chat_stream, engine_config, metric, prompt_ids, serve_arg
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return synth("llama", tmp_path_factory.mktemp("synth"))
-
-
-def service_pids(launcher: int) -> dict[str, int]:
-    """The launcher's children by the names they give themselves: hs-engine, hs-api-0, ..."""
-    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
-    named = {Path(f"/proc/{p}/comm").read_text().strip(): int(p) for p in children}
-    return {name: pid for name, pid in named.items() if name.startswith("hs-")}
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_rows_count_every_api_process():

@@ -18,7 +18,7 @@ from hybridserve.engine.async_engine import AsyncEngine, EngineUnhealthy, NotAcc
 from hybridserve.engine.build import build_llm_engine
 from hybridserve.engine.core_process import start_engine_process
 from hybridserve.engine.request import SamplingParams
-from server_process import running_server
+from server_process import named_children, running_server
 from test_load import _check_round, _round
 from tiny import (async_engine, check_chat_stream, engine_config, metric, prompt_ids, serve_args, sse_payloads, synth,
                   time_step)
@@ -35,9 +35,8 @@ def one_torch_thread(monkeypatch):
 
 
 def engine_pids(server_pid: int) -> list[int]:
-    """The server's engine process (a multiprocessing spawn child; the other child is its resource tracker)."""
-    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
-    return [int(p) for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    """The server's engine process (the child that names itself hs-engine)."""
+    return [pid for name, pid in named_children(server_pid).items() if name == "hs-engine"]
 
 
 def alive(pid: int) -> bool:
