@@ -26,6 +26,8 @@ from hybridserve.engine.core_thread import ThreadCore
 from hybridserve.engine.gc_pauses import FREEZE_PROCESSES, GcSummary, GcWatch, freeze_heap
 from hybridserve.engine.llm_engine import LLMEngine
 from hybridserve.engine.request import FinishReason, RequestOutput, SamplingParams
+from hybridserve.engine.step_rows import StepRows
+from hybridserve.engine.text_streams import TextStream
 
 if TYPE_CHECKING:
     from hybridserve.engine.core_process import ProcessCore
@@ -89,6 +91,7 @@ class _Entry:
 
     queue: asyncio.Queue
     prompt_tokens: int
+    text: TextStream
     queued: bool = True          # counted against the admission bounds (not yet seen running)
     done: bool = False           # its last item (final output or an exception) is in the queue
     timer: asyncio.TimerHandle | None = None
@@ -167,6 +170,8 @@ class AsyncEngine:
         if isinstance(core, LLMEngine):
             core = ThreadCore(core)
         self.core = core
+        if core.engine is not None:
+            core.engine.detokenize = False   # the text is made here (engine/text_streams.py), as behind a process
         self.engine: LLMEngine | None = core.engine   # the engine object itself, when it is in this process
         self.model_name = model_name
         self.facts = facts = core.facts
@@ -420,7 +425,7 @@ class AsyncEngine:
 
     def _register(self, rid: str, ids: list[int], params: SamplingParams, timeout: float | None,
                   queued: bool = True) -> RequestStream:
-        entry = _Entry(asyncio.Queue(), len(ids), queued=queued)
+        entry = _Entry(asyncio.Queue(), len(ids), TextStream(self.tokenizer, ids, params), queued=queued)
         self._requests[rid] = entry
         if queued:
             self._queued_requests += 1
@@ -444,14 +449,16 @@ class AsyncEngine:
             self.share.set_queued(self._queued_requests, self._queued_tokens)
             self.share.set_inflight(len(self._requests))
 
-    def _end(self, rid: str, entry: _Entry, last: RequestOutput | BaseException) -> None:
-        """Give the consumer its last item now and abort the request in the engine."""
+    def _end(self, rid: str, entry: _Entry, last: RequestOutput | BaseException, abort: bool = True) -> None:
+        """Give the consumer its last item now; `abort`: and abort the request in the engine core (which has
+        not ended it itself)."""
         entry.done = True
         if entry.timer is not None:
             entry.timer.cancel()
         self._unqueue(entry)
         entry.queue.put_nowait(last)
-        self._post(("abort", rid))
+        if abort:
+            self._post(("abort", rid))
 
     def _end_all(self, make_error: Callable[[], BaseException]) -> None:
         for rid, entry in list(self._requests.items()):
@@ -474,17 +481,33 @@ class AsyncEngine:
         if entry is not None and not entry.done:
             self._end(rid, entry, RequestTimedOut(f"The request did not finish within its timeout ({timeout:g} s)."))
 
-    def _on_engine_update(self, outs: list[RequestOutput], started: list[str]) -> None:
-        for out in outs:
-            entry = self._requests.get(out.request_id)
+    def _on_engine_update(self, rows: StepRows, started: list[str]) -> None:
+        """The engine core's outputs of a turn, each through its request's text stream into its queue. Entries
+        gone or done are skipped: closed, timed out or failed meanwhile, or ended here by a stop string; the
+        engine abort is already posted."""
+        requests = self._requests
+        facts = self.facts
+        state_bytes, page_bytes = facts.state_bytes, facts.page_bytes
+        for rid, token, count, prompt, pages in rows.plain():
+            entry = requests.get(rid)
             if entry is None or entry.done:
-                continue  # closed, timed out or failed meanwhile: the engine abort is already posted
-            entry.queue.put_nowait(out)
+                continue
+            text, stop = entry.text.token(token)
+            if stop is None:
+                entry.queue.put_nowait(RequestOutput(rid, [token], text, False, None, None, [], prompt, count,
+                                                     state_bytes, pages * page_bytes))
+            else:
+                self._end(rid, entry, RequestOutput(rid, [token], text, True, FinishReason.STOP, stop, [],
+                                                         prompt, count, state_bytes, pages * page_bytes), True)
+        for out in rows.others:
+            entry = requests.get(out.request_id)
+            if entry is None or entry.done:
+                continue
+            out, stopped = entry.text.whole(out)
             if out.finished:
-                entry.done = True
-                if entry.timer is not None:
-                    entry.timer.cancel()
-                self._unqueue(entry)
+                self._end(out.request_id, entry, out, stopped)
+            else:
+                entry.queue.put_nowait(out)
         for rid in started:
             entry = self._requests.get(rid)
             if entry is not None:

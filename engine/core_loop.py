@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from hybridserve.engine.config import EngineConfig
 from hybridserve.engine.request import FinishReason, RequestLimits, RequestOutput
+from hybridserve.engine.step_rows import StepRows
 
 if TYPE_CHECKING:
     from hybridserve.engine.llm_engine import LLMEngine
@@ -39,27 +40,31 @@ class EngineFacts:
     device_type: str
     step_budget: int        # tokens a step schedules (the warm-up plans its waves by these two)
     max_num_seqs: int
+    state_bytes: int = 0    # a request's fixed state memory, and a KV page's bytes (StepRows' plain rows)
+    page_bytes: int = 0
 
     @classmethod
     def of(cls, eng: LLMEngine) -> EngineFacts:
         return cls(eng.config, eng.tokenizer, eng.max_model_len, eng.sampling_defaults, eng.limits,
-                   eng.model.device.type, eng.scheduler.budget, eng.scheduler.max_num_seqs)
+                   eng.model.device.type, eng.scheduler.budget, eng.scheduler.max_num_seqs,
+                   eng._state_bytes_each, eng._kv_page_bytes)
 
 
 def run_core(eng: LLMEngine, take: Callable[[float], list],
-             report: Callable[[list[RequestOutput], list[str], bool], None],
+             report: Callable[[StepRows, list[str], bool], None],
              mark_step: Callable[[float | None], None], stopped: Callable[[], bool]) -> None:
     """Drive `eng` until `stopped()`.
 
     take(timeout): the commands posted since the last call, waiting up to `timeout` seconds for one when there
         are none: ("add", request_id, prompt_ids, params) or ("abort", request_id); others are ignored here.
-    report(outputs, started, idle): after every turn, its outputs and the requests that are no longer waiting
-        in the engine (both may be empty), and whether no work is left; the engine's stats are current then.
+    report(rows, started, idle): after every turn, its outputs (StepRows) and the requests that are no longer
+        waiting in the engine (both may be empty), and whether no work is left; the engine's stats are current
+        then.
     mark_step(t): the monotonic time a step started, then None when it ended (the watchdog reads it)."""
     waiting: set[str] = set()     # added, not yet seen leaving the waiting queue
     try:
         while not stopped():
-            outs: list[RequestOutput] = []
+            outs = StepRows()
             for cmd in take(0.0 if eng.has_work() else IDLE_WAIT):
                 if cmd[0] == "add":
                     _, rid, ids, params = cmd
@@ -67,14 +72,18 @@ def run_core(eng: LLMEngine, take: Callable[[float], list],
                         eng.add_request(rid, ids, params)
                         waiting.add(rid)
                     except Exception as e:
-                        outs.append(RequestOutput(rid, [], "", finished=True, finish_reason=FinishReason.ERROR,
-                                                  num_prompt_tokens=len(ids), error=str(e)))
+                        outs.others.append(RequestOutput(rid, [], "", finished=True,
+                                                         finish_reason=FinishReason.ERROR,
+                                                         num_prompt_tokens=len(ids), error=str(e)))
                 elif cmd[0] == "abort":
                     eng.abort(cmd[1])
             if eng.has_work():
                 mark_step(time.monotonic())
                 try:
-                    outs += eng.step()
+                    rows = eng.step_rows()
+                    if outs.others:
+                        rows.others[:0] = outs.others
+                    outs = rows
                 except Exception:  # step() already contains model errors; this is a bug guard
                     log.exception("engine loop error")
                 finally:
@@ -86,4 +95,4 @@ def run_core(eng: LLMEngine, take: Callable[[float], list],
         # Stopped (shutdown, watchdog, or the other side gone): release everything still held.
         for rid in list(eng.seqs):
             eng.abort(rid)
-        report([], [], True)
+        report(StepRows(), [], True)

@@ -12,8 +12,8 @@ The wire (two one-way pipes per API process, pickled tuples):
                 ("stop",)
   engine → API: ("hello", EngineInfo) once the engine is built, or ("failed", message);
                 ("warm",) once the first API process has turned ready (the others wait for it);
-                ("update", outputs, started, Snapshot | None) per turn with something to say, each output as
-                RequestOutput.to_wire's plain tuple.
+                ("update", rows, started, Snapshot | None) per turn with something to say, the outputs as
+                StepRows.to_wire's columns (engine/step_rows.py).
 The step watchdog reads the step's start time from shared memory, so it works while the engine is stuck in a
 step. The engine process exits when every API process has told it to or closed its command pipe (is gone), and
 ignores SIGINT and SIGTERM: a terminal's Ctrl-C, or a service manager signalling every process of the service,
@@ -41,7 +41,7 @@ from multiprocessing.connection import Connection, wait
 from hybridserve.engine.config import EngineConfig, EngineStats
 from hybridserve.engine.core_loop import EngineFacts
 from hybridserve.engine.gc_pauses import GcSummary, GcWatch, freeze_heap
-from hybridserve.engine.request import RequestOutput
+from hybridserve.engine.step_rows import StepRows
 
 log = logging.getLogger("hybridserve.engine")
 
@@ -143,7 +143,7 @@ class ProcessCore:
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
 
-    def start(self, loop: asyncio.AbstractEventLoop, on_update: Callable[[list[RequestOutput], list[str]], None],
+    def start(self, loop: asyncio.AbstractEventLoop, on_update: Callable[[StepRows, list[str]], None],
               on_died: Callable[[str], None]) -> None:
         self._loop, self._on_update, self._on_died = loop, on_update, on_died
         self._warm = asyncio.Event()
@@ -218,8 +218,8 @@ class ProcessCore:
                     _, wire, started, snap = msg
                     if snap is not None:
                         self._snapshot = snap
-                    if wire or started:
-                        self._on_update([RequestOutput.from_wire(t) for t in wire], started)
+                    if wire is not None or started:
+                        self._on_update(StepRows.from_wire(wire) if wire is not None else StepRows(), started)
                 elif msg[0] == "warm":
                     self._warm.set()
         except (EOFError, OSError):
@@ -332,6 +332,7 @@ def _engine_main(config: EngineConfig, ends: list[tuple[Connection, Connection]]
 
     try:
         eng, name = build_llm_engine(config)
+        eng.detokenize = False     # the API processes make the text (engine/text_streams.py)
         # A ThreadCore whose thread never starts: its facts, device memory and Triton compile watch (CUDA: what
         # compiles after ready, in this process) are what this process reports.
         core = ThreadCore(eng)
@@ -376,7 +377,7 @@ def _engine_main(config: EngineConfig, ends: list[tuple[Connection, Connection]]
                 clients.leave(i)
         return cmds + clients.pending()
 
-    def report(outs: list[RequestOutput], started: list[str], idle: bool) -> None:
+    def report(outs: StepRows, started: list[str], idle: bool) -> None:
         """One message a turn with something to say, to each API process its own requests' outputs; the stats
         ride along at most every SNAPSHOT_INTERVAL while busy, and whenever the engine turns idle with figures
         that changed."""
@@ -439,19 +440,21 @@ class Clients:
             elif cmd[0] == "abort":
                 self._owner.pop(cmd[1], None)
 
-    def route(self, outs: list[RequestOutput], started: list[str]) -> dict[int, tuple[list, list[str]]]:
-        """Each open API process's share of a turn: (its outputs as wire tuples, its requests that started)."""
+    def route(self, outs: StepRows, started: list[str]) -> dict[int, tuple[tuple | None, list[str]]]:
+        """Each open API process's share of a turn: (its outputs as StepRows' wire form, None for none; its
+        requests that started)."""
         if self.count == 1:
-            return {0: ([o.to_wire() for o in outs], started)} if self._open else {}
-        shares: dict[int, tuple[list, list[str]]] = {i: ([], []) for i in self._open}
+            return {0: (outs.to_wire() if outs else None, started)} if self._open else {}
         owner = self._owner
+        shares: dict[int, tuple[tuple | None, list[str]]] = {i: (None, []) for i in self._open}
         for rid in started:
             share = shares.get(owner.get(rid, -1))
             if share is not None:
                 share[1].append(rid)
-        for o in outs:
-            i = owner.pop(o.request_id, None) if o.finished else owner.get(o.request_id)
-            share = shares.get(i)
-            if share is not None:
-                share[0].append(o.to_wire())
+
+        def owner_of(rid: str, finished: bool) -> int | None:
+            return owner.pop(rid, None) if finished else owner.get(rid)
+        for i, part in outs.split(owner_of).items():
+            if i in shares:
+                shares[i] = (part.to_wire(), shares[i][1])
         return shares

@@ -17,7 +17,7 @@ import torch
 
 from hybridserve.engine.config import EngineStats
 from hybridserve.engine.core_loop import EngineFacts, run_core
-from hybridserve.engine.request import RequestOutput
+from hybridserve.engine.step_rows import StepRows
 from hybridserve.kernels.jit_watch import Compile, JitWatch
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class ThreadCore:
 
     # ---- lifecycle (event-loop side) ----------------------------------------------------------------------
 
-    def start(self, loop: asyncio.AbstractEventLoop, on_update: Callable[[list[RequestOutput], list[str]], None],
+    def start(self, loop: asyncio.AbstractEventLoop, on_update: Callable[[StepRows, list[str]], None],
               on_died: Callable[[str], None]) -> None:
         self._stop = False
         self._thread = threading.Thread(target=self._run, args=(loop, on_update, on_died),
@@ -140,7 +140,7 @@ class ThreadCore:
         self._step_started = t
 
     def _run(self, loop: asyncio.AbstractEventLoop, on_update, on_died) -> None:
-        def report(outs: list[RequestOutput], started: list[str], idle: bool) -> None:
+        def report(outs: StepRows, started: list[str], idle: bool) -> None:
             self._stats = self.engine.stats()   # before the outputs: a consumer at its last output sees these
             if outs or started:
                 try:

@@ -1,4 +1,6 @@
 """The synchronous engine core: add/abort requests, and step() = schedule → forward → sample → detokenize.
+Behind AsyncEngine the text is made on the front side instead (`detokenize = False`, engine/text_streams.py) and
+the core hands its outputs out as columns (`step_rows`, engine/step_rows.py).
 
 Not thread-safe by itself: AsyncEngine runs it on one thread and funnels add/abort through there.
 """
@@ -16,6 +18,7 @@ from hybridserve.engine.request import FinishReason, RequestLimits, RequestOutpu
 from hybridserve.engine.sampler import Sampler, SamplerOutput, device_from, make_generator
 from hybridserve.engine.scheduler import Scheduler
 from hybridserve.engine.sequence import Sequence, SeqStatus
+from hybridserve.engine.step_rows import StepRows
 
 log = logging.getLogger("hybridserve.engine")
 
@@ -32,6 +35,9 @@ class LLMEngine:
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
         self.eos_ids = frozenset(tokenizer.eos_token_ids if tokenizer else [])
+        # Text and stop strings here (each output's new_text), or on the front side (engine/text_streams.py):
+        # then outputs carry tokens only and a request ends here on a stop token or by length.
+        self.detokenize = True
         self.async_scheduling = (self.runner.graphs is not None if config.async_scheduling is None
                                  else config.async_scheduling)
         self.readback = TokenReadback(max(1, pools.plan.max_concurrency), model.device)
@@ -58,7 +64,8 @@ class LLMEngine:
         seq.device_from = device_from(params)
         if params.seed is not None:
             seq.generator = make_generator(params.seed, self.model.device)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params)
+        if self.detokenize:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -80,11 +87,17 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduled step's outputs. With async scheduling a decode step's outputs come from the call after
         the one that launched it: each call launches the next step, then reads the one before."""
+        return self.step_rows().outputs(self._state_bytes_each, self._kv_page_bytes)
+
+    def step_rows(self) -> StepRows:
+        """`step`'s outputs as StepRows: a row with nothing to say but its token in the columns."""
+        rows = StepRows()
         if self._inflight is not None:
-            return self._advance()
+            self._advance(rows)
+            return rows
         batch = self.scheduler.schedule()
         if not batch:
-            return []
+            return rows
         chunks = []
         for seq, n in zip(batch.seqs, batch.num_new):
             done_prefill = seq.num_computed + n == seq.num_tokens
@@ -98,7 +111,8 @@ class LLMEngine:
                 for seq, n in zip(batch.seqs, batch.num_new):
                     seq.num_computed += n
                 self._inflight = self.readback.start(sampling, tokens)
-                return self._advance()
+                self._advance(rows)
+                return rows
             if tokens is not None:
                 out = SamplerOutput(tokens.tolist())
             elif sampling:
@@ -108,34 +122,38 @@ class LLMEngine:
                     stop_ids_per_row=[s.stop_ids for s in sampling])
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")
-            return [self._fail(seq, f"engine error: {type(e).__name__}: {e}") for seq in batch.seqs]
+            rows.others += [self._fail(seq, f"engine error: {type(e).__name__}: {e}") for seq in batch.seqs]
+            return rows
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_computed += n
-        outputs = []
         for row, seq in enumerate(sampling):
             lp = None
             if seq.params.logprobs or seq.params.top_logprobs:
                 lp = self._logprob(out, row)
-            outputs.append(self._append(seq, out.token_ids[row], lp))
-        return outputs
+            self._append(seq, out.token_ids[row], lp, rows)
+        return rows
 
     # -- async scheduling (engine/inflight.py) -------------------------------------------------------
 
-    def _advance(self) -> list[RequestOutput]:
+    def _advance(self, rows: StepRows) -> None:
         """Launch the step after the in-flight one if it may follow without the host's knowing its tokens,
-        then read the in-flight step's tokens and hand out its outputs."""
+        then read the in-flight step's tokens and hand out its outputs (into `rows`)."""
         prev, self._inflight = self._inflight, None
         try:
             self._inflight = self._launch_next(prev)
             ids = prev.read()
         except Exception as e:
             log.exception("engine step failed")
-            rows = {id(s): s for s in prev.seqs + (self._inflight.seqs if self._inflight is not None else [])}
+            seqs = {id(s): s for s in prev.seqs + (self._inflight.seqs if self._inflight is not None else [])}
             self._inflight = None
-            return [self._fail(s, f"engine error: {type(e).__name__}: {e}") for s in rows.values()
-                    if s.status is SeqStatus.RUNNING]
-        # a row finished or aborted since its launch (its extra token is dropped) is no longer running
-        return [self._append(seq, t, None) for seq, t in zip(prev.seqs, ids) if seq.status is SeqStatus.RUNNING]
+            rows.others += [self._fail(s, f"engine error: {type(e).__name__}: {e}") for s in seqs.values()
+                            if s.status is SeqStatus.RUNNING]
+            return
+        running, append = SeqStatus.RUNNING, self._append
+        for seq, t in zip(prev.seqs, ids):
+            # a row finished or aborted since its launch (its extra token is dropped) is no longer running
+            if seq.status is running:
+                append(seq, t, None, rows)
 
     def _launch_next(self, prev: InFlight) -> InFlight | None:
         """The next decode step, launched with its tokens taken on the device from `prev`'s, when that is the
@@ -187,31 +205,33 @@ class LLMEngine:
         """sampler.on_device for every row (`greedy`: every row is), through each request's device_from."""
         return (greedy or sampler_graphs) and all(len(s.output_ids) + unread >= s.device_from for s in seqs)
 
-    def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> RequestOutput:
-        """The host's part of a row's step (every row, every step: kept lean): record the token, its text, and
-        whether it finished the request."""
+    def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None, rows: StepRows) -> None:
+        """The host's part of a row's step (every row, every step: kept lean): record the token, its text (where
+        this core detokenizes), and whether it finished the request; the output goes into `rows`."""
         p, outputs = seq.params, seq.output_ids
         outputs.append(token)
         n = len(outputs)
-        reason = stop_reason = None
+        reason = stop_reason = matched = None
+        text = ""
         if token in seq.stop_ids and n >= p.min_tokens:
             reason, stop_reason = FinishReason.STOP, token
-            text, matched = "", None
-        else:
+        elif seq.detokenizer is not None:
             text, matched = seq.detokenizer.step_token(token)
             if matched is not None:
                 reason, stop_reason = FinishReason.STOP, matched
         if reason is None and (n >= p.max_tokens or len(seq.prompt_ids) + n >= self.max_model_len):
             reason = FinishReason.LENGTH
-        if reason is not None and matched is None:
+        if reason is None and lp is None and not text:
+            rows.add(seq.request_id, token, n, len(seq.prompt_ids), len(seq.pages))
+            return
+        if reason is not None and matched is None and seq.detokenizer is not None:
             text += seq.detokenizer.flush()
-        out = RequestOutput(seq.request_id, [token], text, reason is not None, reason, stop_reason,
-                            [lp] if lp else [], len(seq.prompt_ids), n, self._state_bytes_each,
-                            len(seq.pages) * self._kv_page_bytes)
+        rows.others.append(RequestOutput(seq.request_id, [token], text, reason is not None, reason, stop_reason,
+                                         [lp] if lp else [], len(seq.prompt_ids), n, self._state_bytes_each,
+                                         len(seq.pages) * self._kv_page_bytes))
         if reason is not None:
             self.seqs.pop(seq.request_id, None)
             self.scheduler.finish(seq)
-        return out
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
         self.seqs.pop(seq.request_id, None)
