@@ -51,21 +51,29 @@ class StepClock:
 
     def __init__(self, eng: LLMEngine):
         self.eng, self.rows, self.events = eng, [], []
-        run = eng.runner.run
+        # the engine's own step where its outputs leave it (the column form an engine process sends), else step()
+        self._step = getattr(eng, "step_rows", eng.step)
 
-        def timed_run(chunks, *a, **k):
-            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            ev0.record()
-            out = run(chunks, *a, **k)
-            ev1.record()
-            self.t_run, self.launched = time.perf_counter(), (ev0, ev1)
-            return out
-        eng.runner.run = timed_run
+        def timed(run):
+            def timed_run(*a, **k):
+                if self.launched is not None:      # run_next falling back to run: time the outer call
+                    return run(*a, **k)
+                ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                ev0.record()
+                self.launched = (ev0, ev1)
+                out = run(*a, **k)
+                ev1.record()
+                self.t_run = time.perf_counter()
+                return out
+            return timed_run
+        eng.runner.run = timed(eng.runner.run)
+        if hasattr(eng.runner, "run_next"):        # the async step's launch, where the runner has it
+            eng.runner.run_next = timed(eng.runner.run_next)
 
     def step(self, record: bool) -> None:
         self.t_run = self.launched = None
         t0 = time.perf_counter()
-        self.eng.step()
+        self._step()
         t1 = time.perf_counter()
         if record and self.t_run is not None:
             self.rows.append({"step": t1 - t0, "host_to_launch": self.t_run - t0, "after_launch": t1 - self.t_run})
@@ -88,7 +96,7 @@ def new_engine(model, tokenizer, budget: int = 4 << 30, **config) -> LLMEngine:
 
 
 def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_seqs: int, async_on: bool,
-            profile_host: bool = False, freeze: bool = False) -> dict:
+            profile_host: bool = False, freeze: bool = False, detokenize: bool = True) -> dict:
     t = time.perf_counter()
     search = sampling_triton.truncation_floor
     if mode.endswith("_sort"):          # captured into the sampler graphs at engine start
@@ -97,6 +105,7 @@ def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_se
         eng = new_engine(model, tokenizer, max_num_seqs=max_num_seqs, async_scheduling=async_on)
     finally:
         sampling_triton.truncation_floor = search
+    eng.detokenize = detokenize
     pools = eng.pools
     setup_s = time.perf_counter() - t
     clock = StepClock(eng)
@@ -134,7 +143,7 @@ def run_row(model, tokenizer, batch: int, mode: str, new_tokens: int, max_num_se
     row["overhead_ms"] = row["step_ms"] - row["graph_replay_ms"]
     row["step_over_replay"] = row["step_ms"] / row["graph_replay_ms"]
     row["tok_per_s"] = 1e3 * batch / row["step_ms"]
-    eng.runner.run = None                                   # the clock's wrapper holds the engine
+    eng.runner.run = eng.runner.run_next = None             # the clock's wrappers hold the engine
     del eng, pools, clock, graph
     gc.unfreeze()
     gc.collect()
@@ -194,7 +203,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=72)
     ap.add_argument("--async", dest="async_modes", default="off,on", help="async scheduling: off, on or both")
     ap.add_argument("--detok", default="stream", help="incremental detokenizer, comma list: stream (tokenizers' "
-                    "DecodeStream where available), window (engine/detokenizer.py's own code)")
+                    "DecodeStream where available), window (engine/detokenizer.py's own code), none (the engine "
+                    "hands out tokens only, as behind a server: LLMEngine.detokenize = False)")
     ap.add_argument("--gc", default="plain", help="the heap during the steps, comma list: plain, frozen (gc.freeze "
                     "after the engine is built, as the server does once warm); rows in turn")
     ap.add_argument("--profile-host", action="store_true", help="cProfile the decode steps' host code")
@@ -230,7 +240,7 @@ def main():
             sampler_graphs.MAX_BATCH = cap
             row = {"arch": arch, "detok": dt, "sampler_max_batch": cap, "heap": heap,
                    **run_row(model, tokenizer, B, mode, args.tokens, max(batches), am == "on", args.profile_host,
-                             heap == "frozen")}
+                             heap == "frozen", dt != "none")}
             out["rows"].append(row)
             print(f"{arch:11} {mode:7} B={B:3} async {am:3} detok {dt:6} samplers<={cap:3} heap {heap:6} "
                   f"(gc {row['gc_collections']} {row['gc_ms']:.1f} ms)  step "

@@ -18,7 +18,7 @@ median, so the part spent in the client and on the HTTP side before submission s
 Usage (GPU machine; fastapi, uvicorn, pydantic from wheels): python bench/serve_latency.py --tokenizer DIR
 [--archs spartacus,kotodama] [--concurrency 1,8,32] [--clients httpx,raw] [--merge on,off] [--core process,thread]
 [--gc-freeze on,off] [--client-procs 1,4] [--http h11,httptools] [--api-servers 1,2,4]
-→ $OUT/serve_latency.json
+[--trees new=DIR,old=DIR,new=DIR,old=DIR] → $OUT/serve_latency.json
 """
 from __future__ import annotations
 
@@ -318,10 +318,15 @@ def main():
                     "h11, httptools; one server process each")
     ap.add_argument("--api-servers", default="1", help="API processes in front of the engine process "
                     "(--api-server-count), comma list: a server each")
+    ap.add_argument("--trees", default="", help="comma list of NAME=DIR: serve each setting from each tree in turn, "
+                    "DIR (a directory holding a hybridserve package) first on the server's PYTHONPATH; a name may "
+                    "repeat, to alternate builds (the bench itself runs from its own tree)")
     ap.add_argument("--client-procs", default="1", help="client processes a round's streams are spread over, comma "
                     "list (each round is run with each in turn): 1 reads every stream on this process's event loop")
     args = ap.parse_args()
     conc = [int(c) for c in args.concurrency.split(",")]
+    trees = [tuple(t.split("=", 1)) for t in args.trees.split(",")] if args.trees else [None]
+    base_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     out = {"device": device, "torch": torch.__version__, "prompt_len": args.prompt_len,
            "max_tokens": args.max_tokens, "rows": []}
@@ -329,11 +334,13 @@ def main():
     for arch in args.archs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             path = write_synthetic(arch, args.size, Path(tmp) / arch, seed=0, tokenizer_from=Path(args.tokenizer))
-            for flag, merge, core, ev, freeze, http, apis in [
-                    ({"sync": "--no-async-scheduling", "async": "--async-scheduling"}[m], g, k, e, f, h, int(a))
+            for flag, merge, core, ev, freeze, http, apis, tree in [
+                    ({"sync": "--no-async-scheduling", "async": "--async-scheduling"}[m], g, k, e, f, h, int(a), t)
                     for m in args.scheduling.split(",") for g in args.merge.split(",")
                     for k in args.core.split(",") for e in args.loops.split(",") for f in args.gc_freeze.split(",")
-                    for h in args.http.split(",") for a in args.api_servers.split(",")]:
+                    for h in args.http.split(",") for a in args.api_servers.split(",") for t in trees]:
+                if tree is not None:     # the server imports hybridserve from this tree's directory first
+                    os.environ["PYTHONPATH"] = os.pathsep.join([tree[1], *base_path])
                 os.environ["HYBRIDSERVE_STREAM_MERGE"] = "1" if merge == "on" else "0"
                 os.environ["HYBRIDSERVE_GC_FREEZE_PROCESSES"] = {"api": "api", "engine": "engine",
                                                                  "both": "api,engine"}.get(freeze, "api")
@@ -353,7 +360,8 @@ def main():
                             run_round(url, model, c, args.prompt_len, 16, SAMPLING[mode], 1, client, warmup=True,
                                       pool=pool)
                             for rnd in range(args.rounds):
-                                row = {"arch": arch, "engine_process": core == "process", "loop": ev,
+                                row = {"arch": arch, "tree": tree[0] if tree else None,
+                                       "engine_process": core == "process", "loop": ev,
                                        "async_scheduling": flag == "--async-scheduling", "mode": mode,
                                        "stream_merge": merge == "on", "gc_freeze": freeze, "http": http,
                                        "api_servers": apis,
@@ -365,7 +373,9 @@ def main():
                                 gc_text = " ".join(f"{p} {row[f'gc_{p}_full']:.0f} full {row[f'gc_{p}_ms']:.0f} ms "
                                                    f"(longest {row[f'gc_{p}_longest_ms']:.0f})"
                                                    for p in PROCESSES if f"gc_{p}_full" in row)
-                                print(f"{arch:10} {core:7} {ev:7} {flag:21} merge {merge:3} gc freeze {freeze:3} "
+                                label = tree[0] if tree else ""
+                                print(f"{arch:10} {label:6} {core:7} {ev:7} {flag:21} merge {merge:3} "
+                                      f"gc freeze {freeze:3} "
                                       f"http {http:9} api x{apis} "
                                       f"{mode:7} C={c:3} "
                                       f"{client:5} x{procs} "

@@ -165,6 +165,39 @@ def fill_block_tables(table: np.ndarray, held: list, page_lists: list[list[int]]
     return w
 
 
+def fill_decode_rows(a: dict[str, np.ndarray], held: list, starts: list[int], slots: list[int],
+                     page_lists: list[list[int]], page_size: int, bs: int, uses_kv: bool,
+                     prev_rows: list[int] | None = None, tokens: list[int] | None = None) -> int:
+    """The host side of a decode graph's inputs (DecodeGraphs' PackedInputs arrays `a`) for B rows padded to `bs`,
+    by column: i64 rows 0-4 (token, position, state slot, KV slot, previous-step row), the sequence lengths and,
+    with `uses_kv`, the block tables (fill_block_tables, `held`), each row's KV slot read from its table row by
+    numpy rather than worked out row by row. `prev_rows` (an async step: its tokens are gathered on the device)
+    or `tokens`. Pad rows: zeros, one token of context. Returns the widest table row's count (1 without
+    `uses_kv`)."""
+    a64, a32 = a["i64"], a["seq_lens"]
+    B = len(starts)
+    a64[1, :B] = starts
+    pos = a64[1, :B]
+    a64[2, :B] = slots
+    np.add(pos, 1, out=a32[:B], casting="unsafe")
+    a64[:, B:bs] = 0
+    a32[B:bs] = 1
+    if prev_rows is not None:
+        a64[4, :B] = prev_rows
+    else:
+        a64[0, :B] = tokens
+    if not uses_kv:
+        a64[3, :B] = 0
+        return 1
+    tbl = a["block_tables"]
+    w = fill_block_tables(tbl, held, page_lists, bs)
+    kv = a64[3, :B]
+    kv[:] = tbl[np.arange(B), pos // page_size]
+    kv *= page_size
+    kv += pos % page_size
+    return w
+
+
 class DecodeGraphs:
     """Decode-step graphs per padded batch size over persistent inputs. `run_chunks` fills them from the
     scheduled chunks through one pinned host buffer (PackedInputs): the five int64 rows (token, position, state
@@ -227,34 +260,33 @@ class DecodeGraphs:
     def padded_size(self, batch: int) -> int | None:
         return next((s for s in self.sizes if s >= batch), None)
 
-    @torch.inference_mode()
     def run_chunks(self, chunks: list, page_size: int, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, V] of one-token chunks (engine/model_runner.py SeqChunk, each wanting logits); pad rows
-        [B, bs) use slot 0, KV slot 0 and page 0 with one token of context. With `prev_tokens` (the previous
-        step's tokens on the device) every chunk's token is its `prev_row` of them, gathered on the device
-        before the replay. A view of the graph's output, valid until the next replay."""
-        B = len(chunks)
+        """Logits [B, V] of one-token chunks (engine/model_runner.py SeqChunk, each wanting logits): `run_rows`
+        with each chunk's token, start, slot, pages and previous-step row."""
+        return self.run_rows([c.start for c in chunks], [c.slot for c in chunks], [c.pages for c in chunks],
+                             page_size, [c.prev_row for c in chunks] if prev_tokens is not None else None,
+                             prev_tokens, [c.tokens[0] for c in chunks] if prev_tokens is None else None)
+
+    @torch.inference_mode()
+    def run_rows(self, starts: list[int], slots: list[int], page_lists: list[list[int]], page_size: int,
+                 prev_rows: list[int] | None = None, prev_tokens: torch.Tensor | None = None,
+                 tokens: list[int] | None = None) -> torch.Tensor:
+        """Logits [B, V] of B decode rows: row r feeds one token at position starts[r] (its context so far) with
+        state slot slots[r] and KV pages page_lists[r]; its token is tokens[r], or with `prev_tokens` (the
+        previous step's tokens on the device) row prev_rows[r] of them, gathered on the device before the
+        replay. Pad rows [B, bs) use slot 0, KV slot 0 and page 0 with one token of context. The host work is
+        a few column writes, not a pass per row: the KV slots come from the host block table by numpy. A view
+        of the graph's output, valid until the next replay."""
+        B = len(starts)
         bs = self.padded_size(B)
-        a = self.inputs.arrays()
-        a64, a32 = a["i64"], a["seq_lens"]
-        starts = [c.start for c in chunks]
-        a64[0, :B] = [c.tokens[0] for c in chunks]
-        a64[1, :B] = starts
-        a64[2, :B] = [c.slot for c in chunks]
-        a64[3, :B] = [c.pages[t // page_size] * page_size + t % page_size if c.pages else 0
-                      for c, t in zip(chunks, starts)]
-        a64[4, :B] = [c.prev_row for c in chunks]
-        a32[:B] = starts
-        a32[:B] += 1
-        a64[:, B:bs] = 0
-        a32[B:bs] = 1
-        gather = None
+        gather = table = None
         if prev_tokens is not None:
-            assert all(c.prev_row >= 0 for c in chunks), "an async-scheduled step takes every token from the last"
+            assert prev_rows is not None and min(prev_rows) >= 0, \
+                "an async-scheduled step takes every token from the last"
             gather = (*self._token_rows, B, prev_tokens)
-        table = None
+        w = fill_decode_rows(self.inputs.arrays(), self._held, starts, slots, page_lists, page_size, bs,
+                             self.uses_kv, prev_rows if prev_tokens is not None else None, tokens)
         if self.uses_kv:
-            w = fill_block_tables(a["block_tables"], self._held, [c.pages for c in chunks], bs)
             table = ("block_tables", bs, w)
         self.inputs.send(self.inputs.offsets["block_tables"], table, gather)
         self.inputs.sent()

@@ -182,8 +182,8 @@ class LLMEngine:
         if not self._on_device(seqs, 1, greedy, graphs is not None and graphs.covers(len(seqs))) \
                 or not sched.reserve_next(seqs):
             return None
-        chunks = [SeqChunk([0], s.num_computed, s.pages, s.slot, True, r) for r, s in picked]
-        logits = self.runner.run(chunks, prev_tokens=prev.tokens)
+        logits = self.runner.run_next([s.num_computed for s in seqs], [s.slot for s in seqs],
+                                      [s.pages for s in seqs], [r for r, _ in picked], prev.tokens)
         tokens = self.sampler.take(logits, [s.params for s in seqs], greedy, self.runner.last_argmax,
                                    self.runner.graph_sampler(len(seqs)))
         for s in seqs:

@@ -124,6 +124,21 @@ class ModelRunner:
             meta.input_ids = take_previous(prev_tokens, [c.prev_row for c in chunks], meta.input_ids.device)
         return self.model.forward(meta, self.pools.view)
 
+    @torch.inference_mode()
+    def run_next(self, starts: list[int], slots: list[int], page_lists: list[list[int]], prev_rows: list[int],
+                 prev_tokens: torch.Tensor) -> torch.Tensor:
+        """An async-scheduled decode step (engine/inflight.py) given as columns: row r continues at position
+        starts[r] with slot slots[r] and pages page_lists[r], its token row prev_rows[r] of `prev_tokens`. The
+        decode graph takes the columns as they are (no SeqChunk per row); eager runs build the chunks."""
+        graphs = self.graphs
+        if graphs is not None and graphs.padded_size(len(starts)) is not None:
+            self.last_argmax = None
+            logits = graphs.run_rows(starts, slots, page_lists, self.pools.page_size, prev_rows, prev_tokens)
+            self.last_argmax = graphs.last_argmax
+            return logits
+        return self.run([SeqChunk([0], st, pg, sl, True, r)
+                         for st, sl, pg, r in zip(starts, slots, page_lists, prev_rows)], prev_tokens=prev_tokens)
+
     def _run_prefill_graphs(self, chunks: list[SeqChunk], others: list[int]) -> torch.Tensor | None:
         """A step with prompt chunks (`others`: their indices) as graph replays, None if it fits none. The
         whole step is one prefill-graph replay, unless its decode rows would move it to a larger token bucket
