@@ -57,7 +57,13 @@ async def run(ae, *, seed: int = 7, lengths: tuple[int, ...] = (1, 2, 5, 16, 33,
                 await c
         else:
             await asyncio.gather(*coros)
-        s = ae.stats()
+        # a request a stop string ended is released by the engine core once the abort the front side posted
+        # reaches it (engine/text_streams.py): a turn or two after its stream ended
+        for _ in range(250):
+            s = ae.stats()
+            if s.num_running == s.num_waiting == s.kv_pages_used == 0:
+                break
+            await asyncio.sleep(0.02)
         assert s.num_running == s.num_waiting == s.kv_pages_used == 0, (name, s)
         assert all(g.used == 0 for g in s.state_groups.values()), (name, s)
         if phase_done is not None:
