@@ -30,6 +30,7 @@ import asyncio
 import atexit
 import logging
 import multiprocessing
+import pickle
 import queue
 import signal
 import threading
@@ -442,7 +443,8 @@ class Clients:
 
     def route(self, outs: StepRows, started: list[str]) -> dict[int, tuple[tuple | None, list[str]]]:
         """Each open API process's share of a turn: (its outputs as StepRows' wire form, None for none; its
-        requests that started)."""
+        requests that started). With several API processes each gets every plain row, pickled once (it skips
+        those it does not hold), and its own other outputs."""
         if self.count == 1:
             return {0: (outs.to_wire() if outs else None, started)} if self._open else {}
         owner = self._owner
@@ -454,7 +456,10 @@ class Clients:
 
         def owner_of(rid: str, finished: bool) -> int | None:
             return owner.pop(rid, None) if finished else owner.get(rid)
-        for i, part in outs.split(owner_of).items():
-            if i in shares:
-                shares[i] = (part.to_wire(), shares[i][1])
+        others = outs.split_others(owner_of)
+        columns = pickle.dumps(outs.columns(), pickle.HIGHEST_PROTOCOL) if outs.ids else None
+        for i in shares:
+            mine = others.get(i)
+            if columns is not None or mine:
+                shares[i] = (StepRows(others=mine or []).to_wire(columns or ([], [], [], [], [])), shares[i][1])
         return shares

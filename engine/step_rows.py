@@ -4,9 +4,14 @@ Most rows of a decode step say only "request r has token t" (not finished, no lo
 made on the front side, engine/text_streams.py). Those are five list entries each, not a RequestOutput: an
 engine process pickles a whole 128-row step as five lists of numbers and strings, where a tuple per row cost
 ~8 % of its time and building the dataclasses ~4 % more (bench/results/served_profile_neollm_c128_api2-h100.json).
-Outputs that say more (finished, an error, logprobs, text already made) stay whole in `others`.
+Outputs that say more (finished, an error, logprobs, text already made) stay whole in `others`. With several API
+processes in front of an engine process, each gets every plain row (the columns pickled once; a process skips the
+rows of requests it does not hold) and only its own other outputs: routing 128 rows one by one cost the engine
+process more than pickling them again.
 """
 from __future__ import annotations
+
+import pickle
 
 from hybridserve.engine.request import RequestOutput
 
@@ -43,29 +48,26 @@ class StepRows:
         return [RequestOutput(rid, [t], "", num_prompt_tokens=p, num_output_tokens=n, state_bytes=state_bytes,
                               kv_bytes=k * page_bytes) for rid, t, n, p, k in self.plain()] + self.others
 
-    def to_wire(self) -> tuple:
-        return self.ids, self.tokens, self.counts, self.prompts, self.pages, [o.to_wire() for o in self.others]
+    def columns(self) -> tuple:
+        return self.ids, self.tokens, self.counts, self.prompts, self.pages
+
+    def to_wire(self, columns: tuple | bytes | None = None) -> tuple:
+        """(the plain rows' columns, or `columns` given: for several API processes, the columns pickled once
+        and sent to each; the other outputs as wire tuples)."""
+        return self.columns() if columns is None else columns, [o.to_wire() for o in self.others]
 
     @classmethod
     def from_wire(cls, t: tuple) -> StepRows:
-        ids, tokens, counts, prompts, pages, others = t
-        return cls(ids, tokens, counts, prompts, pages, [RequestOutput.from_wire(o) for o in others])
+        columns, others = t
+        if isinstance(columns, bytes):
+            columns = pickle.loads(columns)
+        return cls(*columns, [RequestOutput.from_wire(o) for o in others])
 
-    def split(self, owner_of) -> dict:
-        """The rows by `owner_of(request id, finished)` (None: nobody's, dropped): owner → StepRows."""
+    def split_others(self, owner_of) -> dict:
+        """The other outputs by `owner_of(request id, finished)` (None: nobody's, dropped): owner → list."""
         parts: dict = {}
-        for rid, t, n, p, k in self.plain():
-            i = owner_of(rid, False)
-            if i is not None:
-                part = parts.get(i)
-                if part is None:
-                    part = parts[i] = StepRows()
-                part.add(rid, t, n, p, k)
         for o in self.others:
             i = owner_of(o.request_id, o.finished)
             if i is not None:
-                part = parts.get(i)
-                if part is None:
-                    part = parts[i] = StepRows()
-                part.others.append(o)
+                parts.setdefault(i, []).append(o)
         return parts
