@@ -126,21 +126,27 @@ class RequestStream:
         return item
 
     async def next_merged(self) -> RequestOutput:
-        """The next output, merged with every output already queued behind it (`RequestOutput.then`): a reader
+        """The next output, merged with every output already queued behind it (`RequestOutput.merged`): a reader
         that fell behind the engine catches up in one step instead of one per token, and waits for nothing
         that has not arrived. An engine error or an ending from outside is never merged: it comes next, alone.
         Raises StopAsyncIteration after the last output, as iteration ends."""
         out = await self.__anext__()
-        while not out.finished and out.error is None:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                break
+        if out.finished or out.error is not None:
+            return out
+        run = [out]
+        queue = self._queue
+        while not queue.empty():
+            item = queue.get_nowait()
             if isinstance(item, BaseException) or item.error is not None:
                 self._held = item
                 break
-            out = out.then(item)
-            self._ended = out.finished
+            run.append(item)
+            if item.finished:
+                break
+        if len(run) == 1:
+            return out
+        out = RequestOutput.merged(run)
+        self._ended = out.finished
         return out
 
     def close(self) -> None:

@@ -102,16 +102,17 @@ class RequestOutput:
     def from_wire(cls, t: tuple) -> RequestOutput:
         return cls(*t)
 
-    def then(self, later: RequestOutput) -> RequestOutput:
-        """This update and the next one as one: both updates' tokens, text and logprobs in order, the later
-        one's status and counts (memory: the larger)."""
-        return RequestOutput(
-            request_id=self.request_id, new_token_ids=self.new_token_ids + later.new_token_ids,
-            new_text=self.new_text + later.new_text, finished=later.finished, finish_reason=later.finish_reason,
-            stop_reason=later.stop_reason, logprobs=self.logprobs + later.logprobs,
-            num_prompt_tokens=later.num_prompt_tokens, num_output_tokens=later.num_output_tokens,
-            state_bytes=max(self.state_bytes, later.state_bytes), kv_bytes=max(self.kv_bytes, later.kv_bytes),
-            error=later.error)
+    @classmethod
+    def merged(cls, outs: list[RequestOutput]) -> RequestOutput:
+        """Consecutive updates of one request as one: their tokens, text and logprobs in order, the last one's
+        status and counts (memory: the largest). Built once for the run, not pairwise."""
+        last = outs[-1]
+        return cls(request_id=last.request_id, new_token_ids=[t for o in outs for t in o.new_token_ids],
+                   new_text="".join(o.new_text for o in outs), finished=last.finished,
+                   finish_reason=last.finish_reason, stop_reason=last.stop_reason,
+                   logprobs=[lp for o in outs for lp in o.logprobs], num_prompt_tokens=last.num_prompt_tokens,
+                   num_output_tokens=last.num_output_tokens, state_bytes=max(o.state_bytes for o in outs),
+                   kv_bytes=max(o.kv_bytes for o in outs), error=last.error)
 
 
 _WIRE_FIELDS = operator.attrgetter(*(f.name for f in fields(RequestOutput)))

@@ -229,6 +229,21 @@ class ServerMetrics:
         return RequestTracker(self, num_prompt_tokens)
 
 
+def observe_zeros(histogram, count: int) -> None:
+    """`count` observations of 0.0 at once, as that many `observe(0.0)` calls record them: the lowest bucket that
+    holds 0 counts them all and the sum is unchanged. A merged output of n tokens gives n - 1 such latencies, and
+    a stream that fell behind merges many (one observe costs a lock and a bucket search, in the multiprocess mode
+    a write into a mapped file). Falls back to the calls where the histogram's internals differ."""
+    bounds, buckets = getattr(histogram, "_upper_bounds", None), getattr(histogram, "_buckets", None)
+    i = next((i for i, b in enumerate(bounds) if 0.0 <= b), None) if bounds is not None and buckets is not None \
+        else None
+    if i is None or len(buckets) != len(bounds):
+        for _ in range(count):
+            histogram.observe(0.0)
+        return
+    buckets[i].inc(count)
+
+
 class RequestTracker:
     """Timing of one engine request, from submission to finish or abort; times use the monotonic clock."""
 
@@ -252,8 +267,8 @@ class RequestTracker:
                 self.metrics.ttft.observe(now - self.start)
             else:
                 self.metrics.itl.observe(now - self.last_token_time)
-            for _ in range(n - 1):
-                self.metrics.itl.observe(0.0)
+            if n > 1:
+                observe_zeros(self.metrics.itl, n - 1)
             self.last_token_time = now
             self.num_output_tokens += n
             self.metrics.generation_tokens.inc(n)

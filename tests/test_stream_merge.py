@@ -35,13 +35,13 @@ def stream_of(*items) -> RequestStream:
     return RequestStream(_Engine(), "r", q)
 
 
-def test_then_joins_two_updates():
-    last = out(2, finished=True, finish_reason=FinishReason.STOP, stop_reason=7, state_bytes=5)
-    both = out(1, state_bytes=9).then(last)
-    assert both.new_token_ids == [1, 2] and both.new_text == "<1><2>"
-    assert [t.token_id for t in both.logprobs] == [1, 2]
-    assert both.finished and both.finish_reason is FinishReason.STOP and both.stop_reason == 7
-    assert both.num_output_tokens == 2 and both.state_bytes == 9 and both.kv_bytes == 200 and both.error is None
+def test_merged_joins_a_run_of_updates():
+    last = out(3, finished=True, finish_reason=FinishReason.STOP, stop_reason=7, state_bytes=5)
+    run = RequestOutput.merged([out(1, state_bytes=9), out(2), last])
+    assert run.new_token_ids == [1, 2, 3] and run.new_text == "<1><2><3>"
+    assert [t.token_id for t in run.logprobs] == [1, 2, 3]
+    assert run.finished and run.finish_reason is FinishReason.STOP and run.stop_reason == 7
+    assert run.num_output_tokens == 3 and run.state_bytes == 9 and run.kv_bytes == 300 and run.error is None
 
 
 def test_next_merged_takes_what_is_queued_and_ends_like_iteration():
@@ -138,3 +138,27 @@ def test_a_reader_behind_gets_one_event(engine, logprobs, monkeypatch):
         assert len(got["top_logprobs"]) == 8
     # the metrics count a latency per token after the first either way (the app's registry is per app)
     assert itl_merged == itl_before == 7
+
+
+def test_zero_latencies_observed_at_once_as_one_by_one():
+    """A merged output of n tokens records n - 1 zero inter-token latencies in one bucket increment
+    (server/metrics.py observe_zeros): the histogram's samples are those of n - 1 observe(0.0) calls."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from hybridserve.server.metrics import ITL_BUCKETS, observe_zeros
+
+    def samples(fill) -> list:
+        registry = CollectorRegistry()
+        h = Histogram("itl", "x", ["model"], buckets=ITL_BUCKETS, registry=registry).labels("m")
+        h.observe(0.02)
+        fill(h)
+        h.observe(0.5)
+        return [(s.name, s.labels, s.value) for m in registry.collect() for s in m.samples
+                if not s.name.endswith("_created")]
+
+    def one_by_one(h):
+        for _ in range(7):
+            h.observe(0.0)
+    assert samples(lambda h: observe_zeros(h, 7)) == samples(one_by_one)
+    counts = {s[1]["le"]: s[2] for s in samples(lambda h: observe_zeros(h, 7)) if s[0] == "itl_bucket"}
+    assert counts[min(counts, key=float)] >= 7 and counts["+Inf"] == 9
