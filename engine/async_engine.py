@@ -503,8 +503,8 @@ class AsyncEngine:
                 entry.queue.put_nowait(RequestOutput(rid, [token], text, False, None, None, [], prompt, count,
                                                      state_bytes, pages * page_bytes))
             else:
-                self._end(rid, entry, RequestOutput(rid, [token], text, True, FinishReason.STOP, stop, [],
-                                                         prompt, count, state_bytes, pages * page_bytes), True)
+                self._end(rid, entry, RequestOutput(rid, [token], text, True, FinishReason.STOP, stop, [], prompt,
+                                                    count, state_bytes, pages * page_bytes), True)
         for out in rows.others:
             entry = requests.get(out.request_id)
             if entry is None or entry.done:
