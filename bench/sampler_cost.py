@@ -3,13 +3,14 @@ which op a sampled decode step spends its sampling time on (temperature, min_p /
 softmax, the draw) in the eager sampler, and in the form the sampler graphs take (`truncation_floor` and the
 split-row race / argmax of kernels/sampling_triton.py), against the time of reading the logits once.
 
-Usage (GPU machine): python bench/sampler_cost.py → $OUT/sampler_cost.json (or bench/results/).
+Usage (GPU machine): python bench/sampler_cost.py [--vocabs 49152,128256] [--batches 1,32] [--graph-form-only]
+[--search-sweep] → $OUT/sampler_cost.json (or bench/results/).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -70,17 +71,23 @@ def search_sweep() -> list:
 
 
 def main():
-    if "--search-sweep" in sys.argv:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vocabs", default="49152,128256")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--graph-form-only", action="store_true", help="only the sampler graphs' form of the draws")
+    ap.add_argument("--search-sweep", action="store_true", help="instead: the truncation search's tile sweep")
+    args = ap.parse_args()
+    if args.search_sweep:
         out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": search_sweep()}
         out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
         (out_dir / "sampler_search_sweep.json").write_text(json.dumps(out, indent=1))
         return
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     sampler = Sampler()
-    for V in (49152, 128256):
-        for B in (1, 32):
+    for V in map(int, args.vocabs.split(",")):
+        for B in map(int, args.batches.split(",")):
             logits = torch.randn(B, V, device="cuda") * 4
-            for case, kw in (CASES.items() if "--graph-form-only" not in sys.argv else ()):
+            for case, kw in (CASES.items() if not args.graph_form_only else ()):
                 params = [SamplingParams(**kw)] * B
                 total, ops = profile_ops(lambda: sampler(logits, params, [[]] * B, [[]] * B, [None] * B))
                 row = {"vocab": V, "batch": B, "case": case, "gpu_us": total, "read_once_us": B * V * 4 / 3.0e6,
@@ -111,7 +118,7 @@ def main():
                 wall = graph_us(fn)
                 sampling_triton.SEARCH_C = search_c
                 out["rows"].append({"vocab": V, "batch": B, "case": case, "gpu_us": total, "graph_us": wall,
-                                    "top": ops})
+                                    "read_once_us": B * V * 4 / 3.0e6, "top": ops})
                 print(f"V={V:6} B={B:3} {case:11} {total:8.1f} us GPU, {wall:8.1f} us graph  " + ", ".join(
                     f"{o['kernel'][:28]} {o['us']:.0f}" for o in ops[:4]), flush=True)
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
