@@ -109,6 +109,8 @@ def main():
             for case, fn in (("graph_form_temperature", lambda: sampling_triton.race(logits, inv_t, seed)),
                              ("graph_form_top_p_sort", top_p_with(sampling)),
                              ("graph_form_top_p", top_p_with(sampling_triton)),
+                             ("graph_form_top_p_c04", top_p_with(sampling_triton)),
+                             ("graph_form_top_p_c08", top_p_with(sampling_triton)),
                              ("graph_form_top_p_c16", top_p_with(sampling_triton)),
                              ("graph_form_top_p_c64", top_p_with(sampling_triton)),
                              ("graph_form_top_k_top_p", top_p_with(sampling_triton, top_k)),
