@@ -26,8 +26,9 @@ from hybridserve.engine.core_thread import ThreadCore
 from hybridserve.engine.gc_pauses import FREEZE_PROCESSES, GcSummary, GcWatch, freeze_heap
 from hybridserve.engine.llm_engine import LLMEngine
 from hybridserve.engine.request import FinishReason, RequestOutput, SamplingParams
-from hybridserve.engine.step_rows import StepRows
-from hybridserve.engine.text_streams import TextStream
+from hybridserve.engine.detokenizer import IncrementalDetokenizer
+from hybridserve.engine.step_rows import StepRows, plain_output
+from hybridserve.engine.text_streams import whole_text
 
 if TYPE_CHECKING:
     from hybridserve.engine.core_process import ProcessCore
@@ -91,7 +92,7 @@ class _Entry:
 
     queue: asyncio.Queue
     prompt_tokens: int
-    text: TextStream
+    text: IncrementalDetokenizer  # its text and stop strings, made here (engine/text_streams.py)
     queued: bool = True          # counted against the admission bounds (not yet seen running)
     done: bool = False           # its last item (final output or an exception) is in the queue
     timer: asyncio.TimerHandle | None = None
@@ -431,7 +432,7 @@ class AsyncEngine:
 
     def _register(self, rid: str, ids: list[int], params: SamplingParams, timeout: float | None,
                   queued: bool = True) -> RequestStream:
-        entry = _Entry(asyncio.Queue(), len(ids), TextStream(self.tokenizer, ids, params), queued=queued)
+        entry = _Entry(asyncio.Queue(), len(ids), IncrementalDetokenizer(self.tokenizer, ids, params), queued=queued)
         self._requests[rid] = entry
         if queued:
             self._queued_requests += 1
@@ -498,18 +499,17 @@ class AsyncEngine:
             entry = requests.get(rid)
             if entry is None or entry.done:
                 continue
-            text, stop = entry.text.token(token)
+            text, stop = entry.text.step_token(token)
+            out = plain_output(rid, token, text, count, prompt, pages, state_bytes, page_bytes, stop)
             if stop is None:
-                entry.queue.put_nowait(RequestOutput(rid, [token], text, False, None, None, [], prompt, count,
-                                                     state_bytes, pages * page_bytes))
+                entry.queue.put_nowait(out)
             else:
-                self._end(rid, entry, RequestOutput(rid, [token], text, True, FinishReason.STOP, stop, [], prompt,
-                                                    count, state_bytes, pages * page_bytes), True)
+                self._end(rid, entry, out, True)
         for out in rows.others:
             entry = requests.get(out.request_id)
             if entry is None or entry.done:
                 continue
-            out, stopped = entry.text.whole(out)
+            out, stopped = whole_text(entry.text, out)
             if out.finished:
                 self._end(out.request_id, entry, out, stopped)
             else:

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import pickle
 
-from hybridserve.engine.request import RequestOutput
+from hybridserve.engine.request import FinishReason, RequestOutput
+
+
+def plain_output(request_id: str, token: int, text: str, count: int, prompt: int, pages: int, state_bytes: int,
+                 page_bytes: int, stop: str | None = None) -> RequestOutput:
+    """A plain row as a RequestOutput, with its text; `stop`: the stop string it completed (found on the front
+    side, engine/text_streams.py), which makes it the request's last."""
+    return RequestOutput(request_id, [token], text, stop is not None, FinishReason.STOP if stop is not None else None,
+                         stop, [], prompt, count, state_bytes, pages * page_bytes)
 
 
 class StepRows:
@@ -45,8 +53,8 @@ class StepRows:
 
     def outputs(self, state_bytes: int, page_bytes: int) -> list[RequestOutput]:
         """Every row as a RequestOutput (plain rows with empty text), the plain rows first."""
-        return [RequestOutput(rid, [t], "", num_prompt_tokens=p, num_output_tokens=n, state_bytes=state_bytes,
-                              kv_bytes=k * page_bytes) for rid, t, n, p, k in self.plain()] + self.others
+        return [plain_output(rid, t, "", n, p, k, state_bytes, page_bytes)
+                for rid, t, n, p, k in self.plain()] + self.others
 
     def columns(self) -> tuple:
         return self.ids, self.tokens, self.counts, self.prompts, self.pages

@@ -233,15 +233,14 @@ def observe_zeros(histogram, count: int) -> None:
     """`count` observations of 0.0 at once, as that many `observe(0.0)` calls record them: the lowest bucket that
     holds 0 counts them all and the sum is unchanged. A merged output of n tokens gives n - 1 such latencies, and
     a stream that fell behind merges many (one observe costs a lock and a bucket search, in the multiprocess mode
-    a write into a mapped file). Falls back to the calls where the histogram's internals differ."""
+    a write into a mapped file). Falls back to the calls where the histogram's internals differ or its first bucket
+    does not hold 0."""
     bounds, buckets = getattr(histogram, "_upper_bounds", None), getattr(histogram, "_buckets", None)
-    i = next((i for i, b in enumerate(bounds) if 0.0 <= b), None) if bounds is not None and buckets is not None \
-        else None
-    if i is None or len(buckets) != len(bounds):
+    if not bounds or buckets is None or len(buckets) != len(bounds) or bounds[0] < 0.0:
         for _ in range(count):
             histogram.observe(0.0)
         return
-    buckets[i].inc(count)
+    buckets[0].inc(count)
 
 
 class RequestTracker:
