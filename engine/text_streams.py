@@ -4,8 +4,9 @@ engine thread), as vLLM detokenizes in its API server rather than in its engine 
 The engine core then hands out tokens only (LLMEngine.detokenize = False): it finishes a request on a stop token
 or by length, and never sees a stop string. On the front side each token goes through the request's
 IncrementalDetokenizer (engine/detokenizer.py, one per request in AsyncEngine's entry); where a stop string
-completes, the output is cut there and marked finished, and the caller aborts the request in the engine core. With async scheduling the core has by then computed a token or two
-past the stop; they are dropped, as a token sampled after a stop token is.
+completes, the output is cut there and marked finished, and the caller aborts the request in the engine core.
+With async scheduling the core has by then computed a token or two past the stop; they are dropped, as a token
+sampled after a stop token is.
 
 Why: past ~64 streams the engine process is the limit (one core; bench/NOTES.md, twenty-eighth session), and
 detokenizing was ~6 % of it; the API processes, of which there can be several, take that share instead.
