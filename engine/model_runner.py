@@ -132,7 +132,6 @@ class ModelRunner:
         decode graph takes the columns as they are (no SeqChunk per row); eager runs build the chunks."""
         graphs = self.graphs
         if graphs is not None and graphs.padded_size(len(starts)) is not None:
-            self.last_argmax = None
             logits = graphs.run_rows(starts, slots, page_lists, self.pools.page_size, prev_rows, prev_tokens)
             self.last_argmax = graphs.last_argmax
             return logits
