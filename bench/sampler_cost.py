@@ -3,12 +3,15 @@ which op a sampled decode step spends its sampling time on (temperature, min_p /
 softmax, the draw) in the eager sampler, and in the form the sampler graphs take (`truncation_floor` and the
 split-row race / argmax of kernels/sampling_triton.py), against the time of reading the logits once.
 
-Usage (GPU machine): python bench/sampler_cost.py [--vocabs 49152,128256] [--batches 1,32] [--graph-form-only]
-[--search-sweep] → $OUT/sampler_cost.json (or bench/results/).
+Usage (GPU machine): python bench/sampler_cost.py [--vocabs 49152,128256] [--batches 1,32] [--spreads 4]
+[--graph-form-only] [--search-sweep] [--against OTHER/kernels/sampling_triton.py] → $OUT/sampler_cost.json (or
+bench/results/). --against: instead, the truncation floor of this tree and of another build's module file, in
+turn on the same logits, each checked against the sort.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 from collections import defaultdict
@@ -42,31 +45,110 @@ def profile_ops(fn, reps: int = 20) -> tuple[float, list]:
     return sum(by.values()), [{"kernel": k, "us": v} for k, v in ops[:8]]
 
 
-def search_sweep() -> list:
-    """The sort-free truncation floor's tiles: candidates per pass, row elements per program, warps."""
+def _logits(B: int, V: int, spread: float) -> torch.Tensor:
+    """N(0, spread²) logits; a negative spread: |spread|, with every 100th token at −100 (as a logit bias
+    sets them)."""
+    x = torch.randn(B, V, device="cuda") * abs(spread)
+    if spread < 0:
+        x[:, ::100] = -100.0
+    return x
+
+
+def _knobs(B: int):
+    return (torch.zeros(B, device="cuda"), torch.full((B,), 50, dtype=torch.long, device="cuda"),
+            torch.full((B,), 0.95, device="cuda"))
+
+
+SWEPT = ("SEARCH_C", "SEARCH_PASSES", "SEARCH_GATHER", "SEARCH_CHECK", "SEARCH_BLOCK")
+
+
+def launches(fn) -> list:
+    """[(kernel, µs)] of one call of fn, in launch order (after a warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                key=lambda e: e.time_range.start)
+    return [(e.name[:40], round(e.time_range.elapsed_us(), 1)) for e in ev]
+
+
+def _other(path: str):
+    spec = importlib.util.spec_from_file_location("other_sampling_triton", path)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    return other
+
+
+def search_sweep(spreads, shapes=((151665, 1), (151665, 32), (151665, 128), (49152, 1)), other_path=None) -> list:
+    """The sort-free truncation floor's settings (SWEPT: candidates per pass, passes, buffer slots per row,
+    elements tested at once for any inside the range, row elements per program), and the default's launches
+    one by one; with other_path, another build's module (its defaults) on the same logits."""
     rows = []
-    keep = (sampling_triton.SEARCH_C, sampling_triton.SEARCH_BLOCK, sampling_triton.SEARCH_WARPS)
-    for V, B in ((128256, 1), (128256, 32), (49152, 1)):
-        x = torch.randn(B, V, device="cuda") * 5
-        min_p, top_p = torch.zeros(B, device="cuda"), torch.full((B,), 0.95, device="cuda")
-        top_k = torch.full((B,), 50, dtype=torch.long, device="cuda")
+    st = sampling_triton
+    keep = {k: getattr(st, k) for k in SWEPT}
+    settings = [dict(keep, SEARCH_PASSES=n, SEARCH_GATHER=m) for n in (3, 4, 5) for m in (2048, 4096, 8192)]
+    settings += [dict(keep, SEARCH_C=8, SEARCH_PASSES=n, SEARCH_GATHER=m) for n in (4, 5) for m in (2048, 4096)]
+    other = _other(other_path) if other_path else None
+    for V, B, spread in [(V, B, s) for V, B in shapes for s in spreads]:
+        x = _logits(B, V, spread)
+        min_p, top_k, top_p = _knobs(B)
         want = sampling.truncation_floor(x, min_p, top_k, top_p)
-        for c, block, warps in [(c, b, w) for c in (8, 16, 32) for b in (1024, 2048, 4096) for w in (4, 8)]:
-            sampling_triton.SEARCH_C, sampling_triton.SEARCH_BLOCK, sampling_triton.SEARCH_WARPS = c, block, warps
-            got = sampling_triton.truncation_floor(x, min_p, top_k, top_p)
-            assert torch.equal(x >= got[:, None], x >= want[:, None]), (c, block, warps)
-            p_us = graph_us(lambda: sampling_triton.truncation_floor(x, min_p, None, top_p))
-            kp_us = graph_us(lambda: sampling_triton.truncation_floor(x, min_p, top_k, top_p))
-            rows.append({"vocab": V, "batch": B, "C": c, "block": block, "warps": warps, "top_p_graph_us": p_us,
-                         "top_k_top_p_graph_us": kp_us})
-        sort_us = graph_us(lambda: sampling.truncation_floor(x, min_p, top_k, top_p))
-        rows.append({"vocab": V, "batch": B, "sort_graph_us": sort_us})
-        best = min((r for r in rows if r.get("vocab") == V and r.get("batch") == B and "C" in r),
-                   key=lambda r: r["top_p_graph_us"])
-        print(f"search sweep V={V} B={B}: sort {sort_us:.1f} us; best top_p {best['top_p_graph_us']:.1f} us at "
-              f"C={best['C']} block={best['block']} warps={best['warps']} (top_k+top_p "
-              f"{best['top_k_top_p_graph_us']:.1f})", flush=True)
-    sampling_triton.SEARCH_C, sampling_triton.SEARCH_BLOCK, sampling_triton.SEARCH_WARPS = keep
+        here = []
+        for setting in settings:
+            for k, v in setting.items():
+                setattr(st, k, v)
+            got = st.truncation_floor(x, min_p, top_k, top_p)
+            # tokens kept by one and not the other (rounding of the mass sums at the top_p cut can differ)
+            differ = int(((x >= got[:, None]) != (x >= want[:, None])).sum())
+            p_us = graph_us(lambda: st.truncation_floor(x, min_p, None, top_p))
+            kp_us = graph_us(lambda: st.truncation_floor(x, min_p, top_k, top_p))
+            here.append({"vocab": V, "batch": B, "spread": spread, **setting, "top_p_graph_us": p_us,
+                         "top_k_top_p_graph_us": kp_us, "tokens_unlike_sort": differ})
+        for k, v in keep.items():
+            setattr(st, k, v)
+        if other is not None:
+            here.append({"vocab": V, "batch": B, "spread": spread, "other": other_path,
+                         "top_p_graph_us": graph_us(lambda: other.truncation_floor(x, min_p, None, top_p)),
+                         "top_k_top_p_graph_us": graph_us(lambda: other.truncation_floor(x, min_p, top_k, top_p))})
+            print(f"  other build: {here[-1]['top_p_graph_us']:.1f} / {here[-1]['top_k_top_p_graph_us']:.1f} us",
+                  flush=True)
+        steps = launches(lambda: st.truncation_floor(x, min_p, None, top_p))
+        default = next(r for r in here if all(r.get(k) == v for k, v in keep.items()))
+        best = min((r for r in here if "other" not in r), key=lambda r: r["top_p_graph_us"])
+        rows += here + [{"vocab": V, "batch": B, "spread": spread, "default_top_p_launches": steps}]
+        print(f"search sweep V={V} B={B} spread={spread}: default top_p {default['top_p_graph_us']:.1f} us "
+              f"({steps}); best {best['top_p_graph_us']:.1f} us at "
+              f"{ {k: best[k] for k in SWEPT} } (top_k+top_p {best['top_k_top_p_graph_us']:.1f}); tokens unlike "
+              f"the sort {sorted({r['tokens_unlike_sort'] for r in here if 'other' not in r})}", flush=True)
+    return rows
+
+
+def against(path: str, vocabs, batches, spreads, rounds: int = 3) -> list:
+    """This tree's truncation floor and another build's (its kernels/sampling_triton.py), in turn on the same
+    logits (top_p 0.95, and top_k 50 + top_p), each first checked against the sort."""
+    other = _other(path)
+    rows = []
+    for V, B, spread in [(V, B, s) for V in vocabs for B in batches for s in spreads]:
+        x = _logits(B, V, spread)
+        min_p, top_k, top_p = _knobs(B)
+        row = {"vocab": V, "batch": B, "spread": spread, "read_once_us": B * V * 4 / 3.0e6}
+        for k, kname in ((None, "top_p"), (top_k, "top_k_top_p")):
+            want = sampling.truncation_floor(x, min_p, k, top_p)
+            for name, mod in (("this", sampling_triton), ("other", other)):
+                got = mod.truncation_floor(x, min_p, k, top_p)
+                row[f"{kname}_{name}_same_as_sort"] = bool(torch.equal(x >= got[:, None], x >= want[:, None]))
+            for r in range(rounds):
+                for name, mod in ((("this", sampling_triton), ("other", other)) if r % 2 == 0 else
+                                  (("other", other), ("this", sampling_triton))):
+                    row.setdefault(f"{kname}_{name}_graph_us", []).append(
+                        graph_us(lambda: mod.truncation_floor(x, min_p, k, top_p)))
+        rows.append(row)
+        print(f"V={V:6} B={B:3} spread={spread}: top_p this {min(row['top_p_this_graph_us']):7.1f} other "
+              f"{min(row['top_p_other_graph_us']):7.1f} us; top_k+top_p this "
+              f"{min(row['top_k_top_p_this_graph_us']):7.1f} other {min(row['top_k_top_p_other_graph_us']):7.1f}"
+              f"; same as sort {[v for kk, v in row.items() if kk.endswith('sort')]}", flush=True)
     return rows
 
 
@@ -75,22 +157,33 @@ def main():
     ap.add_argument("--vocabs", default="49152,128256")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--graph-form-only", action="store_true", help="only the sampler graphs' form of the draws")
-    ap.add_argument("--search-sweep", action="store_true", help="instead: the truncation search's tile sweep")
+    ap.add_argument("--spreads", default="4", help="logits ~ N(0, spread²) (the graph form scales by 1.25); "
+                    "negative: every 100th token at -100 too")
+    ap.add_argument("--search-sweep", action="store_true", help="instead: the truncation search's settings")
+    ap.add_argument("--against", help="instead: this tree's truncation floor against this module file's "
+                    "(with --search-sweep: that module timed beside the sweep)")
     args = ap.parse_args()
-    if args.search_sweep:
-        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": search_sweep()}
-        out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-        (out_dir / "sampler_search_sweep.json").write_text(json.dumps(out, indent=1))
+    spreads = [float(s) for s in args.spreads.split(",")]
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    if args.search_sweep or args.against:
+        shapes = [(V, B) for V in map(int, args.vocabs.split(",")) for B in map(int, args.batches.split(","))]
+        rows = (search_sweep(spreads, shapes, args.against) if args.search_sweep else
+                against(args.against, [int(v) for v in args.vocabs.split(",")],
+                        [int(b) for b in args.batches.split(",")], spreads))
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+        name = "sampler_search_sweep.json" if args.search_sweep else "sampler_search_against.json"
+        (out_dir / name).write_text(json.dumps(out, indent=1))
         return
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     sampler = Sampler()
-    for V in map(int, args.vocabs.split(",")):
+    for V, spread in [(V, s) for V in map(int, args.vocabs.split(",")) for s in spreads]:
         for B in map(int, args.batches.split(",")):
-            logits = torch.randn(B, V, device="cuda") * 4
+            logits = torch.randn(B, V, device="cuda") * spread
             for case, kw in (CASES.items() if not args.graph_form_only else ()):
                 params = [SamplingParams(**kw)] * B
                 total, ops = profile_ops(lambda: sampler(logits, params, [[]] * B, [[]] * B, [None] * B))
-                row = {"vocab": V, "batch": B, "case": case, "gpu_us": total, "read_once_us": B * V * 4 / 3.0e6,
+                row = {"vocab": V, "batch": B, "spread": spread, "case": case, "gpu_us": total,
+                       "read_once_us": B * V * 4 / 3.0e6,
                        "top": ops}
                 out["rows"].append(row)
                 print(f"V={V:6} B={B:3} {case:11} {total:8.1f} us  " + ", ".join(
@@ -119,11 +212,10 @@ def main():
                 total, ops = profile_ops(fn)
                 wall = graph_us(fn)
                 sampling_triton.SEARCH_C = search_c
-                out["rows"].append({"vocab": V, "batch": B, "case": case, "gpu_us": total, "graph_us": wall,
-                                    "read_once_us": B * V * 4 / 3.0e6, "top": ops})
+                out["rows"].append({"vocab": V, "batch": B, "spread": spread, "case": case, "gpu_us": total,
+                                    "graph_us": wall, "read_once_us": B * V * 4 / 3.0e6, "top": ops})
                 print(f"V={V:6} B={B:3} {case:11} {total:8.1f} us GPU, {wall:8.1f} us graph  " + ", ".join(
                     f"{o['kernel'][:28]} {o['us']:.0f}" for o in ops[:4]), flush=True)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     (out_dir / "sampler_cost.json").write_text(json.dumps(out, indent=1))
 
 

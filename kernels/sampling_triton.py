@@ -87,18 +87,34 @@ def race(logits: torch.Tensor, scale: torch.Tensor, seed: torch.Tensor,
 # (_key); the top_k cut is the smallest key c with count(x > c) < k, the top_p cut the smallest key c with
 # mass(x > c) < top_p · Z over the tokens min_p and top_k keep (mass exp(x − max), Z their total). Both
 # conditions are monotone in c, so a search keeps a key range (lo, hi] with the condition false at lo and
-# true at hi, and narrows it SEARCH_C-fold per pass: each pass's programs (SEARCH_BLOCK elements of a row
-# each) sum count or mass above SEARCH_C candidate keys inside the range; the next pass's programs add the
-# partial sums up and keep the sub-range where the condition turns true. 2^32 keys → 32 / log2 C passes,
-# then hi is the cut, exactly (a token value). Each pass reads the row once (from L2 at these sizes).
-# Tiles from bench/sampler_cost.py --search-sweep (H100, bench/results/sampler_search_sweep-h100.json, graph
-# µs for top_p at 128k × 1 / × 32): 1024-element programs for a few rows (46.8 vs 103 at 4096), 4096 for
-# many (180 vs 216); 16 candidates (8 passes); 4 warps (8: 1.3-3× slower). The sort: 156 / 730.
+# true at hi, and what lies above hi (`above`: its count or mass) known. A pass tests C candidate keys in the
+# range: its programs (SEARCH_BLOCK elements of a row each) sum count or mass above each candidate over the
+# elements inside the range only, and the next launch adds the partial sums up and keeps the sub-range where
+# the condition turns true. Where both ends are finite values, the candidates are spread evenly in value,
+# which narrows a range that spans many binades far faster than spreading them in key (the top_p search
+# also starts no lower than top − R, see _row_setup). From the second pass on, tiles with no element in the
+# range skip the C-wide sums and the range's elements are counted; a pass also copies them to the row's
+# buffer (SEARCH_GATHER slots) when the last count says they should fit, and once they did, the row's later
+# passes sum over its buffer instead of the whole row. One program per row then finishes the search on the
+# buffer by key (C-fold a step, so at most 32 / log2 C steps) until hi is the cut exactly (a token value).
+# A row whose range never fitted the buffer finishes on its whole row in that one program: right, but ~10×
+# slower; no input measured did that with the defaults.
+# Settings: bench/sampler_cost.py --search-sweep (H100, bench/results/sampler_search_sweep_adaptive-h100.json): over
+# 151,665 and 49,152 tokens, 1 / 8 / 128 rows, logits N(0, 5²), N(0, 1) and N(0, 1) with every 100th token
+# at −100, 16 candidates, 4 passes and 2,048 slots were never slower than the earlier form of eight whole-row
+# passes, at 0.68 of its time (geometric mean) for top_p and 0.49 for top_k + top_p; 3 passes had rows that
+# never fitted. 1024-element programs for a few rows, 4096 for many (an earlier sweep).
 SEARCH_BLOCK = None        # None: 1024 up to SEARCH_FEW_ROWS rows, else 4096
 SEARCH_FEW_ROWS = 8
 SEARCH_SUB = 128
 SEARCH_WARPS = 4
-SEARCH_C = 16              # candidates per pass: 2^32 keys take ceil(32 / log2 C) passes (8)
+SEARCH_C = 16              # candidates per pass
+SEARCH_PASSES = 4          # launches over the rows' blocks, then one finishing program per row
+SEARCH_GATHER = 2048       # buffer slots per row
+SEARCH_RATIO = 16          # a pass gathers where the last range held at most this many times the buffer
+SEARCH_CHECK = 1024        # elements tested at once for any inside the range
+FINISH_TILE = 1024         # the finishing program's loop step
+FINISH_WARPS = 4
 
 
 @triton.jit
@@ -116,110 +132,278 @@ def _unkey(k):
 
 
 @triton.jit
-def _candidates(lo, hi, ci, C: tl.constexpr):
-    """The C keys a pass tests in (lo, hi]: lo itself, then lo + ceil((hi − lo)·i / C)."""
-    return lo + ((hi - lo) * ci + C - 1) // C
+def _candidates(lo, hi, ci, C: tl.constexpr, BY_VALUE: tl.constexpr):
+    """The C keys a step tests, all in [lo, hi]: lo itself, then by key lo + ceil((hi − lo)·i / C) (C-fold
+    narrowing, guaranteed), or (BY_VALUE, where unkey(lo) and unkey(hi) are finite) the keys of the values
+    spread evenly between them. Any keys in [lo, hi] keep the search right; these only choose them well."""
+    cand = lo + ((hi - lo) * ci + C - 1) // C
+    if BY_VALUE:
+        a = _unkey(lo)
+        b = _unkey(hi)
+        t = ci.to(tl.float32) / C
+        kv = tl.minimum(tl.maximum(_key(a * (1.0 - t) + b * t).to(tl.int64), lo), hi)
+        kv = tl.where(ci == 0, lo, kv)
+        cand = tl.where((a > float("-inf")) & (b < float("inf")), kv, cand)    # NaN ends fail both
+    return cand
 
 
 @triton.jit
-def _row_stats_kernel(x_ptr, bmax_ptr, bmin_ptr, V, sx, NB, BLOCK: tl.constexpr):
+def _row_stats_kernel(x_ptr, bmax_ptr, bmin_ptr, cnt_ptr, V, sx, NB, NCNT, BLOCK: tl.constexpr):
+    """Per block of a row: its max and its least finite value; block 0 zeroes the row's NCNT counters."""
     row = tl.program_id(0)
     blk = tl.program_id(1)
     cols = blk * BLOCK + tl.arange(0, BLOCK)
     m = cols < V
     x = tl.load(x_ptr + row.to(tl.int64) * sx + cols, mask=m, other=float("-inf"))
     tl.store(bmax_ptr + row * NB + blk, tl.max(x, axis=0))
-    tl.store(bmin_ptr + row * NB + blk, tl.min(tl.where(m, x, float("inf")), axis=0))
+    tl.store(bmin_ptr + row * NB + blk, tl.min(tl.where(m & (x > float("-inf")), x, float("inf")), axis=0))
+    if blk == 0:
+        for i in range(NCNT):
+            tl.store(cnt_ptr + i * tl.num_programs(0) + row, 0)
 
 
 @triton.jit
-def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_in, part_out, st_in, st_out,
-                   tg_in, tg_out, floor_ptr, V, sx, NB, step, BLOCK: tl.constexpr, SUB: tl.constexpr, C: tl.constexpr,
-                   BNB: tl.constexpr, MASS: tl.constexpr, HAS_K: tl.constexpr, BODY: tl.constexpr):
-    """One pass of a search (module comment). MASS: the top_p cut (knob_ptr: top_p), else the top_k cut
-    (knob_ptr: k). step 0 starts the range; later steps first narrow it from the previous pass's sums. The
-    range (st: int64 lo, hi) and the target (tg) of each row pass from step to step through its program 0."""
-    row = tl.program_id(0)
-    blk = tl.program_id(1)
+def _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NB, BNB: tl.constexpr,
+               MASS: tl.constexpr, HAS_K: tl.constexpr, RAISE: tl.constexpr):
+    """The row's top value, the floor min_p (and the top_k cut) set, and the search's first lo: just below
+    the least finite value not under that floor (banned −inf tokens weigh nothing; when a row has none left,
+    lo sits just under the top). RAISE, for top_p < 1: not below top − R either, R = log(V / (1 − top_p)) + 1:
+    the tokens under it weigh less than V·e^−R < (1 − top_p)·Z in all (Z ≥ 1, the top's own weight), so the
+    condition is false there (Z itself is then summed apart, TOTAL)."""
     b = tl.arange(0, BNB)
     mb = b < NB
     top = tl.max(tl.load(bmax_ptr + row * NB + b, mask=mb, other=float("-inf")), axis=0)
+    least = tl.min(tl.load(bmin_ptr + row * NB + b, mask=mb, other=float("inf")), axis=0)
     floor1 = top
+    start = least
     if MASS:
         floor1 = top + tl.log(tl.load(minp_ptr + row))
         if HAS_K:
             floor1 = tl.maximum(floor1, tl.load(kth_ptr + row))
-        lo0 = _key(floor1).to(tl.int64) - 1          # every kept token lies above: A(lo0) = Z
-    else:
-        bottom = tl.min(tl.load(bmin_ptr + row * NB + b, mask=mb, other=float("inf")), axis=0)
-        lo0 = _key(bottom).to(tl.int64) - 1
-    lo0 = tl.maximum(lo0, -2147483648)
+        start = tl.maximum(floor1, least)
+        if RAISE:
+            p = tl.load(knob_ptr + row).to(tl.float32)
+            r = tl.log(V * 1.0) - tl.log(1.0 - p) + 1.0
+            start = tl.where(p < 1.0, tl.maximum(start, top - r), start)
+    hi0 = _key(top).to(tl.int64)
+    lo0 = tl.where(start <= top, _key(start).to(tl.int64) - 1, hi0 - 1)
+    return top, floor1, tl.maximum(lo0, -2147483648), hi0
+
+
+@triton.jit
+def _narrow(lo, hi, above, target, tot, cand, C: tl.constexpr):
+    """Keep the sub-range where the condition (count or mass above < target) turns true; `above` follows hi."""
     ci = tl.arange(0, C)
-    if step == 0:
-        lo = lo0
-        hi = _key(top).to(tl.int64)                  # nothing lies above the top: the condition holds
-        target = tl.load(knob_ptr + row).to(tl.float32)     # top_p (times Z once known) or k
-        if MASS:
-            target = tl.where(target >= 1.0, float("inf"), target)   # top_p 1 cuts nothing
+    # candidate 0 is lo, false by construction; a range one key wide is final, and its pass summed nothing
+    cond = (tot < target) & (ci > 0) & (hi - lo > 1)
+    new_hi = tl.min(tl.where(cond, cand, hi), axis=0)
+    new_above = tl.max(tl.where(cond, tot, above), axis=0)     # the sums fall as the key rises
+    new_lo = tl.max(tl.where(cond, lo, cand), axis=0)
+    return new_lo, new_hi, new_above
+
+
+@triton.jit
+def _narrowed(st_in, ab_in, part_in, row, NB, BNB: tl.constexpr, C: tl.constexpr, MASS: tl.constexpr, after_first):
+    """The row's state after the last pass (lo, hi, buffer count, above, target), narrowed by that pass's sums.
+    MASS and after_first: that pass was step 0 of a top_p search, whose candidate 0 summed Z: the target
+    becomes top_p · Z."""
+    ci = tl.arange(0, C)
+    lo = tl.load(st_in + row * 3)
+    hi = tl.load(st_in + row * 3 + 1)
+    nbuf = tl.load(st_in + row * 3 + 2)
+    above = tl.load(ab_in + row * 2)
+    target = tl.load(ab_in + row * 2 + 1)
+    b = tl.arange(0, BNB)
+    parts = tl.load(part_in + (row * NB + b[:, None]) * C + ci[None, :], mask=(b < NB)[:, None], other=0.0)
+    tot = above + tl.sum(parts, axis=0)
+    if MASS:
+        if after_first:
+            target = target * tl.sum(tl.where(ci == 0, tot, 0.0), axis=0)
+    lo, hi, above = _narrow(lo, hi, above, target, tot, _candidates(lo, hi, ci, C, True), C)
+    return lo, hi, nbuf, above, target
+
+
+@triton.jit
+def _tile_sums(ptr, L, lo32, hi32, cand32, top, floor1, acc, z, start, SUB: tl.constexpr, MASS: tl.constexpr,
+               TOTAL: tl.constexpr):
+    cols = start + tl.arange(0, SUB)
+    m = cols < L
+    x = tl.load(ptr + cols, mask=m, other=float("-inf"))
+    k = _key(x)
+    inside = m & (k > lo32) & (k <= hi32)
+    if MASS:
+        e = tl.exp(x - top)
+        w = tl.where(inside, e, 0.0)
+        if TOTAL:
+            z += tl.where(m & (x >= floor1), e, 0.0)
     else:
-        lo = tl.load(st_in + row * 2)
-        hi = tl.load(st_in + row * 2 + 1)
-        target = tl.load(tg_in + row)
-        parts = tl.load(part_in + (row * NB + b[:, None]) * C + ci[None, :], mask=mb[:, None], other=0.0)
-        tot = tl.sum(parts, axis=0)
-        if MASS:
-            if step == 1:                            # candidate 0 was lo0: its sum is Z
-                target = target * tl.sum(tl.where(ci == 0, tot, 0.0), axis=0)
-        cand = _candidates(lo, hi, ci, C)
-        cond = (tot < target) & (ci > 0)             # candidate 0 is lo, false by construction
-        new_hi = tl.min(tl.where(cond, cand, hi), axis=0)
-        lo = tl.max(tl.where(cond, lo, cand), axis=0)
-        hi = new_hi
-    if blk == 0:
-        tl.store(st_out + row * 2, lo)
-        tl.store(st_out + row * 2 + 1, hi)
-        tl.store(tg_out + row, target)
-        if MASS:
-            tl.store(floor_ptr + row, tl.maximum(floor1, _unkey(hi)))
-        else:
-            tl.store(floor_ptr + row, _unkey(hi))
-    if BODY:
-        cand = _candidates(lo, hi, ci, C).to(tl.int32)
-        acc = tl.zeros((SUB, C), dtype=tl.float32)      # reduced once, after the loop
+        w = tl.where(inside, 1.0, 0.0)
+    return acc + tl.where(k[:, None] > cand32[None, :], w[:, None], 0.0), z
+
+
+@triton.jit
+def _range_sums(ptr, L, lo, hi, cand, top, floor1, acc, z, start, BLOCK: tl.constexpr, SUB: tl.constexpr,
+                CHECK: tl.constexpr, MASS: tl.constexpr, TOTAL: tl.constexpr, gather, buf_ptr, cnt_ptr, M):
+    """acc[:, i] += the count or mass of the elements of ptr[start : start + BLOCK] (< L) with lo < key <= hi
+    and key > cand[i], SUB elements at a time. CHECK > 0: first each CHECK elements are tested for any inside
+    the range (one block-wide sum), the sums skip them where none is, and the row's counter at cnt_ptr counts
+    those inside; where `gather`, they are also copied to buf_ptr (M slots; past M they are only counted).
+    TOTAL (MASS, without CHECK): z += the mass of every element >= floor1, inside the range or not."""
+    lo32 = lo.to(tl.int32)
+    hi32 = hi.to(tl.int32)
+    cand32 = cand.to(tl.int32)
+    if CHECK == 0:
         for s in range(0, BLOCK, SUB):
-            cols = blk * BLOCK + s + tl.arange(0, SUB)
-            m = cols < V
-            x = tl.load(x_ptr + row.to(tl.int64) * sx + cols, mask=m, other=float("-inf"))
-            if MASS:
-                w = tl.where(m & (x >= floor1), tl.exp(x - top), 0.0)
-            else:
-                w = tl.where(m, 1.0, 0.0)
+            acc, z = _tile_sums(ptr, L, lo32, hi32, cand32, top, floor1, acc, z, start + s, SUB, MASS, TOTAL)
+    else:
+        for c in range(0, BLOCK, CHECK):
+            cols = start + c + tl.arange(0, CHECK)
+            m = cols < L
+            x = tl.load(ptr + cols, mask=m, other=float("-inf"))
             k = _key(x)
-            acc += tl.where(k[:, None] > cand[None, :], w[:, None], 0.0)
-        tl.store(part_out + (row * NB + blk) * C + ci, tl.sum(acc, axis=0))
+            inside = m & (k > lo32) & (k <= hi32)
+            n = tl.sum(inside.to(tl.int32), axis=0)
+            if n > 0:
+                for s in range(0, CHECK, SUB):
+                    acc, z = _tile_sums(ptr, L, lo32, hi32, cand32, top, floor1, acc, z, start + c + s, SUB, MASS,
+                                        False)
+                base = tl.atomic_add(cnt_ptr, n)
+                if gather:
+                    pos = base + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+                    tl.store(buf_ptr + pos, x, mask=inside & (pos < M))
+    return acc, z
 
 
-def _search(x, bmax, bmin, min_p, knob, kth, out, block: int, mass: bool, has_k: bool) -> None:
+@triton.jit
+def _settle(nbuf, cnt_ptr, B, row, q, M, RATIO: tl.constexpr):
+    """A row still on its whole row (nbuf < 0) reads the gathered buffer from now on when pass q gathered (the
+    count of pass q − 1's range was at most RATIO·M, so q's was expected to fit) and its range's count fit."""
+    before = tl.load(cnt_ptr + (q - 1) * B + row)
+    n = tl.load(cnt_ptr + q * B + row)
+    return tl.where((nbuf < 0) & (before <= RATIO * M) & (n <= M), n, nbuf).to(tl.int64)
+
+
+@triton.jit
+def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_in, part_out, st_in, st_out,
+                   ab_in, ab_out, buf_ptr, cnt_ptr, B, V, sx, NB, M, step, BLOCK: tl.constexpr,
+                   SUB: tl.constexpr, C: tl.constexpr, BNB: tl.constexpr, MASS: tl.constexpr, HAS_K: tl.constexpr,
+                   CHECK: tl.constexpr, FIRST: tl.constexpr, TOTAL: tl.constexpr, RATIO: tl.constexpr):
+    """One pass of a search (module comment). MASS: the top_p cut (knob_ptr: top_p), else the top_k cut
+    (knob_ptr: k). step 0 starts the range; later steps first narrow it from the previous pass's sums. The
+    range and the row's buffer count (st: int64 lo, hi, nbuf: −1 while on the whole row), what lies above hi
+    and the target (ab) pass from step to step through each row's program 0. The pass's sums run over the
+    row's block of the whole row, or of its buffer once the row reads that; cnt_ptr[step, row] counts the
+    elements inside the range (step 0: V)."""
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    top, floor1, lo, hi = _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NB, BNB, MASS, HAS_K,
+                                     TOTAL)
+    ci = tl.arange(0, C)
+    nbuf = tl.full((), -1, tl.int64)
+    if FIRST:
+        above = 0.0
+        target = tl.load(knob_ptr + row).to(tl.float32)      # top_p (times Z once known) or k
+        if MASS:
+            done = target >= 1.0                             # top_p 1 cuts nothing
+            target = tl.where(done, float("inf"), target)
+        else:
+            done = target >= V
+        hi = tl.where(done, lo + 1, hi)
+        if blk == 0:
+            tl.store(cnt_ptr + row, V)
+    else:
+        lo, hi, nbuf, above, target = _narrowed(st_in, ab_in, part_in, row, NB, BNB, C, MASS, step == 1)
+        if step >= 2:
+            nbuf = _settle(nbuf, cnt_ptr, B, row, step - 1, M, RATIO)
+    if blk == 0:
+        tl.store(st_out + row * 3, lo)
+        tl.store(st_out + row * 3 + 1, hi)
+        tl.store(st_out + row * 3 + 2, nbuf)
+        tl.store(ab_out + row * 2, above)
+        tl.store(ab_out + row * 2 + 1, target)
+    acc = tl.zeros((SUB, C), dtype=tl.float32)      # reduced once, after the loop
+    z = tl.zeros((SUB,), dtype=tl.float32)
+    cand = _candidates(lo, hi, ci, C, True)
+    if hi - lo > 1:
+        if nbuf >= 0:
+            if blk * BLOCK < nbuf:
+                acc, z = _range_sums(buf_ptr + row.to(tl.int64) * M, nbuf, lo, hi, cand, top, floor1, acc, z,
+                                     blk * BLOCK, BLOCK, SUB, 0, MASS, False, False, buf_ptr, cnt_ptr, M)
+        else:
+            gather = False
+            if not FIRST:     # gather where the last range's count suggests this one fits the buffer
+                gather = tl.load(cnt_ptr + (step - 1) * B + row) <= RATIO * M
+            acc, z = _range_sums(x_ptr + row.to(tl.int64) * sx, V, lo, hi, cand, top, floor1, acc, z,
+                                 blk * BLOCK, BLOCK, SUB, CHECK, MASS, TOTAL, gather,
+                                 buf_ptr + row.to(tl.int64) * M, cnt_ptr + step * B + row, M)
+    sums = tl.sum(acc, axis=0)
+    if TOTAL:     # step 0's sum at candidate 0 is read as Z: with lo raised, the whole kept mass apart
+        sums = tl.where(ci == 0, tl.sum(z, axis=0), sums)
+    tl.store(part_out + (row * NB + blk) * C + ci, sums)
+
+
+@triton.jit
+def _finish_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_in, st_in, ab_in, buf_ptr, cnt_ptr,
+                   floor_ptr, B, V, sx, NB, M, last, SUB: tl.constexpr, C: tl.constexpr, BNB: tl.constexpr,
+                   MASS: tl.constexpr, HAS_K: tl.constexpr, ONE_PASS: tl.constexpr, RATIO: tl.constexpr,
+                   FINISH_TILE: tl.constexpr):
+    """One program per row: narrow from the last pass's sums, then step by key over the row's buffer (or the
+    whole row, where its range never fitted one) until hi is the cut; store the floor."""
+    row = tl.program_id(0)
+    top, floor1, lo, hi = _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NB, BNB, MASS, HAS_K,
+                                     False)
+    ci = tl.arange(0, C)
+    lo, hi, nbuf, above, target = _narrowed(st_in, ab_in, part_in, row, NB, BNB, C, MASS, ONE_PASS)
+    if not ONE_PASS:
+        nbuf = _settle(nbuf, cnt_ptr, B, row, last, M, RATIO)
+    if nbuf >= 0:
+        ptr = buf_ptr + row.to(tl.int64) * M
+        L = nbuf.to(tl.int32)
+    else:
+        ptr = x_ptr + row.to(tl.int64) * sx
+        L = V
+    while hi - lo > 1:
+        cand = _candidates(lo, hi, ci, C, False)
+        acc = tl.zeros((SUB, C), dtype=tl.float32)
+        z = tl.zeros((SUB,), dtype=tl.float32)
+        for s in range(0, L, FINISH_TILE):
+            acc, z = _range_sums(ptr, L, lo, hi, cand, top, floor1, acc, z, s, FINISH_TILE, SUB, 0, MASS, False,
+                                 False, buf_ptr, cnt_ptr, M)
+        lo, hi, above = _narrow(lo, hi, above, target, above + tl.sum(acc, axis=0), cand, C)
+    if MASS:
+        tl.store(floor_ptr + row, tl.maximum(floor1, _unkey(hi)))
+    else:
+        tl.store(floor_ptr + row, _unkey(hi))
+
+
+def _search(x, bmax, bmin, min_p, knob, kth, out, cnt, buf, block: int, mass: bool, has_k: bool) -> None:
     B, V = x.shape
     nb = bmax.shape[1]
+    M = buf.shape[1]
     parts = torch.empty(2, B, nb, SEARCH_C, dtype=torch.float32, device=x.device)
-    st = torch.empty(2, 2 * B, dtype=torch.int64, device=x.device)    # lo, hi per row
-    tg = torch.empty(2, B, dtype=torch.float32, device=x.device)
-    passes = -(-32 // (SEARCH_C.bit_length() - 1))
-    for step in range(passes + 1):
-        body = step < passes
+    st = torch.empty(2, 3 * B, dtype=torch.int64, device=x.device)     # lo, hi, buffer count per row
+    ab = torch.empty(2, 2 * B, dtype=torch.float32, device=x.device)   # above hi, target per row
+    kth = kth if kth is not None else bmax
+    shape = dict(SUB=SEARCH_SUB, C=SEARCH_C, BNB=max(16, triton.next_power_of_2(nb)), MASS=mass, HAS_K=has_k,
+                 RATIO=SEARCH_RATIO)
+    check = min(max(SEARCH_CHECK, SEARCH_SUB), block)
+    for step in range(SEARCH_PASSES):
         i, o = (step + 1) % 2, step % 2
-        _search_kernel[(B, nb if body else 1)](
-            x, bmax, bmin, min_p, knob, kth if kth is not None else bmax, parts[i], parts[o], st[i], st[o],
-            tg[i], tg[o], out,
-            V, x.stride(0), nb, step, BLOCK=block, SUB=SEARCH_SUB, C=SEARCH_C,
-            BNB=max(16, triton.next_power_of_2(nb)), MASS=mass, HAS_K=has_k, BODY=body, num_warps=SEARCH_WARPS)
+        # step 0's range holds most kept tokens: nothing to skip there, and Z summed whole (TOTAL)
+        _search_kernel[(B, nb)](x, bmax, bmin, min_p, knob, kth, parts[i], parts[o], st[i], st[o], ab[i], ab[o],
+                                buf, cnt, B, V, x.stride(0), nb, M, step, BLOCK=block, CHECK=check if step else 0,
+                                FIRST=step == 0, TOTAL=mass and step == 0, num_warps=SEARCH_WARPS, **shape)
+    last = (SEARCH_PASSES - 1) % 2
+    _finish_kernel[(B,)](x, bmax, bmin, min_p, knob, kth, parts[last], st[last], ab[last], buf, cnt, out, B, V,
+                         x.stride(0), nb, M, SEARCH_PASSES - 1, ONE_PASS=SEARCH_PASSES == 1,
+                         FINISH_TILE=FINISH_TILE, num_warps=FINISH_WARPS, **shape)
 
 
 def truncation_floor(x: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor | None,
                      top_p: torch.Tensor) -> torch.Tensor:
-    """kernels/sampling.py's truncation_floor without a sort: 2 × 8 small launches (half without top_k), each
-    reading the row once. Same floor up to rounding of the mass sums at the top_p cut."""
+    """kernels/sampling.py's truncation_floor without a sort: per search SEARCH_PASSES launches over the rows'
+    blocks and one finishing program per row (two searches with top_k). Same floor up to rounding of the mass
+    sums at the top_p cut."""
     B, V = x.shape
     x = x.float().contiguous()
     block = SEARCH_BLOCK or (1024 if B <= SEARCH_FEW_ROWS else 4096)
@@ -229,11 +413,13 @@ def truncation_floor(x: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor |
     floor = torch.empty(B, dtype=torch.float32, device=x.device)
     if B == 0:
         return floor
-    _row_stats_kernel[(B, nb)](x, bmax, bmin, V, x.stride(0), nb, BLOCK=block, num_warps=8)
+    cnt = torch.empty(2, SEARCH_PASSES, B, dtype=torch.int32, device=x.device)   # per search, pass and row
+    buf = torch.empty(B, min(SEARCH_GATHER, V), dtype=torch.float32, device=x.device)
+    _row_stats_kernel[(B, nb)](x, bmax, bmin, cnt, V, x.stride(0), nb, 2 * SEARCH_PASSES, BLOCK=block, num_warps=8)
     kth = None
     if top_k is not None:
         kth = torch.empty(B, dtype=torch.float32, device=x.device)
-        _search(x, bmax, bmin, min_p, top_k, kth, kth, block, mass=False, has_k=False)
-    _search(x, bmax, bmin, min_p.float().contiguous(), top_p.float().contiguous(), kth, floor, block, mass=True,
-            has_k=kth is not None)
+        _search(x, bmax, bmin, min_p, top_k, kth, kth, cnt[0], buf, block, mass=False, has_k=False)
+    _search(x, bmax, bmin, min_p.float().contiguous(), top_p.float().contiguous(), kth, floor, cnt[1], buf,
+            block, mass=True, has_k=kth is not None)
     return floor

@@ -5,6 +5,8 @@ slot 0 only.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1344,24 +1346,53 @@ def test_race_draws_softmax_of_scaled_logits(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("with_k", [True, False])
-def test_search_truncation_floor_keeps_what_the_sort_keeps(device, with_k, monkeypatch):
+@pytest.mark.parametrize("with_k,layout", [(True, "default"), (False, "default"), (True, "overflow"),
+                                           (True, "one_pass"), (False, "three_passes_small_buffer"),
+                                           (False, "many_passes")])
+def test_search_truncation_floor_keeps_what_the_sort_keeps(device, with_k, layout, monkeypatch):
     """The sort-free truncation floor (key-range search) keeps the same tokens as the sorted reference, per
     row, with every knob mix across rows: neutral, min_p, top_k (ties at the k-th value), top_p (incl. 1e-6:
-    the top token only), all three; rows of different spreads, -inf (banned) tokens, a partial last block."""
+    the top token only), all three; rows of different spreads, -inf (banned) tokens, a partial last block.
+    Layouts: the default (at these vocabularies the buffer holds a whole row, so rows move to it after one
+    pass); a buffer of one slot (rows stay on the whole row to the end); one pass (the finishing program
+    computes Z); three passes with a buffer of 64 (rows move to it at different passes, or never); more passes
+    than most rows need (passes after a row's range is one key wide)."""
+
     if device == "cpu":
         monkeypatch.setattr(sampling_tr, "SEARCH_BLOCK", 256)
         monkeypatch.setattr(sampling_tr, "SEARCH_SUB", 64)
+    if layout == "overflow":
+        monkeypatch.setattr(sampling_tr, "SEARCH_GATHER", 1)
+    elif layout == "one_pass":
+        monkeypatch.setattr(sampling_tr, "SEARCH_PASSES", 1)
+        monkeypatch.setattr(sampling_tr, "FINISH_TILE", 128)
+    elif layout == "many_passes":
+        monkeypatch.setattr(sampling_tr, "SEARCH_PASSES", 7)
+    elif layout == "three_passes_small_buffer":
+        monkeypatch.setattr(sampling_tr, "SEARCH_PASSES", 3)
+        monkeypatch.setattr(sampling_tr, "SEARCH_GATHER", 64)
     V = (sampling_tr.SEARCH_BLOCK or 1024) * 3 + 77                 # 8 rows: 1024-element programs on a GPU
     g = torch.Generator().manual_seed(7)
     knobs = [(0.0, V, 1.0), (0.1, V, 1.0), (0.0, 7, 1.0), (0.0, V, 0.9), (0.0, 40, 0.5), (0.3, 100, 0.95),
-             (0.0, V, 1e-6), (0.05, 3, 1.0)]
+             (0.0, V, 1e-6), (0.05, 3, 1.0), (0.0, V, 0.9), (0.0, 50, 0.5), (0.0, V, 0.7), (0.0, 5, 0.8),
+             (0.0, V, 0.9)]
     if not with_k:
         knobs = [(mp, V, p) for mp, _, p in knobs]
     B = len(knobs)
-    x = torch.randn(B, V, generator=g) * torch.tensor([0.5, 2.0, 4.0, 1.0] * (B // 4))[:, None]
+    scale = torch.tensor([0.5, 2.0, 4.0, 1.0, 0.5, 2.0, 4.0, 1.0, 0.01, 1.0, 1e-30, 1.0, 1.0])
+    x = torch.randn(B, V, generator=g) * scale[:, None]
     x[2, :20] = x[2].max() - 0.25                  # 20 tokens tie right under the top: top_k 7 keeps them all
     x[3, 100:200] = float("-inf")
+    # row 8 nearly flat (a wide nucleus); row 9 one value throughout; row 10 both signs within 1e-29 of 0
+    # (equal masses, keys far apart); row 11 one finite token among banned ones
+    x[9] = 1.5
+    x[11] = float("-inf")
+    x[11, 5] = 0.25
+    # row 12: the search starts at top − R (R = log(V / (1 − top_p)) + 1); the ~0.03 of mass below it still
+    # counts in Z, and here decides the cut (the top alone against the top and the 10 tokens at log 0.01)
+    x[12] = -(math.log(V / 0.1) + 1.2)
+    x[12, 0] = 0.0
+    x[12, 1:11] = math.log(0.01)
     x = x.to(device)
     min_p = torch.tensor([k[0] for k in knobs], device=device)
     top_k = torch.tensor([k[1] for k in knobs], device=device)
