@@ -29,18 +29,22 @@ CASES = {"temperature": dict(temperature=0.8), "top_p": dict(temperature=0.8, to
          "top_k": dict(temperature=0.8, top_k=50), "greedy": dict(temperature=0.0)}
 
 
-def profile_ops(fn, reps: int = 20) -> tuple[float, list]:
-    for _ in range(3):
+def _kernels(fn, reps: int, warm: int) -> list:
+    """The GPU kernels of `reps` calls of fn (after `warm` calls), as the profiler's events."""
+    for _ in range(warm):
         fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def profile_ops(fn, reps: int = 20) -> tuple[float, list]:
     by = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            by[e.name[:70]] += e.device_time_total / reps
+    for e in _kernels(fn, reps, 3):
+        by[e.name[:70]] += e.device_time_total / reps
     ops = sorted(by.items(), key=lambda kv: -kv[1])
     return sum(by.values()), [{"kernel": k, "us": v} for k, v in ops[:8]]
 
@@ -64,14 +68,13 @@ SWEPT = ("SEARCH_C", "SEARCH_PASSES", "SEARCH_GATHER", "SEARCH_CHECK", "SEARCH_B
 
 def launches(fn) -> list:
     """[(kernel, µs)] of one call of fn, in launch order (after a warm-up call)."""
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                key=lambda e: e.time_range.start)
+    ev = sorted(_kernels(fn, 1, 1), key=lambda e: e.time_range.start)
     return [(e.name[:40], round(e.time_range.elapsed_us(), 1)) for e in ev]
+
+
+def _unlike_sort(x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -> int:
+    """Tokens kept under one floor and not the other (rounding of the mass sums at the top_p cut can differ)."""
+    return int(((x >= got[:, None]) != (x >= want[:, None])).sum())
 
 
 def _other(path: str):
@@ -81,7 +84,7 @@ def _other(path: str):
     return other
 
 
-def search_sweep(spreads, shapes=((151665, 1), (151665, 32), (151665, 128), (49152, 1)), other_path=None) -> list:
+def search_sweep(spreads, shapes, other_path=None) -> list:
     """The sort-free truncation floor's settings (SWEPT: candidates per pass, passes, buffer slots per row,
     elements tested at once for any inside the range, row elements per program), and the default's launches
     one by one; with other_path, another build's module (its defaults) on the same logits."""
@@ -99,9 +102,7 @@ def search_sweep(spreads, shapes=((151665, 1), (151665, 32), (151665, 128), (491
         for setting in settings:
             for k, v in setting.items():
                 setattr(st, k, v)
-            got = st.truncation_floor(x, min_p, top_k, top_p)
-            # tokens kept by one and not the other (rounding of the mass sums at the top_p cut can differ)
-            differ = int(((x >= got[:, None]) != (x >= want[:, None])).sum())
+            differ = _unlike_sort(x, st.truncation_floor(x, min_p, top_k, top_p), want)
             p_us = graph_us(lambda: st.truncation_floor(x, min_p, None, top_p))
             kp_us = graph_us(lambda: st.truncation_floor(x, min_p, top_k, top_p))
             here.append({"vocab": V, "batch": B, "spread": spread, **setting, "top_p_graph_us": p_us,
@@ -125,20 +126,20 @@ def search_sweep(spreads, shapes=((151665, 1), (151665, 32), (151665, 128), (491
     return rows
 
 
-def against(path: str, vocabs, batches, spreads, rounds: int = 3) -> list:
+def against(path: str, shapes, spreads, rounds: int = 3) -> list:
     """This tree's truncation floor and another build's (its kernels/sampling_triton.py), in turn on the same
     logits (top_p 0.95, and top_k 50 + top_p), each first checked against the sort."""
     other = _other(path)
     rows = []
-    for V, B, spread in [(V, B, s) for V in vocabs for B in batches for s in spreads]:
+    for V, B, spread in [(V, B, s) for V, B in shapes for s in spreads]:
         x = _logits(B, V, spread)
         min_p, top_k, top_p = _knobs(B)
         row = {"vocab": V, "batch": B, "spread": spread, "read_once_us": B * V * 4 / 3.0e6}
         for k, kname in ((None, "top_p"), (top_k, "top_k_top_p")):
             want = sampling.truncation_floor(x, min_p, k, top_p)
             for name, mod in (("this", sampling_triton), ("other", other)):
-                got = mod.truncation_floor(x, min_p, k, top_p)
-                row[f"{kname}_{name}_same_as_sort"] = bool(torch.equal(x >= got[:, None], x >= want[:, None]))
+                row[f"{kname}_{name}_same_as_sort"] = _unlike_sort(x, mod.truncation_floor(x, min_p, k, top_p),
+                                                                   want) == 0
             for r in range(rounds):
                 for name, mod in ((("this", sampling_triton), ("other", other)) if r % 2 == 0 else
                                   (("other", other), ("this", sampling_triton))):
@@ -168,8 +169,7 @@ def main():
     if args.search_sweep or args.against:
         shapes = [(V, B) for V in map(int, args.vocabs.split(",")) for B in map(int, args.batches.split(","))]
         rows = (search_sweep(spreads, shapes, args.against) if args.search_sweep else
-                against(args.against, [int(v) for v in args.vocabs.split(",")],
-                        [int(b) for b in args.batches.split(",")], spreads))
+                against(args.against, shapes, spreads))
         out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
         name = "sampler_search_sweep.json" if args.search_sweep else "sampler_search_against.json"
         (out_dir / name).write_text(json.dumps(out, indent=1))

@@ -504,7 +504,7 @@ class AsyncEngine:
             if stop is None:
                 entry.queue.put_nowait(out)
             else:
-                self._end(rid, entry, out, True)
+                self._end(rid, entry, out)
         for out in rows.others:
             entry = requests.get(out.request_id)
             if entry is None or entry.done:
