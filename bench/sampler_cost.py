@@ -4,9 +4,12 @@ softmax, the draw) in the eager sampler, and in the form the sampler graphs take
 split-row race / argmax of kernels/sampling_triton.py), against the time of reading the logits once.
 
 Usage (GPU machine): python bench/sampler_cost.py [--vocabs 49152,128256] [--batches 1,32] [--spreads 4]
-[--graph-form-only] [--search-sweep] [--against OTHER/kernels/sampling_triton.py] → $OUT/sampler_cost.json (or
-bench/results/). --against: instead, the truncation floor of this tree and of another build's module file, in
-turn on the same logits, each checked against the sort.
+[--graph-form-only] [--search-sweep] [--against OTHER/kernels/sampling_triton.py] [--draws-against OTHER_TREE]
+→ $OUT/sampler_cost.json (or bench/results/). --against: instead, the truncation floor of this tree and of another
+build's module file, in turn on the same logits, each checked against the sort. --draws-against: instead, the
+sampler graphs' whole draw (engine/sampler_graphs.py `_draw`: temperature only, min_p / top_p, top_k + top_p) of
+this tree and of another tree (its `_draw` and kernels/sampling_triton.py loaded from its files), in turn as CUDA
+graphs, each draw's tokens checked against the sort's kept set.
 """
 from __future__ import annotations
 
@@ -153,6 +156,64 @@ def against(path: str, shapes, spreads, rounds: int = 3) -> list:
     return rows
 
 
+def _tree_draw(tree: str | None):
+    """(the `_draw` function, its sampling kernels) of this tree (None) or of another tree's files."""
+    from hybridserve.engine import sampler_graphs
+    if tree is None:
+        return sampler_graphs._draw, sampling_triton
+    kernels = _other(str(Path(tree) / "kernels" / "sampling_triton.py"))
+    spec = importlib.util.spec_from_file_location("other_sampler_graphs", Path(tree) / "engine" / "sampler_graphs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.pick = lambda name, device: kernels
+    return mod._draw, kernels
+
+
+def draws_against(tree: str, shapes, spreads, rounds: int = 3, checks: int = 10) -> list:
+    """The sampler graphs' draw of this tree and of `tree`, in turn on the same logits: temperature 0.8 alone,
+    with top_p 0.95 (cut "p"), and with top_k 50 too ("kp"); graph µs per draw, and the tokens drawn outside
+    the sort's kept set over `checks` draws (none expected but at a rounding tie at the top_p cut)."""
+    this, other = _tree_draw(None), _tree_draw(tree)
+    builds = {"this": this[0], "other": other[0]}
+    kernels = {"this": this[1], "other": other[1]}
+    rows = []
+    for V, B, spread in [(V, B, s) for V, B in shapes for s in spreads]:
+        logits = _logits(B, V, spread)
+        temperature = torch.full((B,), 0.8, device="cuda")
+        min_p, top_k, top_p = _knobs(B)
+        argmax, greedy = logits.argmax(-1), torch.zeros(B, dtype=torch.long, device="cuda")
+        seed = torch.zeros(1, dtype=torch.long, device="cuda")
+        x = logits / temperature[:, None]
+        row = {"vocab": V, "batch": B, "spread": spread, "read_once_us": B * V * 4 / 3.0e6}
+        for cut in ("", "p", "kp"):
+            k = top_k if "k" in cut else torch.full((B,), V, dtype=torch.long, device="cuda")
+            p = top_p if cut else torch.ones(B, device="cuda")
+            floor = sampling.truncation_floor(x, min_p, k, p)
+            for name, draw in builds.items():
+                outside = 0
+                for _ in range(checks):
+                    ids = draw(logits, argmax, temperature, k, p, min_p, greedy, seed, cut)
+                    outside += int((x.gather(1, ids[:, None])[:, 0] < floor).sum())
+                row[f"{cut or 't'}_{name}_outside_kept"] = outside
+            for r in range(rounds):
+                for name in (("this", "other") if r % 2 == 0 else ("other", "this")):
+                    row.setdefault(f"{cut or 't'}_{name}_graph_us", []).append(graph_us(
+                        lambda: builds[name](logits, argmax, temperature, k, p, min_p, greedy, seed, cut)))
+        for r in range(rounds):      # the decode graph's greedy argmax, same kernels
+            for name in (("this", "other") if r % 2 == 0 else ("other", "this")):
+                row.setdefault(f"argmax_{name}_graph_us", []).append(graph_us(lambda: kernels[name].argmax(logits)))
+        for cut in ("p", "kp"):
+            row[f"{cut}_this_launches"] = launches(lambda: builds["this"](logits, argmax, temperature, top_k, top_p,
+                                                                          min_p, greedy, seed, cut))
+        rows.append(row)
+        print(f"V={V:6} B={B:3} spread={spread}: " + "; ".join(
+            f"{c or 't'} this {min(row[f'{c or chr(116)}_this_graph_us']):7.1f} other "
+            f"{min(row[f'{c or chr(116)}_other_graph_us']):7.1f}" for c in ("", "p", "kp")) +
+            f"; argmax this {min(row['argmax_this_graph_us']):6.1f} other {min(row['argmax_other_graph_us']):6.1f}" +
+            f"; outside {[v for kk, v in row.items() if kk.endswith('outside_kept')]}", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocabs", default="49152,128256")
@@ -163,15 +224,20 @@ def main():
     ap.add_argument("--search-sweep", action="store_true", help="instead: the truncation search's settings")
     ap.add_argument("--against", help="instead: this tree's truncation floor against this module file's "
                     "(with --search-sweep: that module timed beside the sweep)")
+    ap.add_argument("--draws-against", help="instead: the sampler graphs' whole draw, this tree against another "
+                    "tree's")
     args = ap.parse_args()
     spreads = [float(s) for s in args.spreads.split(",")]
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    if args.search_sweep or args.against:
+    if args.search_sweep or args.against or args.draws_against:
         shapes = [(V, B) for V in map(int, args.vocabs.split(",")) for B in map(int, args.batches.split(","))]
-        rows = (search_sweep(spreads, shapes, args.against) if args.search_sweep else
-                against(args.against, shapes, spreads))
+        if args.draws_against:
+            rows, name = draws_against(args.draws_against, shapes, spreads), "sampler_draws_against.json"
+        elif args.search_sweep:
+            rows, name = search_sweep(spreads, shapes, args.against), "sampler_search_sweep.json"
+        else:
+            rows, name = against(args.against, shapes, spreads), "sampler_search_against.json"
         out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-        name = "sampler_search_sweep.json" if args.search_sweep else "sampler_search_against.json"
         (out_dir / name).write_text(json.dumps(out, indent=1))
         return
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}

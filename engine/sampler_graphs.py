@@ -8,9 +8,10 @@ The graphs truncate as the eager sampler's `apply_truncation` does, as one per-r
 present: an unused knob holds its neutral value (top_k = vocabulary, top_p = 1, min_p = 0), which cuts
 nothing, so a row's distribution is the one the eager sampler draws from (up to exact ties and rounding at the
 top_p cut). The draw is the same exponential race, in logit space with split-row kernels (no softmax, one pass
-over each row). Three graphs per size: no truncation; min_p / top_p; and with top_k too (its search is a
-second one). The
-noise stream's seed lives on the device and each replay advances it; rows with their own seeded
+over each row). Three graphs per size: no truncation; min_p / top_p; and with top_k too (its search comes
+first). A cut is drawn by acceptance (`race_truncated`): a first race is kept where the cut keeps its winner,
+and only the other rows search for their top_p floor and race again. The noise stream's seed lives on the
+device and each replay advances it; rows with their own seeded
 generator, penalties, a min_tokens ban or logprobs make the batch take the eager sampler (engine/sampler.py
 decides).
 """
@@ -35,15 +36,15 @@ MAX_BATCH = 256
 CUTS = ("", "p", "kp")      # no truncation; min_p / top_p; min_p / top_k / top_p
 
 
-def _draw(logits, argmax, temperature, top_k, top_p, min_p, greedy, seed, cut: str):
+def _draw(logits, argmax, temperature, top_k, top_p, min_p, greedy, seed, cut: str, ops=None):
     """The exponential race (kernels/sampling.py) over the temperature-scaled logits, truncated first when
-    asked (`cut`, one of CUTS); greedy rows take the decode graph's argmax. Each replay advances the seed."""
-    ops = pick("sampling", logits.device)
+    asked (`cut`, one of CUTS); greedy rows take the decode graph's argmax. Each replay advances the seed.
+    A cut draws by `race_truncated` (on the GPU a first race is kept where the cut keeps its winner; only the
+    other rows search for the top_p floor). `ops`: the kernels (default: kernels/backend.py's pick)."""
+    ops = ops or pick("sampling", logits.device)
     seed.add_(1)
-    if cut:             # the race compares the same scaled values the floor came from
-        x = logits.float() / temperature[:, None]
-        floor = ops.truncation_floor(x, min_p, top_k if "k" in cut else None, top_p)
-        ids = ops.race(x, torch.ones_like(temperature), seed, floor)
+    if cut:
+        ids = ops.race_truncated(logits, 1.0 / temperature, min_p, top_k if "k" in cut else None, top_p, seed)
     else:
         ids = ops.race(logits, 1.0 / temperature, seed)
     return torch.where(greedy != 0, argmax, ids)

@@ -2,7 +2,9 @@
 the row argmax (greedy), and the exponential race — argmax_i(l_i·s − log E_i) with E_i ~ Exp(1) independent,
 which draws i with probability softmax(l·s)_i (the same law as argmax(p_i / E_i), engine/sampler.py), so no
 softmax, division or normalisation is needed; tokens masked to −inf never win. And the truncation the
-sampler graphs apply before the race, as one per-row floor on the scaled logits (`truncation_floor`).
+sampler graphs apply before the race, as one per-row floor on the scaled logits (`truncation_floor`), and the
+truncated draw itself (`race_truncated`: the floor, then the race; the Triton file draws the same law by
+acceptance).
 
 `race` draws its noise from the counter-based stream keyed by `seed` (an int64 device tensor, so a CUDA
 graph reads the value current at replay): the same seed gives the same draws. Here (the reference), the
@@ -48,3 +50,11 @@ def truncation_floor(x: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor |
     probs = asc.masked_fill(asc < floor, float("-inf")).softmax(-1)
     dropped = (probs.cumsum(-1) <= 1.0 - top_p[:, None]).sum(-1, keepdim=True).clamp_(max=V - 1)
     return torch.maximum(floor, asc.gather(1, dropped)).squeeze(1)
+
+
+def race_truncated(logits: torch.Tensor, scale: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor | None,
+                   top_p: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """[B] int64 drawn from softmax(x) truncated as `truncation_floor` truncates (knobs as there), x = logits ·
+    scale[:, None]: the sampler graphs' draw for rows that cut. Here the floor, then the race."""
+    x = logits.float() * scale[:, None]
+    return race(x, torch.ones_like(scale), seed, truncation_floor(x, min_p, top_k, top_p))

@@ -2,8 +2,17 @@
 PyTorch runs in one block per row (~25 µs for a 128k argmax on an H100, ~35 µs a softmax); here each row is
 split over many programs (stage 1: a block's best key and its index), then one small program per row picks
 the best block (stage 2). Ties keep the lowest index, as torch.argmax. CUDA-graph safe: the race's seed is
-read from device memory."""
+read from device memory. The race's noise takes four uniforms from each philox call and the hardware's
+approximate log where its error cannot matter (_gumbel). A truncated draw (`race_truncated`) races first and
+searches for the top_p floor only in the rows whose winner the cut refuses (bottom of the file).
+
+H100 (bench/sampler_cost.py --draws-against, bench/results/sampler_draws_against-h100.json), the sampler
+graphs' whole draw at 151,665 × 128, temperature alone / top_p 0.95 / top_k 50 + top_p: 62-64 / 214-234 /
+494-616 µs, against 127-129 / 466-777 / 725-852 with one philox call an element, accurate logs and the floor
+searched in every row first."""
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -12,39 +21,114 @@ import triton.language as tl
 from hybridserve.kernels import pdl
 
 BLOCK = 4096
+
+
+def _fast() -> bool:
+    """Compiled kernels use the hardware's approximate log (inline PTX); the interpreter cannot run PTX."""
+    return os.environ.get("TRITON_INTERPRET") != "1"
+
 # argmax / race on PDL: the first stage launches during the LM head's tail (an A/B knob)
 SELECT_PDL = True
 
 
 @triton.jit
-def _block_best_kernel(x_ptr, scale_ptr, seed_ptr, floor_ptr, val_ptr, idx_ptr, V, sx, NB, BLOCK: tl.constexpr,
-                       RACE: tl.constexpr, FLOOR: tl.constexpr, PDL: tl.constexpr):
+def _ln(x, FAST: tl.constexpr):
+    """Natural log: compiled, the hardware's approximate log2 (one MUFU op; absolute error ~2^-22 in log2,
+    against libdevice's ~20-instruction logf); under the interpreter, tl.log."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1) * 0.6931471805599453
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def _gumbel(u0, u1, u2, u3, j: tl.constexpr, FAST: tl.constexpr):
+    """−log(E), E ~ Exp(1), from quarter j's uniform v in [0, 1) (philox, steps of 2^-31 near 0). E = −log(1 − v):
+    the small E that decide a race come from small v, where a series gives them to full precision (the
+    approximate log of 1 − v only from v = 2^-7 on, where its error is ≤ ~1e-5 of E); E ≥ 2^-33 (v = 0). The
+    outer log's error, ~1e-7 absolute on a key, moves a race only between keys that close."""
+    if j == 0:
+        v = u0
+    elif j == 1:
+        v = u1
+    elif j == 2:
+        v = u2
+    else:
+        v = u3
+    series = v + v * v * (0.5 + v * (0.3333333333333333 + v * 0.25))
+    e = tl.where(v < 0.0078125, series, -_ln(1.0 - v, FAST))
+    return -_ln(tl.maximum(e, 1.1641532e-10), FAST)
+
+
+@triton.jit
+def _block_best_kernel(x_ptr, scale_ptr, seed_ptr, floor_ptr, val_ptr, idx_ptr, bmax_ptr, bmin_ptr, cnt_ptr, V, sx,
+                       NB, NCNT, noise0, BLOCK: tl.constexpr, RACE: tl.constexpr, FLOOR: tl.constexpr,
+                       STATS: tl.constexpr, SKIP: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr):
+    """A block's best key and its lowest index: the raw value (argmax) or, RACE, the value times the row's
+    scale plus Gumbel noise (−log(−log U)); FLOOR: scaled values under the row's floor are out, and SKIP: a row
+    whose floor is +inf has its token already and is left alone. The block is read as four quarters, each
+    element's U one of the four outputs of one philox call (at noise0 + the quarter's position), so the noise
+    costs a quarter of a call an element. STATS: also the block's max and least finite scaled value (the
+    truncation search's row stats), and block 0 zeroes the row's NCNT search counters."""
     if PDL:   # kernels/pdl.py: the logits come from the kernel before
         pdl.enter(PDL)
     row = tl.program_id(0)
     blk = tl.program_id(1)
-    cols = blk * BLOCK + tl.arange(0, BLOCK)
-    m = cols < V
-    key = tl.load(x_ptr + row.to(tl.int64) * sx + cols, mask=m, other=float("-inf")).to(tl.float32)
+    if FLOOR:
+        fl = tl.load(floor_ptr + row)
+        if SKIP:
+            if fl == float("inf"):
+                return
+    Q: tl.constexpr = BLOCK // 4
+    i = tl.arange(0, Q)
     if RACE:
-        seed = tl.load(seed_ptr)
-        u = tl.maximum(tl.rand(seed, row * V + cols), 1.1754944e-38)
-        scaled = key * tl.load(scale_ptr + row)
-        key = scaled - tl.log(-tl.log(u))
-        if FLOOR:
-            m = m & (scaled >= tl.load(floor_ptr + row))
-        key = tl.where(m, key, float("-inf"))
-    best = tl.max(key, axis=0)
-    first = tl.min(tl.where(key == best, cols, V), axis=0)      # lowest index among the block's maxima
+        sc = tl.load(scale_ptr + row)
+        u0, u1, u2, u3 = tl.rand4x(tl.load(seed_ptr), noise0 + (row * NB + blk) * Q + i)
+    for j in tl.static_range(4):
+        cols = blk * BLOCK + j * Q + i
+        m = cols < V
+        key = tl.load(x_ptr + row.to(tl.int64) * sx + cols, mask=m, other=float("-inf")).to(tl.float32)
+        if RACE:
+            scaled = key * sc
+            if STATS:
+                fin = tl.where(m & (scaled > float("-inf")), scaled, float("inf"))
+                if j == 0:
+                    top, least = scaled, fin
+                else:
+                    top, least = tl.maximum(top, scaled), tl.minimum(least, fin)
+            key = scaled + _gumbel(u0, u1, u2, u3, j, FAST)
+            if FLOOR:
+                m = m & (scaled >= fl)
+            key = tl.where(m, key, float("-inf"))
+        # each lane keeps its best key and the lowest column holding it (quarters in column order); one
+        # block-wide reduction at the end
+        if j == 0:
+            bk, bc = key, cols
+        else:
+            up = key > bk
+            bk, bc = tl.where(up, key, bk), tl.where(up, cols, bc)
+    best = tl.max(bk, axis=0)
+    first = tl.min(tl.where(bk == best, bc, V), axis=0)      # lowest index among the block's maxima
     tl.store(val_ptr + row * NB + blk, best)
     tl.store(idx_ptr + row * NB + blk, first)
+    if STATS:
+        tl.store(bmax_ptr + row * NB + blk, tl.max(top, axis=0))
+        tl.store(bmin_ptr + row * NB + blk, tl.min(least, axis=0))
+        if blk == 0:
+            for c in range(NCNT):
+                tl.store(cnt_ptr + c * tl.num_programs(0) + row, 0)
 
 
 @triton.jit
-def _row_best_kernel(val_ptr, idx_ptr, out_ptr, NB, BNB: tl.constexpr, PDL: tl.constexpr):
+def _row_best_kernel(val_ptr, idx_ptr, out_ptr, floor_ptr, NB, BNB: tl.constexpr, SKIP: tl.constexpr,
+                     PDL: tl.constexpr):
     if PDL:
         pdl.enter(PDL)
     row = tl.program_id(0)
+    if SKIP:     # as in _block_best_kernel: the row has its token
+        if tl.load(floor_ptr + row) == float("inf"):
+            return
     b = tl.arange(0, BNB)
     m = b < NB
     val = tl.load(val_ptr + row * NB + b, mask=m, other=float("-inf"))
@@ -65,11 +149,13 @@ def _best(logits: torch.Tensor, scale: torch.Tensor | None, seed: torch.Tensor |
     if B:
         race = scale is not None
         launch = pdl.launch_kwargs(logits.device) if SELECT_PDL else {"PDL": False}
-        _block_best_kernel[(B, nb)](logits, scale if race else logits, seed if race else logits,
-                                    floor if floor is not None else logits, val, idx, V, logits.stride(0), nb,
-                                    BLOCK=BLOCK, RACE=race, FLOOR=floor is not None, num_warps=8,
+        floor_arg = floor if floor is not None else logits
+        _block_best_kernel[(B, nb)](logits, scale if race else logits, seed if race else logits, floor_arg, val, idx,
+                                    val, val, idx, V, logits.stride(0), nb, 0, 0, BLOCK=BLOCK, RACE=race,
+                                    FLOOR=floor is not None, STATS=False, SKIP=False, FAST=_fast(), num_warps=8,
                                     **launch)
-        _row_best_kernel[(B,)](val, idx, out, nb, BNB=max(16, triton.next_power_of_2(nb)), num_warps=1, **launch)
+        _row_best_kernel[(B,)](val, idx, out, floor_arg, nb, BNB=max(16, triton.next_power_of_2(nb)), SKIP=False,
+                               num_warps=1, **launch)
     return out
 
 
@@ -114,6 +200,7 @@ SEARCH_GATHER = 2048       # buffer slots per row
 SEARCH_RATIO = 16          # a pass gathers where the last range held at most this many times the buffer
 SEARCH_CHECK = 1024        # elements tested at once for any inside the range
 FINISH_TILE = 1024         # the finishing program's loop step
+ACCEPT_SEARCH_BLOCK = 1024  # race_truncated's top_p search, on the rows whose first draw was refused
 FINISH_WARPS = 4
 
 
@@ -148,13 +235,17 @@ def _candidates(lo, hi, ci, C: tl.constexpr, BY_VALUE: tl.constexpr):
 
 
 @triton.jit
-def _row_stats_kernel(x_ptr, bmax_ptr, bmin_ptr, cnt_ptr, V, sx, NB, NCNT, BLOCK: tl.constexpr):
-    """Per block of a row: its max and its least finite value; block 0 zeroes the row's NCNT counters."""
+def _row_stats_kernel(x_ptr, bmax_ptr, bmin_ptr, cnt_ptr, scale_ptr, V, sx, NB, NCNT, BLOCK: tl.constexpr,
+                      SCALED: tl.constexpr):
+    """Per block of a row: its max and its least finite value (SCALED: of the values times the row's scale);
+    block 0 zeroes the row's NCNT counters."""
     row = tl.program_id(0)
     blk = tl.program_id(1)
     cols = blk * BLOCK + tl.arange(0, BLOCK)
     m = cols < V
     x = tl.load(x_ptr + row.to(tl.int64) * sx + cols, mask=m, other=float("-inf"))
+    if SCALED:
+        x = x * tl.load(scale_ptr + row)
     tl.store(bmax_ptr + row * NB + blk, tl.max(x, axis=0))
     tl.store(bmin_ptr + row * NB + blk, tl.min(tl.where(m & (x > float("-inf")), x, float("inf")), axis=0))
     if blk == 0:
@@ -225,10 +316,12 @@ def _narrowed(st_in, ab_in, part_in, row, NB, BNB: tl.constexpr, C: tl.constexpr
 
 @triton.jit
 def _tile_sums(ptr, L, lo32, hi32, cand32, top, floor1, acc, z, start, SUB: tl.constexpr, MASS: tl.constexpr,
-               TOTAL: tl.constexpr):
+               TOTAL: tl.constexpr, sc, SCALED: tl.constexpr):
     cols = start + tl.arange(0, SUB)
     m = cols < L
     x = tl.load(ptr + cols, mask=m, other=float("-inf"))
+    if SCALED:
+        x = x * sc
     k = _key(x)
     inside = m & (k > lo32) & (k <= hi32)
     if MASS:
@@ -243,30 +336,35 @@ def _tile_sums(ptr, L, lo32, hi32, cand32, top, floor1, acc, z, start, SUB: tl.c
 
 @triton.jit
 def _range_sums(ptr, L, lo, hi, cand, top, floor1, acc, z, start, BLOCK: tl.constexpr, SUB: tl.constexpr,
-                CHECK: tl.constexpr, MASS: tl.constexpr, TOTAL: tl.constexpr, gather, buf_ptr, cnt_ptr, M):
+                CHECK: tl.constexpr, MASS: tl.constexpr, TOTAL: tl.constexpr, gather, buf_ptr, cnt_ptr, M, sc,
+                SCALED: tl.constexpr):
     """acc[:, i] += the count or mass of the elements of ptr[start : start + BLOCK] (< L) with lo < key <= hi
     and key > cand[i], SUB elements at a time. CHECK > 0: first each CHECK elements are tested for any inside
     the range (one block-wide sum), the sums skip them where none is, and the row's counter at cnt_ptr counts
     those inside; where `gather`, they are also copied to buf_ptr (M slots; past M they are only counted).
-    TOTAL (MASS, without CHECK): z += the mass of every element >= floor1, inside the range or not."""
+    TOTAL (MASS, without CHECK): z += the mass of every element >= floor1, inside the range or not. SCALED:
+    ptr holds raw logits, each multiplied by sc as loaded (the buffer holds scaled values)."""
     lo32 = lo.to(tl.int32)
     hi32 = hi.to(tl.int32)
     cand32 = cand.to(tl.int32)
     if CHECK == 0:
         for s in range(0, BLOCK, SUB):
-            acc, z = _tile_sums(ptr, L, lo32, hi32, cand32, top, floor1, acc, z, start + s, SUB, MASS, TOTAL)
+            acc, z = _tile_sums(ptr, L, lo32, hi32, cand32, top, floor1, acc, z, start + s, SUB, MASS, TOTAL, sc,
+                                SCALED)
     else:
         for c in range(0, BLOCK, CHECK):
             cols = start + c + tl.arange(0, CHECK)
             m = cols < L
             x = tl.load(ptr + cols, mask=m, other=float("-inf"))
+            if SCALED:
+                x = x * sc
             k = _key(x)
             inside = m & (k > lo32) & (k <= hi32)
             n = tl.sum(inside.to(tl.int32), axis=0)
             if n > 0:
                 for s in range(0, CHECK, SUB):
                     acc, z = _tile_sums(ptr, L, lo32, hi32, cand32, top, floor1, acc, z, start + c + s, SUB, MASS,
-                                        False)
+                                        False, sc, SCALED)
                 base = tl.atomic_add(cnt_ptr, n)
                 if gather:
                     pos = base + tl.cumsum(inside.to(tl.int32), axis=0) - 1
@@ -284,22 +382,100 @@ def _settle(nbuf, cnt_ptr, B, row, q, M, RATIO: tl.constexpr):
 
 
 @triton.jit
+def _accepted(part_ptr, xw_ptr, knob_ptr, row, floor1, NB, BNB: tl.constexpr):
+    """Whether the row's first draw (value xw_ptr[row]) is a token the min_p / top_p cut keeps: not under
+    floor1, and the mass above it (over tokens not under floor1) under top_p · Z, from _accept_sums_kernel's
+    per-block sums. The search's own rule for its floor (module comment), so a kept draw is one at or above it."""
+    b = tl.arange(0, BNB)
+    mb = b < NB
+    z = tl.sum(tl.load(part_ptr + (row * NB + b) * 2, mask=mb, other=0.0), axis=0)
+    a = tl.sum(tl.load(part_ptr + (row * NB + b) * 2 + 1, mask=mb, other=0.0), axis=0)
+    p = tl.load(knob_ptr + row)
+    return (tl.load(xw_ptr + row) >= floor1) & ((p >= 1.0) | (a < p * z))
+
+
+@triton.jit
+def _accept_sums_kernel(x_ptr, scale_ptr, bmax_ptr, minp_ptr, kth_ptr, val_ptr, idx_ptr, part_ptr, xw_ptr, out_ptr,
+                        V, sx, NB, BLOCK: tl.constexpr, BNB: tl.constexpr, HAS_K: tl.constexpr, PDL: tl.constexpr):
+    """race_truncated's check of its first draw: each program finds the row's winner from the race's block
+    bests (as _row_best_kernel), then sums over its block of the scaled row the mass exp(x − top) of the tokens
+    not under floor1 = top + log(min_p) (HAS_K: nor under the top_k cut), in all (Z) and above the winner's
+    value. Block 0 stores the winner as the row's token (a second draw replaces it where _accepted says no)
+    and its value."""
+    if PDL:
+        pdl.enter(PDL)
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    base = x_ptr + row.to(tl.int64) * sx
+    cols = blk * BLOCK + tl.arange(0, BLOCK)
+    m = cols < V
+    sc = tl.load(scale_ptr + row)
+    x = tl.load(base + cols, mask=m, other=float("-inf")) * sc     # in flight while the winner is found
+    b = tl.arange(0, BNB)
+    mb = b < NB
+    val = tl.load(val_ptr + row * NB + b, mask=mb, other=float("-inf"))
+    idx = tl.load(idx_ptr + row * NB + b, mask=mb, other=2147483647)
+    top = tl.max(tl.load(bmax_ptr + row * NB + b, mask=mb, other=float("-inf")), axis=0)
+    w = tl.minimum(tl.min(tl.where(val == tl.max(val, axis=0), idx, 2147483647), axis=0), V - 1)
+    xw = tl.load(base + w) * sc
+    floor1 = top + tl.log(tl.load(minp_ptr + row))     # as _row_setup
+    if HAS_K:
+        floor1 = tl.maximum(floor1, tl.load(kth_ptr + row))
+    e = tl.where(m & (x >= floor1), tl.exp(x - top), 0.0)
+    tl.store(part_ptr + (row * NB + blk) * 2, tl.sum(e, axis=0))
+    tl.store(part_ptr + (row * NB + blk) * 2 + 1, tl.sum(tl.where(x > xw, e, 0.0), axis=0))
+    if blk == 0:
+        tl.store(out_ptr + row, w.to(tl.int64))
+        tl.store(xw_ptr + row, xw)
+
+
+@triton.jit
+def _decide_kernel(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, part_ptr, xw_ptr, floor_ptr, V, NB,
+                   BNB: tl.constexpr, HAS_K: tl.constexpr):
+    """One program per row: floor_ptr[row] = +inf where the first draw is kept (_accepted), else −inf until the
+    search's finish stores the floor. The search's programs of a kept row leave at once."""
+    row = tl.program_id(0)
+    top, floor1, lo, hi = _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NB, BNB, True, HAS_K,
+                                     False)
+    keep = _accepted(part_ptr, xw_ptr, knob_ptr, row, floor1, NB, BNB)
+    tl.store(floor_ptr + row, tl.where(keep, float("inf"), float("-inf")))
+
+
+@triton.jit
 def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_in, part_out, st_in, st_out,
-                   ab_in, ab_out, buf_ptr, cnt_ptr, B, V, sx, NB, M, step, BLOCK: tl.constexpr,
-                   SUB: tl.constexpr, C: tl.constexpr, BNB: tl.constexpr, MASS: tl.constexpr, HAS_K: tl.constexpr,
-                   CHECK: tl.constexpr, FIRST: tl.constexpr, TOTAL: tl.constexpr, RATIO: tl.constexpr):
+                   ab_in, ab_out, buf_ptr, cnt_ptr, scale_ptr, flag_ptr, B, V, sx, NB, NBS, M, step,
+                   BLOCK: tl.constexpr, SUB: tl.constexpr, C: tl.constexpr, BNB: tl.constexpr, BNBS: tl.constexpr,
+                   MASS: tl.constexpr,
+                   HAS_K: tl.constexpr, CHECK: tl.constexpr, FIRST: tl.constexpr, TOTAL: tl.constexpr,
+                   RATIO: tl.constexpr, SCALED: tl.constexpr, ACCEPT: tl.constexpr):
     """One pass of a search (module comment). MASS: the top_p cut (knob_ptr: top_p), else the top_k cut
     (knob_ptr: k). step 0 starts the range; later steps first narrow it from the previous pass's sums. The
     range and the row's buffer count (st: int64 lo, hi, nbuf: −1 while on the whole row), what lies above hi
     and the target (ab) pass from step to step through each row's program 0. The pass's sums run over the
     row's block of the whole row, or of its buffer once the row reads that; cnt_ptr[step, row] counts the
-    elements inside the range (step 0: V)."""
+    elements inside the range (step 0: V). A row whose range is one key wide is done: its later passes only
+    carry its state on. SCALED: x_ptr holds raw logits, scaled by scale_ptr[row] as loaded. ACCEPT
+    (race_truncated): a row whose flag_ptr[row] is +inf (its first draw kept, _decide_kernel) is left alone."""
     row = tl.program_id(0)
     blk = tl.program_id(1)
-    top, floor1, lo, hi = _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NB, BNB, MASS, HAS_K,
-                                     TOTAL)
+    if ACCEPT:
+        if tl.load(flag_ptr + row) == float("inf"):
+            return
+    if not FIRST:
+        if tl.load(st_in + row * 3 + 1) - tl.load(st_in + row * 3) <= 1:
+            if blk == 0:
+                for f in range(3):
+                    tl.store(st_out + row * 3 + f, tl.load(st_in + row * 3 + f))
+                for f in range(2):
+                    tl.store(ab_out + row * 2 + f, tl.load(ab_in + row * 2 + f))
+            return
+    top, floor1, lo, hi = _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NBS, BNBS, MASS,
+                                     HAS_K, TOTAL)
     ci = tl.arange(0, C)
     nbuf = tl.full((), -1, tl.int64)
+    sc = 1.0
+    if SCALED:
+        sc = tl.load(scale_ptr + row)
     if FIRST:
         above = 0.0
         target = tl.load(knob_ptr + row).to(tl.float32)      # top_p (times Z once known) or k
@@ -311,6 +487,8 @@ def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
         hi = tl.where(done, lo + 1, hi)
         if blk == 0:
             tl.store(cnt_ptr + row, V)
+        elif done:      # block 0 carries the state on; the later passes and the finish skip the row's sums
+            return
     else:
         lo, hi, nbuf, above, target = _narrowed(st_in, ab_in, part_in, row, NB, BNB, C, MASS, step == 1)
         if step >= 2:
@@ -328,14 +506,14 @@ def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
         if nbuf >= 0:
             if blk * BLOCK < nbuf:
                 acc, z = _range_sums(buf_ptr + row.to(tl.int64) * M, nbuf, lo, hi, cand, top, floor1, acc, z,
-                                     blk * BLOCK, BLOCK, SUB, 0, MASS, False, False, buf_ptr, cnt_ptr, M)
+                                     blk * BLOCK, BLOCK, SUB, 0, MASS, False, False, buf_ptr, cnt_ptr, M, 1.0, False)
         else:
             gather = False
             if not FIRST:     # gather where the last range's count suggests this one fits the buffer
                 gather = tl.load(cnt_ptr + (step - 1) * B + row) <= RATIO * M
             acc, z = _range_sums(x_ptr + row.to(tl.int64) * sx, V, lo, hi, cand, top, floor1, acc, z,
                                  blk * BLOCK, BLOCK, SUB, CHECK, MASS, TOTAL, gather,
-                                 buf_ptr + row.to(tl.int64) * M, cnt_ptr + step * B + row, M)
+                                 buf_ptr + row.to(tl.int64) * M, cnt_ptr + step * B + row, M, sc, SCALED)
     sums = tl.sum(acc, axis=0)
     if TOTAL:     # step 0's sum at candidate 0 is read as Z: with lo raised, the whole kept mass apart
         sums = tl.where(ci == 0, tl.sum(z, axis=0), sums)
@@ -344,14 +522,22 @@ def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
 
 @triton.jit
 def _finish_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_in, st_in, ab_in, buf_ptr, cnt_ptr,
-                   floor_ptr, B, V, sx, NB, M, last, SUB: tl.constexpr, C: tl.constexpr, BNB: tl.constexpr,
-                   MASS: tl.constexpr, HAS_K: tl.constexpr, ONE_PASS: tl.constexpr, RATIO: tl.constexpr,
-                   FINISH_TILE: tl.constexpr):
+                   floor_ptr, scale_ptr, B, V, sx, NB, NBS, M, last, SUB: tl.constexpr, C: tl.constexpr,
+                   BNB: tl.constexpr, BNBS: tl.constexpr, MASS: tl.constexpr, HAS_K: tl.constexpr,
+                   ONE_PASS: tl.constexpr, RATIO: tl.constexpr, FINISH_TILE: tl.constexpr, SCALED: tl.constexpr,
+                   ACCEPT: tl.constexpr):
     """One program per row: narrow from the last pass's sums, then step by key over the row's buffer (or the
-    whole row, where its range never fitted one) until hi is the cut; store the floor."""
+    whole row, where its range never fitted one) until hi is the cut; store the floor (ACCEPT: not for a row
+    whose floor is already +inf, _decide_kernel)."""
     row = tl.program_id(0)
-    top, floor1, lo, hi = _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NB, BNB, MASS, HAS_K,
-                                     False)
+    if ACCEPT:
+        if tl.load(floor_ptr + row) == float("inf"):
+            return
+    top, floor1, lo, hi = _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NBS, BNBS, MASS,
+                                     HAS_K, False)
+    sc = 1.0
+    if SCALED:
+        sc = tl.load(scale_ptr + row)
     ci = tl.arange(0, C)
     lo, hi, nbuf, above, target = _narrowed(st_in, ab_in, part_in, row, NB, BNB, C, MASS, ONE_PASS)
     if not ONE_PASS:
@@ -362,13 +548,15 @@ def _finish_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
     else:
         ptr = x_ptr + row.to(tl.int64) * sx
         L = V
+    if SCALED:       # the buffer holds scaled values
+        sc = tl.where(nbuf >= 0, 1.0, sc)
     while hi - lo > 1:
         cand = _candidates(lo, hi, ci, C, False)
         acc = tl.zeros((SUB, C), dtype=tl.float32)
         z = tl.zeros((SUB,), dtype=tl.float32)
         for s in range(0, L, FINISH_TILE):
             acc, z = _range_sums(ptr, L, lo, hi, cand, top, floor1, acc, z, s, FINISH_TILE, SUB, 0, MASS, False,
-                                 False, buf_ptr, cnt_ptr, M)
+                                 False, buf_ptr, cnt_ptr, M, sc, SCALED)
         lo, hi, above = _narrow(lo, hi, above, target, above + tl.sum(acc, axis=0), cand, C)
     if MASS:
         tl.store(floor_ptr + row, tl.maximum(floor1, _unkey(hi)))
@@ -376,26 +564,33 @@ def _finish_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
         tl.store(floor_ptr + row, _unkey(hi))
 
 
-def _search(x, bmax, bmin, min_p, knob, kth, out, cnt, buf, block: int, mass: bool, has_k: bool) -> None:
+def _search(x, bmax, bmin, min_p, knob, kth, out, cnt, buf, block: int, mass: bool, has_k: bool,
+            scale=None, accept: bool = False) -> None:
+    """One search's passes and finish into out [B]. scale: x holds raw logits, to scale per row as loaded.
+    accept (race_truncated): rows whose out is +inf already (_decide_kernel) are left alone."""
     B, V = x.shape
-    nb = bmax.shape[1]
+    nb = triton.cdiv(V, block)
+    nbs = bmax.shape[1]        # the row stats' blocks (and accept's)
     M = buf.shape[1]
     parts = torch.empty(2, B, nb, SEARCH_C, dtype=torch.float32, device=x.device)
     st = torch.empty(2, 3 * B, dtype=torch.int64, device=x.device)     # lo, hi, buffer count per row
     ab = torch.empty(2, 2 * B, dtype=torch.float32, device=x.device)   # above hi, target per row
     kth = kth if kth is not None else bmax
-    shape = dict(SUB=SEARCH_SUB, C=SEARCH_C, BNB=max(16, triton.next_power_of_2(nb)), MASS=mass, HAS_K=has_k,
-                 RATIO=SEARCH_RATIO)
+    shape = dict(SUB=SEARCH_SUB, C=SEARCH_C, BNB=max(16, triton.next_power_of_2(nb)),
+                 BNBS=max(16, triton.next_power_of_2(nbs)), MASS=mass, HAS_K=has_k,
+                 RATIO=SEARCH_RATIO, SCALED=scale is not None, ACCEPT=accept)
+    scale = scale if scale is not None else bmax
     check = min(max(SEARCH_CHECK, SEARCH_SUB), block)
     for step in range(SEARCH_PASSES):
         i, o = (step + 1) % 2, step % 2
         # step 0's range holds most kept tokens: nothing to skip there, and Z summed whole (TOTAL)
         _search_kernel[(B, nb)](x, bmax, bmin, min_p, knob, kth, parts[i], parts[o], st[i], st[o], ab[i], ab[o],
-                                buf, cnt, B, V, x.stride(0), nb, M, step, BLOCK=block, CHECK=check if step else 0,
+                                buf, cnt, scale, out, B, V, x.stride(0), nb, nbs, M, step, BLOCK=block,
+                                CHECK=check if step else 0,
                                 FIRST=step == 0, TOTAL=mass and step == 0, num_warps=SEARCH_WARPS, **shape)
     last = (SEARCH_PASSES - 1) % 2
-    _finish_kernel[(B,)](x, bmax, bmin, min_p, knob, kth, parts[last], st[last], ab[last], buf, cnt, out, B, V,
-                         x.stride(0), nb, M, SEARCH_PASSES - 1, ONE_PASS=SEARCH_PASSES == 1,
+    _finish_kernel[(B,)](x, bmax, bmin, min_p, knob, kth, parts[last], st[last], ab[last], buf, cnt, out, scale, B, V,
+                         x.stride(0), nb, nbs, M, SEARCH_PASSES - 1, ONE_PASS=SEARCH_PASSES == 1,
                          FINISH_TILE=FINISH_TILE, num_warps=FINISH_WARPS, **shape)
 
 
@@ -415,7 +610,8 @@ def truncation_floor(x: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor |
         return floor
     cnt = torch.empty(2, SEARCH_PASSES, B, dtype=torch.int32, device=x.device)   # per search, pass and row
     buf = torch.empty(B, min(SEARCH_GATHER, V), dtype=torch.float32, device=x.device)
-    _row_stats_kernel[(B, nb)](x, bmax, bmin, cnt, V, x.stride(0), nb, 2 * SEARCH_PASSES, BLOCK=block, num_warps=8)
+    _row_stats_kernel[(B, nb)](x, bmax, bmin, cnt, x, V, x.stride(0), nb, 2 * SEARCH_PASSES, BLOCK=block,
+                               SCALED=False, num_warps=8)
     kth = None
     if top_k is not None:
         kth = torch.empty(B, dtype=torch.float32, device=x.device)
@@ -423,3 +619,69 @@ def truncation_floor(x: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor |
     _search(x, bmax, bmin, min_p.float().contiguous(), top_p.float().contiguous(), kth, floor, cnt[1], buf,
             block, mass=True, has_k=kth is not None)
     return floor
+
+
+def race_truncated(logits: torch.Tensor, scale: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor | None,
+                   top_p: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """kernels/sampling.py's race_truncated by acceptance. A first race over the scaled row (with top_k: over
+    the tokens its cut keeps, after that search; without: over the whole row, fused with the search's row
+    stats), then one pass that sums the mass above the winner. Where the cut keeps the winner (_accepted; the
+    chance is the kept share of the raced mass, at least top_p), it is the token: a draw from a superset that
+    lands in the kept set is a draw from the kept set. Only the other rows search for the top_p floor and race
+    again with fresh noise, so P(token = i) = π_i + (1 − P(kept))·π_i / P(kept) = π_i / P(kept) for kept i. The
+    same law as the floor then the race, up to rounding at the top_p cut; no scaled copy of the logits."""
+    B, V = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    scale = scale.float().contiguous()
+    dev = logits.device
+    out = torch.empty(B, dtype=torch.long, device=dev)
+    if B == 0:
+        return out
+    block = SEARCH_BLOCK or (1024 if B <= SEARCH_FEW_ROWS else 4096)
+    nb = triton.cdiv(V, block)
+    bmax = torch.empty(B, nb, dtype=torch.float32, device=dev)
+    bmin = torch.empty_like(bmax)
+    val = torch.empty_like(bmax)
+    idx = torch.empty(B, nb, dtype=torch.int32, device=dev)
+    parts = torch.empty(B, nb, 2, dtype=torch.float32, device=dev)
+    xw = torch.empty(B, dtype=torch.float32, device=dev)
+    floor = torch.empty(B, dtype=torch.float32, device=dev)
+    cnt = torch.empty(2, SEARCH_PASSES, B, dtype=torch.int32, device=dev)     # per search, pass and row
+    buf = torch.empty(B, min(SEARCH_GATHER, V), dtype=torch.float32, device=dev)
+    min_p = min_p.float().contiguous()
+    launch = pdl.launch_kwargs(dev) if SELECT_PDL else {"PDL": False}
+    warps = 8 if block >= 4096 else 4
+    sx = logits.stride(0)
+    kth = None
+    if top_k is None:
+        _block_best_kernel[(B, nb)](logits, scale, seed, logits, val, idx, bmax, bmin, cnt, V, sx, nb,
+                                    2 * SEARCH_PASSES, 0, BLOCK=block, RACE=True, FLOOR=False, STATS=True, SKIP=False,
+                                    FAST=_fast(), num_warps=warps, **launch)
+    else:
+        _row_stats_kernel[(B, nb)](logits, bmax, bmin, cnt, scale, V, sx, nb, 2 * SEARCH_PASSES, BLOCK=block,
+                                   SCALED=True, num_warps=8)
+        kth = torch.empty(B, dtype=torch.float32, device=dev)
+        _search(logits, bmax, bmin, min_p, top_k, kth, kth, cnt[0], buf, block, mass=False, has_k=False, scale=scale)
+        _block_best_kernel[(B, nb)](logits, scale, seed, kth, val, idx, val, val, idx, V, sx, nb, 0, 0, BLOCK=block,
+                                    RACE=True, FLOOR=True, STATS=False, SKIP=False, FAST=_fast(), num_warps=warps,
+                                    **launch)
+    _accept_sums_kernel[(B, nb)](logits, scale, bmax, min_p, kth if kth is not None else bmax, val, idx, parts, xw,
+                                 out, V, sx, nb, BLOCK=block, BNB=max(16, triton.next_power_of_2(nb)),
+                                 HAS_K=kth is not None, num_warps=warps, **launch)
+    top_p = top_p.float().contiguous()
+    kth_arg = kth if kth is not None else bmax
+    _decide_kernel[(B,)](bmax, bmin, min_p, kth_arg, top_p, parts, xw, floor, V, nb,
+                         BNB=max(16, triton.next_power_of_2(nb)), HAS_K=kth is not None, num_warps=1)
+    # only the refused rows search (~1 − top_p of them): spread each over more programs
+    _search(logits, bmax, bmin, min_p, top_p, kth, floor, cnt[1], buf, ACCEPT_SEARCH_BLOCK, mass=True,
+            has_k=kth is not None, scale=scale, accept=True)
+    nb2 = triton.cdiv(V, BLOCK)
+    val2 = torch.empty(B, nb2, dtype=torch.float32, device=dev)
+    idx2 = torch.empty(B, nb2, dtype=torch.int32, device=dev)
+    _block_best_kernel[(B, nb2)](logits, scale, seed, floor, val2, idx2, val2, val2, idx2, V, sx, nb2, 0,
+                                 B * nb * (block // 4), BLOCK=BLOCK, RACE=True, FLOOR=True, STATS=False, SKIP=True,
+                                 FAST=_fast(), num_warps=8, **launch)
+    _row_best_kernel[(B,)](val2, idx2, out, floor, nb2, BNB=max(16, triton.next_power_of_2(nb2)), SKIP=True,
+                           num_warps=1, **launch)
+    return out

@@ -1346,6 +1346,84 @@ def test_race_draws_softmax_of_scaled_logits(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_race_truncated_draws_the_truncated_softmax(device, monkeypatch):
+    """race_truncated (a first race, kept where the min_p / top_k / top_p cut keeps its winner, else the top_p
+    floor searched and a second race) draws from the truncated softmax of the scaled logits, as the reference
+    (floor, then race): per knob group, no draw outside the kept set and frequencies within ~3x the expected
+    total variation; top_p 1e-6 (nearly every first draw refused) gives the top token. Without top_k the first
+    race runs over the whole row, with it over the top_k cut. A seed repeats."""
+    if device == "cpu":     # the interpreter runs a program at a time: small blocks
+        monkeypatch.setattr(sampling_tr, "SEARCH_BLOCK", 64)
+        monkeypatch.setattr(sampling_tr, "SEARCH_SUB", 64)
+        monkeypatch.setattr(sampling_tr, "BLOCK", 64)
+        monkeypatch.setattr(sampling_tr, "ACCEPT_SEARCH_BLOCK", 64)
+    V = 12
+    rows = 4000 if device == "cuda" else 40
+    bound = 0.035 if device == "cuda" else 0.3
+    base = torch.randn(V) * 1.5
+    base[[3, 8]] = float("-inf")
+    # (min_p, top_k, top_p, scale) per group of rows; the first call without top_k, the second with it
+    without_k = [(0.0, V, 0.7, 1 / 0.7), (0.1, V, 0.95, 1.0), (0.0, V, 1e-6, 2.0)]
+    with_k = [(0.05, 3, 0.9, 1.0)]
+    if device == "cuda":
+        without_k.append((0.0, V, 1.0, 1.0))
+        with_k += [(0.0, 5, 1.0, 0.8), (0.0, 4, 0.6, 1.5)]
+    for k_on, groups in ((False, without_k), (True, with_k)):
+        x = base.expand(rows * len(groups), V).contiguous().to(device)
+
+        def knob(i, dtype=torch.float32):
+            return torch.tensor([g[i] for g in groups], dtype=dtype).repeat_interleave(rows).to(device)
+        min_p, top_k, top_p, scale = knob(0), knob(1, torch.long), knob(2), knob(3)
+        for mod in (sampling_tr, sampling_ref):
+            seed = torch.tensor([99], device=device)
+            ids = mod.race_truncated(x, scale, min_p, top_k if k_on else None, top_p, seed)
+            if not k_on:
+                assert torch.equal(ids, mod.race_truncated(x, scale, min_p, None, top_p, seed))
+                if device == "cuda":
+                    assert not torch.equal(ids, mod.race_truncated(x, scale, min_p, None, top_p, seed + 1))
+            for g, (mp, k, p, sc) in enumerate(groups):
+                xs = (base * sc)[None]
+                floor = sampling_ref.truncation_floor(xs, torch.tensor([mp]), torch.tensor([k]), torch.tensor([p]))
+                want = torch.softmax(xs.masked_fill(xs < floor[:, None], float("-inf")), -1)[0]
+                freq = torch.bincount(ids[g * rows:(g + 1) * rows].cpu(), minlength=V).float() / rows
+                assert freq[want == 0].sum() == 0, (mod.__name__, groups[g], freq, want)
+                assert 0.5 * (freq - want).abs().sum().item() < bound, (mod.__name__, groups[g], freq, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k_on", [False, True])
+def test_race_truncated_keeps_to_the_cut_on_long_rows(device, k_on, monkeypatch):
+    """Over rows of several blocks (the first draw's check sums block by block, the second race reads other
+    noise), with rows of every spread and knob mix, each draw of several seeds is a token the sorted
+    reference's floor keeps. The refused rows' top_p search runs on blocks half the row stats' size."""
+    if device == "cpu":
+        monkeypatch.setattr(sampling_tr, "SEARCH_BLOCK", 256)
+        monkeypatch.setattr(sampling_tr, "SEARCH_SUB", 64)
+        monkeypatch.setattr(sampling_tr, "BLOCK", 256)
+    monkeypatch.setattr(sampling_tr, "ACCEPT_SEARCH_BLOCK", (sampling_tr.SEARCH_BLOCK or 1024) // 2)
+    V = (sampling_tr.SEARCH_BLOCK or 1024) * 3 + 77
+    g = torch.Generator().manual_seed(3)
+    knobs = [(0.0, V, 0.9), (0.1, 40, 1.0), (0.0, V, 0.5), (0.3, 100, 0.95), (0.0, 7, 1e-6), (0.05, V, 0.8),
+             (0.0, 2, 0.99), (0.0, 500, 0.2)]
+    if not k_on:
+        knobs = [(mp, V, p) for mp, _, p in knobs]
+    B = len(knobs)
+    spread = torch.tensor([0.5, 2.0, 4.0, 1.0, 0.5, 8.0, 0.01, 1.0])
+    x = (torch.randn(B, V, generator=g) * spread[:, None]).to(device)
+    x[3, 100:200] = float("-inf")
+    min_p = torch.tensor([k[0] for k in knobs], device=device)
+    top_k = torch.tensor([k[1] for k in knobs], device=device)
+    top_p = torch.tensor([k[2] for k in knobs], device=device)
+    scale = torch.tensor([1.0, 0.8, 1.5, 1.0, 1.0, 0.5, 1.0, 2.0], device=device)
+    floor = sampling_ref.truncation_floor(x * scale[:, None], min_p, top_k, top_p)
+    rows = torch.arange(B, device=device)
+    for s in range(6 if device == "cuda" else 2):
+        ids = sampling_tr.race_truncated(x, scale, min_p, top_k if k_on else None, top_p,
+                                         torch.tensor([s], device=device))
+        assert ((x * scale[:, None])[rows, ids] >= floor).all(), (s, ids)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_k,layout", [(True, "default"), (False, "default"), (True, "overflow"),
                                            (True, "one_pass"), (False, "three_passes_small_buffer"),
                                            (False, "many_passes")])
