@@ -66,10 +66,10 @@ def _block_best_kernel(x_ptr, scale_ptr, seed_ptr, floor_ptr, val_ptr, idx_ptr, 
                        NB, NCNT, noise0, BLOCK: tl.constexpr, RACE: tl.constexpr, FLOOR: tl.constexpr,
                        STATS: tl.constexpr, SKIP: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr):
     """A block's best key and its lowest index: the raw value (argmax) or, RACE, the value times the row's
-    scale plus Gumbel noise (−log(−log U)); FLOOR: scaled values under the row's floor are out, and SKIP: a row
-    whose floor is +inf has its token already and is left alone. The block is read as four quarters, each
-    element's U one of the four outputs of one philox call (at noise0 + the quarter's position), so the noise
-    costs a quarter of a call an element. STATS: also the block's max and least finite scaled value (the
+    scale plus Gumbel noise (−log E, E ~ Exp(1), _gumbel); FLOOR: scaled values under the row's floor are out,
+    and SKIP: a row whose floor is +inf has its token already and is left alone. The block is read as four
+    quarters, each element's uniform one of the four outputs of one philox call (at noise0 + the quarter's
+    position), so the noise costs a quarter of a call an element. FAST: _gumbel's hardware log. STATS: also the block's max and least finite scaled value (the
     truncation search's row stats), and block 0 zeroes the row's NCNT search counters."""
     if PDL:   # kernels/pdl.py: the logits come from the kernel before
         pdl.enter(PDL)
