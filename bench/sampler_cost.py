@@ -80,6 +80,14 @@ def _unlike_sort(x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -> int:
     return int(((x >= got[:, None]) != (x >= want[:, None])).sum())
 
 
+def _in_turn(row: dict, prefix: str, fns: dict, rounds: int) -> None:
+    """row[f"{prefix}_{name}_graph_us"]: each fn's graph µs, `rounds` times, the order swapped every round."""
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            row.setdefault(f"{prefix}_{name}_graph_us", []).append(graph_us(fns[name]))
+
+
 def _other(path: str):
     spec = importlib.util.spec_from_file_location("other_sampling_triton", path)
     other = importlib.util.module_from_spec(spec)
@@ -143,11 +151,8 @@ def against(path: str, shapes, spreads, rounds: int = 3) -> list:
             for name, mod in (("this", sampling_triton), ("other", other)):
                 row[f"{kname}_{name}_same_as_sort"] = _unlike_sort(x, mod.truncation_floor(x, min_p, k, top_p),
                                                                    want) == 0
-            for r in range(rounds):
-                for name, mod in ((("this", sampling_triton), ("other", other)) if r % 2 == 0 else
-                                  (("other", other), ("this", sampling_triton))):
-                    row.setdefault(f"{kname}_{name}_graph_us", []).append(
-                        graph_us(lambda: mod.truncation_floor(x, min_p, k, top_p)))
+            _in_turn(row, kname, {name: (lambda mod=mod: mod.truncation_floor(x, min_p, k, top_p))
+                                  for name, mod in (("this", sampling_triton), ("other", other))}, rounds)
         rows.append(row)
         print(f"V={V:6} B={B:3} spread={spread}: top_p this {min(row['top_p_this_graph_us']):7.1f} other "
               f"{min(row['top_p_other_graph_us']):7.1f} us; top_k+top_p this "
@@ -195,20 +200,18 @@ def draws_against(tree: str, shapes, spreads, rounds: int = 3, checks: int = 10)
                     ids = draw(logits, argmax, temperature, k, p, min_p, greedy, seed, cut)
                     outside += int((x.gather(1, ids[:, None])[:, 0] < floor).sum())
                 row[f"{cut or 't'}_{name}_outside_kept"] = outside
-            for r in range(rounds):
-                for name in (("this", "other") if r % 2 == 0 else ("other", "this")):
-                    row.setdefault(f"{cut or 't'}_{name}_graph_us", []).append(graph_us(
-                        lambda: builds[name](logits, argmax, temperature, k, p, min_p, greedy, seed, cut)))
-        for r in range(rounds):      # the decode graph's greedy argmax, same kernels
-            for name in (("this", "other") if r % 2 == 0 else ("other", "this")):
-                row.setdefault(f"argmax_{name}_graph_us", []).append(graph_us(lambda: kernels[name].argmax(logits)))
+            fns = {name: (lambda d=d: d(logits, argmax, temperature, k, p, min_p, greedy, seed, cut))
+                   for name, d in builds.items()}
+            _in_turn(row, cut or "t", fns, rounds)
+        # the decode graph's greedy argmax, same kernels
+        _in_turn(row, "argmax", {name: (lambda m=m: m.argmax(logits)) for name, m in kernels.items()}, rounds)
         for cut in ("p", "kp"):
             row[f"{cut}_this_launches"] = launches(lambda: builds["this"](logits, argmax, temperature, top_k, top_p,
                                                                           min_p, greedy, seed, cut))
         rows.append(row)
         print(f"V={V:6} B={B:3} spread={spread}: " + "; ".join(
-            f"{c or 't'} this {min(row[f'{c or chr(116)}_this_graph_us']):7.1f} other "
-            f"{min(row[f'{c or chr(116)}_other_graph_us']):7.1f}" for c in ("", "p", "kp")) +
+            f"{c} this {min(row[c + '_this_graph_us']):7.1f} other {min(row[c + '_other_graph_us']):7.1f}"
+            for c in ("t", "p", "kp")) +
             f"; argmax this {min(row['argmax_this_graph_us']):6.1f} other {min(row['argmax_other_graph_us']):6.1f}" +
             f"; outside {[v for kk, v in row.items() if kk.endswith('outside_kept')]}", flush=True)
     return rows

@@ -21,14 +21,18 @@ import triton.language as tl
 from hybridserve.kernels import pdl
 
 BLOCK = 4096
+# argmax / race on PDL: the first stage launches during the LM head's tail (an A/B knob)
+SELECT_PDL = True
 
 
 def _fast() -> bool:
     """Compiled kernels use the hardware's approximate log (inline PTX); the interpreter cannot run PTX."""
     return os.environ.get("TRITON_INTERPRET") != "1"
 
-# argmax / race on PDL: the first stage launches during the LM head's tail (an A/B knob)
-SELECT_PDL = True
+
+def _bnb(n: int) -> int:
+    """The tile width a program reads a row's n per-block entries with."""
+    return max(16, triton.next_power_of_2(n))
 
 
 @triton.jit
@@ -62,6 +66,23 @@ def _gumbel(u0, u1, u2, u3, j: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _zero_counters(cnt_ptr, row, NCNT):
+    """The row's NCNT search counters (cnt[i, row], rows = the grid's first axis) to 0."""
+    for i in range(NCNT):
+        tl.store(cnt_ptr + i * tl.num_programs(0) + row, 0)
+
+
+@triton.jit
+def _row_winner(val_ptr, idx_ptr, row, NB, BNB: tl.constexpr):
+    """The row's best from its NB block bests: the lowest index among the best keys (torch.argmax's rule)."""
+    b = tl.arange(0, BNB)
+    m = b < NB
+    val = tl.load(val_ptr + row * NB + b, mask=m, other=float("-inf"))
+    idx = tl.load(idx_ptr + row * NB + b, mask=m, other=2147483647)
+    return tl.min(tl.where(val == tl.max(val, axis=0), idx, 2147483647), axis=0)
+
+
+@triton.jit
 def _block_best_kernel(x_ptr, scale_ptr, seed_ptr, floor_ptr, val_ptr, idx_ptr, bmax_ptr, bmin_ptr, cnt_ptr, V, sx,
                        NB, NCNT, noise0, BLOCK: tl.constexpr, RACE: tl.constexpr, FLOOR: tl.constexpr,
                        STATS: tl.constexpr, SKIP: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr):
@@ -69,8 +90,9 @@ def _block_best_kernel(x_ptr, scale_ptr, seed_ptr, floor_ptr, val_ptr, idx_ptr, 
     scale plus Gumbel noise (−log E, E ~ Exp(1), _gumbel); FLOOR: scaled values under the row's floor are out,
     and SKIP: a row whose floor is +inf has its token already and is left alone. The block is read as four
     quarters, each element's uniform one of the four outputs of one philox call (at noise0 + the quarter's
-    position), so the noise costs a quarter of a call an element. FAST: _gumbel's hardware log. STATS: also the block's max and least finite scaled value (the
-    truncation search's row stats), and block 0 zeroes the row's NCNT search counters."""
+    position), so the noise costs a quarter of a call an element. FAST: _gumbel's hardware log. STATS: also
+    the block's max and least finite scaled value (the truncation search's row stats, as _row_stats_kernel),
+    and block 0 zeroes the row's NCNT search counters."""
     if PDL:   # kernels/pdl.py: the logits come from the kernel before
         pdl.enter(PDL)
     row = tl.program_id(0)
@@ -116,8 +138,7 @@ def _block_best_kernel(x_ptr, scale_ptr, seed_ptr, floor_ptr, val_ptr, idx_ptr, 
         tl.store(bmax_ptr + row * NB + blk, tl.max(top, axis=0))
         tl.store(bmin_ptr + row * NB + blk, tl.min(least, axis=0))
         if blk == 0:
-            for c in range(NCNT):
-                tl.store(cnt_ptr + c * tl.num_programs(0) + row, 0)
+            _zero_counters(cnt_ptr, row, NCNT)
 
 
 @triton.jit
@@ -129,12 +150,7 @@ def _row_best_kernel(val_ptr, idx_ptr, out_ptr, floor_ptr, NB, BNB: tl.constexpr
     if SKIP:     # as in _block_best_kernel: the row has its token
         if tl.load(floor_ptr + row) == float("inf"):
             return
-    b = tl.arange(0, BNB)
-    m = b < NB
-    val = tl.load(val_ptr + row * NB + b, mask=m, other=float("-inf"))
-    idx = tl.load(idx_ptr + row * NB + b, mask=m, other=2147483647)
-    best = tl.max(val, axis=0)
-    tl.store(out_ptr + row, tl.min(tl.where(val == best, idx, 2147483647), axis=0).to(tl.int64))
+    tl.store(out_ptr + row, _row_winner(val_ptr, idx_ptr, row, NB, BNB).to(tl.int64))
 
 
 def _best(logits: torch.Tensor, scale: torch.Tensor | None, seed: torch.Tensor | None,
@@ -154,8 +170,7 @@ def _best(logits: torch.Tensor, scale: torch.Tensor | None, seed: torch.Tensor |
                                     val, val, idx, V, logits.stride(0), nb, 0, 0, BLOCK=BLOCK, RACE=race,
                                     FLOOR=floor is not None, STATS=False, SKIP=False, FAST=_fast(), num_warps=8,
                                     **launch)
-        _row_best_kernel[(B,)](val, idx, out, floor_arg, nb, BNB=max(16, triton.next_power_of_2(nb)), SKIP=False,
-                               num_warps=1, **launch)
+        _row_best_kernel[(B,)](val, idx, out, floor_arg, nb, BNB=_bnb(nb), SKIP=False, num_warps=1, **launch)
     return out
 
 
@@ -249,8 +264,20 @@ def _row_stats_kernel(x_ptr, bmax_ptr, bmin_ptr, cnt_ptr, scale_ptr, V, sx, NB, 
     tl.store(bmax_ptr + row * NB + blk, tl.max(x, axis=0))
     tl.store(bmin_ptr + row * NB + blk, tl.min(tl.where(m & (x > float("-inf")), x, float("inf")), axis=0))
     if blk == 0:
-        for i in range(NCNT):
-            tl.store(cnt_ptr + i * tl.num_programs(0) + row, 0)
+        _zero_counters(cnt_ptr, row, NCNT)
+
+
+@triton.jit
+def _floor1(bmax_ptr, minp_ptr, kth_ptr, row, NB, BNB: tl.constexpr, MASS: tl.constexpr, HAS_K: tl.constexpr):
+    """The row's top value, and the floor min_p sets (HAS_K: and the top_k cut); without MASS, the top."""
+    b = tl.arange(0, BNB)
+    top = tl.max(tl.load(bmax_ptr + row * NB + b, mask=b < NB, other=float("-inf")), axis=0)
+    floor1 = top
+    if MASS:
+        floor1 = top + tl.log(tl.load(minp_ptr + row))
+        if HAS_K:
+            floor1 = tl.maximum(floor1, tl.load(kth_ptr + row))
+    return top, floor1
 
 
 @triton.jit
@@ -262,15 +289,10 @@ def _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NB, BNB:
     the tokens under it weigh less than V·e^−R < (1 − top_p)·Z in all (Z ≥ 1, the top's own weight), so the
     condition is false there (Z itself is then summed apart, TOTAL)."""
     b = tl.arange(0, BNB)
-    mb = b < NB
-    top = tl.max(tl.load(bmax_ptr + row * NB + b, mask=mb, other=float("-inf")), axis=0)
-    least = tl.min(tl.load(bmin_ptr + row * NB + b, mask=mb, other=float("inf")), axis=0)
-    floor1 = top
+    top, floor1 = _floor1(bmax_ptr, minp_ptr, kth_ptr, row, NB, BNB, MASS, HAS_K)
+    least = tl.min(tl.load(bmin_ptr + row * NB + b, mask=b < NB, other=float("inf")), axis=0)
     start = least
     if MASS:
-        floor1 = top + tl.log(tl.load(minp_ptr + row))
-        if HAS_K:
-            floor1 = tl.maximum(floor1, tl.load(kth_ptr + row))
         start = tl.maximum(floor1, least)
         if RAISE:
             p = tl.load(knob_ptr + row).to(tl.float32)
@@ -315,15 +337,20 @@ def _narrowed(st_in, ab_in, part_in, row, NB, BNB: tl.constexpr, C: tl.constexpr
 
 
 @triton.jit
-def _tile_sums(ptr, L, lo32, hi32, cand32, top, floor1, acc, z, start, SUB: tl.constexpr, MASS: tl.constexpr,
-               TOTAL: tl.constexpr, sc, SCALED: tl.constexpr):
-    cols = start + tl.arange(0, SUB)
+def _load_inside(ptr, cols, L, lo32, hi32, sc, SCALED: tl.constexpr):
+    """ptr[cols] (< L; SCALED: times sc), their keys, the mask, and which lie inside the key range (lo, hi]."""
     m = cols < L
     x = tl.load(ptr + cols, mask=m, other=float("-inf"))
     if SCALED:
         x = x * sc
     k = _key(x)
-    inside = m & (k > lo32) & (k <= hi32)
+    return x, k, m, m & (k > lo32) & (k <= hi32)
+
+
+@triton.jit
+def _tile_sums(ptr, L, lo32, hi32, cand32, top, floor1, acc, z, start, SUB: tl.constexpr, MASS: tl.constexpr,
+               TOTAL: tl.constexpr, sc, SCALED: tl.constexpr):
+    x, k, m, inside = _load_inside(ptr, start + tl.arange(0, SUB), L, lo32, hi32, sc, SCALED)
     if MASS:
         e = tl.exp(x - top)
         w = tl.where(inside, e, 0.0)
@@ -353,13 +380,7 @@ def _range_sums(ptr, L, lo, hi, cand, top, floor1, acc, z, start, BLOCK: tl.cons
                                 SCALED)
     else:
         for c in range(0, BLOCK, CHECK):
-            cols = start + c + tl.arange(0, CHECK)
-            m = cols < L
-            x = tl.load(ptr + cols, mask=m, other=float("-inf"))
-            if SCALED:
-                x = x * sc
-            k = _key(x)
-            inside = m & (k > lo32) & (k <= hi32)
+            x, k, m, inside = _load_inside(ptr, start + c + tl.arange(0, CHECK), L, lo32, hi32, sc, SCALED)
             n = tl.sum(inside.to(tl.int32), axis=0)
             if n > 0:
                 for s in range(0, CHECK, SUB):
@@ -411,16 +432,9 @@ def _accept_sums_kernel(x_ptr, scale_ptr, bmax_ptr, minp_ptr, kth_ptr, val_ptr, 
     m = cols < V
     sc = tl.load(scale_ptr + row)
     x = tl.load(base + cols, mask=m, other=float("-inf")) * sc     # in flight while the winner is found
-    b = tl.arange(0, BNB)
-    mb = b < NB
-    val = tl.load(val_ptr + row * NB + b, mask=mb, other=float("-inf"))
-    idx = tl.load(idx_ptr + row * NB + b, mask=mb, other=2147483647)
-    top = tl.max(tl.load(bmax_ptr + row * NB + b, mask=mb, other=float("-inf")), axis=0)
-    w = tl.minimum(tl.min(tl.where(val == tl.max(val, axis=0), idx, 2147483647), axis=0), V - 1)
+    top, floor1 = _floor1(bmax_ptr, minp_ptr, kth_ptr, row, NB, BNB, True, HAS_K)
+    w = tl.minimum(_row_winner(val_ptr, idx_ptr, row, NB, BNB), V - 1)
     xw = tl.load(base + w) * sc
-    floor1 = top + tl.log(tl.load(minp_ptr + row))     # as _row_setup
-    if HAS_K:
-        floor1 = tl.maximum(floor1, tl.load(kth_ptr + row))
     e = tl.where(m & (x >= floor1), tl.exp(x - top), 0.0)
     tl.store(part_ptr + (row * NB + blk) * 2, tl.sum(e, axis=0))
     tl.store(part_ptr + (row * NB + blk) * 2 + 1, tl.sum(tl.where(x > xw, e, 0.0), axis=0))
@@ -445,9 +459,8 @@ def _decide_kernel(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, part_ptr, xw
 def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_in, part_out, st_in, st_out,
                    ab_in, ab_out, buf_ptr, cnt_ptr, scale_ptr, flag_ptr, B, V, sx, NB, NBS, M, step,
                    BLOCK: tl.constexpr, SUB: tl.constexpr, C: tl.constexpr, BNB: tl.constexpr, BNBS: tl.constexpr,
-                   MASS: tl.constexpr,
-                   HAS_K: tl.constexpr, CHECK: tl.constexpr, FIRST: tl.constexpr, TOTAL: tl.constexpr,
-                   RATIO: tl.constexpr, SCALED: tl.constexpr, ACCEPT: tl.constexpr):
+                   MASS: tl.constexpr, HAS_K: tl.constexpr, CHECK: tl.constexpr, FIRST: tl.constexpr,
+                   TOTAL: tl.constexpr, RATIO: tl.constexpr, SCALED: tl.constexpr, ACCEPT: tl.constexpr):
     """One pass of a search (module comment). MASS: the top_p cut (knob_ptr: top_p), else the top_k cut
     (knob_ptr: k). step 0 starts the range; later steps first narrow it from the previous pass's sums. The
     range and the row's buffer count (st: int64 lo, hi, nbuf: −1 while on the whole row), what lies above hi
@@ -576,8 +589,7 @@ def _search(x, bmax, bmin, min_p, knob, kth, out, cnt, buf, block: int, mass: bo
     st = torch.empty(2, 3 * B, dtype=torch.int64, device=x.device)     # lo, hi, buffer count per row
     ab = torch.empty(2, 2 * B, dtype=torch.float32, device=x.device)   # above hi, target per row
     kth = kth if kth is not None else bmax
-    shape = dict(SUB=SEARCH_SUB, C=SEARCH_C, BNB=max(16, triton.next_power_of_2(nb)),
-                 BNBS=max(16, triton.next_power_of_2(nbs)), MASS=mass, HAS_K=has_k,
+    shape = dict(SUB=SEARCH_SUB, C=SEARCH_C, BNB=_bnb(nb), BNBS=_bnb(nbs), MASS=mass, HAS_K=has_k,
                  RATIO=SEARCH_RATIO, SCALED=scale is not None, ACCEPT=accept)
     scale = scale if scale is not None else bmax
     check = min(max(SEARCH_CHECK, SEARCH_SUB), block)
@@ -586,8 +598,8 @@ def _search(x, bmax, bmin, min_p, knob, kth, out, cnt, buf, block: int, mass: bo
         # step 0's range holds most kept tokens: nothing to skip there, and Z summed whole (TOTAL)
         _search_kernel[(B, nb)](x, bmax, bmin, min_p, knob, kth, parts[i], parts[o], st[i], st[o], ab[i], ab[o],
                                 buf, cnt, scale, out, B, V, x.stride(0), nb, nbs, M, step, BLOCK=block,
-                                CHECK=check if step else 0,
-                                FIRST=step == 0, TOTAL=mass and step == 0, num_warps=SEARCH_WARPS, **shape)
+                                CHECK=check if step else 0, FIRST=step == 0, TOTAL=mass and step == 0,
+                                num_warps=SEARCH_WARPS, **shape)
     last = (SEARCH_PASSES - 1) % 2
     _finish_kernel[(B,)](x, bmax, bmin, min_p, knob, kth, parts[last], st[last], ab[last], buf, cnt, out, scale, B, V,
                          x.stride(0), nb, nbs, M, SEARCH_PASSES - 1, ONE_PASS=SEARCH_PASSES == 1,
@@ -666,13 +678,12 @@ def race_truncated(logits: torch.Tensor, scale: torch.Tensor, min_p: torch.Tenso
         _block_best_kernel[(B, nb)](logits, scale, seed, kth, val, idx, val, val, idx, V, sx, nb, 0, 0, BLOCK=block,
                                     RACE=True, FLOOR=True, STATS=False, SKIP=False, FAST=_fast(), num_warps=warps,
                                     **launch)
-    _accept_sums_kernel[(B, nb)](logits, scale, bmax, min_p, kth if kth is not None else bmax, val, idx, parts, xw,
-                                 out, V, sx, nb, BLOCK=block, BNB=max(16, triton.next_power_of_2(nb)),
-                                 HAS_K=kth is not None, num_warps=warps, **launch)
-    top_p = top_p.float().contiguous()
     kth_arg = kth if kth is not None else bmax
-    _decide_kernel[(B,)](bmax, bmin, min_p, kth_arg, top_p, parts, xw, floor, V, nb,
-                         BNB=max(16, triton.next_power_of_2(nb)), HAS_K=kth is not None, num_warps=1)
+    _accept_sums_kernel[(B, nb)](logits, scale, bmax, min_p, kth_arg, val, idx, parts, xw, out, V, sx, nb, BLOCK=block,
+                                 BNB=_bnb(nb), HAS_K=kth is not None, num_warps=warps, **launch)
+    top_p = top_p.float().contiguous()
+    _decide_kernel[(B,)](bmax, bmin, min_p, kth_arg, top_p, parts, xw, floor, V, nb, BNB=_bnb(nb),
+                         HAS_K=kth is not None, num_warps=1)
     # only the refused rows search (~1 − top_p of them): spread each over more programs
     _search(logits, bmax, bmin, min_p, top_p, kth, floor, cnt[1], buf, ACCEPT_SEARCH_BLOCK, mass=True,
             has_k=kth is not None, scale=scale, accept=True)
@@ -682,6 +693,5 @@ def race_truncated(logits: torch.Tensor, scale: torch.Tensor, min_p: torch.Tenso
     _block_best_kernel[(B, nb2)](logits, scale, seed, floor, val2, idx2, val2, val2, idx2, V, sx, nb2, 0,
                                  B * nb * (block // 4), BLOCK=BLOCK, RACE=True, FLOOR=True, STATS=False, SKIP=True,
                                  FAST=_fast(), num_warps=8, **launch)
-    _row_best_kernel[(B,)](val2, idx2, out, floor, nb2, BNB=max(16, triton.next_power_of_2(nb2)), SKIP=True,
-                           num_warps=1, **launch)
+    _row_best_kernel[(B,)](val2, idx2, out, floor, nb2, BNB=_bnb(nb2), SKIP=True, num_warps=1, **launch)
     return out
