@@ -33,6 +33,7 @@ from hybridserve.engine.config import EngineConfig
 from hybridserve.engine import cuda_graphs
 from hybridserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_buckets
 from hybridserve.engine.model_runner import SeqChunk, build_meta
+from hybridserve.kernels import attn_res_triton
 from hybridserve.kernels import attention_o_triton as aot
 from hybridserve.kernels import fused_triton as ft
 from hybridserve.kernels import l2_prefetch as l2p
@@ -200,15 +201,17 @@ def set_pdl(on: bool) -> None:
 
 
 # The decode graph's block-table width: the model's context (False, as the engine captures it), or the
-# Setup's own pages (True: fewer attention splits, the split count coming from the table's width)
-NARROW_TABLE = False
+# Setup's own pages (True: fewer attention splits, the split count coming from the table's width), or at least
+# that many pages (an int)
+NARROW_TABLE: bool | int = False
 
 
 def graph_step(model, s: Setup, B: int):
     """The Setup's decode step captured as a CUDA graph (as the engine runs it: a block table as wide as
     the model's context, which sets the attention's split count): a function running it as the engine does,
     inputs through the pinned host mirrors (three copies), then the replay."""
-    width = s.pages_per_seq if NARROW_TABLE else max(s.pages_per_seq, -(-model.max_model_len // PAGE))
+    full = -(-model.max_model_len // PAGE)
+    width = (min(max(s.pages_per_seq, int(NARROW_TABLE)), full) if NARROW_TABLE else max(s.pages_per_seq, full))
     graphs = DecodeGraphs(model, s.pools.view, B, width, sizes=[B])
     graphs.capture()
 
@@ -337,7 +340,11 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "gather_torch": (*_knob(ft, "GATHER_KERNEL"), False),  # torch index kernels for embedding, cos/sin
             "head_unpadded": (*_knob(neollm_ops_triton, "PADDED_HEAD"), False),  # NeoLLM's head on its own rows
             "select_pdl_off": (*_knob(sampling_triton, "SELECT_PDL"), False),  # argmax kernels without PDL
+            "route_late": (*_knob(attn_res_triton, "COMMITTED_EARLY_ROWS"), 0),  # every route source after the wait
+            "route_early_all": (*_knob(attn_res_triton, "COMMITTED_EARLY_ROWS"), 1 << 20),  # ... before, any rows
+            **{f"route_w{w}": (*_knob(attn_res_triton, "WARPS"), w) for w in (4, 8, 32)},
             "table_narrow": (*_knob(sys.modules[__name__], "NARROW_TABLE"), True),  # the Setup's pages only
+            **{f"table_{p}": (*_knob(sys.modules[__name__], "NARROW_TABLE"), p) for p in (16, 32, 64, 128)},
             "kv_early": (*_knob(pat, "KV_EARLY"), True),   # the attention's first k/v tile before its PDL wait
             "merge_o": _merge_o(),   # the split merge and the o GEMV in one kernel
             **{f"merge_o_p{p}" + (f"_r{r}" if r else ""): _merge_o(p, r)

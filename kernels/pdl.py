@@ -6,7 +6,9 @@ starts during its predecessor's tail instead of after a full drain and launch ga
 Contract for a kernel launched with `launch_pdl`: it must call `gdc_wait` before any load of data an
 earlier kernel wrote (activations, caches, states touched this step) and before any store. Only reads of
 data constant during the step (weights, and the step's metadata that the host copied in before it, such as
-the sequence lengths) and of its own slot state before anything else touches it may come first. Kernels that
+the sequence lengths) and of its own slot state before anything else touches it may come first; and, where the
+kernel before releases this one only after its own wait (not EARLY_RELEASE), data that kernels two or more back
+wrote (kernels/attn_res_triton.py COMMITTED_EARLY_ROWS). Kernels that
 do not opt in behave as usual.
 
 Where a kernel lets the next one launch (`enter`): after its own wait (the default), or before it

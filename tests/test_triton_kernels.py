@@ -528,7 +528,10 @@ from hybridserve.kernels import attn_res_triton as route_tr  # noqa: E402
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_sources", [2, 5, 7])
-def test_attn_res_route(device, dtype, n_sources):
+@pytest.mark.parametrize("early", [True, False])
+def test_attn_res_route(device, dtype, n_sources, early, monkeypatch):
+    """Both forms: every source after the PDL wait, or the committed ones before it (COMMITTED_EARLY_ROWS)."""
+    monkeypatch.setattr(route_tr, "COMMITTED_EARLY_ROWS", 64 if early else 0)
     sources = [torch.randn(4, 40, device=device, dtype=dtype) * (1 + i) for i in range(n_sources)]
     q, w = torch.randn(40, device=device, dtype=dtype), torch.rand(40, device=device, dtype=dtype) + 0.5
     _close(route_tr.route(sources, q, w, 1e-5), route_ref.route(sources, q, w, 1e-5), dtype)
@@ -550,9 +553,12 @@ def test_attn_res_route_sources_anywhere(device, dtype, gap):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_sources", [1, 2, 7])
-def test_attn_res_route_add(device, dtype, n_sources):
+@pytest.mark.parametrize("early", [True, False])
+def test_attn_res_route_add(device, dtype, n_sources, early, monkeypatch):
     """The residual add into the partial (the last source) is stored exactly as the unfused add rounds it,
-    and the routing mixes that stored partial; the sources stay untouched; a strided delta."""
+    and the routing mixes that stored partial; the sources stay untouched; a strided delta. Both forms of
+    the kernel (COMMITTED_EARLY_ROWS)."""
+    monkeypatch.setattr(route_tr, "COMMITTED_EARLY_ROWS", 64 if early else 0)
     sources = [torch.randn(4, 40, device=device, dtype=dtype) * (1 + i) for i in range(n_sources)]
     before = [s.clone() for s in sources]
     delta = torch.randn(4, 80, device=device, dtype=dtype)[:, 20:60] * 3
