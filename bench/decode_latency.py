@@ -340,8 +340,9 @@ VARIANTS = {"pdl_off": (lambda: pdl.enabled(torch.device("cuda")), set_pdl, Fals
             "gather_torch": (*_knob(ft, "GATHER_KERNEL"), False),  # torch index kernels for embedding, cos/sin
             "head_unpadded": (*_knob(neollm_ops_triton, "PADDED_HEAD"), False),  # NeoLLM's head on its own rows
             "select_pdl_off": (*_knob(sampling_triton, "SELECT_PDL"), False),  # argmax kernels without PDL
-            "route_late": (*_knob(attn_res_triton, "COMMITTED_EARLY_ROWS"), 0),  # every route source after the wait
-            "route_early_all": (*_knob(attn_res_triton, "COMMITTED_EARLY_ROWS"), 1 << 20),  # ... before, any rows
+            # the committed route sources before the PDL wait at one token row / at every row count
+            "route_early": (*_knob(attn_res_triton, "COMMITTED_EARLY_ROWS"), 1),
+            "route_early_all": (*_knob(attn_res_triton, "COMMITTED_EARLY_ROWS"), 1 << 20),
             **{f"route_w{w}": (*_knob(attn_res_triton, "WARPS"), w) for w in (4, 8, 32)},
             "table_narrow": (*_knob(sys.modules[__name__], "NARROW_TABLE"), True),  # the Setup's pages only
             **{f"table_{p}": (*_knob(sys.modules[__name__], "NARROW_TABLE"), p) for p in (16, 32, 64, 128)},

@@ -5,11 +5,14 @@ split-row race / argmax of kernels/sampling_triton.py), against the time of read
 
 Usage (GPU machine): python bench/sampler_cost.py [--vocabs 49152,128256] [--batches 1,32] [--spreads 4]
 [--graph-form-only] [--search-sweep] [--against OTHER/kernels/sampling_triton.py] [--draws-against OTHER_TREE]
+[--topk-against]
 → $OUT/sampler_cost.json (or bench/results/). --against: instead, the truncation floor of this tree and of another
 build's module file, in turn on the same logits, each checked against the sort. --draws-against: instead, the
 sampler graphs' whole draw (engine/sampler_graphs.py `_draw`: temperature only, min_p / top_p, top_k + top_p) of
 this tree and of another tree (its `_draw` and kernels/sampling_triton.py loaded from its files), in turn as CUDA
-graphs, each draw's tokens checked against the sort's kept set.
+graphs, each draw's tokens checked against the sort's kept set. --topk-against: instead, the top_k cut's k-th
+largest scaled logit by torch.topk against the sampler's count search (row stats and the search's passes, as
+race_truncated runs them), each checked equal, beside race_truncated's whole draw with and without top_k.
 """
 from __future__ import annotations
 
@@ -217,6 +220,49 @@ def draws_against(tree: str, shapes, spreads, rounds: int = 3, checks: int = 10)
     return rows
 
 
+def _kth_search(x: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """The k-th largest of each row of x · scale as race_truncated finds it: row stats, then the count search."""
+    st = sampling_triton
+    B, V = x.shape
+    block = st.SEARCH_BLOCK or (1024 if B <= st.SEARCH_FEW_ROWS else 4096)
+    nb = -(-V // block)
+    bmax = torch.empty(B, nb, device=x.device)
+    bmin = torch.empty_like(bmax)
+    cnt = torch.empty(2, st.SEARCH_PASSES, B, dtype=torch.int32, device=x.device)
+    buf = torch.empty(B, min(st.SEARCH_GATHER, V), device=x.device)
+    kth = torch.empty(B, device=x.device)
+    st._row_stats_kernel[(B, nb)](x, bmax, bmin, cnt, scale, V, x.stride(0), nb, 2 * st.SEARCH_PASSES, BLOCK=block,
+                                  SCALED=True, num_warps=8)
+    st._search(x, bmax, bmin, min_p, k, kth, kth, cnt[0], buf, block, mass=False, has_k=False, scale=scale)
+    return kth
+
+
+def topk_against(shapes, spreads, ks=(50, 1024), rounds: int = 3) -> list:
+    """torch.topk (sorted and not, K = the cut's k and a 1024 cap) against the count search for the k-th largest
+    scaled logit (top_k 50), on the same logits in turn; race_truncated with top_k + top_p and top_p alone beside."""
+    rows = []
+    for V, B in shapes:
+        for spread in spreads:
+            x = _logits(B, V, spread)
+            scale, min_p = torch.full((B,), 1 / 0.8, device="cuda"), torch.zeros(B, device="cuda")
+            k, top_p = torch.full((B,), 50, dtype=torch.long, device="cuda"), torch.full((B,), 0.95, device="cuda")
+            seed = torch.zeros(1, dtype=torch.long, device="cuda")
+            race = sampling_triton.race_truncated
+            want = (x * scale[:, None]).topk(50, dim=-1).values[:, -1]
+            row = {"vocab": V, "batch": B, "spread": spread, "search_equal": bool(torch.equal(
+                _kth_search(x, k, scale, min_p), want))}
+            fns = {"search": lambda: _kth_search(x, k, scale, min_p),
+                   **{f"topk{K}{'' if srt else '_unsorted'}": (lambda K=K, srt=srt: x.topk(K, dim=-1, sorted=srt))
+                      for K in ks for srt in (True, False)},
+                   "race_truncated_top_k_top_p": lambda: race(x, scale, min_p, k, top_p, seed),
+                   "race_truncated_top_p": lambda: race(x, scale, min_p, None, top_p, seed)}
+            _in_turn(row, "kth", fns, rounds)
+            rows.append(row)
+            print(f"V={V:6} B={B:3} spread {spread:4}: search equal {row['search_equal']}  " + "  ".join(
+                f"{n} {min(row[f'kth_{n}_graph_us']):.1f}" for n in fns), flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocabs", default="49152,128256")
@@ -229,12 +275,16 @@ def main():
                     "(with --search-sweep: that module timed beside the sweep)")
     ap.add_argument("--draws-against", help="instead: the sampler graphs' whole draw, this tree against another "
                     "tree's")
+    ap.add_argument("--topk-against", action="store_true", help="instead: the top_k cut's k-th value by torch.topk "
+                    "against the count search")
     args = ap.parse_args()
     spreads = [float(s) for s in args.spreads.split(",")]
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    if args.search_sweep or args.against or args.draws_against:
+    if args.search_sweep or args.against or args.draws_against or args.topk_against:
         shapes = [(V, B) for V in map(int, args.vocabs.split(",")) for B in map(int, args.batches.split(","))]
-        if args.draws_against:
+        if args.topk_against:
+            rows, name = topk_against(shapes, spreads), "sampler_topk_against.json"
+        elif args.draws_against:
             rows, name = draws_against(args.draws_against, shapes, spreads), "sampler_draws_against.json"
         elif args.search_sweep:
             rows, name = search_sweep(spreads, shapes, args.against), "sampler_search_sweep.json"

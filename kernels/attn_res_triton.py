@@ -28,14 +28,15 @@ _OFFSETS = ("o1", "o2", "o3", "o4", "o5", "o6", "o7")
 # gather), and the kernel before this one releases it only after its own wait, by which time every kernel before
 # that one has finished (kernels/pdl.py). Their logits and their softmax-weighted mixture are ready before the
 # wait; after it only the last source (the running partial, or the sublayer output that starts a block) and the
-# delta are read, and the two parts are combined. Only for routes of at most this many token rows: one row
-# follows the streamed GEMV, launched with PDL, so the route's program is resident while that GEMV's tail runs;
-# more rows follow the tensor-core GEMM, launched without it, and there the two reads in turn only lengthen the
-# chain. H100, Kotodama-3B decode graphs, context 128, three rounds in turn (bench/results/
-# decode_latency_route_early-h100.json), early vs all after the wait: batch 1 2.543 vs 2.549 ms, batch 8 (early
-# at every row count) 3.044 vs 3.004. Never where kernels release their successors before their waits
-# (pdl.EARLY_RELEASE): there a kernel may start while several before it still run. 0: never (an A/B knob).
-COMMITTED_EARLY_ROWS = 1
+# delta are read, and the two parts are combined. For routes of at most this many token rows (one row follows the
+# streamed GEMV, launched with PDL, so the route's program can be resident during that GEMV's tail; more rows
+# follow the tensor-core GEMM, launched without it, where the two reads in turn only lengthen the chain). Off:
+# even at one row. H100, Kotodama-3B decode graphs, context 128, three rounds in turn, early vs all after the
+# wait: batch 1 2.543 vs 2.549 ms on one machine (bench/results/decode_latency_route_early-h100.json), 2.549 vs
+# 2.548 on another (decode_latency_session32-h100.json; two captures of the same graph there differ by up to
+# 3 µs); batch 8, early at every row count, 3.044 vs 3.004. Never where kernels release their successors before
+# their waits (pdl.EARLY_RELEASE): there a kernel may start while several before it still run. An A/B knob.
+COMMITTED_EARLY_ROWS = 0
 WARPS: int | None = None    # the route kernel's warps (None: by tile size); an A/B knob
 
 

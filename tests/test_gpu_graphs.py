@@ -70,6 +70,8 @@ KNOBS = {"resident_o": [("kernels.fused_triton", "RESIDENT_AFTER_BLOCK"), ("kern
          # L2 eviction hints (no effect on results): weights with the default policy, k/v loads evict-last
          "weight_evict_normal": [("kernels.fused_triton", "WEIGHT_EVICT", "")],
          "kv_evict_last": [("kernels.paged_attention_triton", "KV_EVICT", "evict_last")],
+         # Kotodama's routing: the committed sources read before the PDL wait at one token row
+         "route_early": [("kernels.attn_res_triton", "COMMITTED_EARLY_ROWS", 1)],
          # NanoHammer's state entry waited for at the layer's start; its token_to_state projection on cuBLAS
          "entry_wait_early": [("models.llama", "ENTRY_AT_ATTENTION", False)],
          "t2s_cublas": [("models.nanohammer", "TOKEN_TO_STATE_GEMV", False),
