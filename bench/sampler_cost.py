@@ -231,9 +231,8 @@ def _kth_search(x: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, min_p: to
     cnt = torch.empty(2, st.SEARCH_PASSES, B, dtype=torch.int32, device=x.device)
     buf = torch.empty(B, min(st.SEARCH_GATHER, V), device=x.device)
     kth = torch.empty(B, device=x.device)
-    st._row_stats_kernel[(B, nb)](x, bmax, bmin, cnt, scale, V, x.stride(0), nb, 2 * st.SEARCH_PASSES, BLOCK=block,
-                                  SCALED=True, num_warps=8)
-    st._search(x, bmax, bmin, min_p, k, kth, kth, cnt[0], buf, block, mass=False, has_k=False, scale=scale)
+    lb = st._row_stats(x, scale, bmax, bmin, cnt, block, k)
+    st._search(x, bmax, bmin, min_p, k, kth, kth, cnt[0], buf, block, mass=False, has_k=False, scale=scale, lb=lb)
     return kth
 
 

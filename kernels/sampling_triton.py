@@ -216,6 +216,13 @@ SEARCH_RATIO = 16          # a pass gathers where the last range held at most th
 SEARCH_CHECK = 1024        # elements tested at once for any inside the range
 FINISH_TILE = 1024         # the finishing program's loop step
 ACCEPT_SEARCH_BLOCK = 1024  # race_truncated's top_p search, on the rows whose first draw was refused
+# The top_k search's start from a bound: the k-th largest of the row's group maxima (groups of K_GROUP elements),
+# distinct tokens, so at least k tokens lie at or above it. Its first pass then counts and gathers only the few
+# tokens above the bound (skipping chunks with none, as later passes do) and the next passes read the buffer.
+# 0: no bound (every row on the whole row for its first passes, as before). Only for more than K_BOUND_ROWS rows:
+# at one to eight rows (1024-element blocks) its launch costs about what it saves.
+K_GROUP = 256
+K_BOUND_ROWS = SEARCH_FEW_ROWS
 FINISH_WARPS = 4
 
 
@@ -243,17 +250,21 @@ def _candidates(lo, hi, ci, C: tl.constexpr, BY_VALUE: tl.constexpr):
         a = _unkey(lo)
         b = _unkey(hi)
         t = ci.to(tl.float32) / C
-        kv = tl.minimum(tl.maximum(_key(a * (1.0 - t) + b * t).to(tl.int64), lo), hi)
+        # one explicit fma: a pass and the next one's narrowing compute these keys in different kernels' code,
+        # and must get the same bits (a plain a·(1 − t) + b·t was contracted differently there on the GPU, so a
+        # row's next range could miss the token the last pass had counted in it)
+        kv = tl.minimum(tl.maximum(_key(tl.fma(b - a, t, a)).to(tl.int64), lo), hi)
         kv = tl.where(ci == 0, lo, kv)
         cand = tl.where((a > float("-inf")) & (b < float("inf")), kv, cand)    # NaN ends fail both
     return cand
 
 
 @triton.jit
-def _row_stats_kernel(x_ptr, bmax_ptr, bmin_ptr, cnt_ptr, scale_ptr, V, sx, NB, NCNT, BLOCK: tl.constexpr,
-                      SCALED: tl.constexpr):
+def _row_stats_kernel(x_ptr, bmax_ptr, bmin_ptr, cnt_ptr, scale_ptr, gmax_ptr, V, sx, NB, NCNT, BLOCK: tl.constexpr,
+                      SCALED: tl.constexpr, GROUP: tl.constexpr = 0):
     """Per block of a row: its max and its least finite value (SCALED: of the values times the row's scale);
-    block 0 zeroes the row's NCNT counters."""
+    GROUP > 0: also the max of each group of GROUP elements (−inf past the row's end); block 0 zeroes the
+    row's NCNT counters."""
     row = tl.program_id(0)
     blk = tl.program_id(1)
     cols = blk * BLOCK + tl.arange(0, BLOCK)
@@ -262,9 +273,24 @@ def _row_stats_kernel(x_ptr, bmax_ptr, bmin_ptr, cnt_ptr, scale_ptr, V, sx, NB, 
     if SCALED:
         x = x * tl.load(scale_ptr + row)
     tl.store(bmax_ptr + row * NB + blk, tl.max(x, axis=0))
+    if GROUP > 0:
+        NG: tl.constexpr = BLOCK // GROUP
+        tl.store(gmax_ptr + (row * NB + blk) * NG + tl.arange(0, NG), tl.max(tl.reshape(x, (NG, GROUP)), axis=1))
     tl.store(bmin_ptr + row * NB + blk, tl.min(tl.where(m & (x > float("-inf")), x, float("inf")), axis=0))
     if blk == 0:
         _zero_counters(cnt_ptr, row, NCNT)
+
+
+@triton.jit
+def _kth_bound_kernel(gmax_ptr, knob_ptr, lb_ptr, V, NG, BNG: tl.constexpr):
+    """One program per row: the k-th largest of its NG group maxima (k = knob_ptr[row]), −inf where there are
+    fewer groups than k or k keeps the whole row."""
+    row = tl.program_id(0)
+    g = tl.arange(0, BNG)
+    v = tl.sort(tl.load(gmax_ptr + row * NG + g, mask=g < NG, other=float("-inf")), descending=True)
+    k = tl.load(knob_ptr + row)
+    lb = tl.max(tl.where(g == k - 1, v, float("-inf")), axis=0)
+    tl.store(lb_ptr + row, tl.where((k <= NG) & (k < V), lb, float("-inf")))
 
 
 @triton.jit
@@ -282,16 +308,19 @@ def _floor1(bmax_ptr, minp_ptr, kth_ptr, row, NB, BNB: tl.constexpr, MASS: tl.co
 
 @triton.jit
 def _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NB, BNB: tl.constexpr,
-               MASS: tl.constexpr, HAS_K: tl.constexpr, RAISE: tl.constexpr):
+               MASS: tl.constexpr, HAS_K: tl.constexpr, RAISE: tl.constexpr, lb_ptr=0, LB: tl.constexpr = False):
     """The row's top value, the floor min_p (and the top_k cut) set, and the search's first lo: just below
     the least finite value not under that floor (banned −inf tokens weigh nothing; when a row has none left,
     lo sits just under the top). RAISE, for top_p < 1: not below top − R either, R = log(V / (1 − top_p)) + 1:
     the tokens under it weigh less than V·e^−R < (1 − top_p)·Z in all (Z ≥ 1, the top's own weight), so the
-    condition is false there (Z itself is then summed apart, TOTAL)."""
+    condition is false there (Z itself is then summed apart, TOTAL). LB (the top_k search): not below the
+    row's bound at lb_ptr either (_kth_bound_kernel; at least k tokens lie at or above it)."""
     b = tl.arange(0, BNB)
     top, floor1 = _floor1(bmax_ptr, minp_ptr, kth_ptr, row, NB, BNB, MASS, HAS_K)
     least = tl.min(tl.load(bmin_ptr + row * NB + b, mask=b < NB, other=float("inf")), axis=0)
     start = least
+    if LB:
+        start = tl.maximum(start, tl.load(lb_ptr + row))
     if MASS:
         start = tl.maximum(floor1, least)
         if RAISE:
@@ -403,6 +432,13 @@ def _settle(nbuf, cnt_ptr, B, row, q, M, RATIO: tl.constexpr):
 
 
 @triton.jit
+def _settle_first(nbuf, cnt_ptr, lb_ptr, row, M):
+    """A bounded row (LB) gathered its range at step 0: it reads the buffer from step 1 where the range fitted."""
+    n = tl.load(cnt_ptr + row)
+    return tl.where((nbuf < 0) & (tl.load(lb_ptr + row) > float("-inf")) & (n <= M), n, nbuf).to(tl.int64)
+
+
+@triton.jit
 def _accepted(part_ptr, xw_ptr, knob_ptr, row, floor1, NB, BNB: tl.constexpr):
     """Whether the row's first draw (value xw_ptr[row]) is a token the min_p / top_p cut keeps: not under
     floor1, and the mass above it (over tokens not under floor1) under top_p · Z, from _accept_sums_kernel's
@@ -457,10 +493,11 @@ def _decide_kernel(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, part_ptr, xw
 
 @triton.jit
 def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_in, part_out, st_in, st_out,
-                   ab_in, ab_out, buf_ptr, cnt_ptr, scale_ptr, flag_ptr, B, V, sx, NB, NBS, M, step,
+                   ab_in, ab_out, buf_ptr, cnt_ptr, scale_ptr, flag_ptr, lb_ptr, B, V, sx, NB, NBS, M, step,
                    BLOCK: tl.constexpr, SUB: tl.constexpr, C: tl.constexpr, BNB: tl.constexpr, BNBS: tl.constexpr,
                    MASS: tl.constexpr, HAS_K: tl.constexpr, CHECK: tl.constexpr, FIRST: tl.constexpr,
-                   TOTAL: tl.constexpr, RATIO: tl.constexpr, SCALED: tl.constexpr, ACCEPT: tl.constexpr):
+                   TOTAL: tl.constexpr, RATIO: tl.constexpr, SCALED: tl.constexpr, ACCEPT: tl.constexpr,
+                   LB: tl.constexpr):
     """One pass of a search (module comment). MASS: the top_p cut (knob_ptr: top_p), else the top_k cut
     (knob_ptr: k). step 0 starts the range; later steps first narrow it from the previous pass's sums. The
     range and the row's buffer count (st: int64 lo, hi, nbuf: −1 while on the whole row), what lies above hi
@@ -468,7 +505,10 @@ def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
     row's block of the whole row, or of its buffer once the row reads that; cnt_ptr[step, row] counts the
     elements inside the range (step 0: V). A row whose range is one key wide is done: its later passes only
     carry its state on. SCALED: x_ptr holds raw logits, scaled by scale_ptr[row] as loaded. ACCEPT
-    (race_truncated): a row whose flag_ptr[row] is +inf (its first draw kept, _decide_kernel) is left alone."""
+    (race_truncated): a row whose flag_ptr[row] is +inf (its first draw kept, _decide_kernel) is left alone.
+    LB (the top_k search, K_GROUP): step 0's range starts at the row's bound (lb_ptr); a row with one gathers
+    its range into the buffer at step 0 already, counting it in cnt_ptr[0, row], and reads the buffer from
+    step 1 where it fitted (_settle_first)."""
     row = tl.program_id(0)
     blk = tl.program_id(1)
     if ACCEPT:
@@ -483,7 +523,7 @@ def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
                     tl.store(ab_out + row * 2 + f, tl.load(ab_in + row * 2 + f))
             return
     top, floor1, lo, hi = _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NBS, BNBS, MASS,
-                                     HAS_K, TOTAL)
+                                     HAS_K, TOTAL, lb_ptr, LB)
     ci = tl.arange(0, C)
     nbuf = tl.full((), -1, tl.int64)
     sc = 1.0
@@ -499,13 +539,16 @@ def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
             done = target >= V
         hi = tl.where(done, lo + 1, hi)
         if blk == 0:
-            tl.store(cnt_ptr + row, V)
+            if not LB:     # LB: the pass counts its range itself
+                tl.store(cnt_ptr + row, V)
         elif done:      # block 0 carries the state on; the later passes and the finish skip the row's sums
             return
     else:
         lo, hi, nbuf, above, target = _narrowed(st_in, ab_in, part_in, row, NB, BNB, C, MASS, step == 1)
         if step >= 2:
             nbuf = _settle(nbuf, cnt_ptr, B, row, step - 1, M, RATIO)
+        elif LB:
+            nbuf = _settle_first(nbuf, cnt_ptr, lb_ptr, row, M)
     if blk == 0:
         tl.store(st_out + row * 3, lo)
         tl.store(st_out + row * 3 + 1, hi)
@@ -524,6 +567,8 @@ def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
             gather = False
             if not FIRST:     # gather where the last range's count suggests this one fits the buffer
                 gather = tl.load(cnt_ptr + (step - 1) * B + row) <= RATIO * M
+            elif LB:          # or, at step 0, where the bound leaves few tokens in the range
+                gather = tl.load(lb_ptr + row) > float("-inf")
             acc, z = _range_sums(x_ptr + row.to(tl.int64) * sx, V, lo, hi, cand, top, floor1, acc, z,
                                  blk * BLOCK, BLOCK, SUB, CHECK, MASS, TOTAL, gather,
                                  buf_ptr + row.to(tl.int64) * M, cnt_ptr + step * B + row, M, sc, SCALED)
@@ -535,10 +580,10 @@ def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
 
 @triton.jit
 def _finish_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_in, st_in, ab_in, buf_ptr, cnt_ptr,
-                   floor_ptr, scale_ptr, B, V, sx, NB, NBS, M, last, SUB: tl.constexpr, C: tl.constexpr,
+                   floor_ptr, scale_ptr, lb_ptr, B, V, sx, NB, NBS, M, last, SUB: tl.constexpr, C: tl.constexpr,
                    BNB: tl.constexpr, BNBS: tl.constexpr, MASS: tl.constexpr, HAS_K: tl.constexpr,
                    ONE_PASS: tl.constexpr, RATIO: tl.constexpr, FINISH_TILE: tl.constexpr, SCALED: tl.constexpr,
-                   ACCEPT: tl.constexpr):
+                   ACCEPT: tl.constexpr, LB: tl.constexpr):
     """One program per row: narrow from the last pass's sums, then step by key over the row's buffer (or the
     whole row, where its range never fitted one) until hi is the cut; store the floor (ACCEPT: not for a row
     whose floor is already +inf, _decide_kernel)."""
@@ -555,6 +600,8 @@ def _finish_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
     lo, hi, nbuf, above, target = _narrowed(st_in, ab_in, part_in, row, NB, BNB, C, MASS, ONE_PASS)
     if not ONE_PASS:
         nbuf = _settle(nbuf, cnt_ptr, B, row, last, M, RATIO)
+    elif LB:
+        nbuf = _settle_first(nbuf, cnt_ptr, lb_ptr, row, M)
     if nbuf >= 0:
         ptr = buf_ptr + row.to(tl.int64) * M
         L = nbuf.to(tl.int32)
@@ -578,9 +625,10 @@ def _finish_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
 
 
 def _search(x, bmax, bmin, min_p, knob, kth, out, cnt, buf, block: int, mass: bool, has_k: bool,
-            scale=None, accept: bool = False) -> None:
+            scale=None, accept: bool = False, lb=None) -> None:
     """One search's passes and finish into out [B]. scale: x holds raw logits, to scale per row as loaded.
-    accept (race_truncated): rows whose out is +inf already (_decide_kernel) are left alone."""
+    accept (race_truncated): rows whose out is +inf already (_decide_kernel) are left alone. lb (the top_k
+    search): each row's bound (_kth_bound), or None."""
     B, V = x.shape
     nb = triton.cdiv(V, block)
     nbs = bmax.shape[1]        # the row stats' blocks (and accept's)
@@ -590,20 +638,40 @@ def _search(x, bmax, bmin, min_p, knob, kth, out, cnt, buf, block: int, mass: bo
     ab = torch.empty(2, 2 * B, dtype=torch.float32, device=x.device)   # above hi, target per row
     kth = kth if kth is not None else bmax
     shape = dict(SUB=SEARCH_SUB, C=SEARCH_C, BNB=_bnb(nb), BNBS=_bnb(nbs), MASS=mass, HAS_K=has_k,
-                 RATIO=SEARCH_RATIO, SCALED=scale is not None, ACCEPT=accept)
+                 RATIO=SEARCH_RATIO, SCALED=scale is not None, ACCEPT=accept, LB=lb is not None)
+    lb = lb if lb is not None else bmax
     scale = scale if scale is not None else bmax
     check = min(max(SEARCH_CHECK, SEARCH_SUB), block)
     for step in range(SEARCH_PASSES):
         i, o = (step + 1) % 2, step % 2
-        # step 0's range holds most kept tokens: nothing to skip there, and Z summed whole (TOTAL)
+        # step 0's range holds most kept tokens (unless a bound starts it): nothing to skip there, and Z summed
+        # whole (TOTAL)
         _search_kernel[(B, nb)](x, bmax, bmin, min_p, knob, kth, parts[i], parts[o], st[i], st[o], ab[i], ab[o],
-                                buf, cnt, scale, out, B, V, x.stride(0), nb, nbs, M, step, BLOCK=block,
-                                CHECK=check if step else 0, FIRST=step == 0, TOTAL=mass and step == 0,
+                                buf, cnt, scale, out, lb, B, V, x.stride(0), nb, nbs, M, step, BLOCK=block,
+                                CHECK=check if step or shape["LB"] else 0, FIRST=step == 0, TOTAL=mass and step == 0,
                                 num_warps=SEARCH_WARPS, **shape)
     last = (SEARCH_PASSES - 1) % 2
-    _finish_kernel[(B,)](x, bmax, bmin, min_p, knob, kth, parts[last], st[last], ab[last], buf, cnt, out, scale, B, V,
-                         x.stride(0), nb, nbs, M, SEARCH_PASSES - 1, ONE_PASS=SEARCH_PASSES == 1,
+    _finish_kernel[(B,)](x, bmax, bmin, min_p, knob, kth, parts[last], st[last], ab[last], buf, cnt, out, scale, lb,
+                         B, V, x.stride(0), nb, nbs, M, SEARCH_PASSES - 1, ONE_PASS=SEARCH_PASSES == 1,
                          FINISH_TILE=FINISH_TILE, num_warps=FINISH_WARPS, **shape)
+
+
+def _row_stats(x, scale, bmax, bmin, cnt, block: int, top_k) -> torch.Tensor | None:
+    """_row_stats_kernel over x [B, V] (scale: per-row factors of raw logits, or None); with top_k (and
+    K_GROUP), also the top_k search's bound per row (_kth_bound_kernel), returned; else None."""
+    B, V = x.shape
+    nb = bmax.shape[1]
+    group = (K_GROUP if top_k is not None and B > K_BOUND_ROWS and 0 < K_GROUP <= block and block % K_GROUP == 0
+             else 0)
+    gmax = torch.empty(B, nb * (block // group) if group else 1, dtype=torch.float32, device=x.device)
+    _row_stats_kernel[(B, nb)](x, bmax, bmin, cnt, scale if scale is not None else x, gmax, V, x.stride(0), nb,
+                               cnt.numel() // B, BLOCK=block, SCALED=scale is not None, GROUP=group, num_warps=8)
+    if not group:
+        return None
+    lb = torch.empty(B, dtype=torch.float32, device=x.device)
+    ng = gmax.shape[1]
+    _kth_bound_kernel[(B,)](gmax, top_k, lb, V, ng, BNG=triton.next_power_of_2(ng), num_warps=4)
+    return lb
 
 
 def truncation_floor(x: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor | None,
@@ -622,12 +690,11 @@ def truncation_floor(x: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor |
         return floor
     cnt = torch.empty(2, SEARCH_PASSES, B, dtype=torch.int32, device=x.device)   # per search, pass and row
     buf = torch.empty(B, min(SEARCH_GATHER, V), dtype=torch.float32, device=x.device)
-    _row_stats_kernel[(B, nb)](x, bmax, bmin, cnt, x, V, x.stride(0), nb, 2 * SEARCH_PASSES, BLOCK=block,
-                               SCALED=False, num_warps=8)
+    lb = _row_stats(x, None, bmax, bmin, cnt, block, top_k)
     kth = None
     if top_k is not None:
         kth = torch.empty(B, dtype=torch.float32, device=x.device)
-        _search(x, bmax, bmin, min_p, top_k, kth, kth, cnt[0], buf, block, mass=False, has_k=False)
+        _search(x, bmax, bmin, min_p, top_k, kth, kth, cnt[0], buf, block, mass=False, has_k=False, lb=lb)
     _search(x, bmax, bmin, min_p.float().contiguous(), top_p.float().contiguous(), kth, floor, cnt[1], buf,
             block, mass=True, has_k=kth is not None)
     return floor
@@ -671,10 +738,10 @@ def race_truncated(logits: torch.Tensor, scale: torch.Tensor, min_p: torch.Tenso
                                     2 * SEARCH_PASSES, 0, BLOCK=block, RACE=True, FLOOR=False, STATS=True, SKIP=False,
                                     FAST=_fast(), num_warps=warps, **launch)
     else:
-        _row_stats_kernel[(B, nb)](logits, bmax, bmin, cnt, scale, V, sx, nb, 2 * SEARCH_PASSES, BLOCK=block,
-                                   SCALED=True, num_warps=8)
+        lb = _row_stats(logits, scale, bmax, bmin, cnt, block, top_k)
         kth = torch.empty(B, dtype=torch.float32, device=dev)
-        _search(logits, bmax, bmin, min_p, top_k, kth, kth, cnt[0], buf, block, mass=False, has_k=False, scale=scale)
+        _search(logits, bmax, bmin, min_p, top_k, kth, kth, cnt[0], buf, block, mass=False, has_k=False, scale=scale,
+                lb=lb)
         _block_best_kernel[(B, nb)](logits, scale, seed, kth, val, idx, val, val, idx, V, sx, nb, 0, 0, BLOCK=block,
                                     RACE=True, FLOOR=True, STATS=False, SKIP=False, FAST=_fast(), num_warps=warps,
                                     **launch)

@@ -175,22 +175,26 @@ def test_sigterm_drains_every_api_process(model):
     args = serve_args(model, "--api-server-count", "2", "--max-num-seqs", "8")
 
     async def streams_through_sigterm(url: str, pids: list[int]) -> list[list[str]]:
-        async def one(http: httpx.AsyncClient, name: str, signal_at_first: bool) -> list[str]:
+        streaming = []     # streams that have had their first chunk: the signal goes once all six are in flight
+
+        async def one(http: httpx.AsyncClient, name: str) -> list[str]:
             body = {"model": name, "messages": [{"role": "user", "content": "Tell me a story."}],
                     "max_tokens": 150, "ignore_eos": True, "stream": True}
             async with http.stream("POST", "/v1/chat/completions", json=body) as r:
                 text = ""
                 async for chunk in r.aiter_text():
-                    if signal_at_first and not text and chunk:
-                        for pid in pids:
-                            os.kill(pid, signal.SIGTERM)
+                    if not text and chunk:
+                        streaming.append(name)
+                        if len(streaming) == len(clients):
+                            for pid in pids:
+                                os.kill(pid, signal.SIGTERM)
                     text += chunk
             return sse_payloads(text)
 
         clients = [httpx.AsyncClient(base_url=url, timeout=60) for _ in range(6)]   # a connection each
         try:
             name = (await clients[0].get("/v1/models")).json()["data"][0]["id"]
-            return await asyncio.gather(*[one(c, name, i == 5) for i, c in enumerate(clients)])
+            return await asyncio.gather(*[one(c, name) for c in clients])
         finally:
             for c in clients:
                 await c.aclose()

@@ -1429,10 +1429,43 @@ def test_race_truncated_keeps_to_the_cut_on_long_rows(device, k_on, monkeypatch)
         assert ((x * scale[:, None])[rows, ids] >= floor).all(), (s, ids)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs CUDA, compiled Triton")
+@pytest.mark.parametrize("passes", [4, 6])
+@pytest.mark.parametrize("bound", [True, False])
+def test_top_k_search_exact_at_full_vocabulary(passes, bound, monkeypatch):
+    """At NeoLLM's vocabulary and 128 rows, the compiled top_k search finds the sort's k-th value in every row, with
+    the default passes and more, with and without its bound (K_GROUP). Each pass narrows the range by candidate
+    keys that the pass before computed in other code; they must agree to the bit (once they did not on the GPU: a
+    contracted multiply-add, and one row in ~1,000 kept its k + 1-th token, most rows with 6 passes)."""
+    monkeypatch.setattr(sampling_tr, "SEARCH_PASSES", passes)
+    if not bound:
+        monkeypatch.setattr(sampling_tr, "K_GROUP", 0)
+    g = torch.Generator(device="cuda")
+    B, V = 128, 151665
+    k, min_p, top_p = (torch.full((B,), 50, device="cuda"), torch.zeros(B, device="cuda"),
+                       torch.ones(B, device="cuda"))
+    for seed in range(3):
+        g.manual_seed(seed)
+        x = torch.randn(B, V, device="cuda", generator=g) * 1.25
+        got = sampling_tr.truncation_floor(x, min_p, k, top_p)
+        assert torch.equal(got, x.topk(50, dim=-1).values[:, -1]), (seed, (got != x.topk(50).values[:, -1]).sum())
+
+
+# test_search_truncation_floor_keeps_what_the_sort_keeps's layouts: the search's knobs each sets
+_ONE_PASS = {"SEARCH_PASSES": 1, "FINISH_TILE": 128}
+SEARCH_LAYOUTS = {"default": {}, "overflow": {"SEARCH_GATHER": 1}, "one_pass": _ONE_PASS,
+                  "many_passes": {"SEARCH_PASSES": 7},
+                  "three_passes_small_buffer": {"SEARCH_PASSES": 3, "SEARCH_GATHER": 64},
+                  "bounded": {"K_GROUP": 16}, "bounded_overflow": {"K_GROUP": 16, "SEARCH_GATHER": 8},
+                  "bounded_one_pass": {"K_GROUP": 16, **_ONE_PASS}, "unbounded": {"K_GROUP": 0}}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_k,layout", [(True, "default"), (False, "default"), (True, "overflow"),
                                            (True, "one_pass"), (False, "three_passes_small_buffer"),
-                                           (False, "many_passes")])
+                                           (False, "many_passes"), (True, "bounded"), (True, "bounded_overflow"),
+                                           (True, "bounded_one_pass"), (True, "unbounded")])
 def test_search_truncation_floor_keeps_what_the_sort_keeps(device, with_k, layout, monkeypatch):
     """The sort-free truncation floor (key-range search) keeps the same tokens as the sorted reference, per
     row, with every knob mix across rows: neutral, min_p, top_k (ties at the k-th value), top_p (incl. 1e-6:
@@ -1440,21 +1473,15 @@ def test_search_truncation_floor_keeps_what_the_sort_keeps(device, with_k, layou
     Layouts: the default (at these vocabularies the buffer holds a whole row, so rows move to it after one
     pass); a buffer of one slot (rows stay on the whole row to the end); one pass (the finishing program
     computes Z); three passes with a buffer of 64 (rows move to it at different passes, or never); more passes
-    than most rows need (passes after a row's range is one key wide)."""
+    than most rows need (passes after a row's range is one key wide). The top_k search's bound (K_GROUP) on
+    groups of 16, so that most top_k rows have one and gather at step 0: alone, with a buffer of 8 slots (their
+    ranges overflow it: they stay on the whole row), with one pass; and without any bound."""
 
     if device == "cpu":
         monkeypatch.setattr(sampling_tr, "SEARCH_BLOCK", 256)
         monkeypatch.setattr(sampling_tr, "SEARCH_SUB", 64)
-    if layout == "overflow":
-        monkeypatch.setattr(sampling_tr, "SEARCH_GATHER", 1)
-    elif layout == "one_pass":
-        monkeypatch.setattr(sampling_tr, "SEARCH_PASSES", 1)
-        monkeypatch.setattr(sampling_tr, "FINISH_TILE", 128)
-    elif layout == "many_passes":
-        monkeypatch.setattr(sampling_tr, "SEARCH_PASSES", 7)
-    elif layout == "three_passes_small_buffer":
-        monkeypatch.setattr(sampling_tr, "SEARCH_PASSES", 3)
-        monkeypatch.setattr(sampling_tr, "SEARCH_GATHER", 64)
+    for name, value in SEARCH_LAYOUTS[layout].items():
+        monkeypatch.setattr(sampling_tr, name, value)
     V = (sampling_tr.SEARCH_BLOCK or 1024) * 3 + 77                 # 8 rows: 1024-element programs on a GPU
     g = torch.Generator().manual_seed(7)
     knobs = [(0.0, V, 1.0), (0.1, V, 1.0), (0.0, 7, 1.0), (0.0, V, 0.9), (0.0, 40, 0.5), (0.3, 100, 0.95),
