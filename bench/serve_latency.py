@@ -43,7 +43,8 @@ from server_process import cpu_seconds as process_cpu, named_children, running_s
 from tiny import metric  # noqa: E402
 from hybridserve.weights.synth import write_synthetic  # noqa: E402
 
-SAMPLING = {"greedy": {"temperature": 0.0}, "sampled": {"temperature": 0.8, "top_p": 0.95}}
+SAMPLING = {"greedy": {"temperature": 0.0}, "sampled": {"temperature": 0.8, "top_p": 0.95},
+            "sampled_top_k": {"temperature": 0.8, "top_p": 0.95, "top_k": 50}}
 
 
 def pct(values: list[float], q: float) -> float:
