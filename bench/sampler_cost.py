@@ -223,14 +223,8 @@ def draws_against(tree: str, shapes, spreads, rounds: int = 3, checks: int = 10)
 def _kth_search(x: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """The k-th largest of each row of x · scale as race_truncated finds it: row stats, then the count search."""
     st = sampling_triton
-    B, V = x.shape
-    block = st.SEARCH_BLOCK or (1024 if B <= st.SEARCH_FEW_ROWS else 4096)
-    nb = -(-V // block)
-    bmax = torch.empty(B, nb, device=x.device)
-    bmin = torch.empty_like(bmax)
-    cnt = torch.empty(2, st.SEARCH_PASSES, B, dtype=torch.int32, device=x.device)
-    buf = torch.empty(B, min(st.SEARCH_GATHER, V), device=x.device)
-    kth = torch.empty(B, device=x.device)
+    block, _, bmax, bmin, cnt, buf = st._search_state(*x.shape, x.device)
+    kth = torch.empty(x.shape[0], device=x.device)
     lb = st._row_stats(x, scale, bmax, bmin, cnt, block, k)
     st._search(x, bmax, bmin, min_p, k, kth, kth, cnt[0], buf, block, mass=False, has_k=False, scale=scale, lb=lb)
     return kth
@@ -243,8 +237,8 @@ def topk_against(shapes, spreads, ks=(50, 1024), rounds: int = 3) -> list:
     for V, B in shapes:
         for spread in spreads:
             x = _logits(B, V, spread)
-            scale, min_p = torch.full((B,), 1 / 0.8, device="cuda"), torch.zeros(B, device="cuda")
-            k, top_p = torch.full((B,), 50, dtype=torch.long, device="cuda"), torch.full((B,), 0.95, device="cuda")
+            scale = torch.full((B,), 1 / 0.8, device="cuda")
+            min_p, k, top_p = _knobs(B)
             seed = torch.zeros(1, dtype=torch.long, device="cuda")
             race = sampling_triton.race_truncated
             want = (x * scale[:, None]).topk(50, dim=-1).values[:, -1]

@@ -319,14 +319,14 @@ def _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NB, BNB:
     top, floor1 = _floor1(bmax_ptr, minp_ptr, kth_ptr, row, NB, BNB, MASS, HAS_K)
     least = tl.min(tl.load(bmin_ptr + row * NB + b, mask=b < NB, other=float("inf")), axis=0)
     start = least
-    if LB:
-        start = tl.maximum(start, tl.load(lb_ptr + row))
     if MASS:
         start = tl.maximum(floor1, least)
         if RAISE:
             p = tl.load(knob_ptr + row).to(tl.float32)
             r = tl.log(V * 1.0) - tl.log(1.0 - p) + 1.0
             start = tl.where(p < 1.0, tl.maximum(start, top - r), start)
+    elif LB:
+        start = tl.maximum(start, tl.load(lb_ptr + row))
     hi0 = _key(top).to(tl.int64)
     lo0 = tl.where(start <= top, _key(start).to(tl.int64) - 1, hi0 - 1)
     return top, floor1, tl.maximum(lo0, -2147483648), hi0
@@ -480,13 +480,12 @@ def _accept_sums_kernel(x_ptr, scale_ptr, bmax_ptr, minp_ptr, kth_ptr, val_ptr, 
 
 
 @triton.jit
-def _decide_kernel(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, part_ptr, xw_ptr, floor_ptr, V, NB,
-                   BNB: tl.constexpr, HAS_K: tl.constexpr):
+def _decide_kernel(bmax_ptr, minp_ptr, kth_ptr, knob_ptr, part_ptr, xw_ptr, floor_ptr, NB, BNB: tl.constexpr,
+                   HAS_K: tl.constexpr):
     """One program per row: floor_ptr[row] = +inf where the first draw is kept (_accepted), else −inf until the
     search's finish stores the floor. The search's programs of a kept row leave at once."""
     row = tl.program_id(0)
-    top, floor1, lo, hi = _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NB, BNB, True, HAS_K,
-                                     False)
+    _, floor1 = _floor1(bmax_ptr, minp_ptr, kth_ptr, row, NB, BNB, True, HAS_K)
     keep = _accepted(part_ptr, xw_ptr, knob_ptr, row, floor1, NB, BNB)
     tl.store(floor_ptr + row, tl.where(keep, float("inf"), float("-inf")))
 
@@ -522,14 +521,14 @@ def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
                 for f in range(2):
                     tl.store(ab_out + row * 2 + f, tl.load(ab_in + row * 2 + f))
             return
-    top, floor1, lo, hi = _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NBS, BNBS, MASS,
-                                     HAS_K, TOTAL, lb_ptr, LB)
     ci = tl.arange(0, C)
     nbuf = tl.full((), -1, tl.int64)
     sc = 1.0
     if SCALED:
         sc = tl.load(scale_ptr + row)
     if FIRST:
+        top, floor1, lo, hi = _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NBS, BNBS, MASS,
+                                         HAS_K, TOTAL, lb_ptr, LB)
         above = 0.0
         target = tl.load(knob_ptr + row).to(tl.float32)      # top_p (times Z once known) or k
         if MASS:
@@ -544,6 +543,7 @@ def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
         elif done:      # block 0 carries the state on; the later passes and the finish skip the row's sums
             return
     else:
+        top, floor1 = _floor1(bmax_ptr, minp_ptr, kth_ptr, row, NBS, BNBS, MASS, HAS_K)
         lo, hi, nbuf, above, target = _narrowed(st_in, ab_in, part_in, row, NB, BNB, C, MASS, step == 1)
         if step >= 2:
             nbuf = _settle(nbuf, cnt_ptr, B, row, step - 1, M, RATIO)
@@ -579,7 +579,7 @@ def _search_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
 
 
 @triton.jit
-def _finish_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_in, st_in, ab_in, buf_ptr, cnt_ptr,
+def _finish_kernel(x_ptr, bmax_ptr, minp_ptr, kth_ptr, part_in, st_in, ab_in, buf_ptr, cnt_ptr,
                    floor_ptr, scale_ptr, lb_ptr, B, V, sx, NB, NBS, M, last, SUB: tl.constexpr, C: tl.constexpr,
                    BNB: tl.constexpr, BNBS: tl.constexpr, MASS: tl.constexpr, HAS_K: tl.constexpr,
                    ONE_PASS: tl.constexpr, RATIO: tl.constexpr, FINISH_TILE: tl.constexpr, SCALED: tl.constexpr,
@@ -591,8 +591,7 @@ def _finish_kernel(x_ptr, bmax_ptr, bmin_ptr, minp_ptr, knob_ptr, kth_ptr, part_
     if ACCEPT:
         if tl.load(floor_ptr + row) == float("inf"):
             return
-    top, floor1, lo, hi = _row_setup(bmax_ptr, bmin_ptr, minp_ptr, kth_ptr, knob_ptr, row, V, NBS, BNBS, MASS,
-                                     HAS_K, False)
+    top, floor1 = _floor1(bmax_ptr, minp_ptr, kth_ptr, row, NBS, BNBS, MASS, HAS_K)
     sc = 1.0
     if SCALED:
         sc = tl.load(scale_ptr + row)
@@ -651,9 +650,20 @@ def _search(x, bmax, bmin, min_p, knob, kth, out, cnt, buf, block: int, mass: bo
                                 CHECK=check if step or shape["LB"] else 0, FIRST=step == 0, TOTAL=mass and step == 0,
                                 num_warps=SEARCH_WARPS, **shape)
     last = (SEARCH_PASSES - 1) % 2
-    _finish_kernel[(B,)](x, bmax, bmin, min_p, knob, kth, parts[last], st[last], ab[last], buf, cnt, out, scale, lb,
+    _finish_kernel[(B,)](x, bmax, min_p, kth, parts[last], st[last], ab[last], buf, cnt, out, scale, lb,
                          B, V, x.stride(0), nb, nbs, M, SEARCH_PASSES - 1, ONE_PASS=SEARCH_PASSES == 1,
                          FINISH_TILE=FINISH_TILE, num_warps=FINISH_WARPS, **shape)
+
+
+def _search_state(B: int, V: int, device: torch.device):
+    """A truncated draw's search buffers: (block, row stats' blocks nb, bmax, bmin [B, nb], the counters
+    [2 searches, SEARCH_PASSES, B], the gather buffer [B, slots])."""
+    block = SEARCH_BLOCK or (1024 if B <= SEARCH_FEW_ROWS else 4096)
+    nb = triton.cdiv(V, block)
+    bmax = torch.empty(B, nb, dtype=torch.float32, device=device)
+    cnt = torch.empty(2, SEARCH_PASSES, B, dtype=torch.int32, device=device)
+    buf = torch.empty(B, min(SEARCH_GATHER, V), dtype=torch.float32, device=device)
+    return block, nb, bmax, torch.empty_like(bmax), cnt, buf
 
 
 def _row_stats(x, scale, bmax, bmin, cnt, block: int, top_k) -> torch.Tensor | None:
@@ -663,7 +673,7 @@ def _row_stats(x, scale, bmax, bmin, cnt, block: int, top_k) -> torch.Tensor | N
     nb = bmax.shape[1]
     group = (K_GROUP if top_k is not None and B > K_BOUND_ROWS and 0 < K_GROUP <= block and block % K_GROUP == 0
              else 0)
-    gmax = torch.empty(B, nb * (block // group) if group else 1, dtype=torch.float32, device=x.device)
+    gmax = torch.empty(B, nb * (block // group), dtype=torch.float32, device=x.device) if group else bmax
     _row_stats_kernel[(B, nb)](x, bmax, bmin, cnt, scale if scale is not None else x, gmax, V, x.stride(0), nb,
                                cnt.numel() // B, BLOCK=block, SCALED=scale is not None, GROUP=group, num_warps=8)
     if not group:
@@ -681,15 +691,10 @@ def truncation_floor(x: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor |
     sums at the top_p cut."""
     B, V = x.shape
     x = x.float().contiguous()
-    block = SEARCH_BLOCK or (1024 if B <= SEARCH_FEW_ROWS else 4096)
-    nb = triton.cdiv(V, block)
-    bmax = torch.empty(B, nb, dtype=torch.float32, device=x.device)
-    bmin = torch.empty_like(bmax)
     floor = torch.empty(B, dtype=torch.float32, device=x.device)
     if B == 0:
         return floor
-    cnt = torch.empty(2, SEARCH_PASSES, B, dtype=torch.int32, device=x.device)   # per search, pass and row
-    buf = torch.empty(B, min(SEARCH_GATHER, V), dtype=torch.float32, device=x.device)
+    block, nb, bmax, bmin, cnt, buf = _search_state(B, V, x.device)
     lb = _row_stats(x, None, bmax, bmin, cnt, block, top_k)
     kth = None
     if top_k is not None:
@@ -717,17 +722,12 @@ def race_truncated(logits: torch.Tensor, scale: torch.Tensor, min_p: torch.Tenso
     out = torch.empty(B, dtype=torch.long, device=dev)
     if B == 0:
         return out
-    block = SEARCH_BLOCK or (1024 if B <= SEARCH_FEW_ROWS else 4096)
-    nb = triton.cdiv(V, block)
-    bmax = torch.empty(B, nb, dtype=torch.float32, device=dev)
-    bmin = torch.empty_like(bmax)
+    block, nb, bmax, bmin, cnt, buf = _search_state(B, V, dev)
     val = torch.empty_like(bmax)
     idx = torch.empty(B, nb, dtype=torch.int32, device=dev)
     parts = torch.empty(B, nb, 2, dtype=torch.float32, device=dev)
     xw = torch.empty(B, dtype=torch.float32, device=dev)
     floor = torch.empty(B, dtype=torch.float32, device=dev)
-    cnt = torch.empty(2, SEARCH_PASSES, B, dtype=torch.int32, device=dev)     # per search, pass and row
-    buf = torch.empty(B, min(SEARCH_GATHER, V), dtype=torch.float32, device=dev)
     min_p = min_p.float().contiguous()
     launch = pdl.launch_kwargs(dev) if SELECT_PDL else {"PDL": False}
     warps = 8 if block >= 4096 else 4
@@ -749,8 +749,8 @@ def race_truncated(logits: torch.Tensor, scale: torch.Tensor, min_p: torch.Tenso
     _accept_sums_kernel[(B, nb)](logits, scale, bmax, min_p, kth_arg, val, idx, parts, xw, out, V, sx, nb, BLOCK=block,
                                  BNB=_bnb(nb), HAS_K=kth is not None, num_warps=warps, **launch)
     top_p = top_p.float().contiguous()
-    _decide_kernel[(B,)](bmax, bmin, min_p, kth_arg, top_p, parts, xw, floor, V, nb, BNB=_bnb(nb),
-                         HAS_K=kth is not None, num_warps=1)
+    _decide_kernel[(B,)](bmax, min_p, kth_arg, top_p, parts, xw, floor, nb, BNB=_bnb(nb), HAS_K=kth is not None,
+                         num_warps=1)
     # only the refused rows search (~1 − top_p of them): spread each over more programs
     _search(logits, bmax, bmin, min_p, top_p, kth, floor, cnt[1], buf, ACCEPT_SEARCH_BLOCK, mass=True,
             has_k=kth is not None, scale=scale, accept=True)
